@@ -1,0 +1,129 @@
+"""Reading a plain Hugging Face checkpoint directory: config.json plus one or more safetensors files.
+
+Validates what is there (missing shards, truncated or unreadable safetensors headers) with errors that name the
+file and the fix, and hands out tensors lazily (memory-mapped; one tensor, or a slice of one, at a time).
+Only JSON and safetensors are ever read: no pickle, no code from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+MAX_JSON_BYTES = 64 << 20
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """Parse a JSON object file with a size cap; errors name the file."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        msg = f"{what} not found: {path}"
+        raise CheckpointError(msg) from None
+    if size > MAX_JSON_BYTES:
+        msg = f"{what} {path} is {size} bytes, larger than the {MAX_JSON_BYTES} bytes allowed"
+        raise CheckpointError(msg)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        msg = f"{what} {path} is not valid JSON ({exc}); restore the file from the original checkpoint"
+        raise CheckpointError(msg) from None
+    if not isinstance(data, dict):
+        msg = f"{what} {path} must hold a JSON object, found {type(data).__name__}"
+        raise CheckpointError(msg)
+    return data
+
+
+class HFCheckpoint:
+    """A Hugging Face checkpoint directory with safetensors weights."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            msg = f"checkpoint folder not found: {self.path} (give a folder holding config.json and *.safetensors)"
+            raise CheckpointError(msg)
+        self.config_dict = read_json(self.path / "config.json", "config.json")
+        self._handles: dict[Path, Any] = {}
+        self.key_file = self._find_files()
+        for file in sorted(set(self.key_file.values())):
+            self._open(file)
+
+    def _find_files(self) -> dict[str, Path]:
+        index = self.path / INDEX_NAME
+        if index.exists():
+            weight_map = read_json(index, INDEX_NAME).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                msg = f"{index} has no 'weight_map'; the index file is damaged"
+                raise CheckpointError(msg)
+            out = {}
+            for key, name in weight_map.items():
+                file = (self.path / str(name)).resolve()
+                if self.path.resolve() not in file.parents:
+                    msg = f"{index} points outside the checkpoint folder ({name!r}); refusing to read it"
+                    raise CheckpointError(msg)
+                if not file.exists():
+                    msg = (f"missing shard {name} (listed in {INDEX_NAME} for {key}); "
+                           "download or copy every shard into the folder")
+                    raise CheckpointError(msg)
+                out[str(key)] = file
+            return out
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            bins = sorted(p.name for p in self.path.glob("*.bin"))
+            hint = (f" (found {bins[:3]}: pickle weights are never loaded; convert them to safetensors first)"
+                    if bins else "")
+            msg = f"no *.safetensors weights in {self.path}{hint}"
+            raise CheckpointError(msg)
+        out = {}
+        for file in files:
+            for key in self._open(file).keys():
+                out[key] = file
+        return out
+
+    def _open(self, file: Path) -> Any:
+        handle = self._handles.get(file)
+        if handle is None:
+            try:
+                handle = safe_open(str(file), framework="pt", device="cpu")
+            except Exception as exc:  # safetensors raises SafetensorError / OSError / ValueError
+                msg = (f"cannot read safetensors file {file.name}: {exc}; the file is truncated or corrupt, "
+                       "copy it again from the original checkpoint")
+                raise CheckpointError(msg) from None
+            self._handles[file] = handle
+        return handle
+
+    def keys(self) -> list[str]:
+        return list(self.key_file)
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._open(self.key_file[key]).get_tensor(key)
+        except KeyError:
+            raise
+        except Exception as exc:
+            msg = f"cannot read tensor {key} from {self.key_file[key].name}: {exc}; the file is corrupt"
+            raise CheckpointError(msg) from None
+
+    def get_rows(self, key: str, index: int) -> torch.Tensor:
+        """`tensor[index]` of a stacked (fused) tensor without reading the others."""
+        try:
+            return self._open(self.key_file[key]).get_slice(key)[index]
+        except Exception as exc:
+            msg = f"cannot read {key}[{index}] from {self.key_file[key].name}: {exc}; the file is corrupt"
+            raise CheckpointError(msg) from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._open(self.key_file[key]).get_slice(key).get_shape())
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in set(self.key_file.values()))
+
+    def close(self) -> None:
+        self._handles.clear()

@@ -1,0 +1,68 @@
+"""The built-in backends, registered through the same hooks third-party plugins use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..hookspecs import Register, hookimpl
+
+
+@hookimpl
+def register_cache_policies(register: Register) -> None:
+    from ..policies import LFRUPolicy, LFUPolicy, LRUPolicy
+
+    register("lru", LRUPolicy)
+    register("lfu", LFUPolicy)
+    register("lfru", LFRUPolicy)
+
+
+@hookimpl
+def register_expert_stores(register: Register) -> None:
+    from ..stores import DiskStore, HostStore
+
+    def host(config: Any, device: torch.device) -> HostStore:
+        return HostStore(pin=device.type == "cuda")
+
+    def disk(config: Any, device: torch.device) -> DiskStore:
+        return DiskStore(config.store_dir, owned=config.store_dir is None)
+
+    register("host", host)
+    register("disk", disk)
+
+
+@hookimpl
+def register_quantizers(register: Register) -> None:
+    from ..quant import NoQuantizer
+
+    register("none", NoQuantizer)
+
+    def hqq() -> Any:
+        from ..quant.hqq import HqqQuantizer  # lazy: imports the hqq package
+
+        return HqqQuantizer()
+
+    register("hqq", hqq)
+
+
+@hookimpl
+def register_prefetchers(register: Register) -> None:
+    from ..prefetch import gate_prefetcher
+
+    register("none", lambda cache, arch, blocks, config: None)
+    register("gate", gate_prefetcher)
+
+
+@hookimpl
+def register_architectures(register: Register) -> None:
+    from ..architectures import MIXTRAL
+
+    register(MIXTRAL.name, MIXTRAL)
+
+
+@hookimpl(trylast=True)
+def load_offloaded_model(path: str, config: Any) -> Any:
+    from ..loading import load_model
+
+    return load_model(path, config)

@@ -1,0 +1,106 @@
+"""Every hook a mixtral-offload plugin can implement, in one place.
+
+Registration hooks receive a `register(name, factory)` callback and are called once when a model is built (never per
+token). Observer hooks fire once per event with frozen data. `load_offloaded_model` is the one "pick one" hook: the
+adapters (LangChain, Gradio demo, TextGen loader) obtain the runtime through it, so another runtime can stand in.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("mixtral_offload")
+hookimpl = pluggy.HookimplMarker("mixtral_offload")
+
+Register = Callable[[str, Any], None]
+
+# -- backends: called once when a model is built ------------------------------------------------------------------
+
+
+@hookspec
+def register_cache_policies(register: Register) -> None:
+    """Register eviction policies for the expert cache.
+
+    :param register: call ``register(name, factory)``; ``factory()`` returns a new object with
+        ``on_insert(key)``, ``on_access(key)``, ``on_remove(key)`` and ``victim(candidates) -> key``
+        (see ``mixtral_offload_plugin.policies.EvictionPolicy``). One instance is made per slot pool.
+        Selected with ``OffloadConfig(policy=name)``.
+    """
+
+
+@hookspec
+def register_expert_stores(register: Register) -> None:
+    """Register expert stores (the slow tier holding every packed expert).
+
+    :param register: call ``register(name, factory)``; ``factory(config, device)`` returns an object with
+        ``put(key, packed)``, ``layout(key)``, ``read_into(key, out)``, ``host_tensor(key)`` and ``close()``
+        (see ``mixtral_offload_plugin.stores.ExpertStore``). Selected with ``OffloadConfig(store=name)``.
+    """
+
+
+@hookspec
+def register_quantizers(register: Register) -> None:
+    """Register quantizers (how experts and attention projections are packed, and their kernels).
+
+    :param register: call ``register(name, factory)``; ``factory()`` returns an object with
+        ``pack_expert(weights, spec, device)``, ``expert_kernel(layout, device)`` and
+        ``quantize_linear(linear, spec, device)`` (see ``mixtral_offload_plugin.quant.Quantizer``).
+        The built-ins are "none" (16-bit) and "hqq" (2/3/4/8-bit).
+    """
+
+
+@hookspec
+def register_prefetchers(register: Register) -> None:
+    """Register speculative prefetchers.
+
+    :param register: call ``register(name, factory)``; ``factory(cache, arch, blocks, config)`` returns an object
+        with ``after_route(layer, hidden_states, experts)`` (called once per MoE layer call, after routing) or None.
+        Selected with ``OffloadConfig(prefetch=name)``; built-ins "none" and "gate".
+    """
+
+
+@hookspec
+def register_architectures(register: Register) -> None:
+    """Register model families (how to find their MoE layers and map checkpoint names to experts).
+
+    :param register: call ``register(name, architecture)`` with a
+        ``mixtral_offload_plugin.architectures.Architecture``; it is chosen by ``config.json``'s ``model_type``.
+    """
+
+
+# -- the runtime: adapters obtain the model through this ----------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def load_offloaded_model(path: str, config: Any) -> Any:
+    """Load a model for the adapters (LangChain, Gradio demo, TextGen loader).
+
+    Stops at first non-None result. The built-in implementation (``trylast``) calls
+    ``mixtral_offload_plugin.load_model``.
+
+    :param path: checkpoint folder (plain Hugging Face or offload format).
+    :param config: an ``OffloadConfig``.
+    :return: an HF-compatible causal LM with ``offload_stats()`` and ``unload()``, or None to defer.
+    """
+
+
+# -- observers: called once per event ------------------------------------------------------------------------------
+
+
+@hookspec
+def on_model_loaded(model: Any, config: Any) -> None:
+    """A model finished loading.
+
+    :param model: the loaded model.
+    :param config: the ``OffloadConfig`` it was built with.
+    """
+
+
+@hookspec
+def on_generation_finished(stats: Any) -> None:
+    """One ``generate()`` call finished (also when called through LangChain, the demo or TextGen).
+
+    :param stats: a frozen ``mixtral_offload_plugin.stats.GenerationStats``.
+    """

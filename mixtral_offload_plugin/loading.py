@@ -1,0 +1,284 @@
+"""`load_model(path, config)`: build the transformers skeleton on the meta device, materialise the trunk, stream the
+experts one at a time into the store, size the cache from the memory plan, and wire cache, loader and prefetcher.
+
+The whole model is never materialised: peak memory while loading is about the trunk plus one expert (plus the
+cache slots it fills). This module orchestrates; the parts it wires know nothing about each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import plugins
+from .architectures import Architecture, read_expert
+from .cache import ExpertCache
+from .checkpoint import HFCheckpoint
+from .config import OffloadConfig
+from .errors import CheckpointError, ConfigError, UnsupportedModelError
+from .experts import OffloadedExperts
+from .memory import kv_bytes, make_plan
+from .packing import PackedExpert, unpack_views
+from .quant import QuantSpec
+from .runtime import OffloadedModelMixin, OffloadRuntime
+from .transfer import make_loader
+
+log = logging.getLogger(__name__)
+MANIFEST_NAME = "mixtral_offload.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from .errors import BackendUnavailableError
+
+        msg = f"device={name!r} but CUDA is not available here; use device='cpu' (or 'auto')"
+        raise BackendUnavailableError(msg)
+    return device
+
+
+def load_model_config(path: Path, config_dict: dict[str, Any]) -> Any:
+    """The transformers config from config.json (never runs checkpoint code)."""
+    from transformers import AutoConfig
+
+    model_type = config_dict.get("model_type")
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+    except (ValueError, KeyError, OSError, TypeError) as exc:
+        msg = (f"config.json in {path} (model_type={model_type!r}) is not a model transformers knows: {exc}. "
+               f"Supported families: {sorted(plugins.registry('architecture'))}")
+        raise UnsupportedModelError(msg) from None
+
+
+def find_architecture(model_config: Any) -> Architecture:
+    archs = [a for a, _ in plugins.registry("architecture").values()]
+    model_type = getattr(model_config, "model_type", None)
+    for arch in archs:
+        if model_type in arch.model_types:
+            return arch
+    families = sorted({t for a in archs for t in a.model_types})
+    has_experts = any(hasattr(model_config, n) for n in ("num_local_experts", "num_experts", "n_routed_experts"))
+    why = "is a mixture-of-experts family that is not supported" if has_experts else "has no experts (not a MoE model)"
+    msg = f"model_type {model_type!r} {why}; supported families: {families}"
+    raise UnsupportedModelError(msg)
+
+
+def resolve_dtype(config: OffloadConfig, model_config: Any) -> torch.dtype:
+    if config.dtype != "auto":
+        return _DTYPES[config.dtype]
+    dt = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    if isinstance(dt, torch.dtype):
+        return dt
+    return _DTYPES.get(str(dt).removeprefix("torch."), torch.float32)
+
+
+def build_skeleton(model_config: Any, arch: Architecture) -> tuple[nn.Module, dict[int, nn.Module]]:
+    """The transformers model on the meta device, its experts modules replaced by `OffloadedExperts`."""
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import ACT2FN
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    blocks = arch.moe_blocks(model)
+    if not blocks:
+        msg = f"no MoE layers found in the {arch.name} model built from config.json"
+        raise UnsupportedModelError(msg)
+    act = ACT2FN[getattr(model_config, "hidden_act", "silu")]
+    for layer, block in blocks.items():
+        block.experts = OffloadedExperts(layer, arch.num_experts(model_config), act)
+    return model, blocks
+
+
+def materialise_trunk(model: nn.Module, ckpt: Any, arch: Architecture, trunk_keys: list[str], dtype: torch.dtype,
+                      device: torch.device) -> int:
+    """Load every non-expert tensor (converted to `dtype`) onto `device`; returns bytes loaded."""
+    expected = dict(model.named_parameters())
+    state, total = {}, 0
+    for key in trunk_keys:
+        name = arch.trunk_name(key)
+        if name not in expected:
+            log.debug("ignoring checkpoint tensor %s (no such parameter)", key)
+            continue
+        t = ckpt.get(key)
+        want = tuple(expected[name].shape)
+        if tuple(t.shape) != want:
+            msg = f"tensor {key} has shape {tuple(t.shape)} but config.json implies {want}; config and weights differ"
+            raise CheckpointError(msg)
+        state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        total += state[name].numel() * state[name].element_size()
+    tied = getattr(model.config, "tie_word_embeddings", False) or getattr(
+        model.config.get_text_config(), "tie_word_embeddings", False)
+    missing = [n for n in expected if n not in state]
+    if tied and "lm_head.weight" in missing:
+        missing.remove("lm_head.weight")
+    if missing:
+        msg = f"the checkpoint lacks {len(missing)} trunk tensors, e.g. {missing[:3]}; it is incomplete"
+        raise CheckpointError(msg)
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied and "lm_head.weight" not in state:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    _rebuild_buffers(model, device)
+    return total
+
+
+def _rebuild_buffers(model: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers (rotary frequencies) are still on meta: construct those modules again for real."""
+    for name, module in list(model.named_modules()):
+        if not any(b.is_meta for b in module.buffers(recurse=False)):
+            continue
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        try:
+            fresh = type(module)(config=module.config if hasattr(module, "config") else model.config)
+        except TypeError:
+            fresh = type(module)(model.config)
+        setattr(parent, name.rpartition(".")[2], fresh.to(device))
+    leftover = [n for n, b in model.named_buffers() if b.is_meta]
+    if leftover:
+        msg = f"could not materialise buffers {leftover[:3]}; this model family needs an architecture plugin update"
+        raise UnsupportedModelError(msg)
+
+
+def _expert_stream(ckpt: Any, arch: Architecture, keys: list[tuple[int, int]], split: Any, quantizer: Any,
+                   spec: QuantSpec, device: torch.device) -> Iterator[tuple[tuple[int, int], PackedExpert]]:
+    from tqdm.auto import tqdm
+
+    per_expert, fused = split
+    bar = tqdm(keys, desc="experts", unit="expert", disable=os.environ.get("MIXTRAL_OFFLOAD_QUIET") == "1",
+               leave=False)
+    for layer, expert in bar:
+        weights = read_expert(ckpt, layer, expert, per_expert, fused)
+        yield (layer, expert), quantizer.pack_expert(weights, spec, device)
+
+
+def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None) -> Any:
+    """Load a mixture-of-experts checkpoint with offloaded, cached, prefetched experts.
+
+    Args:
+        path: a Hugging Face checkpoint folder (config.json + safetensors, legacy or fused expert names) or an
+            offload-format folder written by `mixtral-offload convert`.
+        config: the `OffloadConfig`; None picks defaults for this machine (every expert resident when it fits).
+
+    Returns:
+        The transformers causal LM (generate(), __call__, .device, .config) with `offload_stats()`,
+        `reset_offload_stats()` and `unload()`.
+    """
+    config = config or OffloadConfig()
+    if not isinstance(config, OffloadConfig):
+        msg = f"config must be an OffloadConfig, got {type(config).__name__}"
+        raise ConfigError(msg)
+    path = Path(path)
+    plugins.load_plugins()
+    policy_factory, _ = plugins.resolve("policy", config.policy)
+    plugins.resolve("prefetcher", config.prefetch)
+    plugins.resolve("store", config.store if config.store != "auto" else "host")
+    device = resolve_device(config.device)
+
+    if (path / MANIFEST_NAME).exists():
+        from .offload_format import open_offload_checkpoint
+
+        ckpt = open_offload_checkpoint(path, config)
+    else:
+        ckpt = HFCheckpoint(path)
+    model_config = load_model_config(path, ckpt.config_dict)
+    arch = find_architecture(model_config)
+    dtype = resolve_dtype(config, model_config)
+    model_config.dtype = dtype
+    num_experts, top_k = arch.num_experts(model_config), arch.top_k(model_config)
+
+    model, blocks = build_skeleton(model_config, arch)
+    split = ckpt.split_keys(arch) if hasattr(ckpt, "split_keys") else arch.split_keys(ckpt.keys())
+    trunk_bytes = materialise_trunk(model, ckpt, arch, split[2], dtype, device)
+    if config.attn_bits < 16:
+        from .quant.attention import quantize_attention
+
+        trunk_bytes = quantize_attention(model, config, dtype, device)
+
+    keys = [(layer, e) for layer in sorted(blocks) for e in range(num_experts)]
+    qname = "none" if config.expert_bits == 16 else "hqq"
+    quantizer = plugins.create("quantizer", qname)
+    spec = QuantSpec(config.expert_bits, config.expert_group_size, dtype, config.quant_scales)
+    layouts = ckpt.expert_layouts(keys) if hasattr(ckpt, "expert_layouts") else None
+    if layouts is None:  # pack one expert to learn the sizes (all experts of a family have one shape)
+        first = quantizer.pack_expert(read_expert(ckpt, *keys[0], *split[:2]), spec, device)
+        layouts = {k: first.layout for k in keys}
+    expert_bytes = max(lay.nbytes for lay in layouts.values())
+
+    store_name = config.store
+    kv = kv_bytes(model_config, config.context_length, torch.empty((), dtype=dtype).element_size())
+    plan = make_plan(config, device=device, layers=len(blocks), experts=num_experts, top_k=top_k,
+                     expert_bytes=expert_bytes, total_expert_bytes=sum(lay.nbytes for lay in layouts.values()),
+                     trunk_bytes=trunk_bytes, kv=kv, store_in_ram=store_name in ("host", "auto"))
+    if store_name == "auto":
+        store_name = "host" if device.type == "cuda" or plan.resident else "disk"
+    resident = plan.resident
+    config = config.replace(store=store_name, prefetch_experts=config.prefetch_experts or top_k)
+
+    store = None if resident else plugins.create("store", store_name, config, device)
+    if hasattr(ckpt, "attach_to") and store is not None and ckpt.attach_to(store):
+        pass  # offload-format expert files are read in place
+    elif store is not None:
+        for key, packed in _expert_stream(ckpt, arch, keys, split[:2], quantizer, spec, device):
+            store.put(key, packed)
+
+    if plan.experts_per_layer is not None:
+        pools = {layer: layer for layer in blocks}
+        capacities = {layer: plan.experts_per_layer for layer in blocks}
+    else:
+        pools = {layer: 0 for layer in blocks}
+        capacities = {0: plan.global_slots}
+    slot_nbytes = {pid: expert_bytes for pid in capacities}
+    kernels = {k: quantizer.expert_kernel(layouts[k], device) for k in keys}
+    layout_of = layouts.__getitem__
+
+    def prepare(key: tuple[int, int], buffer: torch.Tensor) -> Any:
+        return kernels[key].prepare(unpack_views(buffer, layout_of(key)))
+
+    transfer = config.transfer
+    if resident:
+        loader_store = _OneShotStore()
+        loader = make_loader("sync", loader_store, prepare, device)
+    else:
+        loader = make_loader(transfer, store, prepare, device)
+    cache = ExpertCache(pools, capacities, slot_nbytes, policy_factory, loader, device,
+                        lambda key: layout_of(key).nbytes)
+    if resident:
+        for key, packed in _expert_stream(ckpt, arch, keys, split[:2], quantizer, spec, device):
+            loader_store.item = packed
+            cache.preload([key])
+        loader.store = None
+        cache.reset_stats()
+    prefetcher = plugins.create("prefetcher", config.prefetch, cache, arch, blocks, config)
+    runtime = OffloadRuntime(config, arch, device, cache, store, prefetcher if not resident else None, kernels,
+                             blocks, plan, str(path), resident=resident)
+    for block in blocks.values():
+        block.experts._runtime = runtime
+    ckpt.close()
+
+    cls = type(model)
+    model.__class__ = type(f"Offloaded{cls.__name__}", (OffloadedModelMixin, cls), {})
+    model._offload_runtime = runtime
+    model.eval()
+    plugins.pm.hook.on_model_loaded(model=model, config=config)
+    return model
+
+
+class _OneShotStore:
+    """Hands the one packed expert being preloaded to the loader (resident mode keeps no second copy)."""
+
+    item: PackedExpert | None = None
+
+    def read_into(self, key: Any, out: torch.Tensor) -> None:
+        assert self.item is not None
+        out[: self.item.data.numel()].copy_(self.item.data)
+
+    def host_tensor(self, key: Any) -> torch.Tensor | None:
+        return self.item.data if self.item is not None else None

@@ -1,0 +1,129 @@
+"""The memory plan: what a configuration needs (trunk, cache slots, store, KV cache) against what is available.
+
+Computed before anything large is allocated, so an impossible configuration fails at once with the numbers and the
+nearest setting that fits. `budget` "auto" picks the largest cache that fits with a safety margin. Pure arithmetic
+plus one query of free memory; this module allocates nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, MemoryPlanError
+
+SAFETY = 0.85  # share of the available memory a plan may use
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def fmt(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes each part needs on the compute device (and the host store in RAM)."""
+
+    device: str
+    layers: int
+    experts: int
+    top_k: int
+    expert_bytes: int  # largest packed expert (one slot)
+    trunk_bytes: int
+    kv_bytes: int
+    store_ram_bytes: int  # RAM held by the store when it shares memory with the compute device
+    experts_per_layer: int | None  # per-layer pools, or None for one global pool
+    global_slots: int | None
+    available: int
+
+    @property
+    def slots(self) -> int:
+        return self.global_slots if self.global_slots is not None else self.layers * (self.experts_per_layer or 0)
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.slots * self.expert_bytes
+
+    @property
+    def needed(self) -> int:
+        return self.trunk_bytes + self.kv_bytes + self.cache_bytes + self.store_ram_bytes
+
+    @property
+    def resident(self) -> bool:
+        return self.slots >= self.layers * self.experts
+
+    def describe(self) -> str:
+        cache = (f"{self.experts_per_layer} experts/layer" if self.experts_per_layer is not None
+                 else f"{self.global_slots} slots shared by all layers")
+        return (f"trunk {fmt(self.trunk_bytes)} + cache {fmt(self.cache_bytes)} ({cache} x {fmt(self.expert_bytes)})"
+                f" + KV {fmt(self.kv_bytes)} + store in RAM {fmt(self.store_ram_bytes)} = {fmt(self.needed)}"
+                f" needed, {fmt(self.available)} available on {self.device}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "expert_bytes": self.expert_bytes, "trunk_bytes": self.trunk_bytes,
+                "kv_bytes": self.kv_bytes, "store_ram_bytes": self.store_ram_bytes,
+                "experts_per_layer": self.experts_per_layer, "global_slots": self.global_slots,
+                "cache_bytes": self.cache_bytes, "needed": self.needed, "available": self.available}
+
+
+def kv_bytes(model_config: Any, tokens: int, dtype_bytes: int) -> int:
+    heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    tokens = min(tokens, getattr(model_config, "max_position_embeddings", tokens) or tokens)
+    return 2 * model_config.num_hidden_layers * heads * head_dim * tokens * dtype_bytes
+
+
+def make_plan(config: Any, *, device: torch.device, layers: int, experts: int, top_k: int, expert_bytes: int,
+              total_expert_bytes: int, trunk_bytes: int, kv: int, store_in_ram: bool) -> MemoryPlan:
+    """Decide the cache size from `config` (experts_per_layer, cache_bytes, or auto) and check that it fits."""
+    avail = config.max_memory_bytes or available_bytes(device)
+    same_memory = store_in_ram and device.type == "cpu"
+
+    def plan(k: int | None, g: int | None) -> MemoryPlan:
+        resident = (g if g is not None else layers * (k or 0)) >= layers * experts
+        store = total_expert_bytes if same_memory and not resident else 0
+        return MemoryPlan(str(device), layers, experts, top_k, expert_bytes, trunk_bytes, kv, store, k, g, avail)
+
+    if config.experts_per_layer is not None:
+        k = config.experts_per_layer
+        if k > experts:
+            msg = f"OffloadConfig.experts_per_layer={k} is invalid: this model has {experts} experts per layer (1..{experts})"
+            raise ConfigError(msg)
+        p = plan(k, None)
+    elif config.cache_bytes is not None:
+        g = min(config.cache_bytes // expert_bytes, layers * experts)
+        if g < top_k:
+            msg = (f"OffloadConfig.cache_bytes={config.cache_bytes} is below what one layer's routed experts need: "
+                   f"{top_k} experts x {expert_bytes} bytes = {top_k * expert_bytes} bytes; "
+                   f"use cache_bytes >= {top_k * expert_bytes}")
+            raise MemoryPlanError(msg)
+        p = plan(None, g)
+    else:
+        p = plan(experts, None)
+        if p.needed > avail * SAFETY:
+            fitting = [k for k in range(experts - 1, 0, -1) if plan(k, None).needed <= avail * SAFETY]
+            p = plan(fitting[0] if fitting else 1, None)
+    if p.needed > avail:
+        raise MemoryPlanError(f"the configuration does not fit: {p.describe()}. {_nearest(plan, p, avail, layers, experts)}")
+    return p
+
+
+def _nearest(plan: Any, p: MemoryPlan, avail: int, layers: int, experts: int) -> str:
+    for k in range(min(p.experts_per_layer or experts, experts), 0, -1):
+        if plan(k, None).needed <= avail * SAFETY:
+            return f"Nearest setting that fits: experts_per_layer={k} (or lower expert_bits, or store='disk')."
+    return "Even one expert per layer does not fit: use lower expert_bits/attn_bits, a shorter context_length, or store='disk'."

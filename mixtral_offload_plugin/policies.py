@@ -1,0 +1,105 @@
+"""Eviction policies for the expert cache: LRU (default), LFU and LFRU (recency-weighted frequency).
+
+A policy only ranks keys; it never touches weights. One policy instance serves one slot pool. The live cache and
+`mixtral-offload replay` drive the same classes, so a replayed trace reproduces the live cache's counts exactly.
+Keys are opaque hashables (the cache uses `(layer, expert)`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable
+from typing import Protocol
+
+
+class EvictionPolicy(Protocol):
+    """Ranks the resident keys of one slot pool."""
+
+    def on_insert(self, key: Hashable) -> None:
+        """`key` was loaded into a slot (counts as its first access)."""
+
+    def on_access(self, key: Hashable) -> None:
+        """`key` was resident and used (a hit)."""
+
+    def on_remove(self, key: Hashable) -> None:
+        """`key` left the cache."""
+
+    def victim(self, candidates: Iterable[Hashable]) -> Hashable:
+        """Pick which of `candidates` (resident, evictable) to evict."""
+
+
+class LRUPolicy:
+    """Least recently used."""
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[Hashable, None] = OrderedDict()
+
+    def on_insert(self, key: Hashable) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def on_access(self, key: Hashable) -> None:
+        self._order.move_to_end(key)
+
+    def on_remove(self, key: Hashable) -> None:
+        self._order.pop(key, None)
+
+    def victim(self, candidates: Iterable[Hashable]) -> Hashable:
+        allowed = set(candidates)
+        for key in self._order:
+            if key in allowed:
+                return key
+        return next(iter(allowed))
+
+
+class LFUPolicy:
+    """Least frequently used; counts survive eviction (history), ties broken by recency."""
+
+    def __init__(self) -> None:
+        self._count: dict[Hashable, int] = {}
+        self._last: dict[Hashable, int] = {}
+        self._clock = 0
+
+    def _touch(self, key: Hashable) -> None:
+        self._clock += 1
+        self._count[key] = self._count.get(key, 0) + 1
+        self._last[key] = self._clock
+
+    on_insert = _touch
+    on_access = _touch
+
+    def on_remove(self, key: Hashable) -> None:
+        pass
+
+    def victim(self, candidates: Iterable[Hashable]) -> Hashable:
+        return min(candidates, key=lambda k: (self._count.get(k, 0), self._last.get(k, 0)))
+
+
+class LFRUPolicy:
+    """Recency-weighted frequency: each use adds 1 to a score that halves every `half_life` accesses.
+
+    Between LRU (half_life -> 0) and LFU (half_life -> infinity); the score survives eviction.
+    """
+
+    def __init__(self, half_life: float = 8.0) -> None:
+        self._decay = 0.5 ** (1.0 / half_life)
+        self._score: dict[Hashable, float] = {}
+        self._last: dict[Hashable, int] = {}
+        self._clock = 0
+
+    def _value(self, key: Hashable) -> float:
+        return self._score.get(key, 0.0) * self._decay ** (self._clock - self._last.get(key, self._clock))
+
+    def _touch(self, key: Hashable) -> None:
+        self._clock += 1
+        self._score[key] = self._value(key) + 1.0
+        self._last[key] = self._clock
+
+    on_insert = _touch
+    on_access = _touch
+
+    def on_remove(self, key: Hashable) -> None:
+        pass
+
+    def victim(self, candidates: Iterable[Hashable]) -> Hashable:
+        return min(candidates, key=lambda k: (self._value(k), self._last.get(k, 0)))

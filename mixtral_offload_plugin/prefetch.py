@@ -1,0 +1,44 @@
+"""Speculative prefetch: guess the next layers' experts from the current hidden state and start loading them.
+
+`GatePrefetcher` applies the routers of the next `depth` MoE layers to the hidden state entering the current layer's
+experts (the residual stream changes slowly between layers, so the guess is often right) and asks the cache to load
+its top guesses. Loads never evict what the current layer uses. Guesses can be observed (traces record them).
+This module knows nothing about stores or kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class GatePrefetcher:
+    """Guesses with the next layers' routers; `experts` guesses per layer, `depth` layers ahead."""
+
+    def __init__(self, cache: Any, arch: Any, blocks: dict[int, nn.Module], depth: int, experts: int) -> None:
+        self.cache = cache
+        self.arch = arch
+        self.blocks = blocks
+        self.order = sorted(blocks)
+        self.depth = depth
+        self.experts = experts
+        self.listeners: list[Callable[[int, int, list[int]], None]] = []  # (from layer, guessed layer, guesses)
+
+    @torch.no_grad()
+    def after_route(self, layer: int, hidden: torch.Tensor, experts: Sequence[int]) -> None:
+        pos = self.order.index(layer)
+        protected = [(layer, e) for e in experts]
+        for nxt in self.order[pos + 1: pos + 1 + self.depth]:
+            scores = self.arch.router_scores(self.blocks[nxt], hidden)  # [T, E]
+            guess = scores.sum(dim=0).topk(min(self.experts, scores.shape[-1])).indices.tolist()
+            for listener in self.listeners:
+                listener(layer, nxt, guess)
+            self.cache.prefetch(nxt, guess, protected)
+
+
+def gate_prefetcher(cache: Any, arch: Any, blocks: dict[int, nn.Module], config: Any) -> GatePrefetcher:
+    """Factory registered as "gate" (the loader resolves `prefetch_experts=0` to the model's top-k first)."""
+    return GatePrefetcher(cache, arch, blocks, config.prefetch_depth, max(1, config.prefetch_experts))

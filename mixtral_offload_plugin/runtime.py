@@ -1,0 +1,122 @@
+"""The runtime attached to a loaded model, and the mixin that gives the model its offload methods.
+
+`OffloadRuntime` owns the cache, store, loader, prefetcher and kernels of one model, and a re-entrant lock that
+serializes every forward and `generate()` call (one request at a time; concurrent callers queue on the lock and each
+gets exactly what it would get alone). `OffloadedModelMixin` is mixed into the transformers model class at load time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import ModelUnloadedError
+from .stats import GenerationStats, OffloadStats
+
+
+@dataclass
+class OffloadRuntime:
+    """Everything a loaded model needs beyond its transformers modules."""
+
+    config: Any  # OffloadConfig, with names resolved
+    arch: Any
+    device: torch.device
+    cache: Any
+    store: Any
+    prefetcher: Any
+    kernels: dict[tuple[int, int], Any]
+    blocks: dict[int, Any]
+    plan: Any = None
+    path: str = ""
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    closed: bool = False
+    resident: bool = False
+
+    def close(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.cache.close()
+            if self.store is not None:
+                self.store.close()
+            for block in self.blocks.values():
+                block.experts._runtime = None
+            self.kernels.clear()
+
+
+def _prompt_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        return ids.shape[0], ids.shape[1]
+    return 1, 0
+
+
+class OffloadedModelMixin:
+    """Adds `offload_stats()`, `reset_offload_stats()`, `unload()` and request serialization to an HF model."""
+
+    _offload_runtime: OffloadRuntime
+
+    def _runtime_or_raise(self) -> OffloadRuntime:
+        rt = self.__dict__.get("_offload_runtime")
+        if rt is None or rt.closed:
+            msg = "this model was unloaded; load it again with mixtral_offload_plugin.load_model()"
+            raise ModelUnloadedError(msg)
+        return rt
+
+    @property
+    def offload_config(self) -> Any:
+        return self._runtime_or_raise().config
+
+    def offload_stats(self) -> OffloadStats:
+        """Per-layer cache counters since load (or the last reset)."""
+        return self._runtime_or_raise().cache.stats()
+
+    def reset_offload_stats(self) -> None:
+        rt = self._runtime_or_raise()
+        with rt.lock:
+            rt.cache.reset_stats()
+
+    def unload(self) -> None:
+        """Stop the loader thread, free the cache slots, the store and the trunk weights. Idempotent."""
+        rt = self.__dict__.get("_offload_runtime")
+        if rt is None:
+            return
+        with rt.lock:
+            rt.close()
+            self.to_empty(device="meta")  # releases every trunk tensor
+            if rt.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        rt = self._runtime_or_raise()
+        with rt.lock:
+            return super().forward(*args, **kwargs)
+
+    def generate(self, *args: Any, offload_source: str = "generate", **kwargs: Any) -> Any:
+        """`transformers` generate(), serialized, validated, and reported to `on_generation_finished` observers."""
+        from .generation import check_generate_kwargs
+        from .plugins import pm
+
+        rt = self._runtime_or_raise()
+        check_generate_kwargs(self, args, kwargs)
+        batch, prompt_len = _prompt_shape(args, kwargs)
+        with rt.lock:
+            before = rt.cache.stats()
+            start = time.perf_counter()
+            try:
+                out = super().generate(*args, **kwargs)
+            finally:
+                if not rt.closed:
+                    rt.cache.wait_all()  # no load left in flight after an abandoned generation
+            seconds = time.perf_counter() - start
+            seqs = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
+            new = (seqs.shape[-1] - prompt_len) * batch if isinstance(seqs, torch.Tensor) else 0
+            stats = GenerationStats(prompt_len * batch, int(new), seconds, rt.cache.stats().minus(before),
+                                    offload_source)
+        pm.hook.on_generation_finished(stats=stats)
+        return out

@@ -1,0 +1,133 @@
+"""Counters of the expert cache and their frozen snapshots (`OffloadStats`, `GenerationStats`).
+
+Plain data: nothing here knows about tensors, threads or files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class LayerCounters:
+    """Live, mutable counters of one MoE layer (updated on the compute thread only)."""
+
+    hits: int = 0
+    misses: int = 0
+    prefetch_issued: int = 0
+    prefetch_hits: int = 0
+    prefetch_wasted: int = 0
+    loads: int = 0
+    bytes_loaded: int = 0
+
+    def freeze(self) -> LayerStats:
+        return LayerStats(**dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Counters of one MoE layer. `hits + misses` = experts routed (one per distinct expert per layer call)."""
+
+    hits: int = 0
+    misses: int = 0
+    prefetch_issued: int = 0
+    prefetch_hits: int = 0
+    prefetch_wasted: int = 0
+    loads: int = 0
+    bytes_loaded: int = 0
+
+    @property
+    def requests(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+
+@dataclass(frozen=True)
+class OffloadStats:
+    """Cache counters per MoE layer (keyed by layer index) plus totals; `to_dict()` for JSON."""
+
+    layers: dict[int, LayerStats] = field(default_factory=dict)
+
+    def _sum(self, name: str) -> int:
+        return sum(getattr(s, name) for s in self.layers.values())
+
+    @property
+    def hits(self) -> int:
+        return self._sum("hits")
+
+    @property
+    def misses(self) -> int:
+        return self._sum("misses")
+
+    @property
+    def requests(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+    @property
+    def bytes_loaded(self) -> int:
+        return self._sum("bytes_loaded")
+
+    @property
+    def prefetch_issued(self) -> int:
+        return self._sum("prefetch_issued")
+
+    @property
+    def prefetch_hits(self) -> int:
+        return self._sum("prefetch_hits")
+
+    @property
+    def prefetch_wasted(self) -> int:
+        return self._sum("prefetch_wasted")
+
+    @property
+    def prefetch_precision(self) -> float:
+        """Share of prefetched experts that were used before being evicted (decided ones only)."""
+        decided = self.prefetch_hits + self.prefetch_wasted
+        return self.prefetch_hits / decided if decided else 0.0
+
+    def minus(self, before: OffloadStats) -> OffloadStats:
+        """Counters accumulated since `before`."""
+        out = {}
+        for layer, s in self.layers.items():
+            b = before.layers.get(layer, LayerStats())
+            out[layer] = LayerStats(**{f.name: getattr(s, f.name) - getattr(b, f.name)
+                                       for f in dataclasses.fields(LayerStats)})
+        return OffloadStats(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate,
+            "bytes_loaded": self.bytes_loaded, "prefetch_issued": self.prefetch_issued,
+            "prefetch_hits": self.prefetch_hits, "prefetch_wasted": self.prefetch_wasted,
+            "prefetch_precision": self.prefetch_precision,
+            "layers": {str(k): dataclasses.asdict(v) for k, v in self.layers.items()},
+        }
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """What one `generate()` call did; passed to `on_generation_finished` observers."""
+
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+    offload: OffloadStats
+    source: str = "generate"  # which frontend: generate, cli, langchain, demo, webui
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens, "seconds": self.seconds,
+                "tokens_per_second": self.tokens_per_second, "source": self.source,
+                "offload": self.offload.to_dict()}

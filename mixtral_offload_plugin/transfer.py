@@ -1,0 +1,142 @@
+"""Moving expert bytes from a store into cache slots, overlapped with compute.
+
+`SyncLoader` loads on the calling thread (tests, debugging). `ThreadLoader` (CPU) runs loads on one background
+thread: `os.preadv` and tensor copies release the GIL, so a disk read overlaps the experts being computed.
+`CudaLoader` copies pinned host bytes on a dedicated CUDA stream and records one event per slot; the compute stream
+waits only on the event of the slot it needs (disk bytes go through a pinned staging buffer per slot first).
+This module knows nothing about eviction or routing.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+
+from .packing import unpack_views
+
+
+class Slot:
+    """One preallocated cache buffer and what it currently holds."""
+
+    __slots__ = ("index", "buffer", "key", "state", "done", "error", "event", "staging", "from_prefetch", "used")
+
+    def __init__(self, index: int, buffer: torch.Tensor) -> None:
+        self.index = index
+        self.buffer = buffer  # uint8 [slot_nbytes] on the compute device
+        self.key: Hashable | None = None
+        self.state: Any = None  # what the kernel's prepare() returned
+        self.done = threading.Event()
+        self.done.set()
+        self.error: BaseException | None = None
+        self.event: Any = None  # torch.cuda.Event for the CUDA loader
+        self.staging: torch.Tensor | None = None
+        self.from_prefetch = False
+        self.used = False
+
+
+PrepareFn = Callable[[Hashable, torch.Tensor], Any]  # (key, buffer) -> kernel state
+
+
+class SyncLoader:
+    """Loads on the calling thread."""
+
+    def __init__(self, store: Any, prepare: PrepareFn) -> None:
+        self.store, self.prepare = store, prepare
+
+    def _load(self, slot: Slot, key: Hashable) -> None:
+        try:
+            self.store.read_into(key, slot.buffer)
+            slot.state = self.prepare(key, slot.buffer)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+            slot.error = exc
+        finally:
+            slot.done.set()
+
+    def start(self, slot: Slot, key: Hashable) -> None:
+        slot.done.clear()
+        slot.error = None
+        self._load(slot, key)
+
+    def wait(self, slot: Slot) -> None:
+        slot.done.wait()
+        if slot.error is not None:
+            raise slot.error
+
+    def close(self) -> None:
+        pass
+
+
+class ThreadLoader(SyncLoader):
+    """Loads on one background thread; `wait` blocks only on the slot asked for."""
+
+    def __init__(self, store: Any, prepare: PrepareFn) -> None:
+        super().__init__(store, prepare)
+        self._jobs: queue.SimpleQueue[tuple[Slot, Hashable] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="mixtral-offload-loader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._load(*job)
+
+    def start(self, slot: Slot, key: Hashable) -> None:
+        slot.done.clear()
+        slot.error = None
+        self._jobs.put((slot, key))
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join(timeout=30)
+
+
+class CudaLoader(ThreadLoader):
+    """Host-to-device copies on a dedicated stream with one event per slot."""
+
+    def __init__(self, store: Any, prepare: PrepareFn, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+        super().__init__(store, prepare)
+
+    def _load(self, slot: Slot, key: Hashable) -> None:
+        try:
+            src = self.store.host_tensor(key)
+            if src is None:  # disk store: read into this slot's pinned staging buffer first
+                if slot.staging is None:
+                    slot.staging = torch.empty(slot.buffer.numel(), dtype=torch.uint8, pin_memory=True)
+                if slot.event is not None:
+                    slot.event.synchronize()  # the previous copy out of the staging buffer has finished
+                self.store.read_into(key, slot.staging)
+                src = slot.staging
+            with torch.cuda.stream(self.stream):
+                slot.buffer[: src.numel()].copy_(src, non_blocking=True)
+                slot.state = self.prepare(key, slot.buffer)
+                slot.event = torch.cuda.Event()
+                slot.event.record(self.stream)
+        except BaseException as exc:  # noqa: BLE001
+            slot.error = exc
+        finally:
+            slot.done.set()
+
+    def wait(self, slot: Slot) -> None:
+        super().wait(slot)
+        if slot.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(slot.event)
+
+
+def make_loader(kind: str, store: Any, prepare: PrepareFn, device: torch.device) -> SyncLoader:
+    """kind: "sync", "async" or "auto" (async; on CUDA the stream loader)."""
+    if device.type == "cuda" and kind != "sync":
+        return CudaLoader(store, prepare, device)
+    if kind == "sync":
+        return SyncLoader(store, prepare)
+    return ThreadLoader(store, prepare)
+
+
+def views_for(layout_of: Callable[[Hashable], Any]) -> Callable[[Hashable, torch.Tensor], dict[str, torch.Tensor]]:
+    """(key, buffer) -> typed views, using the store's layout for that key."""
+    return lambda key, buffer: unpack_views(buffer, layout_of(key))
