@@ -143,7 +143,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 
 def save_tokenizer(tokenizer, out_dir: Path) -> None:
-    save_tokenizer(tokenizer, out_dir)
+    tokenizer.save_pretrained(out_dir)
     # Name the generic fast-tokenizer class so that both transformers 4.x and 5.x
     # resolve it (5.x writes its internal alias "TokenizersBackend").
     cfg_path = out_dir / "tokenizer_config.json"

@@ -1,0 +1,71 @@
+"""`mixtral-offload info`: what a checkpoint is (family, sizes, what is offloaded) and the memory a budget needs.
+
+Reads config.json and safetensors headers only; no weight is loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import plugins
+from .config import OffloadConfig
+from .memory import fmt, kv_bytes, make_plan
+
+
+def expert_bytes_estimate(model_config: Any, bits: int, group: int, dtype_bytes: int, quant_scales: bool) -> int:
+    h, i = model_config.hidden_size, getattr(model_config, "moe_intermediate_size", None) or model_config.intermediate_size
+    weights = 3 * h * i
+    if bits == 16:
+        return weights * dtype_bytes
+    meta_bytes = 1 if quant_scales else dtype_bytes
+    return weights * bits // 8 + 2 * (weights // group) * meta_bytes
+
+
+def describe_checkpoint(path: str | Path, config: OffloadConfig) -> dict[str, Any]:
+    from .loading import MANIFEST_NAME, find_architecture, load_model_config, resolve_dtype
+
+    path = Path(path)
+    plugins.load_plugins()
+    if (path / MANIFEST_NAME).exists():
+        from .offload_format import open_offload_checkpoint
+
+        ckpt = open_offload_checkpoint(path, config)
+        fmt_name = "offload format"
+    else:
+        from .checkpoint import HFCheckpoint
+
+        ckpt = HFCheckpoint(path)
+        fmt_name = "Hugging Face safetensors"
+    mc = load_model_config(path, ckpt.config_dict)
+    arch = find_architecture(mc)
+    dtype = resolve_dtype(config, mc)
+    db = torch.empty((), dtype=dtype).element_size()
+    layers, experts, top_k = mc.num_hidden_layers, arch.num_experts(mc), arch.top_k(mc)
+    bits = getattr(ckpt, "expert_bits", None) or config.expert_bits
+    ebytes = expert_bytes_estimate(mc, bits, config.expert_group_size, db, config.quant_scales)
+    total_experts = layers * experts * ebytes
+    total_params_bytes = ckpt.nbytes()
+    trunk = max(total_params_bytes - layers * experts * 3 * mc.hidden_size * mc.intermediate_size * db, 0)
+    kv = kv_bytes(mc, config.context_length, db)
+    from .loading import resolve_device
+
+    device = resolve_device(config.device)
+    plan = make_plan(config,
+                     device=device, layers=layers, experts=experts, top_k=top_k, expert_bytes=ebytes,
+                     total_expert_bytes=total_experts, trunk_bytes=trunk, kv=kv,
+                     store_in_ram=config.store in ("host", "auto"))
+    ckpt.close()
+    return {
+        "path": str(path), "format": fmt_name, "family": arch.name, "model_type": mc.model_type,
+        "offloaded": arch.offloaded, "layers": layers, "experts_per_layer": experts, "top_k": top_k,
+        "hidden_size": mc.hidden_size, "intermediate_size": mc.intermediate_size, "dtype": str(dtype),
+        "files_on_disk": fmt(total_params_bytes), "expert_bits": bits,
+        "bytes_per_expert": fmt(ebytes), "all_experts": fmt(total_experts), "trunk": fmt(trunk),
+        "kv_cache": f"{fmt(kv)} for {config.context_length} tokens",
+        "plan": plan.describe(),
+        "plan_cache": (f"{plan.experts_per_layer} experts/layer" if plan.experts_per_layer is not None
+                       else f"{plan.global_slots} global slots") + (" (all resident)" if plan.resident else ""),
+    }
