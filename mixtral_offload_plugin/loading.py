@@ -26,7 +26,7 @@ from .experts import OffloadedExperts
 from .memory import kv_bytes, make_plan
 from .packing import PackedExpert, unpack_views
 from .quant import QuantSpec
-from .runtime import OffloadedModelMixin, OffloadRuntime
+from .runtime import OffloadRuntime, offloaded_class
 from .transfer import make_loader
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,10 @@ def find_architecture(model_config: Any) -> Architecture:
     families = sorted({t for a in archs for t in a.model_types})
     has_experts = any(hasattr(model_config, n) for n in ("num_local_experts", "num_experts", "n_routed_experts"))
     why = "is a mixture-of-experts family that is not supported" if has_experts else "has no experts (not a MoE model)"
-    msg = f"model_type {model_type!r} {why}; supported families: {families}"
+    from .families import UNSUPPORTED
+
+    reason = f" ({UNSUPPORTED[model_type]})" if model_type in UNSUPPORTED else ""
+    msg = f"model_type {model_type!r} {why}{reason}; supported families: {families}"
     raise UnsupportedModelError(msg)
 
 
@@ -102,6 +105,8 @@ def materialise_trunk(model: nn.Module, ckpt: Any, arch: Architecture, trunk_key
                       device: torch.device) -> int:
     """Load every non-expert tensor (converted to `dtype`) onto `device`; returns bytes loaded."""
     expected = dict(model.named_parameters())
+    persistent = set(model.state_dict())  # persistent buffers are saved (e.g. DeepSeek-V3's e_score_correction_bias)
+    expected.update((n, b) for n, b in model.named_buffers() if n in persistent)
     state, total = {}, 0
     for key in trunk_keys:
         name = arch.trunk_name(key)
@@ -155,6 +160,9 @@ def _expert_stream(ckpt: Any, arch: Architecture, keys: list[tuple[int, int]], s
     bar = tqdm(keys, desc="experts", unit="expert", disable=os.environ.get("MIXTRAL_OFFLOAD_QUIET") == "1",
                leave=False)
     for layer, expert in bar:
+        if hasattr(ckpt, "packed_expert"):  # offload format: already packed on disk
+            yield (layer, expert), ckpt.packed_expert((layer, expert))
+            continue
         weights = read_expert(ckpt, layer, expert, per_expert, fused)
         yield (layer, expert), quantizer.pack_expert(weights, spec, device)
 
@@ -196,21 +204,25 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
 
     model, blocks = build_skeleton(model_config, arch)
     split = ckpt.split_keys(arch) if hasattr(ckpt, "split_keys") else arch.split_keys(ckpt.keys())
-    trunk_bytes = materialise_trunk(model, ckpt, arch, split[2], dtype, device)
+    packed_bytes = ckpt.install_attention(model, dtype, device) if hasattr(ckpt, "install_attention") else 0
+    trunk_bytes = materialise_trunk(model, ckpt, arch, split[2], dtype, device) + packed_bytes
     if config.attn_bits < 16:
         from .quant.attention import quantize_attention
 
         trunk_bytes = quantize_attention(model, config, dtype, device)
 
     keys = [(layer, e) for layer in sorted(blocks) for e in range(num_experts)]
-    qname = "none" if config.expert_bits == 16 else "hqq"
+    qname = getattr(ckpt, "quantizer_name", None) or ("none" if config.expert_bits == 16 else "hqq")
     quantizer = plugins.create("quantizer", qname)
     spec = QuantSpec(config.expert_bits, config.expert_group_size, dtype, config.quant_scales)
     layouts = ckpt.expert_layouts(keys) if hasattr(ckpt, "expert_layouts") else None
     if layouts is None:  # pack one expert to learn the sizes (all experts of a family have one shape)
         first = quantizer.pack_expert(read_expert(ckpt, *keys[0], *split[:2]), spec, device)
         layouts = {k: first.layout for k in keys}
-    expert_bytes = max(lay.nbytes for lay in layouts.values())
+    kernels = {k: quantizer.expert_kernel(layouts[k], device) for k in keys}
+    # a kernel may want a workspace after the packed bytes in its slot (filled by prepare() once per slot load)
+    workspace = {k: getattr(kernels[k], "workspace_nbytes", 0) for k in keys}
+    expert_bytes = max(layouts[k].nbytes + workspace[k] for k in keys)
 
     store_name = config.store
     kv = kv_bytes(model_config, config.context_length, torch.empty((), dtype=dtype).element_size())
@@ -236,11 +248,14 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
         pools = {layer: 0 for layer in blocks}
         capacities = {0: plan.global_slots}
     slot_nbytes = {pid: expert_bytes for pid in capacities}
-    kernels = {k: quantizer.expert_kernel(layouts[k], device) for k in keys}
     layout_of = layouts.__getitem__
 
     def prepare(key: tuple[int, int], buffer: torch.Tensor) -> Any:
-        return kernels[key].prepare(unpack_views(buffer, layout_of(key)))
+        layout = layout_of(key)
+        views = unpack_views(buffer, layout)
+        if workspace[key]:
+            views["workspace"] = buffer[layout.nbytes:layout.nbytes + workspace[key]]
+        return kernels[key].prepare(views)
 
     transfer = config.transfer
     if resident:
@@ -263,12 +278,25 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
         block.experts._runtime = runtime
     ckpt.close()
 
-    cls = type(model)
-    model.__class__ = type(f"Offloaded{cls.__name__}", (OffloadedModelMixin, cls), {})
+    model.__class__ = offloaded_class(type(model))
     model._offload_runtime = runtime
+    _load_generation_config(model, path)
     model.eval()
     plugins.pm.hook.on_model_loaded(model=model, config=config)
     return model
+
+
+def _load_generation_config(model: nn.Module, path: Path) -> None:
+    """Use the checkpoint's generation_config.json (token ids, sampling defaults), as from_pretrained does."""
+    from transformers import GenerationConfig
+
+    if (path / "generation_config.json").exists():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable generation_config.json in %s: %s", path, exc)
+    else:
+        model.generation_config = GenerationConfig.from_model_config(model.config)
 
 
 class _OneShotStore:

@@ -7,6 +7,7 @@ gets exactly what it would get alone). `OffloadedModelMixin` is mixed into the t
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -50,10 +51,24 @@ class OffloadRuntime:
 
 
 def _prompt_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
-    ids = kwargs.get("input_ids", args[0] if args else None)
+    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))  # TextGen passes inputs=
     if isinstance(ids, torch.Tensor) and ids.dim() == 2:
         return ids.shape[0], ids.shape[1]
     return 1, 0
+
+
+def offloaded_class(cls: type) -> type:
+    """`cls` with the mixin, and a forward that takes the runtime lock but keeps `cls.forward`'s signature
+    (generate() inspects it: hiding `position_ids` would silently break left-padded batches)."""
+    base_forward = cls.forward
+
+    @functools.wraps(base_forward)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        rt = self._runtime_or_raise()
+        with rt.lock:
+            return base_forward(self, *args, **kwargs)
+
+    return type(f"Offloaded{cls.__name__}", (OffloadedModelMixin, cls), {"forward": forward})
 
 
 class OffloadedModelMixin:
@@ -91,11 +106,6 @@ class OffloadedModelMixin:
             self.to_empty(device="meta")  # releases every trunk tensor
             if rt.device.type == "cuda":
                 torch.cuda.empty_cache()
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        rt = self._runtime_or_raise()
-        with rt.lock:
-            return super().forward(*args, **kwargs)
 
     def generate(self, *args: Any, offload_source: str = "generate", **kwargs: Any) -> Any:
         """`transformers` generate(), serialized, validated, and reported to `on_generation_finished` observers."""

@@ -54,3 +54,28 @@ def demo_model_path() -> Path:
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+def save_word_tokenizer(path: Path, vocab_size: int) -> None:
+    """A word-level tokenizer (w3 .. wN plus specials) with a chat template, saved into a checkpoint folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}w3 {% endif %}")
+    tok.save_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_tok(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_mixtral`'s weights plus a word-level tokenizer (words w3..w127), for text-level tests."""
+    from mixtral_offload_plugin.synthetic import make_random_mixtral
+
+    path = make_random_mixtral(tmp_path_factory.mktemp("tiny-tok") / "model", seed=0)
+    save_word_tokenizer(path, 128)
+    return path
