@@ -16,7 +16,7 @@ MAX_NEW_TOKENS_LIMIT = 1 << 20
 
 def check_generate_kwargs(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Raise GenerationError for an empty or too long prompt, or absurd max_new_tokens/temperature/top_p."""
-    ids = kwargs.get("input_ids", args[0] if args else None)
+    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
     if isinstance(ids, torch.Tensor):
         if ids.numel() == 0 or ids.shape[-1] == 0:
             msg = "the prompt is empty: give at least one token (e.g. the tokenizer's BOS token)"
@@ -28,7 +28,7 @@ def check_generate_kwargs(model: Any, args: tuple[Any, ...], kwargs: dict[str, A
             raise GenerationError(msg)
     gen_cfg = kwargs.get("generation_config")
     for name in ("max_new_tokens", "min_new_tokens", "max_length"):
-        value = kwargs.get(name, getattr(gen_cfg, name, None) if gen_cfg is not None and name in kwargs else None)
+        value = kwargs[name] if name in kwargs else getattr(gen_cfg, name, None) if gen_cfg is not None else None
         if value is None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value > MAX_NEW_TOKENS_LIMIT:
