@@ -54,8 +54,11 @@ class ChatSession:
         ids = chat_ids(self.tok, self.messages)
         n = min(self.cached_ids.shape[1], ids.shape[1] - 1)
         common = int((self.cached_ids[0, :n] == ids[0, :n]).cumprod(0).sum()) if n > 0 else 0
-        if common < self.cache.get_seq_length():
-            self.cache.crop(common)
+        drop = self.cache.get_seq_length() - common
+        if common == 0:
+            self.reset_cache()
+        elif drop > 0:
+            self.cache.crop(-drop)  # negative: remove that many tokens (accepted by every transformers 5.x)
         self.last_reused_tokens = common
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
         result: dict[str, Any] = {}

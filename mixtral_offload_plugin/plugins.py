@@ -79,7 +79,7 @@ def registry(kind: str) -> dict[str, tuple[Any, str]]:
     check()
     out: dict[str, tuple[Any, str]] = {}
     caller = getattr(pm.hook, KINDS[kind])
-    for impl in reversed(caller.get_hookimpls()):  # registration order
+    for impl in caller.get_hookimpls():  # registration order: built-ins first
         def register(name: str, factory: Any, _plugin: str = impl.plugin_name) -> None:
             if not isinstance(name, str) or not name:
                 msg = f"plugin {_plugin!r} registered a {kind} with an invalid name {name!r}"

@@ -66,8 +66,8 @@ def save_word_tokenizer(path: Path, vocab_size: int) -> None:
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tok.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
-                         "{% if add_generation_prompt %}w3 {% endif %}")
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}w3 {% endif %}"
+                         "{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w3 {% endif %}")
     tok.save_pretrained(path)
 
 

@@ -1,0 +1,80 @@
+"""The `mixtral-offload` command end to end on checkpoints made by the tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+from transformers import MixtralForCausalLM
+
+from mixtral_offload_plugin.cli import main
+
+
+def test_generate_streams_the_same_tokens_as_transformers(tiny_mixtral_tok, capsys):
+    code = main(["generate", "w5 w9 w17", "--model", str(tiny_mixtral_tok), "--temperature", "0",
+                 "--max-new-tokens", "12", "--device", "cpu", "--experts-per-layer", "2", "--store", "disk",
+                 "--prefetch", "gate"])
+    assert code == 0
+    captured = capsys.readouterr()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_mixtral_tok)
+    ids = tok("w5 w9 w17", return_tensors="pt").input_ids
+    ref = MixtralForCausalLM.from_pretrained(tiny_mixtral_tok, experts_implementation="eager").eval()
+    out = ref.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    expected = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    squash = lambda text: "".join(text.split())  # noqa: E731 - a word-level tokenizer streams without spaces
+    assert squash(captured.out) == squash("w5 w9 w17" + expected)
+    assert "tok/s" in captured.err and "hit rate" in captured.err and "peak RSS" in captured.err
+
+
+def test_generate_as_a_subprocess_and_record_routing(tiny_mixtral_tok, tmp_path):
+    trace = tmp_path / "routing.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "mixtral_offload_plugin.cli", "generate", "w4 w8", "--model",
+                           str(tiny_mixtral_tok), "--max-new-tokens", "6", "--seed", "3", "--device", "cpu",
+                           "--experts-per-layer", "1", "--record-routing", str(trace)],
+                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ})
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    phases = {r["phase"] for r in records if "experts" in r}
+    assert phases == {"prefill", "decode"}
+    assert {r["layer"] for r in records} == {0, 1}
+
+
+def test_bad_option_is_a_clean_error(tiny_mixtral, capsys):
+    assert main(["generate", "x", "--model", str(tiny_mixtral), "--experts-per-layer", "9", "--device", "cpu"]) == 2
+    assert "experts_per_layer=9" in capsys.readouterr().err
+
+
+def test_info_reports_family_and_plan(tiny_mixtral, capsys):
+    assert main(["info", str(tiny_mixtral), "--json", "--experts-per-layer", "2", "--device", "cpu"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "mixtral" and info["experts_per_layer"] == 4 and info["top_k"] == 2
+    assert "2 experts/layer" in info["plan_cache"]
+
+
+def test_chat_session_reuses_the_kv_cache(tiny_mixtral_tok):
+    from transformers import AutoTokenizer
+
+    from mixtral_offload_plugin import OffloadConfig, load_model
+    from mixtral_offload_plugin.chat import ChatSession
+
+    model = load_model(tiny_mixtral_tok, OffloadConfig(device="cpu", experts_per_layer=2))
+    tok = AutoTokenizer.from_pretrained(tiny_mixtral_tok)
+    try:
+        session = ChatSession(model, tok)
+        first = "".join(session.send("w5 w6", max_new_tokens=5, do_sample=False))
+        assert first.strip()
+        assert session.last_reused_tokens == 0
+        "".join(session.send("w7", max_new_tokens=5, do_sample=False))
+        assert session.last_reused_tokens > 2  # the first turn's tokens were not recomputed
+        # the reply equals a fresh generation on the whole conversation
+        ids = tok.apply_chat_template(session.messages[:-1], add_generation_prompt=True, return_tensors="pt",
+                                      return_dict=True)["input_ids"]
+        fresh = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert tok.decode(fresh[0, ids.shape[1]:], skip_special_tokens=True).strip() == session.messages[-1]["content"]
+    finally:
+        model.unload()
+    assert torch.is_tensor(session.cached_ids)
