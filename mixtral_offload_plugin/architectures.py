@@ -44,6 +44,8 @@ class Architecture:
         num_experts: config -> experts per MoE layer. top_k: config -> experts routed per token.
         moe_blocks: model -> {layer index: MoE block having `.experts` (replaced) and a router}.
         router_scores: (block, hidden [T, H]) -> [T, E] scores; used only to guess (prefetch).
+        moe_layers: config -> indices of the layers that have routed experts (families with dense layers override
+            it); used for estimates made from config.json alone (`mixtral-offload info`).
         offloaded: what is offloaded, in words (for `mixtral-offload info`).
     """
 
@@ -58,6 +60,7 @@ class Architecture:
     moe_blocks: Callable[[nn.Module], dict[int, nn.Module]] = field(
         default=lambda m: {i: layer.mlp for i, layer in enumerate(_layers(m)) if hasattr(layer.mlp, "experts")})
     router_scores: Callable[[nn.Module, torch.Tensor], torch.Tensor] = _softmax_router
+    moe_layers: Callable[[Any], list[int]] = lambda c: list(range(int(c.num_hidden_layers)))
     offloaded: str = "routed experts of every MoE layer"
 
     def trunk_name(self, key: str) -> str:

@@ -44,23 +44,26 @@ def describe_checkpoint(path: str | Path, config: OffloadConfig) -> dict[str, An
     dtype = resolve_dtype(config, mc)
     db = torch.empty((), dtype=dtype).element_size()
     layers, experts, top_k = mc.num_hidden_layers, arch.num_experts(mc), arch.top_k(mc)
+    moe_layers = len(arch.moe_layers(mc))  # families with dense layers (DeepSeek, Qwen2-MoE) have fewer
     bits = getattr(ckpt, "expert_bits", None) or config.expert_bits
     ebytes = expert_bytes_estimate(mc, bits, config.expert_group_size, db, config.quant_scales)
-    total_experts = layers * experts * ebytes
+    total_experts = moe_layers * experts * ebytes
     total_params_bytes = ckpt.nbytes()
-    trunk = max(total_params_bytes - layers * experts * 3 * mc.hidden_size * mc.intermediate_size * db, 0)
+    expert_i = getattr(mc, "moe_intermediate_size", None) or mc.intermediate_size
+    trunk = max(total_params_bytes - moe_layers * experts * 3 * mc.hidden_size * expert_i * db, 0)
     kv = kv_bytes(mc, config.context_length, db)
     from .loading import resolve_device
 
     device = resolve_device(config.device)
     plan = make_plan(config,
-                     device=device, layers=layers, experts=experts, top_k=top_k, expert_bytes=ebytes,
+                     device=device, layers=moe_layers, experts=experts, top_k=top_k, expert_bytes=ebytes,
                      total_expert_bytes=total_experts, trunk_bytes=trunk, kv=kv,
                      store_in_ram=config.store in ("host", "auto"))
     ckpt.close()
     return {
         "path": str(path), "format": fmt_name, "family": arch.name, "model_type": mc.model_type,
-        "offloaded": arch.offloaded, "layers": layers, "experts_per_layer": experts, "top_k": top_k,
+        "offloaded": arch.offloaded, "layers": layers, "moe_layers": moe_layers, "experts_per_layer": experts,
+        "top_k": top_k,
         "hidden_size": mc.hidden_size, "intermediate_size": mc.intermediate_size, "dtype": str(dtype),
         "files_on_disk": fmt(total_params_bytes), "expert_bits": bits,
         "bytes_per_expert": fmt(ebytes), "all_experts": fmt(total_experts), "trunk": fmt(trunk),

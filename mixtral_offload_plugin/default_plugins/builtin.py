@@ -56,9 +56,10 @@ def register_prefetchers(register: Register) -> None:
 
 @hookimpl
 def register_architectures(register: Register) -> None:
-    from ..architectures import MIXTRAL
+    from ..families import FAMILIES
 
-    register(MIXTRAL.name, MIXTRAL)
+    for arch in FAMILIES:  # Mixtral and the other families sharing transformers 5's experts contract
+        register(arch.name, arch)
 
 
 @hookimpl(trylast=True)

@@ -1,0 +1,139 @@
+"""Mixture-of-experts families beyond Mixtral: Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3 and Phi-3.5-MoE.
+
+Each family is one `Architecture` (see architectures.py): which checkpoint names are expert weights, how the other
+names map onto transformers' modules, how many experts a layer has, and how its router scores (for prefetch only;
+the real routing is always the transformers router of the resident trunk). Every family here uses transformers 5's
+experts contract (`forward(hidden_states, top_k_index, top_k_weights)`) with `gate_up = cat(gate, up)`,
+`act(gate) * up` and routing weights applied after the down projection, which is what `OffloadedExperts` computes.
+Shared experts (Qwen2-MoE, DeepSeek) are ordinary trunk modules and stay resident.
+
+This module knows nothing about caches, stores or quantization. `UNSUPPORTED` explains, per `model_type`, why a
+MoE family transformers ships is not offloaded.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import MIXTRAL, Architecture
+
+_LAYER = r"model\.layers\.(?P<layer>\d+)\."
+_SWIGLU_NAMES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+_FUSED = re.compile(_LAYER + r"mlp\.experts\.(?P<kind>gate_up_proj|down_proj)")
+_PER_EXPERT = re.compile(_LAYER + r"mlp\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight")
+
+
+def routed_votes(router_attr: str) -> Any:
+    """Prefetch scores from the block's own router: [T, E] holding each token's routing weights on the experts the
+    router would pick for it (0 elsewhere). Exact for routers whose choice is not a plain softmax ranking (grouped
+    top-k with a score-correction bias, sparsemixer). `forward` is called directly so no module hooks fire."""
+
+    def scores(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        router = getattr(block, router_attr)
+        logits, weights, index = type(router).forward(router, hidden)
+        votes = torch.zeros(logits.shape[0], logits.shape[-1], dtype=torch.float32, device=logits.device)
+        return votes.scatter_(1, index, weights.float())
+
+    return scores
+
+
+def _qwen_sparse_layers(c: Any) -> list[int]:
+    """Qwen2/Qwen3-MoE: every `decoder_sparse_step`-th layer not in `mlp_only_layers` is sparse."""
+    skip = set(c.mlp_only_layers or ())
+    return [i for i in range(c.num_hidden_layers)
+            if i not in skip and c.num_experts > 0 and (i + 1) % c.decoder_sparse_step == 0]
+
+
+def _deepseek_moe_layers(c: Any) -> list[int]:
+    """DeepSeek: the first `first_k_dense_replace` layers are dense."""
+    return list(range(c.first_k_dense_replace, c.num_hidden_layers))
+
+
+QWEN2_MOE = Architecture(
+    name="qwen2_moe",
+    model_types=("qwen2_moe",),
+    expert_key=_PER_EXPERT,
+    proj_roles=_SWIGLU_NAMES,
+    fused_key=_FUSED,
+    num_experts=lambda c: int(c.num_experts),
+    moe_layers=_qwen_sparse_layers,
+    offloaded=("routed experts (gate/up/down_proj) of every sparse layer; the shared expert and its sigmoid gate, "
+               "dense MLP layers, attention, router, norms, embeddings stay resident"),
+)
+
+QWEN3_MOE = Architecture(
+    name="qwen3_moe",
+    model_types=("qwen3_moe",),
+    expert_key=_PER_EXPERT,
+    proj_roles=_SWIGLU_NAMES,
+    fused_key=_FUSED,
+    num_experts=lambda c: int(c.num_experts),
+    moe_layers=_qwen_sparse_layers,
+    offloaded=("routed experts (gate/up/down_proj) of every sparse layer; dense MLP layers (mlp_only_layers), "
+               "attention, router, norms, embeddings stay resident"),
+)
+
+OLMOE = Architecture(
+    name="olmoe",
+    model_types=("olmoe",),
+    expert_key=_PER_EXPERT,
+    proj_roles=_SWIGLU_NAMES,
+    fused_key=_FUSED,
+    num_experts=lambda c: int(c.num_experts),
+    offloaded="routed experts (gate/up/down_proj) of every layer; attention, router, norms, embeddings stay resident",
+)
+
+DEEPSEEK_V2 = Architecture(
+    name="deepseek_v2",
+    model_types=("deepseek_v2",),
+    expert_key=_PER_EXPERT,
+    proj_roles=_SWIGLU_NAMES,
+    fused_key=_FUSED,
+    num_experts=lambda c: int(c.n_routed_experts),
+    router_scores=routed_votes("gate"),
+    moe_layers=_deepseek_moe_layers,
+    offloaded=("routed experts (gate/up/down_proj) of every MoE layer; shared experts, the first_k_dense_replace "
+               "dense layers, MLA attention, router, norms, embeddings stay resident"),
+)
+
+DEEPSEEK_V3 = Architecture(
+    name="deepseek_v3",
+    model_types=("deepseek_v3",),
+    expert_key=_PER_EXPERT,
+    proj_roles=_SWIGLU_NAMES,
+    fused_key=_FUSED,
+    num_experts=lambda c: int(c.n_routed_experts),
+    router_scores=routed_votes("gate"),
+    moe_layers=_deepseek_moe_layers,
+    offloaded=("routed experts (gate/up/down_proj) of every MoE layer; shared experts, the first_k_dense_replace "
+               "dense layers, MLA attention, router (with its score-correction bias), norms, embeddings stay "
+               "resident"),
+)
+
+PHIMOE = Architecture(
+    name="phimoe",
+    model_types=("phimoe",),
+    expert_key=re.compile(
+        _LAYER + r"(?:block_sparse_moe|mlp)\.experts\.(?P<expert>\d+)\.(?P<proj>w[123])\.weight"),
+    proj_roles={"w1": "gate", "w3": "up", "w2": "down"},
+    fused_key=_FUSED,
+    trunk_renames=((r"\.block_sparse_moe\.", ".mlp."), (r"\.mlp\.gate\.weight$", ".mlp.router.weight")),
+    num_experts=lambda c: int(c.num_local_experts),
+    router_scores=routed_votes("router"),
+    offloaded=("routed experts (w1/w2/w3) of every layer; attention, sparsemixer router, layer norms, embeddings "
+               "stay resident"),
+)
+
+FAMILIES: tuple[Architecture, ...] = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3, PHIMOE)
+
+UNSUPPORTED: dict[str, str] = {
+    "gpt_oss": (
+        "GPT-OSS experts do not fit the offloaded expert contract: each expert has biases (gate_up_proj_bias, "
+        "down_proj_bias), its gate/up columns are interleaved in a transposed [H, 2I] layout, and its activation is "
+        "a clamped SwiGLU ((clamp(up) + 1) * g * sigmoid(alpha * g), g = clamp(gate)) that `act(gate) * up` cannot "
+        "express; published checkpoints also store the experts as MXFP4 blocks. Load it with transformers directly"),
+}
