@@ -19,6 +19,18 @@ import torch
 from .packing import unpack_views
 
 
+def as_load_error(exc: BaseException, key: Hashable) -> BaseException:
+    """Our own errors pass through; anything else a store raised becomes an ExpertLoadError naming the expert."""
+    from .errors import ExpertLoadError, MixtralOffloadError
+
+    if isinstance(exc, (MixtralOffloadError, KeyboardInterrupt, SystemExit)):
+        return exc
+    err = ExpertLoadError(f"loading expert {key} failed: {type(exc).__name__}: {exc}; this request fails, "
+                          "the model stays usable")
+    err.__cause__ = exc
+    return err
+
+
 class Slot:
     """One preallocated cache buffer and what it currently holds."""
 
@@ -52,7 +64,7 @@ class SyncLoader:
             self.store.read_into(key, slot.buffer)
             slot.state = self.prepare(key, slot.buffer)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiter
-            slot.error = exc
+            slot.error = as_load_error(exc, key)
         finally:
             slot.done.set()
 
@@ -118,7 +130,7 @@ class CudaLoader(ThreadLoader):
                 slot.event = torch.cuda.Event()
                 slot.event.record(self.stream)
         except BaseException as exc:  # noqa: BLE001
-            slot.error = exc
+            slot.error = as_load_error(exc, key)
         finally:
             slot.done.set()
 

@@ -15,6 +15,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 sys._called_from_test = True  # type: ignore[attr-defined]
 
+import torch  # noqa: E402
+
+# The test models are tiny: thread start-up costs more than it saves, and on a busy 2-core machine multi-threaded
+# tiny ops are hundreds of times slower. Speed is measured by `mixtral-offload bench`, never by tests.
+torch.set_num_threads(1)
+
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
