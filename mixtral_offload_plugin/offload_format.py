@@ -1,0 +1,261 @@
+"""The offload format: a checkpoint folder whose experts are already packed, so loading does no quantization work.
+
+Layout of a folder (written by `convert.py`):
+- `config.json`, `generation_config.json`, tokenizer files: copied from the source checkpoint;
+- `mixtral_offload.json`: the manifest (format version, architecture, quantization settings, and for every expert its
+  file, offset, size, tensor layout and CRC-32);
+- `trunk.safetensors`: every non-expert tensor under its checkpoint name (routers, norms, embeddings, lm_head in 16
+  bits), with quantized attention projections stored as one packed uint8 tensor `<module>.packed` each (layouts in
+  the manifest);
+- `experts-LLL.bin`: the packed experts of layer LLL, each starting on a `FILE_ALIGN` boundary.
+
+`open_offload_checkpoint` validates the manifest against the files (version, paths, ranges, sizes) and returns an
+`OffloadCheckpoint` with the surface `loading.py` uses. Checksums are verified on an expert's first read (or all at
+open with `OffloadConfig(verify=True)`). This module knows nothing about caches or kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import read_json
+from .errors import CheckpointError, ChecksumError
+from .packing import FILE_ALIGN, ExpertLayout, PackedExpert, checksum
+
+MANIFEST_NAME = "mixtral_offload.json"
+FORMAT_NAME = "mixtral-offload"
+FORMAT_VERSION = 1
+TRUNK_NAME = "trunk.safetensors"
+PACKED_SUFFIX = ".packed"
+RECONVERT = "convert the checkpoint again with `mixtral-offload convert`"
+
+
+def expert_file_name(layer: int) -> str:
+    return f"experts-{layer:03d}.bin"
+
+
+class ManifestError(CheckpointError):
+    """The manifest is malformed, of a newer format version, or disagrees with the files next to it."""
+
+
+def _inside(root: Path, name: Any, what: str) -> Path:
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        msg = f"{MANIFEST_NAME}: {what} path {name!r} must be a relative file name inside the folder; {RECONVERT}"
+        raise ManifestError(msg)
+    path = (root / name).resolve()
+    if root.resolve() not in path.parents:
+        msg = f"{MANIFEST_NAME}: {what} path {name!r} points outside the checkpoint folder; refusing to read it"
+        raise ManifestError(msg)
+    return path
+
+
+class OffloadCheckpoint:
+    """An opened offload-format folder (validated manifest, lazily opened trunk, expert files read in place)."""
+
+    def __init__(self, path: str | Path, verify: bool = False) -> None:
+        self.path = Path(path)
+        self.manifest = read_json(self.path / MANIFEST_NAME, MANIFEST_NAME)
+        self.config_dict = read_json(self.path / "config.json", "config.json")
+        self._check_header()
+        q = self.manifest["quantization"]
+        self.quantization = dict(q)
+        self.quantizer_name = str(q.get("quantizer", "none"))
+        self.expert_bits = int(q.get("expert_bits", 16))
+        self.records = self._read_experts()
+        self.attention = self._read_attention()
+        self.trunk_path = _inside(self.path, self.manifest.get("trunk", TRUNK_NAME), "trunk")
+        if not self.trunk_path.exists():
+            msg = f"{self.trunk_path.name} is missing from {self.path}; {RECONVERT}"
+            raise CheckpointError(msg)
+        self._trunk: Any = None
+        if verify:
+            self.verify()
+
+    # -- validation ----------------------------------------------------------------------------------------------
+    def _check_header(self) -> None:
+        m = self.manifest
+        if m.get("format") != FORMAT_NAME:
+            msg = f"{MANIFEST_NAME} in {self.path} is not a {FORMAT_NAME} manifest (format={m.get('format')!r})"
+            raise ManifestError(msg)
+        version = m.get("format_version")
+        if not isinstance(version, int) or version < 1:
+            msg = f"{MANIFEST_NAME}: format_version {version!r} is invalid; {RECONVERT}"
+            raise ManifestError(msg)
+        if version > FORMAT_VERSION:
+            msg = (f"{self.path} uses offload format version {version}, newer than the {FORMAT_VERSION} this "
+                   "mixtral-offload reads; upgrade mixtral-offload-plugin (or convert again with this version)")
+            raise ManifestError(msg)
+        for key, kind in (("quantization", dict), ("experts", list)):
+            if not isinstance(m.get(key), kind):
+                msg = f"{MANIFEST_NAME}: '{key}' is missing or not a {kind.__name__}; {RECONVERT}"
+                raise ManifestError(msg)
+
+    def _read_experts(self) -> dict[tuple[int, int], dict[str, Any]]:
+        records: dict[tuple[int, int], dict[str, Any]] = {}
+        spans: dict[Path, list[tuple[int, int, tuple[int, int]]]] = {}
+        sizes: dict[Path, int] = {}
+        for entry in self.manifest["experts"]:
+            try:
+                key = (int(entry["layer"]), int(entry["expert"]))
+                layout = ExpertLayout.from_dict(entry["layout"])
+                offset, size, crc = int(entry["offset"]), int(entry["size"]), int(entry["crc32"])
+                layout.validate()
+            except (KeyError, TypeError, ValueError) as exc:
+                msg = f"{MANIFEST_NAME}: malformed expert entry ({exc}); {RECONVERT}"
+                raise ManifestError(msg) from None
+            where = f"layer {key[0]} expert {key[1]}"
+            path = _inside(self.path, entry.get("file"), f"{where} file")
+            if key in records:
+                msg = f"{MANIFEST_NAME}: {where} is listed twice; {RECONVERT}"
+                raise ManifestError(msg)
+            if size != layout.nbytes or offset < 0 or offset % FILE_ALIGN:
+                msg = (f"{MANIFEST_NAME}: {where} has size {size} / offset {offset} but its layout is "
+                       f"{layout.nbytes} bytes at a {FILE_ALIGN}-aligned offset; {RECONVERT}")
+                raise ManifestError(msg)
+            if path not in sizes:
+                if not path.exists():
+                    msg = f"expert file {path.name} (for {where}) is missing from {self.path}; {RECONVERT}"
+                    raise CheckpointError(msg)
+                sizes[path] = path.stat().st_size
+            if offset + size > sizes[path]:
+                msg = (f"expert file {path.name} is truncated: {where} needs bytes {offset}..{offset + size} but the "
+                       f"file has {sizes[path]}; {RECONVERT}")
+                raise CheckpointError(msg)
+            spans.setdefault(path, []).append((offset, offset + size, key))
+            records[key] = {"path": path, "offset": offset, "layout": layout, "crc32": crc}
+        for path, ranges in spans.items():
+            ranges.sort()
+            for (_, end, a), (start, _, b) in zip(ranges, ranges[1:]):
+                if start < end:
+                    msg = (f"{MANIFEST_NAME}: experts {a} and {b} overlap in {path.name} (bytes {start}..{end}); "
+                           f"the manifest is damaged; {RECONVERT}")
+                    raise ManifestError(msg)
+        return records
+
+    def _read_attention(self) -> dict[str, ExpertLayout]:
+        out = {}
+        for name, entry in (self.manifest.get("attention") or {}).items():
+            try:
+                out[str(name)] = ExpertLayout.from_dict(entry["layout"])
+                out[str(name)].validate()
+            except (KeyError, TypeError, ValueError) as exc:
+                msg = f"{MANIFEST_NAME}: malformed attention entry {name!r} ({exc}); {RECONVERT}"
+                raise ManifestError(msg) from None
+        return out
+
+    # -- trunk ---------------------------------------------------------------------------------------------------
+    def _handle(self) -> Any:
+        if self._trunk is None:
+            from safetensors import safe_open
+
+            try:
+                self._trunk = safe_open(str(self.trunk_path), framework="pt", device="cpu")
+            except Exception as exc:  # safetensors raises several types
+                msg = f"cannot read {self.trunk_path.name}: {exc}; the file is truncated or corrupt; {RECONVERT}"
+                raise CheckpointError(msg) from None
+        return self._trunk
+
+    def keys(self) -> list[str]:
+        return [k for k in self._handle().keys() if not k.endswith(PACKED_SUFFIX)]
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._handle().get_tensor(key)
+        except Exception as exc:
+            msg = f"cannot read tensor {key} from {self.trunk_path.name}: {exc}; {RECONVERT}"
+            raise CheckpointError(msg) from None
+
+    def split_keys(self, arch: Any) -> tuple[dict[Any, Any], dict[Any, Any], list[str]]:
+        """Like `Architecture.split_keys`: no expert tensors here (they are in the expert files)."""
+        return {}, {}, self.keys()
+
+    def install_attention(self, model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> int:
+        """Put the stored quantized attention projections into `model`; returns their bytes (0 when none)."""
+        if not self.attention:
+            return 0
+        from .quant.attention import install_packed_attention
+
+        packed = {}
+        for name, layout in self.attention.items():
+            data = self.get(name + PACKED_SUFFIX)
+            if data.dtype != torch.uint8 or data.numel() != layout.nbytes:
+                msg = f"{name}{PACKED_SUFFIX} in {self.trunk_path.name} does not match its layout; {RECONVERT}"
+                raise CheckpointError(msg)
+            packed[name] = PackedExpert(layout, data.clone())
+        return install_packed_attention(model, packed, dtype, device)
+
+    # -- experts -------------------------------------------------------------------------------------------------
+    def expert_layouts(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], ExpertLayout]:
+        missing = [k for k in keys if k not in self.records]
+        if missing:
+            msg = (f"{MANIFEST_NAME} lists no expert {missing[0]} ({len(missing)} missing); the manifest and "
+                   f"config.json disagree; {RECONVERT}")
+            raise ManifestError(msg)
+        return {k: self.records[k]["layout"] for k in keys}
+
+    def _read(self, key: tuple[int, int]) -> torch.Tensor:
+        rec = self.records[key]
+        n = rec["layout"].nbytes
+        out = torch.empty(n, dtype=torch.uint8)
+        with open(rec["path"], "rb", buffering=0) as f:
+            f.seek(rec["offset"])
+            got = f.readinto(memoryview(out.numpy()))
+        if got != n:
+            msg = f"expert file {rec['path'].name} is truncated at layer {key[0]} expert {key[1]}; {RECONVERT}"
+            raise CheckpointError(msg)
+        return out
+
+    def _check(self, key: tuple[int, int], data: torch.Tensor) -> None:
+        rec = self.records[key]
+        if checksum(data) != rec["crc32"]:
+            msg = (f"checksum mismatch for layer {key[0]} expert {key[1]} in {rec['path'].name} (offset "
+                   f"{rec['offset']}): the file is corrupt; {RECONVERT}")
+            raise ChecksumError(msg)
+
+    def packed_expert(self, key: tuple[int, int]) -> PackedExpert:
+        """The expert's bytes read from its file, checksum verified."""
+        data = self._read(key)
+        self._check(key, data)
+        return PackedExpert(self.records[key]["layout"], data)
+
+    def verify(self) -> None:
+        """Check every expert's checksum now (raises `ChecksumError` naming the first bad one)."""
+        for key in sorted(self.records):
+            self._check(key, self._read(key))
+
+    def attach_to(self, store: Any) -> bool:
+        """Point a store with `attach` (the disk store) at the expert files in place; False for other stores."""
+        if not hasattr(store, "attach"):
+            return False
+        from .stores import DiskRecord
+
+        for key, rec in self.records.items():
+            store.attach(key, DiskRecord(rec["path"], rec["offset"], rec["layout"], rec["crc32"]))
+        return True
+
+    def bits_per_expert_weight(self) -> float | None:
+        value = self.manifest.get("bits_per_expert_weight")
+        return float(value) if value is not None else None
+
+    def nbytes(self) -> int:
+        files = {self.trunk_path} | {rec["path"] for rec in self.records.values()}
+        return sum(f.stat().st_size for f in files)
+
+    def close(self) -> None:
+        self._trunk = None
+
+
+def open_offload_checkpoint(path: str | Path, config: Any = None) -> OffloadCheckpoint:
+    """Open and validate an offload-format folder (eager checksums when `config.verify`)."""
+    return OffloadCheckpoint(path, verify=bool(getattr(config, "verify", False)))
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    tmp = path / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path / MANIFEST_NAME)

@@ -1,0 +1,102 @@
+"""Quantized attention projections: replace q/k/v/o of every attention block by `QuantizedLinear` modules.
+
+Routers, norms, embeddings and lm_head stay 16-bit. `attention_linears` finds the projections;
+`quantize_attention` quantizes them at load time (plain checkpoints) and `install_packed_attention` rebuilds them
+from packed bytes (offload-format checkpoints: no quantization work). This module knows nothing about experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..packing import PackedExpert
+from . import QuantSpec
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def attention_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
+    """(qualified name, parent attention module, attribute, module) for every attention projection."""
+    for name, module in model.named_modules():
+        if not name.endswith("self_attn"):
+            continue
+        for attr in PROJECTIONS:
+            child = getattr(module, attr, None)
+            if child is not None:
+                yield f"{name}.{attr}", module, attr, child
+
+
+def module_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (the resident trunk once experts are offloaded)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_meta or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _quantizer() -> Any:
+    from .hqq import HqqQuantizer
+
+    return HqqQuantizer()
+
+
+def quantize_attention(model: nn.Module, config: Any, dtype: torch.dtype, device: torch.device) -> int:
+    """Quantize every attention projection to `config.attn_bits` (group `config.attn_group_size`); returns trunk bytes.
+
+    Projections that are already quantized (an offload-format checkpoint) are left as they are.
+    """
+    from .hqq import QuantizedLinear
+
+    if config.attn_bits < 16:
+        quantizer = _quantizer()
+        spec = QuantSpec(config.attn_bits, config.attn_group_size, dtype, False)
+        for name, parent, attr, linear in list(attention_linears(model)):
+            if isinstance(linear, QuantizedLinear):
+                continue
+            if not isinstance(linear, nn.Linear):
+                msg = f"{name} is a {type(linear).__name__}, not an nn.Linear; it cannot be quantized"
+                raise TypeError(msg)
+            try:
+                setattr(parent, attr, quantizer.quantize_linear(linear, spec, device))
+            except ValueError as exc:
+                msg = f"cannot quantize {name}: {exc} (attn_group_size={config.attn_group_size})"
+                from ..errors import ConfigError
+
+                raise ConfigError(msg) from None
+    return module_bytes(model)
+
+
+def packed_attention(model: nn.Module) -> dict[str, PackedExpert]:
+    """{qualified name: packed bytes and layout} of every quantized projection (what the offload format saves)."""
+    from .hqq import QuantizedLinear
+
+    return {name: PackedExpert(m.layout, m.packed.cpu()) for name, _, _, m in attention_linears(model)
+            if isinstance(m, QuantizedLinear)}
+
+
+def install_packed_attention(model: nn.Module, packed: dict[str, PackedExpert], dtype: torch.dtype,
+                             device: torch.device) -> int:
+    """Replace the projections named in `packed` by `QuantizedLinear`s built from those bytes; returns their bytes."""
+    quantizer = _quantizer()
+    total, found = 0, set()
+    for name, parent, attr, _ in list(attention_linears(model)):
+        if name in packed:
+            module = quantizer.linear_from_packed(packed[name], None, device, dtype)
+            setattr(parent, attr, module)
+            total += module.nbytes()
+            found.add(name)
+    missing = sorted(set(packed) - found)
+    if missing:
+        from ..errors import CheckpointError
+
+        msg = (f"quantized attention tensors for {missing[:3]} match no module of the model; "
+               "config.json and weights differ")
+        raise CheckpointError(msg)
+    return total

@@ -1,0 +1,184 @@
+"""`HqqQuantizer`: HQQ-quantized experts and attention projections, packed for the kernel of the target device.
+
+Quantization itself is HQQ's optimizer (`hqq.core.quantize.Quantizer.quantize`, axis=1); the 8-bit quantization of
+scales and zeros (hqq 0.2.8 ignores its own flag) and all packing are ours (`kernels.py`). On CPU, 4-bit matrices whose
+shape and group size the int4 kernel accepts are stored directly in its layout, so a cache load is one copy and the
+kernel reads the slot. 2/3-bit matrices are stored bit-packed (what makes them cheap to store and move) and expanded
+once per slot load into a workspace right after the packed bytes (see `plan_matrix`). This module knows nothing about
+stores, caches or files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..packing import ALIGN, ExpertLayout, PackedExpert, align_up, dtype_from_name, dtype_name, pack, unpack_views
+from . import QuantSpec
+from .kernels import dequantize, hqq_quantize, int4_ok, plan_matrix, store_matrix
+
+BITS = (2, 3, 4, 8)
+MATRICES = ("gate_up", "down")
+
+
+def _check_spec(spec: QuantSpec, shapes: dict[str, tuple[int, int]]) -> None:
+    if spec.bits not in BITS:
+        msg = f"HQQ supports {BITS} bits, got {spec.bits}; use 16 for unquantized"
+        raise ValueError(msg)
+    for name, (n, k) in shapes.items():
+        if k % spec.group_size or (n * k) % 8:
+            msg = (f"{name} [{n}x{k}] cannot be quantized with group size {spec.group_size}: its input size {k} must "
+                   "be a multiple of the group size; choose a smaller power of two (e.g. 16, 32, 64)")
+            raise ValueError(msg)
+
+
+def choose_form(shape: tuple[int, int], spec: QuantSpec, device: torch.device) -> str:
+    """"int4pack" for CPU 4-bit matrices the int4 kernel accepts, else "bitpack"."""
+    return "int4pack" if spec.bits == 4 and device.type == "cpu" and int4_ok(shape, spec.group_size) else "bitpack"
+
+
+def quantize_matrices(weights: dict[str, torch.Tensor], spec: QuantSpec,
+                      device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Quantize named [N, K] matrices -> (tensors to pack, layout meta)."""
+    shapes = {m: (int(w.shape[0]), int(w.shape[1])) for m, w in weights.items()}
+    _check_spec(spec, shapes)
+    tensors: dict[str, torch.Tensor] = {}
+    forms = {}
+    for m, w in weights.items():
+        q, s, z = hqq_quantize(w, spec.bits, spec.group_size)
+        forms[m] = choose_form(shapes[m], spec, device)
+        tensors.update(store_matrix(m, q, s, z, spec.bits, spec.group_size, forms[m], spec.dtype, spec.quant_scales))
+    n_weights = sum(n * k for n, k in shapes.values())
+    stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    meta = {"bits": spec.bits, "group_size": spec.group_size, "quant_scales": bool(spec.quant_scales),
+            "dtype": dtype_name(spec.dtype),
+            "forms": forms, "shapes": {m: list(s) for m, s in shapes.items()},
+            "bits_per_weight": round(stored * 8 / n_weights, 4)}
+    return tensors, meta
+
+
+def _shape(layout: ExpertLayout, m: str) -> tuple[int, int]:
+    n, k = layout.meta["shapes"][m]
+    return int(n), int(k)
+
+
+def dequantize_layout(layout: ExpertLayout, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The exact float32 matrices a packed HQQ buffer stands for (the reference every kernel reproduces)."""
+    bits, gs = int(layout.meta["bits"]), int(layout.meta["group_size"])
+    return {m: dequantize(views, m, _shape(layout, m), bits, gs) for m in layout.meta["shapes"]}
+
+
+def dequantize_expert(packed: PackedExpert) -> dict[str, torch.Tensor]:
+    return dequantize_layout(packed.layout, unpack_views(packed.data, packed.layout))
+
+
+def _plans(layout: ExpertLayout, device: torch.device, dtype: torch.dtype | None) -> dict[str, Any]:
+    bits, gs = int(layout.meta["bits"]), int(layout.meta["group_size"])
+    dtypes = {r.name: r.dtype for r in layout.tensors}
+    out = {}
+    for m, form in layout.meta["forms"].items():
+        sz = dtypes.get(f"{m}.sz")
+        sz_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(sz) if sz else None
+        compute = dtype or dtype_from_name(str(layout.meta.get("dtype", "bfloat16")))
+        out[m] = plan_matrix(m, form, _shape(layout, m), bits, gs, compute, device, sz_dtype)
+    return out
+
+
+class HqqExpertKernel:
+    """gate/up projection, activation, down projection from an HQQ-packed slot (one `MatrixPlan` per matrix)."""
+
+    def __init__(self, layout: ExpertLayout, device: torch.device, dtype: torch.dtype | None = None) -> None:
+        self.layout = layout
+        self.plans = _plans(layout, device, dtype)
+        self.offsets, total = {}, 0
+        for m, plan in self.plans.items():
+            self.offsets[m] = total
+            total += align_up(plan.workspace_nbytes, ALIGN)
+        self.workspace_nbytes = total  # bytes the slot needs after the packed expert
+        self.kinds = {m: p.kind for m, p in self.plans.items()}
+
+    def prepare(self, views: dict[str, torch.Tensor]) -> dict[str, Any]:
+        ws = views.get("workspace")
+        if self.workspace_nbytes and (ws is None or ws.numel() < self.workspace_nbytes):
+            msg = "this HQQ kernel needs a slot workspace; the loader did not provide one"
+            raise RuntimeError(msg)
+        return {m: p.prepare(views, ws[self.offsets[m]:self.offsets[m] + p.workspace_nbytes] if ws is not None
+                             else None) for m, p in self.plans.items()}
+
+    def __call__(self, state: dict[str, Any], x: torch.Tensor,
+                 act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        gate, up = state["gate_up"](x).chunk(2, dim=-1)  # [n, I] each
+        return state["down"](act_fn(gate) * up)  # [n, H]
+
+
+class QuantizedLinear(nn.Module):
+    """An `nn.Linear` replaced by an HQQ-quantized matrix (packed buffer + layout), computed like an expert matrix.
+
+    The packed bytes are a non-persistent buffer `packed` (the offload format saves it in its trunk file under
+    `<module>.packed`); the workspace (if the device's kernel wants one) is a second buffer filled at construction.
+    """
+
+    def __init__(self, layout: ExpertLayout, data: torch.Tensor, bias: torch.Tensor | None,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.layout = layout
+        n, k = _shape(layout, "w")
+        self.in_features, self.out_features = k, n
+        self.register_buffer("packed", data.to(device), persistent=False)  # saved by the offload format itself
+        self.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False) if bias is not None else None
+        self.plan = _plans(layout, device, dtype)["w"]
+        self.register_buffer("workspace", torch.empty(self.plan.workspace_nbytes, dtype=torch.uint8, device=device),
+                             persistent=False)
+        self._fn = self.plan.prepare(unpack_views(self.packed, layout), self.workspace)
+
+    def extra_repr(self) -> str:
+        m = self.layout.meta
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={m['bits']}, "
+                f"group_size={m['group_size']}, kernel={self.plan.kind}")
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_layout(self.layout, unpack_views(self.packed, self.layout))["w"]
+
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.workspace.numel() + (self.bias.numel() * self.bias.element_size()
+                                                               if self.bias is not None else 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._fn(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+class HqqQuantizer:
+    """HQQ experts and attention (2, 3, 4, 8 bits; optional 8-bit scales and zeros)."""
+
+    name = "hqq"
+
+    def pack_expert(self, weights: dict[str, torch.Tensor], spec: QuantSpec, device: torch.device) -> PackedExpert:
+        tensors, meta = quantize_matrices({m: weights[m] for m in MATRICES}, spec, device)
+        return pack("hqq", tensors, meta)
+
+    def expert_kernel(self, layout: ExpertLayout, device: torch.device) -> HqqExpertKernel:
+        if layout.format != "hqq":
+            msg = f"the 'hqq' quantizer cannot run experts packed as {layout.format!r}"
+            raise ValueError(msg)
+        return HqqExpertKernel(layout, device)
+
+    def slot_nbytes(self, layout: ExpertLayout, device: torch.device) -> int:
+        """Bytes one cache slot needs for this layout: the packed bytes plus the kernel's workspace."""
+        return layout.nbytes + HqqExpertKernel(layout, device).workspace_nbytes
+
+    def pack_linear(self, linear: nn.Linear, spec: QuantSpec, device: torch.device) -> PackedExpert:
+        tensors, meta = quantize_matrices({"w": linear.weight.detach()}, spec, device)
+        return pack("hqq", tensors, meta)
+
+    def linear_from_packed(self, packed: PackedExpert, bias: torch.Tensor | None, device: torch.device,
+                           dtype: torch.dtype) -> QuantizedLinear:
+        return QuantizedLinear(packed.layout, packed.data, bias, device, dtype)
+
+    def quantize_linear(self, linear: nn.Linear, spec: QuantSpec, device: torch.device) -> nn.Module:
+        packed = self.pack_linear(linear, spec, device)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return self.linear_from_packed(packed, bias, device, spec.dtype)

@@ -1,0 +1,305 @@
+"""Quantized weight matrices: their byte forms, exact dequantization, and the kernels that multiply by them.
+
+A quantized matrix W [N, K] is HQQ's affine group quantization along K (axis=1): `W = (q - z) * s`, one (s, z) per
+`group_size` consecutive weights of a row. It is stored under a name prefix `m` in one of two forms:
+
+- "int4pack": torch's CPU int4 weight-only layout, ready for `aten._weight_int4pack_mm_for_cpu`:
+  `m.q` uint8 [N, K/2] and `m.sz` [K/g, N, 2] (scale, zero_t = (8 - z) * s) in the kernel's activation dtype.
+  A cache load is one copy; the kernel reads the slot directly.
+- "bitpack": the q values bit-packed (8 bits: raw; 4: two per byte; 3: eight per three bytes; 2: four per byte) in
+  `m.q`, with `m.scale`/`m.zero` [N, K/g] (16/32-bit) or, with 8-bit meta quantization, `m.scale_q`/`m.zero_q`
+  uint8 [N, K/g] plus `m.scale_mm`/`m.zero_mm` float32 [groups of 128, 2] (min, step).
+
+`dequantize` defines the exact math (float32) every kernel must reproduce; tests build their reference from it.
+Kernels (`plan_matrix`) are chosen per device and form; a kernel may ask for a per-slot workspace that `prepare`
+fills once per slot load (for example 2/3-bit weights unpacked into int4pack form). This module knows nothing about
+experts, caches or files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..packing import ALIGN, align_up
+
+INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4 kernel accepts
+META_GROUP = 128  # values per group when scales/zeros are quantized to 8 bits
+
+
+# -- bit packing ---------------------------------------------------------------------------------------------------
+def bitpack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 values < 2**bits (any shape) -> packed uint8 1-D."""
+    flat = q.reshape(-1).to(torch.uint8)
+    if bits == 8:
+        return flat.clone()
+    if bits == 4:
+        v = flat.view(-1, 2)
+        return v[:, 0] | (v[:, 1] << 4)
+    if bits == 2:
+        v = flat.view(-1, 4)
+        return v[:, 0] | (v[:, 1] << 2) | (v[:, 2] << 4) | (v[:, 3] << 6)
+    if bits == 3:
+        v = flat.view(-1, 8).to(torch.int32)
+        acc = sum(v[:, i] << (3 * i) for i in range(8))
+        return torch.stack([acc & 255, (acc >> 8) & 255, (acc >> 16) & 255], dim=1).to(torch.uint8).reshape(-1)
+    msg = f"cannot bit-pack {bits}-bit values (supported: 2, 3, 4, 8)"
+    raise ValueError(msg)
+
+
+def packed_numel(numel: int, bits: int) -> int:
+    return numel * 3 // 8 if bits == 3 else numel * bits // 8
+
+
+def bitunpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of `bitpack`: uint8 1-D of `numel` values."""
+    if bits == 8:
+        return packed[:numel]
+    if bits in (2, 4):
+        mask = (1 << bits) - 1
+        parts = [(packed >> s) & mask for s in range(0, 8, bits)]
+        return torch.stack(parts, dim=1).reshape(-1)[:numel]
+    if bits == 3:
+        b = packed.view(-1, 3).to(torch.int32)
+        acc = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        return torch.stack([(acc >> (3 * i)) & 7 for i in range(8)], dim=1).to(torch.uint8).reshape(-1)[:numel]
+    msg = f"cannot unpack {bits}-bit values (supported: 2, 3, 4, 8)"
+    raise ValueError(msg)
+
+
+def quantize_meta(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit min/step quantization of scales or zeros: -> (uint8 same shape, float32 [groups, 2])."""
+    flat = v.float().reshape(-1)
+    g = META_GROUP if flat.numel() % META_GROUP == 0 else flat.numel()
+    grp = flat.view(-1, g)
+    lo, hi = grp.min(dim=1).values, grp.max(dim=1).values
+    step = (hi - lo) / 255
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    q = ((grp - lo[:, None]) / step[:, None]).round_().clamp_(0, 255).to(torch.uint8)
+    return q.view(v.shape), torch.stack([lo, step], dim=1)
+
+
+def dequantize_meta(q: torch.Tensor, mm: torch.Tensor) -> torch.Tensor:
+    grp = q.reshape(mm.shape[0], -1).float()
+    return (grp * mm[:, 1:2] + mm[:, 0:1]).view(q.shape)
+
+
+# -- one matrix: quantize, store, dequantize ---------------------------------------------------------------------
+def hqq_quantize(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HQQ (optimized, axis=1) -> q uint8 [N, K], scale [N, K/g] float32, zero [N, K/g] float32."""
+    try:
+        from hqq.core.quantize import Quantizer as HQQ
+    except ImportError:
+        from ..errors import BackendUnavailableError
+
+        msg = "the hqq package is needed to quantize; pip install 'mixtral-offload-plugin[hqq]'"
+        raise BackendUnavailableError(msg) from None
+    n, k = w.shape
+    if k % group_size:
+        msg = f"a {n}x{k} matrix cannot use group size {group_size}: {k} is not a multiple of it"
+        raise ValueError(msg)
+    q, meta = HQQ.quantize(w.detach().float().cpu(), nbits=bits, group_size=group_size, axis=1, optimize=True,
+                           bitpack=False, compute_dtype=torch.float32, device="cpu")
+    g = k // group_size
+    return (q.reshape(n, k).to(torch.uint8), meta["scale"].float().reshape(n, g),
+            meta["zero"].float().reshape(n, g))
+
+
+def int4_ok(shape: tuple[int, int], group_size: int) -> bool:
+    """Whether torch's CPU int4 kernel can run this matrix exactly."""
+    n, k = shape
+    return group_size in INT4_GROUPS and n % 16 == 0 and k % group_size == 0 and k % 2 == 0
+
+
+def int4_scale_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
+    """HQQ (s, z) [N, G] -> int4 kernel's [G, N, 2] for values stored as q + offset: w = (q + offset - 8) s + zero_t.
+
+    zero_t = (8 - offset - z) s. Centring 2/3-bit values (offset 6 / 4) keeps zero_t small, so rounding it to bf16
+    costs less than with offset 0.
+    """
+    s, z = scale.float(), zero.float()
+    return torch.stack([s, (8 - offset - z) * s], dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+
+def store_matrix(prefix: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                 group_size: int, form: str, meta_dtype: torch.dtype, quant_scales: bool) -> dict[str, torch.Tensor]:
+    """The tensors of one matrix in `form` ("int4pack" or "bitpack"), names prefixed by `prefix.`."""
+    if quant_scales:  # both forms honour the 8-bit meta: it changes the values the kernel uses
+        sq, smm = quantize_meta(scale)
+        zq, zmm = quantize_meta(zero)
+        scale, zero = dequantize_meta(sq, smm), dequantize_meta(zq, zmm)
+    else:
+        scale, zero = scale.to(meta_dtype), zero.to(meta_dtype)
+    if form == "int4pack":
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
+        act = torch.float32 if meta_dtype == torch.float32 else torch.bfloat16
+        return {f"{prefix}.q": packed, f"{prefix}.sz": int4_scale_zeros(scale, zero, act)}
+    out = {f"{prefix}.q": bitpack(q, bits)}
+    if quant_scales:
+        out.update({f"{prefix}.scale_q": sq, f"{prefix}.scale_mm": smm,
+                    f"{prefix}.zero_q": zq, f"{prefix}.zero_mm": zmm})
+    else:
+        out.update({f"{prefix}.scale": scale, f"{prefix}.zero": zero})
+    return out
+
+
+def int4pack_values(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of torch's CPU int4 packing: uint8 [N, K/2] -> q uint8 [N, K].
+
+    Rows come in blocks of 64: byte [b, k, j] holds row b*64+j in its low nibble and row b*64+32+j in its high one;
+    the remaining r = N % 64 rows follow as bytes [k, j] holding rows 2j (low) and 2j+1 (high). Derived by probing
+    `_convert_weight_to_int4pack_for_cpu` and checked against it in the tests.
+    """
+    flat = packed.reshape(-1)
+    nb, r = n // 64, n % 64
+    parts = []
+    if nb:
+        blk = flat[: nb * 64 * k // 2].view(nb, k, 32)  # [B, K, 32]
+        lo, hi = (blk & 15).transpose(1, 2), (blk >> 4).transpose(1, 2)  # [B, 32, K]
+        parts.append(torch.cat([lo, hi], dim=1).reshape(nb * 64, k))
+    if r:
+        rest = flat[nb * 64 * k // 2:].view(k, r // 2)
+        parts.append(torch.stack([(rest & 15).t(), (rest >> 4).t()], dim=1).reshape(r, k))
+    return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+
+
+def matrix_meta(views: dict[str, torch.Tensor], prefix: str,
+                shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) float32 [N, G] of a stored matrix, whatever its form."""
+    if f"{prefix}.sz" in views:
+        sz = views[f"{prefix}.sz"].float()  # [G, N, 2]
+        s, zt = sz[..., 0].t(), sz[..., 1].t()
+        return s, 8 - zt / torch.where(s == 0, torch.ones_like(s), s)
+    if f"{prefix}.scale_q" in views:
+        return (dequantize_meta(views[f"{prefix}.scale_q"], views[f"{prefix}.scale_mm"]),
+                dequantize_meta(views[f"{prefix}.zero_q"], views[f"{prefix}.zero_mm"]))
+    return views[f"{prefix}.scale"].float(), views[f"{prefix}.zero"].float()
+
+
+def matrix_values(views: dict[str, torch.Tensor], prefix: str, shape: tuple[int, int], bits: int) -> torch.Tensor:
+    n, k = shape
+    if f"{prefix}.sz" in views:
+        return int4pack_values(views[f"{prefix}.q"], n, k)
+    return bitunpack(views[f"{prefix}.q"], bits, n * k).view(n, k)
+
+
+def dequantize(views: dict[str, torch.Tensor], prefix: str, shape: tuple[int, int], bits: int,
+               group_size: int) -> torch.Tensor:
+    """The exact float32 matrix [N, K] a stored matrix stands for (int4pack: `(q - 8) * s + zero_t`)."""
+    n, k = shape
+    q = matrix_values(views, prefix, shape, bits).float().view(n, k // group_size, group_size)
+    if f"{prefix}.sz" in views:
+        sz = views[f"{prefix}.sz"].float()
+        s, zt = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]
+        return ((q - 8) * s + zt).view(n, k)
+    s, z = matrix_meta(views, prefix, shape)
+    return ((q - z[..., None]) * s[..., None]).view(n, k)
+
+
+# -- kernels ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Int4Matmul:
+    """y = x @ W.T through `aten._weight_int4pack_mm_for_cpu` (activations cast to the kernel's dtype and back)."""
+
+    packed: torch.Tensor
+    sz: torch.Tensor
+    group_size: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        act = self.sz.dtype
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(act).contiguous(), self.packed, self.group_size, self.sz)
+        return y.to(x.dtype)
+
+
+@dataclass
+class DenseMatmul:
+    weight: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+
+
+@dataclass
+class DequantMatmul:
+    """Dequantize on every call, then matmul (CUDA: cheap there, keeps slots small)."""
+
+    views: dict[str, torch.Tensor]
+    prefix: str
+    shape: tuple[int, int]
+    bits: int
+    group_size: int
+    dtype: torch.dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w = dequantize(self.views, self.prefix, self.shape, self.bits, self.group_size).to(self.dtype)
+        return F.linear(x.to(self.dtype), w).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class MatrixPlan:
+    """How one stored matrix is computed on one device.
+
+    kind: "int4" (CPU int4 kernel reads the stored int4pack form), "int4-unpack" (CPU: 2/3-bit values unpacked into
+    int4pack form in the workspace at slot load), "dense" (dequantized into the workspace at slot load in `dtype`),
+    "dequant" (dequantized on every call; CUDA).
+    """
+
+    prefix: str
+    kind: str
+    shape: tuple[int, int]
+    bits: int
+    group_size: int
+    dtype: torch.dtype  # dense workspace dtype / int4 activation dtype
+
+    @property
+    def workspace_nbytes(self) -> int:
+        n, k = self.shape
+        el = torch.empty((), dtype=self.dtype).element_size()
+        if self.kind == "int4-unpack":
+            return align_up(n * k // 2, ALIGN) + align_up(k // self.group_size * n * 2 * el, ALIGN)
+        if self.kind == "dense":
+            return align_up(n * k * el, ALIGN)
+        return 0
+
+    def prepare(self, views: dict[str, torch.Tensor], workspace: torch.Tensor | None) -> Any:
+        n, k = self.shape
+        if self.kind == "int4":
+            return Int4Matmul(views[f"{self.prefix}.q"], views[f"{self.prefix}.sz"], self.group_size)
+        if self.kind == "dequant":
+            return DequantMatmul(views, self.prefix, self.shape, self.bits, self.group_size, self.dtype)
+        assert workspace is not None and workspace.numel() >= self.workspace_nbytes, "slot lacks its workspace"
+        if self.kind == "dense":
+            w = workspace[: n * k * torch.empty((), dtype=self.dtype).element_size()].view(self.dtype).view(n, k)
+            w.copy_(dequantize(views, self.prefix, self.shape, self.bits, self.group_size))
+            return DenseMatmul(w)
+        offset = 8 - (1 << (self.bits - 1))  # centre 2/3-bit values in 0..15
+        q = matrix_values(views, self.prefix, self.shape, self.bits).to(torch.int32) + offset
+        wq = workspace[: n * k // 2].view(n, k // 2)
+        wq.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+        off = align_up(n * k // 2, ALIGN)
+        el = torch.empty((), dtype=self.dtype).element_size()
+        sz = workspace[off:off + k // self.group_size * n * 2 * el].view(self.dtype).view(k // self.group_size, n, 2)
+        s, z = matrix_meta(views, self.prefix, self.shape)
+        sz.copy_(int4_scale_zeros(s, z, self.dtype, offset))
+        return Int4Matmul(wq, sz, self.group_size)
+
+
+def plan_matrix(prefix: str, form: str, shape: tuple[int, int], bits: int, group_size: int,
+                dtype: torch.dtype, device: torch.device, sz_dtype: torch.dtype | None = None) -> MatrixPlan:
+    """Pick the fastest exact way to compute a stored matrix on `device` (see `MatrixPlan.kind`).
+
+    CPU: int4pack form -> the int4 kernel in place; 2/3-bit with an int4-compatible group size -> unpacked into
+    int4pack form at slot load (exact: values 0..7 are valid int4 values, zero_t = (8 - z) s); anything else
+    (2/3-bit group 16, 8-bit) -> dequantized once per slot load into a dense workspace, then `F.linear`.
+    """
+    act = torch.float32 if dtype == torch.float32 else torch.bfloat16
+    if device.type != "cpu":
+        return MatrixPlan(prefix, "dequant", shape, bits, group_size, dtype)
+    if form == "int4pack":
+        return MatrixPlan(prefix, "int4", shape, bits, group_size, sz_dtype or act)
+    if bits in (2, 3) and int4_ok(shape, group_size):
+        return MatrixPlan(prefix, "int4-unpack", shape, bits, group_size, act)
+    return MatrixPlan(prefix, "dense", shape, bits, group_size, dtype)
