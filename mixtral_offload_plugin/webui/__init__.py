@@ -1,0 +1,46 @@
+"""text-generation-webui ("TextGen") integration: the "MixtralOffload" model loader.
+
+`integration.register()` adds the loader to a running TextGen process (TextGen has no loader registry, see
+integration.py); `build_ui()` (ui.py) draws the settings tab; `install` links the extension folder into a TextGen
+checkout. The extension's `script.py` is a thin shim over `setup()` and `build_ui()` below. Neither TextGen's
+`modules` nor gradio is imported here, so `python -m mixtral_offload_plugin.webui install` runs anywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+LOADER = "MixtralOffload"
+EXTENSION_NAME = "mixtral_offload"
+MARKER = "mixtral_offload.json"  # the offload-format manifest (loading.MANIFEST_NAME); folders holding it pick us
+ENV_AUTOLOAD = "MIXTRAL_OFFLOAD_MODEL"
+
+DEFAULT_PARAMS: dict[str, Any] = {
+    "display_name": "Mixtral Offload",
+    "is_tab": True,
+    "experts_per_layer": 0,  # 0 = automatic: every expert cached when it fits, else the largest cache that fits
+    "expert_bits": 4,
+    "prefetch": True,
+    "policy": "lru",
+    "autoload_model": "",
+}
+
+
+def setup(params: dict[str, Any]) -> None:
+    """Register the loader (idempotent) and autoload a model if asked; called by the extension's `setup()`."""
+    from .integration import setup as _setup
+
+    _setup(params)
+
+
+def build_ui(params: dict[str, Any]) -> None:
+    """Build the settings widgets inside the current gradio block; called by the extension's `ui()`.
+
+    (Not named `ui`: that is the submodule, which would replace a function of the same name once imported.)
+    """
+    from .ui import build
+
+    build(params)
+
+
+__all__ = ["DEFAULT_PARAMS", "ENV_AUTOLOAD", "EXTENSION_NAME", "LOADER", "MARKER", "build_ui", "setup"]

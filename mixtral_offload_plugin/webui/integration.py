@@ -1,0 +1,259 @@
+"""Registering the "MixtralOffload" loader inside a running TextGen (text-generation-webui) process.
+
+Owns: the loader and sampler table entries, the wrap of TextGen's `models.load_model`/`models.unload_model` and
+`models_settings.infer_loader`, the translation of the extension's settings into an `OffloadConfig`, and the optional
+autoload at start-up. It does not know how a model is built (that is the `load_offloaded_model` plugin hook) nor how
+TextGen generates text: the loaded model is a transformers causal LM, so TextGen's own HF generation path drives it.
+TextGen's `modules` package is imported lazily, so this module imports outside TextGen (tests use a stand-in).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from . import DEFAULT_PARAMS, ENV_AUTOLOAD, LOADER, MARKER
+
+log = logging.getLogger(__name__)
+
+SENTINEL = "_mixtral_offload_originals"  # set on TextGen's `modules.models` once patched
+# Model-tab widgets shown for our loader. Only names TextGen already has a component for: an unknown name breaks
+# the wiring of `gradio(loaders.get_all_params())`.
+ELEMENTS = ["ctx_size", "cpu_memory", "cpu", "bf16", "no_use_fast"]
+DEFAULT_CONTEXT = 8192  # what TextGen uses for non-llama.cpp loaders when ctx_size is 0
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+# The extension's params dict; `register()` keeps the latest one (script.py is re-executed on a UI restart).
+_params: dict[str, Any] = dict(DEFAULT_PARAMS)
+
+
+def _textgen() -> SimpleNamespace:
+    try:
+        from modules import loaders, models, models_settings, shared, utils
+        from modules.logging_colors import logger
+    except ImportError as exc:
+        msg = (f"the MixtralOffload loader runs inside text-generation-webui (TextGen): its `modules` package is "
+               f"not importable here ({exc}). Install the extension with "
+               "`python -m mixtral_offload_plugin.webui install --tgw-dir DIR` and start TextGen with "
+               "`--extensions mixtral_offload`")
+        raise RuntimeError(msg) from None
+    return SimpleNamespace(loaders=loaders, models=models, models_settings=models_settings, shared=shared,
+                           utils=utils, logger=logger)
+
+
+def register(params: dict[str, Any] | None = None) -> None:
+    """Add the "MixtralOffload" loader to TextGen. Idempotent: a second call only refreshes `params` and rebinds."""
+    global _params
+    if params is not None:
+        _params = params
+    tg = _textgen()
+    tg.loaders.loaders_and_params.setdefault(LOADER, list(ELEMENTS))
+    tg.loaders.loaders_samplers.setdefault(LOADER, set(tg.loaders.transformers_samplers()))
+    for name in ("get_all_params", "list_all_samplers"):
+        cached = getattr(tg.loaders, name, None)
+        if hasattr(cached, "cache_clear"):
+            cached.cache_clear()
+    _patch_textgen(tg)
+
+
+def _patch_textgen(tg: SimpleNamespace) -> None:
+    """Wrap `load_model`, `unload_model` and `infer_loader`; the only monkeypatch of TextGen in this project.
+
+    Why: TextGen has no loader registry. `models.load_model` builds its loader-name -> function dict locally on every
+    call, so no third party can add an entry; `unload_model` only frees models of a few hard-coded class names, so our
+    runtime's loader thread and cache would outlive an unload; `infer_loader` knows only the built-in formats. The
+    wraps delegate to the originals for every other loader, and are installed once (a sentinel on `modules.models`).
+    Modules that did `from modules.models import load_model` before we ran (server.py, ui_model_menu, the API)
+    hold the original by name, so they are rebound too.
+    """
+    models, models_settings = tg.models, tg.models_settings
+    originals = getattr(models, SENTINEL, None)
+    if originals is None:
+        orig_load, orig_unload, orig_infer = models.load_model, models.unload_model, models_settings.infer_loader
+
+        @functools.wraps(orig_load)
+        def load_model(model_name: str, loader: str | None = None) -> Any:
+            if _effective_loader(tg, model_name, loader) != LOADER:
+                return orig_load(model_name, loader)
+            return _load_ours(tg, model_name)
+
+        @functools.wraps(orig_unload)
+        def unload_model(*args: Any, **kwargs: Any) -> Any:
+            release(tg.shared.model, tg.logger)
+            return orig_unload(*args, **kwargs)
+
+        @functools.wraps(orig_infer)
+        def infer_loader(model_name: str, *args: Any, **kwargs: Any) -> Any:
+            path = Path(tg.utils.resolve_model_path(model_name))
+            if path.is_dir() and (path / MARKER).is_file():
+                return LOADER
+            return orig_infer(model_name, *args, **kwargs)
+
+        originals = {"load_model": (orig_load, load_model), "unload_model": (orig_unload, unload_model),
+                     "infer_loader": (orig_infer, infer_loader)}
+        models.load_model, models.unload_model = load_model, unload_model
+        models_settings.infer_loader = infer_loader
+        setattr(models, SENTINEL, originals)
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name in ("__main__", "modules") or name.startswith("modules.")):
+            continue
+        for attr, (orig, wrapped) in originals.items():
+            if getattr(module, attr, None) is orig:
+                setattr(module, attr, wrapped)
+
+
+def _effective_loader(tg: SimpleNamespace, model_name: str, loader: str | None) -> str | None:
+    """TextGen's order: the explicit argument, then `--loader`/the Model tab, then the folder's metadata."""
+    if loader is not None:
+        return loader
+    if getattr(tg.shared.args, "loader", None) is not None:
+        return tg.shared.args.loader
+    return tg.models_settings.get_model_metadata(model_name).get("loader")
+
+
+def _load_ours(tg: SimpleNamespace, model_name: str) -> tuple[Any, Any]:
+    """`load_model` for our loader: the same side effects TextGen's own `load_model` has for an HF loader."""
+    shared = tg.shared
+    tg.logger.info(f'Loading "{model_name}"')
+    start = time.perf_counter()
+    shared.is_seq2seq = False
+    shared.model_name = model_name
+    metadata = tg.models_settings.get_model_metadata(model_name)
+    from modules import sampler_hijack  # TextGen's samplers (min_p, dry, xtc, ...) patch transformers' generate
+
+    sampler_hijack.hijack_samplers()
+    shared.args.loader = LOADER
+    if not shared.args.ctx_size:
+        shared.args.ctx_size = DEFAULT_CONTEXT
+
+    model, tokenizer = load_offload_model(model_name)
+
+    shared.settings.update({k: v for k, v in metadata.items() if k in shared.settings})
+    limit = getattr(model.config, "max_position_embeddings", None)
+    shared.settings["truncation_length"] = min(shared.args.ctx_size, limit) if limit else shared.args.ctx_size
+    shared.is_multimodal = False
+    tg.logger.info(f'Loaded "{model_name}" in {time.perf_counter() - start:.2f} seconds.')
+    tg.logger.info(f'LOADER: "{LOADER}"')
+    tg.logger.info(f"CONTEXT LENGTH: {shared.settings['truncation_length']}")
+    return model, tokenizer
+
+
+def load_offload_model(model_name: str) -> tuple[Any, Any]:
+    """(model, tokenizer) for a folder under TextGen's model dir (or a path), built through the plugin hook."""
+    from .. import plugins
+    from ..errors import CheckpointError, PluginError
+
+    tg = _textgen()
+    path = Path(tg.utils.resolve_model_path(model_name))
+    if not path.is_dir():
+        msg = (f"model folder {path} does not exist: put the checkpoint folder under the model dir "
+               f"({getattr(tg.shared.args, 'model_dir', 'user_data/models')}) or give its full path")
+        raise CheckpointError(msg)
+    config = offload_config(_params, tg.shared.args)
+    plugins.load_plugins()
+    model = plugins.pm.hook.load_offloaded_model(path=str(path), config=config)
+    if model is None:
+        msg = "no plugin implementing load_offloaded_model returned a model (see `mixtral-offload plugins`)"
+        raise PluginError(msg)
+    try:
+        tokenizer = load_tokenizer(path, use_fast=not getattr(tg.shared.args, "no_use_fast", False))
+    except BaseException:
+        model.unload()
+        raise
+    # TextGen calls shared.model.generate(**kw); label those calls for on_generation_finished observers.
+    model.generate = functools.partial(model.generate, offload_source="webui")
+    return model, tokenizer
+
+
+def load_tokenizer(path: Path, use_fast: bool = True) -> Any:
+    from transformers import AutoTokenizer
+
+    from ..errors import CheckpointError
+
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        msg = (f"{path} has no tokenizer ({' / '.join(TOKENIZER_FILES)}): copy the tokenizer files of the original "
+               "model into this folder")
+        raise CheckpointError(msg)
+    return AutoTokenizer.from_pretrained(str(path), use_fast=use_fast, trust_remote_code=False)
+
+
+def offload_config(params: dict[str, Any], args: Any) -> Any:
+    """The `OffloadConfig` for the extension's params and TextGen's Model-tab values (ctx_size, cpu, cpu_memory, bf16).
+
+    cpu_memory (GiB) bounds the memory plan only when the model runs on the CPU; on a GPU the plan uses the free
+    device memory. Bad values raise ConfigError naming the setting.
+    """
+    import torch
+
+    from ..config import OffloadConfig
+    from ..errors import ConfigError
+
+    def integer(key: str) -> int:
+        value = params.get(key, DEFAULT_PARAMS[key])
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            msg = (f"mixtral_offload-{key}={value!r} is not an integer: fix it in the Mixtral Offload tab or in "
+                   "settings.yaml")
+            raise ConfigError(msg) from None
+
+    prefetch = params.get("prefetch", DEFAULT_PARAMS["prefetch"])
+    if isinstance(prefetch, str):
+        prefetch = prefetch.strip().lower() not in ("", "0", "false", "no", "off", "none")
+    device = "cpu" if getattr(args, "cpu", False) else "auto"
+    on_cpu = device == "cpu" or not torch.cuda.is_available()
+    cpu_memory = float(getattr(args, "cpu_memory", 0) or 0)
+    return OffloadConfig(
+        device=device,
+        experts_per_layer=integer("experts_per_layer") or None,
+        expert_bits=integer("expert_bits"),
+        prefetch="gate" if prefetch else "none",
+        policy=str(params.get("policy") or DEFAULT_PARAMS["policy"]),
+        dtype="bfloat16" if getattr(args, "bf16", False) else "auto",
+        context_length=int(getattr(args, "ctx_size", 0) or DEFAULT_CONTEXT),
+        max_memory_bytes=int(cpu_memory * (1 << 30)) if on_cpu and cpu_memory > 0 else None,
+    )
+
+
+def release(model: Any, logger: Any = log) -> None:
+    """Free an offloaded model for real: close its runtime (stops the loader thread, frees cache and store)."""
+    if model is None:
+        return
+    from ..runtime import OffloadedModelMixin
+
+    if not isinstance(model, OffloadedModelMixin):
+        return
+    runtime = model.__dict__.get("_offload_runtime")
+    model.unload()
+    thread = getattr(getattr(getattr(runtime, "cache", None), "loader", None), "_thread", None)
+    alive = thread is not None and thread.is_alive()
+    logger.info(f"{LOADER}: model released (runtime closed={getattr(runtime, 'closed', True)}, "
+                f"loader thread alive={alive})")
+
+
+def setup(params: dict[str, Any]) -> None:
+    """The extension's `setup()`: register, then autoload if `MIXTRAL_OFFLOAD_MODEL` or `autoload_model` is set.
+
+    TextGen loads `--model` before extensions, when our loader does not exist yet, so autoload is how to start
+    with an offloaded model in place. The environment variable wins over the setting. Nothing is loaded when a
+    model is already loaded (a UI restart re-runs setup()).
+    """
+    register(params)
+    name = (os.environ.get(ENV_AUTOLOAD) or str(params.get("autoload_model") or "")).strip()
+    if not name:
+        return
+    tg = _textgen()
+    shared = tg.shared
+    if shared.model is not None:
+        tg.logger.info(f'{LOADER}: "{shared.model_name}" is already loaded; not autoloading "{name}"')
+        return
+    try:
+        shared.model, shared.tokenizer = tg.models.load_model(name, loader=LOADER)
+    except Exception:  # a failed autoload must not stop TextGen; the loader stays registered
+        tg.logger.exception(f'{LOADER}: could not autoload "{name}"')

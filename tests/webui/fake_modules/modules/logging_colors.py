@@ -1,0 +1,5 @@
+"""Stand-in for TextGen's logger."""
+
+import logging
+
+logger = logging.getLogger("textgen")

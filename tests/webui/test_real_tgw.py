@@ -1,0 +1,200 @@
+"""Opt-in: the MixtralOffload extension inside a real TextGen (text-generation-webui) checkout, driven by its API.
+
+Run with `TGW_DIR=/path/to/textgen pytest tests/webui/test_real_tgw.py` from a Python that has TextGen's headless
+requirements and this package installed (or point `TGW_PYTHON` at one). Skipped when TGW_DIR is unset. The server
+runs `server.py --nowebui --api` on a free loopback port with a temporary user-data folder: our extension installed
+by our installer, a tiny random Mixtral with a word-level tokenizer, autoload through MIXTRAL_OFFLOAD_MODEL.
+Nothing of TextGen is copied into this repository.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from mixtral_offload_plugin.webui import LOADER
+
+TGW_DIR = os.environ.get("TGW_DIR")
+pytestmark = pytest.mark.skipif(not TGW_DIR, reason="set TGW_DIR to a TextGen checkout to run against it")
+PROMPT = "w5 w9 w17"
+TOKENS = 10
+
+
+class Server:
+    def __init__(self, base: str, log: Path, proc: subprocess.Popen) -> None:
+        self.base, self.log, self.proc = base, log, proc
+
+    def text(self) -> str:
+        """The server's log with whitespace collapsed (TextGen's console logger wraps long lines)."""
+        return " ".join(self.log.read_text(errors="replace").split())
+
+    def call(self, path: str, body: dict | None = None, timeout: float = 120) -> dict | str:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+
+    def stream(self, path: str, body: dict, stop_after: int | None = None) -> list[dict]:
+        req = urllib.request.Request(self.base + path, data=json.dumps({**body, "stream": True}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        events = []
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            for raw in resp:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                events.append(json.loads(payload))
+                if stop_after is not None and len(events) >= stop_after:
+                    break  # leaving the with-block closes the connection: a client disconnect mid-stream
+        return events
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def completion(server: Server, **extra: object) -> str:
+    body = {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "ban_eos_token": True, **extra}
+    return server.call("/v1/completions", body)["choices"][0]["text"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_checkpoint import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-mixtral", seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path) -> str:
+    """Greedy continuation by transformers' own model, decoded as TextGen does (leading space of "▁" tokens)."""
+    import torch
+    from transformers import AutoTokenizer, MixtralForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    model = MixtralForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    ids = torch.tensor([[tok.bos_token_id, *tok.encode(PROMPT)]])
+    out = model.generate(ids, max_new_tokens=TOKENS, do_sample=False, suppress_tokens=[tok.eos_token_id])
+    return " " + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path):
+    from mixtral_offload_plugin.webui.install import install
+
+    tgw = Path(TGW_DIR).expanduser().resolve()
+    ud = tmp_path_factory.mktemp("user_data")
+    shutil.copytree(tgw / "user_data", ud, dirs_exist_ok=True)  # characters and templates are needed by chat
+    install(tgw, user_data_dir=ud)
+    models = ud / "models"
+    shutil.copytree(checkpoint, models / "tiny-mixtral")
+    (models / "config-user.yaml").write_text(f"tiny-mixtral$:\n  loader: {LOADER}\n")
+    (ud / "settings.yaml").write_text("mixtral_offload-expert_bits: 16\nmixtral_offload-experts_per_layer: 2\n"
+                                      "mixtral_offload-prefetch: true\n")
+    port = free_port()
+    log = ud / "server.log"
+    env = {**os.environ, "MIXTRAL_OFFLOAD_MODEL": "tiny-mixtral", "MIXTRAL_OFFLOAD_PLUGINS": "",
+           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "400"}
+    env.pop("OPENEDAI_PORT", None)
+    cmd = [os.environ.get("TGW_PYTHON", sys.executable), "server.py", "--user-data-dir", str(ud), "--model-dir",
+           str(models), "--nowebui", "--api", "--api-port", str(port), "--extensions", "mixtral_offload"]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=tgw, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    srv = Server(f"http://127.0.0.1:{port}", log, proc)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"TextGen exited with {proc.returncode}:\n{srv.text()[-4000:]}")
+            try:
+                if srv.call("/v1/internal/health", timeout=5).get("status") == "ok":
+                    break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"TextGen did not answer on port {port}:\n{srv.text()[-4000:]}")
+            time.sleep(1)
+        yield srv
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group, started above
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def test_extension_autoloads_with_our_loader(server: Server) -> None:
+    assert 'Loading the extension "mixtral_offload"' in server.text()
+    info = server.call("/v1/internal/model/info")
+    assert info["loader"] == LOADER and info["model_name"] == "tiny-mixtral"
+
+
+def test_completions_match_transformers_and_stream(server: Server, reference: str) -> None:
+    assert completion(server) == reference
+    events = server.stream("/v1/completions", {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0,
+                                               "ban_eos_token": True})
+    pieces = [e["choices"][0]["text"] for e in events if e["choices"][0].get("text")]
+    assert len(pieces) >= 2, events
+    assert "".join(pieces) == reference
+
+
+def test_logits_endpoint(server: Server, checkpoint: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, MixtralForCausalLM
+
+    top = server.call("/v1/internal/logits", {"prompt": PROMPT, "use_samplers": False, "top_logits": 3})
+    tok = AutoTokenizer.from_pretrained(checkpoint)  # the endpoint encodes without BOS and calls model(input_ids=)
+    model = MixtralForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=torch.tensor([tok.encode(PROMPT)])).logits[0, -1], -1)
+    values, ids = torch.topk(probs, 3)
+    expected = dict(zip(tok.convert_ids_to_tokens(ids.tolist()), values.tolist()))
+    assert list(top) == list(expected)
+    assert list(top.values()) == pytest.approx(list(expected.values()), abs=1e-5)
+
+
+def test_chat_completions(server: Server) -> None:
+    out = server.call("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 6,
+                                               "temperature": 0, "ban_eos_token": True, "mode": "instruct"})
+    assert out["choices"][0]["message"]["role"] == "assistant"
+    assert out["choices"][0]["message"]["content"].strip()
+
+
+def test_abandoned_stream_then_correct_generation(server: Server, reference: str) -> None:
+    events = server.stream("/v1/completions", {"prompt": PROMPT, "max_tokens": 200, "ban_eos_token": True,
+                                               "temperature": 0}, stop_after=3)
+    assert len(events) == 3
+    assert completion(server) == reference
+
+
+def test_unload_and_reload_through_the_api(server: Server, reference: str) -> None:
+    server.call("/v1/internal/model/unload", {})
+    assert server.call("/v1/internal/model/info")["model_name"] == "None"
+    assert f"{LOADER}: model released (runtime closed=True, loader thread alive=False)" in server.text()
+
+    server.call("/v1/internal/model/load", {"model_name": "tiny-mixtral", "args": {"loader": LOADER}})
+    assert server.call("/v1/internal/model/info")["loader"] == LOADER
+    assert completion(server) == reference
+
+    server.call("/v1/internal/model/unload", {})
+    server.call("/v1/internal/model/load", {"model_name": "tiny-mixtral"})  # config-user.yaml names our loader
+    assert server.call("/v1/internal/model/info")["loader"] == LOADER
+    assert completion(server) == reference
