@@ -53,7 +53,7 @@ def load_model_config(path: Path, config_dict: dict[str, Any]) -> Any:
     model_type = config_dict.get("model_type")
     try:
         return AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
-    except (ValueError, KeyError, OSError, TypeError) as exc:
+    except Exception as exc:  # transformers raises many types for bad configs (incl. strict dataclass errors)
         msg = (f"config.json in {path} (model_type={model_type!r}) is not a model transformers knows: {exc}. "
                f"Supported families: {sorted(plugins.registry('architecture'))}")
         raise UnsupportedModelError(msg) from None
@@ -84,13 +84,37 @@ def resolve_dtype(config: OffloadConfig, model_config: Any) -> torch.dtype:
     return _DTYPES.get(str(dt).removeprefix("torch."), torch.float32)
 
 
+def check_model_config(model_config: Any, arch: Architecture, path: Path) -> None:
+    """Refuse absurd or missing sizes in config.json before anything is built (hostile or damaged configs)."""
+    limits = {"hidden_size": 1 << 17, "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 12,
+              "vocab_size": 1 << 22, "intermediate_size": 1 << 20}
+    for name, limit in limits.items():
+        value = getattr(model_config, name, None)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+            msg = f"config.json in {path}: {name}={value!r} is invalid (expected an integer in 1..{limit})"
+            raise CheckpointError(msg)
+    try:
+        experts, top_k = arch.num_experts(model_config), arch.top_k(model_config)
+    except (TypeError, ValueError, AttributeError) as exc:
+        msg = f"config.json in {path}: the expert count or top-k is missing or invalid ({exc})"
+        raise CheckpointError(msg) from None
+    if not 1 <= experts <= 1 << 12 or not 1 <= top_k <= experts:
+        msg = (f"config.json in {path}: {experts} experts with top-k {top_k} is invalid "
+               "(need 1 <= top-k <= experts <= 4096)")
+        raise CheckpointError(msg)
+
+
 def build_skeleton(model_config: Any, arch: Architecture) -> tuple[nn.Module, dict[int, nn.Module]]:
     """The transformers model on the meta device, its experts modules replaced by `OffloadedExperts`."""
     from transformers import AutoModelForCausalLM
     from transformers.activations import ACT2FN
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config)
+    except Exception as exc:  # an inconsistent config.json (e.g. heads that do not divide the width)
+        msg = f"config.json describes a {arch.name} model transformers cannot build: {exc}; check its values"
+        raise CheckpointError(msg) from None
     blocks = arch.moe_blocks(model)
     if not blocks:
         msg = f"no MoE layers found in the {arch.name} model built from config.json"
@@ -141,10 +165,15 @@ def _rebuild_buffers(model: nn.Module, device: torch.device) -> None:
         if not any(b.is_meta for b in module.buffers(recurse=False)):
             continue
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        cfg = module.config if hasattr(module, "config") else model.config
         try:
-            fresh = type(module)(config=module.config if hasattr(module, "config") else model.config)
-        except TypeError:
-            fresh = type(module)(model.config)
+            try:
+                fresh = type(module)(config=cfg)
+            except TypeError:
+                fresh = type(module)(cfg)
+        except Exception as exc:  # e.g. a head size of 0 from a damaged config.json
+            msg = f"cannot build {type(module).__name__} from config.json: {exc}; check its sizes"
+            raise CheckpointError(msg) from None
         setattr(parent, name.rpartition(".")[2], fresh.to(device))
     leftover = [n for n, b in model.named_buffers() if b.is_meta]
     if leftover:
@@ -198,6 +227,7 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
         ckpt = HFCheckpoint(path)
     model_config = load_model_config(path, ckpt.config_dict)
     arch = find_architecture(model_config)
+    check_model_config(model_config, arch, path)
     dtype = resolve_dtype(config, model_config)
     model_config.dtype = dtype
     num_experts, top_k = arch.num_experts(model_config), arch.top_k(model_config)
