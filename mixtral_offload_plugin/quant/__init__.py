@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from ..errors import CheckpointError
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,8 +75,8 @@ class NoQuantizer:
 
     def expert_kernel(self, layout: ExpertLayout, device: torch.device) -> ExpertKernel:
         if layout.format != "dense":
-            msg = f"the 'none' quantizer cannot run experts packed as {layout.format!r}"
-            raise ValueError(msg)
+            msg = f"the 'none' quantizer cannot run experts packed as {layout.format!r}; the manifest is damaged"
+            raise CheckpointError(msg)
         return DenseKernel()
 
     def quantize_linear(self, linear: nn.Linear, spec: QuantSpec, device: torch.device) -> nn.Module:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import CheckpointError, ConfigError
 import torch
 from torch import nn
 
@@ -27,12 +28,12 @@ MATRICES = ("gate_up", "down")
 def _check_spec(spec: QuantSpec, shapes: dict[str, tuple[int, int]]) -> None:
     if spec.bits not in BITS:
         msg = f"HQQ supports {BITS} bits, got {spec.bits}; use 16 for unquantized"
-        raise ValueError(msg)
+        raise ConfigError(msg)
     for name, (n, k) in shapes.items():
         if k % spec.group_size or (n * k) % 8:
             msg = (f"{name} [{n}x{k}] cannot be quantized with group size {spec.group_size}: its input size {k} must "
                    "be a multiple of the group size; choose a smaller power of two (e.g. 16, 32, 64)")
-            raise ValueError(msg)
+            raise ConfigError(msg)
 
 
 def choose_form(shape: tuple[int, int], spec: QuantSpec, device: torch.device) -> str:
@@ -162,8 +163,8 @@ class HqqQuantizer:
 
     def expert_kernel(self, layout: ExpertLayout, device: torch.device) -> HqqExpertKernel:
         if layout.format != "hqq":
-            msg = f"the 'hqq' quantizer cannot run experts packed as {layout.format!r}"
-            raise ValueError(msg)
+            msg = f"the 'hqq' quantizer cannot run experts packed as {layout.format!r}; the manifest is damaged"
+            raise CheckpointError(msg)
         return HqqExpertKernel(layout, device)
 
     def slot_nbytes(self, layout: ExpertLayout, device: torch.device) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import ConfigError
 import torch
 import torch.nn.functional as F
 
@@ -47,7 +48,7 @@ def bitpack(q: torch.Tensor, bits: int) -> torch.Tensor:
         acc = sum(v[:, i] << (3 * i) for i in range(8))
         return torch.stack([acc & 255, (acc >> 8) & 255, (acc >> 16) & 255], dim=1).to(torch.uint8).reshape(-1)
     msg = f"cannot bit-pack {bits}-bit values (supported: 2, 3, 4, 8)"
-    raise ValueError(msg)
+    raise ConfigError(msg)
 
 
 def packed_numel(numel: int, bits: int) -> int:
@@ -67,7 +68,7 @@ def bitunpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         acc = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
         return torch.stack([(acc >> (3 * i)) & 7 for i in range(8)], dim=1).to(torch.uint8).reshape(-1)[:numel]
     msg = f"cannot unpack {bits}-bit values (supported: 2, 3, 4, 8)"
-    raise ValueError(msg)
+    raise ConfigError(msg)
 
 
 def quantize_meta(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +101,7 @@ def hqq_quantize(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Ten
     n, k = w.shape
     if k % group_size:
         msg = f"a {n}x{k} matrix cannot use group size {group_size}: {k} is not a multiple of it"
-        raise ValueError(msg)
+        raise ConfigError(msg)
     q, meta = HQQ.quantize(w.detach().float().cpu(), nbits=bits, group_size=group_size, axis=1, optimize=True,
                            bitpack=False, compute_dtype=torch.float32, device="cpu")
     g = k // group_size
