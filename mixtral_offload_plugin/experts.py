@@ -42,6 +42,7 @@ class OffloadedExperts(nn.Module):
         if rt.prefetcher is not None:
             rt.prefetcher.after_route(self.layer_idx, hidden_states, experts)
         outputs: list[torch.Tensor | None] = [None] * len(experts)
+        rows: list[torch.Tensor | None] = [None] * len(experts)
         per_token = top_k_index.t()  # [k, T]
         # compute what is resident first while misses load, then the rest as they arrive; experts that did not fit
         # (a cache smaller than this layer's routed set) are requested one by one at the end
@@ -52,8 +53,8 @@ class OffloadedExperts(nn.Module):
             pos, token_idx = torch.where(per_token == experts[i])
             y = rt.kernels[self.layer_idx, experts[i]](state, hidden_states[token_idx], self.act_fn)  # [n, H]
             outputs[i] = y * top_k_weights[token_idx, pos, None]
+            rows[i] = token_idx
         final = torch.zeros_like(hidden_states)
-        for i, e in enumerate(experts):
-            token_idx = torch.where(per_token == e)[1]
-            final.index_add_(0, token_idx, outputs[i].to(final.dtype))
+        for token_idx, out in zip(rows, outputs, strict=True):  # expert order: independent of cache state
+            final.index_add_(0, token_idx, out.to(final.dtype))
         return final

@@ -14,7 +14,7 @@ Corpus setup (Debian/Ubuntu, as root)::
 Example::
 
     python scripts/train_demo_model.py --out mixtral_offload_plugin/demo_model \
-        --seed 0 --steps 1400 --threads 1
+        --seed 0 --steps 360 --threads 1 --aux-coef 0.04
 
 ``--minutes`` may be given instead of ``--steps``: the script then times a few
 warm-up steps and fixes the total step count from that estimate (printed, so
@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -213,10 +214,16 @@ def evaluate(model, data: torch.Tensor, ctx: int, batch: int) -> float:
     return total / max(count, 1)
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
+def lr_at(step: int, total: int, warmup: int, peak: float, floor: float, decay_frac: float) -> float:
+    """Warmup-stable-decay: linear warmup, constant peak, cosine decay over the last
+    ``decay_frac`` of the steps.  Before the decay starts the schedule does not
+    depend on ``total``, so a run can be given its final length late (see --ckpt)."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay_start = int(total * (1.0 - decay_frac))
+    if step < decay_start:
+        return peak
+    p = min(1.0, (step - decay_start) / max(1, total - decay_start))
     return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * p))
 
 
@@ -233,6 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--min-lr", type=float, default=1e-4)
     ap.add_argument("--warmup", type=int, default=60)
+    ap.add_argument("--decay-frac", type=float, default=0.25,
+                    help="fraction of the steps spent in the final cosine decay")
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--aux-coef", type=float, default=0.04, help="per-layer router load-balancing loss coefficient")
     ap.add_argument("--vocab", type=int, default=4096)
@@ -245,6 +254,12 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--log-json", default=None, help="optional path for a JSON training summary")
+    ap.add_argument("--ckpt", default=None,
+                    help="resumable training checkpoint, written every --ckpt-every steps and "
+                         "resumed from if it exists (--steps then overrides the stored total, "
+                         "which gives the same run as that --steps from scratch as long as the "
+                         "decay phase had not started). SIGUSR1 writes it and exits.")
+    ap.add_argument("--ckpt-every", type=int, default=50)
     args = ap.parse_args(argv)
     if args.steps is None and args.minutes is None:
         ap.error("give --steps or --minutes")
@@ -299,7 +314,38 @@ def main(argv=None) -> int:
     t_train = time.time()
     step = 0
     ema = None
+    ckpt = Path(args.ckpt) if args.ckpt else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        step, ema, history, total_steps = state["step"], state["ema"], state["history"], state["total_steps"]
+        t_train -= state["train_seconds"]
+        if args.steps is not None and args.steps != total_steps:
+            if step >= int(total_steps * (1.0 - args.decay_frac)):
+                print("warning: changing the length after the decay phase started", flush=True)
+            total_steps = args.steps
+        print(f"resumed from {ckpt} at step {step} of {total_steps}", flush=True)
+
+    stop = {"flag": False}
+
+    def request_stop(signum, frame):  # SIGUSR1: finish the current step, checkpoint, exit
+        stop["flag"] = True
+        print("stop requested: checkpointing after this step", flush=True)
+
+    def save_ckpt():
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                    "step": step, "ema": ema, "history": history, "total_steps": total_steps,
+                    "train_seconds": time.time() - t_train}, ckpt)
+
+    signal.signal(signal.SIGUSR1, request_stop)
+
     while True:
+        if stop["flag"] and ckpt is not None and total_steps is not None:
+            save_ckpt()
+            print(f"paused at step {step}; checkpoint {ckpt}", flush=True)
+            return 0
         if total_steps is None and step == calib_steps + 3:
             per_step = (time.time() - t_calib) / calib_steps
             remaining = args.minutes * 60 - (time.time() - t_start) - 60  # reserve for eval/save
@@ -310,7 +356,7 @@ def main(argv=None) -> int:
             break
         if step == 3:
             t_calib = time.time()
-        lr = lr_at(step, total_steps or 10**9, args.warmup, args.lr, args.min_lr)
+        lr = lr_at(step, total_steps or 10**9, args.warmup, args.lr, args.min_lr, args.decay_frac)
         for g in opt.param_groups:
             g["lr"] = lr
         x = get_batch()
@@ -346,6 +392,8 @@ def main(argv=None) -> int:
             vl = evaluate(model, val_ids, args.ctx, 8)
             print(f"step {step:5d} val loss {vl:.4f} ppl {math.exp(vl):.2f}", flush=True)
         step += 1
+        if ckpt is not None and total_steps is not None and step % args.ckpt_every == 0:
+            save_ckpt()
 
     train_minutes = (time.time() - t_train) / 60
     val_loss = evaluate(model, val_ids, args.ctx, 8)
