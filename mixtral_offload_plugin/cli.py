@@ -98,7 +98,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         streamer = None
     else:
         ids = tok(a.prompt, return_tensors="pt").input_ids
-        streamer = TextStreamer(tok, skip_prompt=True)
+        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         sys.stdout.write(a.prompt)
         sys.stdout.flush()
     model.reset_offload_stats()

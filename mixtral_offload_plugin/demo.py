@@ -189,6 +189,7 @@ class DemoEngine:
         max_new_tokens: int = 64,
         seed: int | None = 0,
         stop: threading.Event | None = None,
+        stop_at_eos: bool = True,
     ) -> Iterator[str]:
         """Generate a reply to `messages` and yield the reply text so far after each token."""
         import torch
@@ -229,6 +230,8 @@ class DemoEngine:
                         stopping_criteria=StoppingCriteriaList([_Stop()]),
                         pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id or 0,
                         offload_source="demo",
+                        **({} if stop_at_eos or self.tok.eos_token_id is None
+                           else {"suppress_tokens": [self.tok.eos_token_id]}),
                         **sampling,
                     )
             except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
@@ -447,6 +450,7 @@ def build_app(
         top_p: float,
         max_new: float,
         seed: float | None,
+        stop_at_eos: bool,
         request: gr.Request,
     ) -> Iterator[tuple[str, list[dict[str, str]], str, str]]:
         history = [
@@ -472,6 +476,7 @@ def build_app(
                 max_new_tokens=int(max_new),
                 seed=None if seed is None else int(seed),
                 stop=stop,
+                stop_at_eos=bool(stop_at_eos),
             ):
                 reply["content"] = text
                 now = time.perf_counter()
@@ -546,6 +551,7 @@ def build_app(
                         elem_id="max-new-tokens",
                     )
                     seed = gr.Number(value=0, precision=0, label="seed (-1 = random)", elem_id="seed")
+                    stop_at_eos = gr.Checkbox(value=True, label="stop at end of text", elem_id="stop-at-eos")
             with gr.Column(scale=2):
                 stats = gr.HTML(elem_id="stats")
                 heatmap = gr.HTML(elem_id="heatmap")
@@ -573,7 +579,7 @@ def build_app(
                     apply_btn = gr.Button("Apply (reloads the model)", elem_id="apply")
                     status = gr.Markdown(elem_id="config-status")
         chat_io = {
-            "inputs": [msg, chatbot, temperature, top_p, max_new, seed],
+            "inputs": [msg, chatbot, temperature, top_p, max_new, seed, stop_at_eos],
             "outputs": [msg, chatbot, stats, heatmap],
             "concurrency_limit": 1,
             "concurrency_id": "model",
