@@ -87,6 +87,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     if a.seed is not None:
         torch.manual_seed(a.seed)
+    # arguments that are not valid UTF-8 arrive as lone surrogates: replace them rather than fail in the tokenizer
+    a.prompt = a.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     model, tok = _load(a)
     recorder = None
     if a.record_routing:
