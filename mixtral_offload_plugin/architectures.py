@@ -96,8 +96,8 @@ def read_expert(ckpt: Any, layer: int, expert: int, per_expert: dict[tuple[int, 
         if missing:
             msg = f"layer {layer} expert {expert} lacks its {missing} weights; the checkpoint is incomplete"
             raise CheckpointError(msg)
-        return {"gate_up": torch.cat([ckpt.get(roles["gate"]), ckpt.get(roles["up"])], dim=0),
-                "down": ckpt.get(roles["down"])}
+        read = getattr(ckpt, "read", ckpt.get)  # owned memory, not a view of the file's mapping
+        return {"gate_up": torch.cat([read(roles["gate"]), read(roles["up"])], dim=0), "down": read(roles["down"])}
     kinds = fused.get(layer, {})
     if "gate_up_proj" in kinds and "down_proj" in kinds:
         return {"gate_up": ckpt.get_rows(kinds["gate_up_proj"], expert), "down": ckpt.get_rows(kinds["down_proj"], expert)}

@@ -8,6 +8,8 @@ Only JSON and safetensors are ever read: no pickle, no code from the checkpoint.
 from __future__ import annotations
 
 import json
+import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from safetensors import safe_open
 from .errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 MAX_JSON_BYTES = 64 << 20
 
 
@@ -51,6 +54,7 @@ class HFCheckpoint:
             raise CheckpointError(msg)
         self.config_dict = read_json(self.path / "config.json", "config.json")
         self._handles: dict[Path, Any] = {}
+        self._headers: dict[Path, tuple[dict[str, Any], int]] = {}
         self.key_file = self._find_files()
         for file in sorted(set(self.key_file.values())):
             self._open(file)
@@ -111,13 +115,55 @@ class HFCheckpoint:
             msg = f"cannot read tensor {key} from {self.key_file[key].name}: {exc}; the file is corrupt"
             raise CheckpointError(msg) from None
 
+    def _entry(self, key: str) -> tuple[Path, torch.dtype, tuple[int, ...], int, int]:
+        """(file, dtype, shape, first byte, end byte) of a tensor, from the safetensors header."""
+        file = self.key_file[key]
+        header = self._headers.get(file)
+        if header is None:
+            with open(file, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = (json.loads(f.read(n)), 8 + n)  # sizes already validated by safe_open
+            self._headers[file] = header
+        meta, start = header
+        entry = meta[key]
+        dtype = _ST_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            msg = f"tensor {key} in {file.name} has dtype {entry['dtype']}; only float32/bfloat16/float16 are read"
+            raise CheckpointError(msg)
+        begin, end = entry["data_offsets"]
+        return file, dtype, tuple(entry["shape"]), start + begin, start + end
+
+    def read(self, key: str, index: int | None = None) -> torch.Tensor:
+        """A tensor (or `tensor[index]` of a stacked one) read with `pread` into memory it owns.
+
+        Expert weights are read this way, not through the memory map: pages of a mapping stay counted in the
+        process's RSS while the mapping lives, so mapping every expert would make a streaming load look (and, under
+        a memory limit, behave) like loading the whole checkpoint.
+        """
+        file, dtype, shape, begin, end = self._entry(key)
+        if index is not None:
+            if not 0 <= index < shape[0]:
+                msg = f"{key} has {shape[0]} rows; row {index} does not exist (config and weights differ)"
+                raise CheckpointError(msg)
+            row = (end - begin) // shape[0]
+            begin, end, shape = begin + index * row, begin + (index + 1) * row, shape[1:]
+        out = bytearray(end - begin)
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            view, done = memoryview(out), 0
+            while done < len(out):
+                got = os.preadv(fd, [view[done:]], begin + done)
+                if got == 0:
+                    msg = f"{file.name} ends before the bytes of {key}; the file is truncated"
+                    raise CheckpointError(msg)
+                done += got
+        finally:
+            os.close(fd)
+        return torch.frombuffer(out, dtype=dtype).reshape(shape) if out else torch.empty(shape, dtype=dtype)
+
     def get_rows(self, key: str, index: int) -> torch.Tensor:
         """`tensor[index]` of a stacked (fused) tensor without reading the others."""
-        try:
-            return self._open(self.key_file[key]).get_slice(key)[index]
-        except Exception as exc:
-            msg = f"cannot read {key}[{index}] from {self.key_file[key].name}: {exc}; the file is corrupt"
-            raise CheckpointError(msg) from None
+        return self.read(key, index)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._open(self.key_file[key]).get_slice(key).get_shape())
@@ -127,3 +173,4 @@ class HFCheckpoint:
 
     def close(self) -> None:
         self._handles.clear()
+        self._headers.clear()

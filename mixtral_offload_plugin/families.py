@@ -53,66 +53,29 @@ def _deepseek_moe_layers(c: Any) -> list[int]:
     return list(range(c.first_k_dense_replace, c.num_hidden_layers))
 
 
-QWEN2_MOE = Architecture(
-    name="qwen2_moe",
-    model_types=("qwen2_moe",),
-    expert_key=_PER_EXPERT,
-    proj_roles=_SWIGLU_NAMES,
-    fused_key=_FUSED,
-    num_experts=lambda c: int(c.num_experts),
-    moe_layers=_qwen_sparse_layers,
-    offloaded=("routed experts (gate/up/down_proj) of every sparse layer; the shared expert and its sigmoid gate, "
-               "dense MLP layers, attention, router, norms, embeddings stay resident"),
-)
+def _swiglu_family(name: str, experts_attr: str, offloaded: str, **kw: Any) -> Architecture:
+    """A family whose experts are saved as `mlp.experts.E.gate_proj/up_proj/down_proj` (or fused)."""
+    return Architecture(name=name, model_types=(name,), expert_key=_PER_EXPERT, proj_roles=_SWIGLU_NAMES,
+                        fused_key=_FUSED, num_experts=lambda c: int(getattr(c, experts_attr)), offloaded=offloaded,
+                        **kw)
 
-QWEN3_MOE = Architecture(
-    name="qwen3_moe",
-    model_types=("qwen3_moe",),
-    expert_key=_PER_EXPERT,
-    proj_roles=_SWIGLU_NAMES,
-    fused_key=_FUSED,
-    num_experts=lambda c: int(c.num_experts),
-    moe_layers=_qwen_sparse_layers,
-    offloaded=("routed experts (gate/up/down_proj) of every sparse layer; dense MLP layers (mlp_only_layers), "
-               "attention, router, norms, embeddings stay resident"),
-)
 
-OLMOE = Architecture(
-    name="olmoe",
-    model_types=("olmoe",),
-    expert_key=_PER_EXPERT,
-    proj_roles=_SWIGLU_NAMES,
-    fused_key=_FUSED,
-    num_experts=lambda c: int(c.num_experts),
-    offloaded="routed experts (gate/up/down_proj) of every layer; attention, router, norms, embeddings stay resident",
-)
-
-DEEPSEEK_V2 = Architecture(
-    name="deepseek_v2",
-    model_types=("deepseek_v2",),
-    expert_key=_PER_EXPERT,
-    proj_roles=_SWIGLU_NAMES,
-    fused_key=_FUSED,
-    num_experts=lambda c: int(c.n_routed_experts),
-    router_scores=routed_votes("gate"),
-    moe_layers=_deepseek_moe_layers,
-    offloaded=("routed experts (gate/up/down_proj) of every MoE layer; shared experts, the first_k_dense_replace "
-               "dense layers, MLA attention, router, norms, embeddings stay resident"),
-)
-
-DEEPSEEK_V3 = Architecture(
-    name="deepseek_v3",
-    model_types=("deepseek_v3",),
-    expert_key=_PER_EXPERT,
-    proj_roles=_SWIGLU_NAMES,
-    fused_key=_FUSED,
-    num_experts=lambda c: int(c.n_routed_experts),
-    router_scores=routed_votes("gate"),
-    moe_layers=_deepseek_moe_layers,
-    offloaded=("routed experts (gate/up/down_proj) of every MoE layer; shared experts, the first_k_dense_replace "
-               "dense layers, MLA attention, router (with its score-correction bias), norms, embeddings stay "
-               "resident"),
-)
+_ROUTED = "routed experts (gate/up/down_proj) of every "
+QWEN2_MOE = _swiglu_family(
+    "qwen2_moe", "num_experts", _ROUTED + "sparse layer; the shared expert and its sigmoid gate, dense MLP layers, "
+    "attention, router, norms, embeddings stay resident", moe_layers=_qwen_sparse_layers)
+QWEN3_MOE = _swiglu_family(
+    "qwen3_moe", "num_experts", _ROUTED + "sparse layer; dense MLP layers (mlp_only_layers), attention, router, "
+    "norms, embeddings stay resident", moe_layers=_qwen_sparse_layers)
+OLMOE = _swiglu_family("olmoe", "num_experts", _ROUTED + "layer; attention, router, norms, embeddings stay resident")
+DEEPSEEK_V2 = _swiglu_family(
+    "deepseek_v2", "n_routed_experts", _ROUTED + "MoE layer; shared experts, the first_k_dense_replace dense layers, "
+    "MLA attention, router, norms, embeddings stay resident",
+    router_scores=routed_votes("gate"), moe_layers=_deepseek_moe_layers)
+DEEPSEEK_V3 = _swiglu_family(
+    "deepseek_v3", "n_routed_experts", _ROUTED + "MoE layer; shared experts, the first_k_dense_replace dense layers, "
+    "MLA attention, router (with its score-correction bias), norms, embeddings stay resident",
+    router_scores=routed_votes("gate"), moe_layers=_deepseek_moe_layers)
 
 PHIMOE = Architecture(
     name="phimoe",

@@ -142,8 +142,7 @@ def materialise_trunk(model: nn.Module, ckpt: Any, arch: Architecture, trunk_key
         if tuple(t.shape) != want:
             msg = f"tensor {key} has shape {tuple(t.shape)} but config.json implies {want}; config and weights differ"
             raise CheckpointError(msg)
-        # copy: never keep a view of the memory-mapped file (it would pin every page read from it in RSS)
-        state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
+        state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         total += state[name].numel() * state[name].element_size()
     tied = getattr(model.config, "tie_word_embeddings", False) or getattr(
         model.config.get_text_config(), "tie_word_embeddings", False)

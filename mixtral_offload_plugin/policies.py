@@ -7,6 +7,7 @@ Keys are opaque hashables (the cache uses `(layer, expert)`).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from typing import Protocol
@@ -52,29 +53,6 @@ class LRUPolicy:
         return next(iter(allowed))
 
 
-class LFUPolicy:
-    """Least frequently used; counts survive eviction (history), ties broken by recency."""
-
-    def __init__(self) -> None:
-        self._count: dict[Hashable, int] = {}
-        self._last: dict[Hashable, int] = {}
-        self._clock = 0
-
-    def _touch(self, key: Hashable) -> None:
-        self._clock += 1
-        self._count[key] = self._count.get(key, 0) + 1
-        self._last[key] = self._clock
-
-    on_insert = _touch
-    on_access = _touch
-
-    def on_remove(self, key: Hashable) -> None:
-        pass
-
-    def victim(self, candidates: Iterable[Hashable]) -> Hashable:
-        return min(candidates, key=lambda k: (self._count.get(k, 0), self._last.get(k, 0)))
-
-
 class LFRUPolicy:
     """Recency-weighted frequency: each use adds 1 to a score that halves every `half_life` accesses.
 
@@ -103,3 +81,10 @@ class LFRUPolicy:
 
     def victim(self, candidates: Iterable[Hashable]) -> Hashable:
         return min(candidates, key=lambda k: (self._value(k), self._last.get(k, 0)))
+
+
+class LFUPolicy(LFRUPolicy):
+    """Least frequently used: counts never decay and survive eviction (history); ties broken by recency."""
+
+    def __init__(self) -> None:
+        super().__init__(half_life=math.inf)

@@ -10,22 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass
-class LayerCounters:
-    """Live, mutable counters of one MoE layer (updated on the compute thread only)."""
-
-    hits: int = 0
-    misses: int = 0
-    prefetch_issued: int = 0
-    prefetch_hits: int = 0
-    prefetch_wasted: int = 0
-    loads: int = 0
-    bytes_loaded: int = 0
-
-    def freeze(self) -> LayerStats:
-        return LayerStats(**dataclasses.asdict(self))
-
-
 @dataclass(frozen=True)
 class LayerStats:
     """Counters of one MoE layer. `hits + misses` = experts routed (one per distinct expert per layer call)."""
@@ -45,6 +29,19 @@ class LayerStats:
     @property
     def hit_rate(self) -> float:
         return self.hits / self.requests if self.requests else 0.0
+
+
+class LayerCounters:
+    """Live, mutable counters of one MoE layer (updated on the compute thread only); fields as `LayerStats`."""
+
+    __slots__ = ("hits", "misses", "prefetch_issued", "prefetch_hits", "prefetch_wasted", "loads", "bytes_loaded")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def freeze(self) -> LayerStats:
+        return LayerStats(*(getattr(self, name) for name in self.__slots__))
 
 
 @dataclass(frozen=True)
