@@ -64,15 +64,13 @@ class MixtralOffloadLLM(OffloadParams, LLM):
             if run_manager:
                 run_manager.on_llm_new_token(piece.text, chunk=chunk)
             yield chunk
-        yield GenerationChunk(
-            text="",
-            generation_info={
-                "finish_reason": gen.finish_reason,
-                "model_name": self.model_name,
-                "input_tokens": gen.prompt_tokens,
-                "output_tokens": gen.output_tokens,
-            },
-        )
+        yield self._final_chunk(gen)
+
+    def _final_chunk(self, gen: Any) -> GenerationChunk:
+        """The empty last chunk carrying the finish reason and token counts."""
+        return GenerationChunk(text="", generation_info={
+            "finish_reason": gen.finish_reason, "model_name": self.model_name,
+            "input_tokens": gen.prompt_tokens, "output_tokens": gen.output_tokens})
 
     def _call(
         self,
@@ -101,15 +99,7 @@ class MixtralOffloadLLM(OffloadParams, LLM):
                 yield chunk
         finally:
             gen.cancel()  # a cancelled task or an abandoned stream halts the model at its next token
-        yield GenerationChunk(
-            text="",
-            generation_info={
-                "finish_reason": gen.finish_reason,
-                "model_name": self.model_name,
-                "input_tokens": gen.prompt_tokens,
-                "output_tokens": gen.output_tokens,
-            },
-        )
+        yield self._final_chunk(gen)
 
     async def _acall(
         self,
