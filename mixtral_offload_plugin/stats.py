@@ -10,8 +10,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+class _Rates:
+    """`requests` and `hit_rate` from `hits` and `misses`."""
+
+    hits: int
+    misses: int
+
+    @property
+    def requests(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+
+def _summed(name: str) -> property:
+    return property(lambda self: sum(getattr(s, name) for s in self.layers.values()), doc=f"{name}, all layers")
+
+
 @dataclass(frozen=True)
-class LayerStats:
+class LayerStats(_Rates):
     """Counters of one MoE layer. `hits + misses` = experts routed (one per distinct expert per layer call)."""
 
     hits: int = 0
@@ -21,14 +40,6 @@ class LayerStats:
     prefetch_wasted: int = 0
     loads: int = 0
     bytes_loaded: int = 0
-
-    @property
-    def requests(self) -> int:
-        return self.hits + self.misses
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.requests if self.requests else 0.0
 
 
 class LayerCounters:
@@ -45,45 +56,17 @@ class LayerCounters:
 
 
 @dataclass(frozen=True)
-class OffloadStats:
+class OffloadStats(_Rates):
     """Cache counters per MoE layer (keyed by layer index) plus totals; `to_dict()` for JSON."""
 
     layers: dict[int, LayerStats] = field(default_factory=dict)
 
-    def _sum(self, name: str) -> int:
-        return sum(getattr(s, name) for s in self.layers.values())
-
-    @property
-    def hits(self) -> int:
-        return self._sum("hits")
-
-    @property
-    def misses(self) -> int:
-        return self._sum("misses")
-
-    @property
-    def requests(self) -> int:
-        return self.hits + self.misses
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.requests if self.requests else 0.0
-
-    @property
-    def bytes_loaded(self) -> int:
-        return self._sum("bytes_loaded")
-
-    @property
-    def prefetch_issued(self) -> int:
-        return self._sum("prefetch_issued")
-
-    @property
-    def prefetch_hits(self) -> int:
-        return self._sum("prefetch_hits")
-
-    @property
-    def prefetch_wasted(self) -> int:
-        return self._sum("prefetch_wasted")
+    hits = _summed("hits")
+    misses = _summed("misses")
+    bytes_loaded = _summed("bytes_loaded")
+    prefetch_issued = _summed("prefetch_issued")
+    prefetch_hits = _summed("prefetch_hits")
+    prefetch_wasted = _summed("prefetch_wasted")
 
     @property
     def prefetch_precision(self) -> float:
