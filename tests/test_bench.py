@@ -1,0 +1,52 @@
+"""`mixtral-offload bench` smoke run on a tiny model: every configuration kind runs in its worker and reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mixtral_offload_plugin.bench import parse_config
+
+
+def test_parse_config_presets_and_overrides() -> None:
+    c = parse_config("disk-k4-cold-prefetch:prefetch_depth=2")
+    assert (c.engine, c.cold, c.limited) == ("ours", True, True)
+    assert c.offload == {"store": "disk", "experts_per_layer": 4, "prefetch": "gate", "prefetch_depth": 2}
+    assert parse_config("host-k2").offload == {"store": "host", "experts_per_layer": 2}
+    assert parse_config("transformers-fp32").dtype == "float32"
+    assert parse_config("accelerate-disk").limited
+    with pytest.raises(ValueError, match="unknown bench configuration 'fast'"):
+        parse_config("fast")
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_config("resident:oops")
+    with pytest.raises(ValueError, match="experts_per_layer"):
+        parse_config("host-k0")
+
+
+def test_bench_smoke(tmp_path, capsys) -> None:
+    from mixtral_offload_plugin.cli import main
+
+    out = tmp_path / "bench.json"
+    trace = tmp_path / "trace.jsonl"
+    rc = main(["bench", "--synthetic", "tiny", "--cache-dir", str(tmp_path), "--repeats", "1", "--new-tokens", "4",
+               "--prompt-tokens", "3", "--threads", "1", "--quiet", "--json", str(out), "--record-routing", str(trace),
+               "--configs", "resident,disk-k2-cold-prefetch,accelerate-disk"])
+    assert rc == 0, capsys.readouterr()
+    data = json.loads(out.read_text())
+    rows = {r["config"]: r for r in data["rows"]}
+    assert set(rows) == {"resident", "disk-k2-cold-prefetch", "accelerate-disk"}
+    for r in rows.values():
+        assert r["error"] is None
+        assert r["decode_tps"]["min"] > 0 and r["ttft_s"] > 0 and r["peak_rss_bytes"] > 0
+        assert r["new_tokens"] == 4 and len(r["repeats"]) == 1
+    # greedy decoding of one checkpoint: every engine produces the same tokens
+    assert len({tuple(r["tokens"]) for r in rows.values()}) == 1
+    ours = rows["disk-k2-cold-prefetch"]
+    assert 0 <= ours["hit_rate"] <= 1 and ours["loaded_bytes_per_token"] > 0
+    assert ours["prefetch_precision"] is not None and ours["prefetch_recall"] is not None
+    assert rows["resident"]["hit_rate"] == 1.0
+    # two of ours record: one trace per configuration, named after it
+    assert '"phase": "decode"' in (tmp_path / "trace.disk-k2-cold-prefetch.jsonl").read_text()
+    assert (tmp_path / "trace.resident.jsonl").exists()
+    assert "tok/s med" in capsys.readouterr().out
