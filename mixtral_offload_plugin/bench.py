@@ -160,7 +160,14 @@ def resolve_model(args: argparse.Namespace) -> Path:
 
 
 def checkpoint_bytes(path: Path) -> tuple[int, int, int]:
-    """(trunk bytes, expert bytes, number of experts) from the safetensors headers (no weight is read)."""
+    """(trunk bytes, expert bytes, number of experts) from the safetensors headers or, for an offload-format folder,
+    its manifest (no weight is read)."""
+    manifest = path / "mixtral_offload.json"
+    if manifest.exists():
+        entries = json.loads(manifest.read_text())["experts"]
+        trunk_file = path / "trunk.safetensors"
+        return (trunk_file.stat().st_size if trunk_file.exists() else 0,
+                sum(int(e["size"]) for e in entries), len(entries))
     trunk = experts = 0
     keys = set()
     pat = re.compile(r"layers\.(\d+)\..*experts\.(\d+)\.")

@@ -52,10 +52,12 @@ def test_meta_quantization_is_close() -> None:
     assert 0 < err <= (v.max() - v.min()).item() / 255
 
 
-@pytest.mark.parametrize(("bits", "group", "kind"), [(4, 64, "int4"), (3, 32, "int4-unpack"), (2, 32, "int4-unpack"),
+@pytest.mark.parametrize(("bits", "group", "kind"), [(4, 64, "int4"), (3, 32, "int4-lut"), (2, 32, "int4-lut"),
+                                                     (3, 32, "int4-unpack"), (2, 32, "int4-unpack"),
                                                      (2, 16, "dense"), (8, 64, "dense")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matrix_kernels_match_dequantized_weights(bits: int, group: int, kind: str, dtype: torch.dtype) -> None:
+    """Every CPU plan (int4-unpack: 2/3-bit stored bit-packed, as an older file may hold) equals the exact weights."""
     torch.manual_seed(0)
     w = torch.randn(96, 128) * 0.05
     from mixtral_offload_plugin.quant.hqq import choose_form
@@ -63,7 +65,7 @@ def test_matrix_kernels_match_dequantized_weights(bits: int, group: int, kind: s
 
     spec = QuantSpec(bits, group, dtype)
     q, s, z = hqq_quantize(w, bits, group)
-    form = choose_form((96, 128), spec, CPU)
+    form = "bitpack" if kind == "int4-unpack" else choose_form((96, 128), spec, CPU)
     views = store_matrix("m", q, s, z, bits, group, form, dtype, quant_scales=False)
     plan = plan_matrix("m", form, (96, 128), bits, group, dtype, CPU)
     assert plan.kind == kind
@@ -130,7 +132,7 @@ def _greedy(model: torch.nn.Module, steps: int = 32) -> tuple[torch.Tensor, torc
 
 
 @pytest.mark.parametrize(("expert_bits", "expert_group", "attn_bits", "kinds"), [
-    (2, 16, 4, {"dense"}), (3, 32, 4, {"int4-unpack"}), (4, 64, 4, {"int4"}), (4, 64, 16, {"int4"})])
+    (2, 16, 4, {"dense"}), (3, 32, 4, {"int4-lut"}), (4, 64, 4, {"int4"}), (4, 64, 16, {"int4"})])
 def test_quantized_generation_matches_dequantized_reference(quant_model: Path, expert_bits: int, expert_group: int,
                                                             attn_bits: int, kinds: set[str]) -> None:
     cfg = OffloadConfig(device="cpu", transfer="sync", expert_bits=expert_bits, expert_group_size=expert_group,
@@ -185,4 +187,7 @@ def test_packed_views_round_trip() -> None:
     packed = HqqQuantizer().pack_expert(weights, QuantSpec(3, 32, torch.float32), CPU)
     packed.layout.validate()
     views = unpack_views(packed.data, packed.layout)
-    assert views["gate_up.q"].numel() == 128 * 64 * 3 // 8
+    # 3-bit on CPU: a 2-bit plane and a 1-bit plane, in int4pack nibble order
+    assert views["gate_up.lo"].numel() == 128 * 64 * 2 // 8
+    assert views["gate_up.hi"].numel() == 128 * 64 // 8
+    assert packed.layout.meta["forms"]["gate_up"] == "int4lut"

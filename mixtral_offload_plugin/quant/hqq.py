@@ -37,8 +37,10 @@ def _check_spec(spec: QuantSpec, shapes: dict[str, tuple[int, int]]) -> None:
 
 
 def choose_form(shape: tuple[int, int], spec: QuantSpec, device: torch.device) -> str:
-    """"int4pack" for CPU 4-bit matrices the int4 kernel accepts, else "bitpack"."""
-    return "int4pack" if spec.bits == 4 and device.type == "cpu" and int4_ok(shape, spec.group_size) else "bitpack"
+    """CPU matrices the int4 kernel accepts: "int4pack" (4-bit) or "int4lut" (2/3-bit); anything else "bitpack"."""
+    if device.type == "cpu" and int4_ok(shape, spec.group_size) and spec.bits in (2, 3, 4):
+        return "int4pack" if spec.bits == 4 else "int4lut"
+    return "bitpack"
 
 
 def quantize_matrices(weights: dict[str, torch.Tensor], spec: QuantSpec,

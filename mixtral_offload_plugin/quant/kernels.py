@@ -18,6 +18,8 @@ experts, caches or files.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +71,47 @@ def bitunpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         return torch.stack([(acc >> (3 * i)) & 7 for i in range(8)], dim=1).to(torch.uint8).reshape(-1)[:numel]
     msg = f"cannot unpack {bits}-bit values (supported: 2, 3, 4, 8)"
     raise ConfigError(msg)
+
+
+def int4_offset(bits: int) -> int:
+    """2/3-bit values are stored in int4 nibbles as q + offset (centred in 0..15, see `int4_scale_zeros`)."""
+    return 8 - (1 << (bits - 1))
+
+
+@functools.cache
+def _lut(plane: str, bits: int) -> torch.Tensor:
+    """Tables turning one byte of a 2-bit plane (4 nibbles) or a 1-bit plane (8 nibbles) into int4pack bytes."""
+    b = torch.arange(256, dtype=torch.int64)
+    if plane == "lo":  # 4 values of 2 bits -> 2 bytes (int16): nibble t = ((b >> 2t) & 3) + offset
+        nib = [((b >> (2 * t)) & 3) + int4_offset(bits) for t in range(4)]
+        return (nib[0] | (nib[1] << 4) | (nib[2] << 8) | (nib[3] << 12)).to(torch.int16)
+    nib = [((b >> t) & 1) * 4 for t in range(8)]  # "hi": the third bit of 3-bit values, worth 4
+    out = torch.zeros(256, dtype=torch.int64)
+    for t in range(8):
+        out |= nib[t] << (4 * t)
+    return out.to(torch.int32)  # 8 nibbles of 0 or 4: at most 0x44444444, fits a signed int32
+
+
+def lut_pack(packed: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """int4pack bytes holding 2/3-bit values (+ offset) -> planes in the same nibble order: "lo" (2 bits each, 4 per
+    byte) and, for 3 bits, "hi" (1 bit each, 8 per byte). `lut_unpack` rebuilds the int4pack bytes with one table
+    lookup per plane byte, instead of re-running torch's packing at every cache load."""
+    flat = packed.reshape(-1)
+    v = (torch.stack([flat & 15, flat >> 4], dim=1).reshape(-1).to(torch.int16) - int4_offset(bits)).to(torch.uint8)
+    lo = (v & 3).view(-1, 4)
+    out = {"lo": (lo[:, 0] | (lo[:, 1] << 2) | (lo[:, 2] << 4) | (lo[:, 3] << 6)).contiguous()}
+    if bits == 3:
+        hi = (v >> 2).view(-1, 8)
+        out["hi"] = sum((hi[:, t] << t) for t in range(8)).to(torch.uint8).contiguous()
+    return out
+
+
+def lut_unpack(lo: torch.Tensor, hi: torch.Tensor | None, bits: int, out: torch.Tensor) -> torch.Tensor:
+    """Inverse of `lut_pack` into `out` (uint8, the int4pack bytes): one gather per plane, no repacking."""
+    torch.index_select(_lut("lo", bits), 0, lo.to(torch.int32), out=out.view(torch.int16))
+    if hi is not None:  # no carry: a nibble is at most 3 + offset 4, plus 4 = 11
+        out.view(torch.int32).add_(torch.index_select(_lut("hi", bits), 0, hi.to(torch.int32)))
+    return out
 
 
 def quantize_meta(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,10 +177,14 @@ def store_matrix(prefix: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.
         scale, zero = dequantize_meta(sq, smm), dequantize_meta(zq, zmm)
     else:
         scale, zero = scale.to(meta_dtype), zero.to(meta_dtype)
-    if form == "int4pack":
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
+    if form in ("int4pack", "int4lut"):
+        offset = 0 if form == "int4pack" else int4_offset(bits)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous() + offset, 2)
         act = torch.float32 if meta_dtype == torch.float32 else torch.bfloat16
-        return {f"{prefix}.q": packed, f"{prefix}.sz": int4_scale_zeros(scale, zero, act)}
+        sz = {f"{prefix}.sz": int4_scale_zeros(scale, zero, act, offset)}
+        if form == "int4pack":
+            return {f"{prefix}.q": packed, **sz}
+        return {f"{prefix}.{name}": t for name, t in lut_pack(packed, bits).items()} | sz
     out = {f"{prefix}.q": bitpack(q, bits)}
     if quant_scales:
         out.update({f"{prefix}.scale_q": sq, f"{prefix}.scale_mm": smm,
@@ -182,6 +229,9 @@ def matrix_meta(views: dict[str, torch.Tensor], prefix: str,
 
 def matrix_values(views: dict[str, torch.Tensor], prefix: str, shape: tuple[int, int], bits: int) -> torch.Tensor:
     n, k = shape
+    if f"{prefix}.lo" in views:  # int4lut: rebuild the int4pack bytes; values are q + offset, as `.sz` expects
+        packed = torch.empty(n * k // 2, dtype=torch.uint8)
+        return int4pack_values(lut_unpack(views[f"{prefix}.lo"].cpu(), views.get(f"{prefix}.hi"), bits, packed), n, k)
     if f"{prefix}.sz" in views:
         return int4pack_values(views[f"{prefix}.q"], n, k)
     return bitunpack(views[f"{prefix}.q"], bits, n * k).view(n, k)
@@ -243,7 +293,8 @@ class DequantMatmul:
 class MatrixPlan:
     """How one stored matrix is computed on one device.
 
-    kind: "int4" (CPU int4 kernel reads the stored int4pack form), "int4-unpack" (CPU: 2/3-bit values unpacked into
+    kind: "int4" (CPU int4 kernel reads the stored int4pack form), "int4-lut" (CPU: 2/3-bit planes stored in
+    int4pack nibble order, expanded into the workspace by a table lookup at slot load), "int4-unpack" (CPU: 2/3-bit values unpacked into
     int4pack form in the workspace at slot load), "dense" (dequantized into the workspace at slot load in `dtype`),
     "dequant" (dequantized on every call; CUDA).
     """
@@ -261,6 +312,8 @@ class MatrixPlan:
         el = torch.empty((), dtype=self.dtype).element_size()
         if self.kind == "int4-unpack":
             return align_up(n * k // 2, ALIGN) + align_up(k // self.group_size * n * 2 * el, ALIGN)
+        if self.kind == "int4-lut":
+            return align_up(n * k // 2, ALIGN)
         if self.kind == "dense":
             return align_up(n * k * el, ALIGN)
         return 0
@@ -272,6 +325,10 @@ class MatrixPlan:
         if self.kind == "dequant":
             return DequantMatmul(views, self.prefix, self.shape, self.bits, self.group_size, self.dtype)
         assert workspace is not None and workspace.numel() >= self.workspace_nbytes, "slot lacks its workspace"
+        if self.kind == "int4-lut":
+            wq = lut_unpack(views[f"{self.prefix}.lo"], views.get(f"{self.prefix}.hi"), self.bits,
+                            workspace[: n * k // 2])
+            return Int4Matmul(wq.view(n, k // 2), views[f"{self.prefix}.sz"], self.group_size)
         if self.kind == "dense":
             w = workspace[: n * k * torch.empty((), dtype=self.dtype).element_size()].view(self.dtype).view(n, k)
             w.copy_(dequantize(views, self.prefix, self.shape, self.bits, self.group_size))
@@ -301,6 +358,8 @@ def plan_matrix(prefix: str, form: str, shape: tuple[int, int], bits: int, group
         return MatrixPlan(prefix, "dequant", shape, bits, group_size, dtype)
     if form == "int4pack":
         return MatrixPlan(prefix, "int4", shape, bits, group_size, sz_dtype or act)
+    if form == "int4lut":
+        return MatrixPlan(prefix, "int4-lut", shape, bits, group_size, sz_dtype or act)
     if bits in (2, 3) and int4_ok(shape, group_size):
         return MatrixPlan(prefix, "int4-unpack", shape, bits, group_size, act)
     return MatrixPlan(prefix, "dense", shape, bits, group_size, dtype)
