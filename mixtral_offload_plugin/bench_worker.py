@@ -1,0 +1,257 @@
+"""One `mixtral-offload bench` configuration in its own process: the parent's handle and the measurement inside.
+
+`Worker` (parent side) starts `python -m mixtral_offload_plugin.bench_worker --worker SPEC`, optionally inside a
+`MemoryGroup`, and exchanges one JSON line per command over a pipe. `worker_main` (child side) loads the model with
+its engine (ours, transformers dense, or accelerate offloading), warms it up, and for each "run" decodes the prompt
+greedily and reports time to first token, decode tokens/s, peak RSS, disk reads and, for our engine, cache and
+prefetch counters. It knows nothing about the other configurations, the interleaving or the table (bench.py).
+Only the standard library is imported at top level; torch and transformers are imported in the child.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .bench import BenchConfig
+    from .cgroups import MemoryGroup
+
+PROMPT = ("The old lighthouse keeper climbed the stairs every evening to light the lamp, and the ships "
+          "that passed the rocky coast")
+
+
+# -- the parent's handle -----------------------------------------------------------------------------------------------
+class Worker:
+    """One configuration's process: started once, asked for one repeat at a time."""
+
+    def __init__(self, cfg: BenchConfig, spec: dict[str, Any], group: MemoryGroup | None, log_dir: Path) -> None:
+        self.cfg = cfg
+        self.group = group if group is not None and group.ok else None
+        rfd, wfd = os.pipe()
+        self.log_path = log_dir / f"{re.sub(r'[^A-Za-z0-9._-]', '_', cfg.label)}.log"
+        spec = dict(spec, result_fd=wfd)
+        env = dict(os.environ, MIXTRAL_OFFLOAD_QUIET="1", TRANSFORMERS_VERBOSITY="error",
+                   TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(  # noqa: S603 - our own module
+            [sys.executable, "-m", "mixtral_offload_plugin.bench_worker", "--worker", json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            pass_fds=(wfd,), env=env, text=True, preexec_fn=self.group.enter if self.group else None)
+        os.close(wfd)
+        self.results = os.fdopen(rfd, "r")
+        self.error: str | None = None
+
+    def receive(self) -> dict[str, Any] | None:
+        line = self.results.readline()
+        if not line:
+            self.proc.wait()
+            tail = self.log_path.read_text(errors="replace")[-1500:] if self.log_path.exists() else ""
+            killed = self.proc.returncode in (-9, 137)
+            self.error = ("killed (out of memory in its memory group?)" if killed else
+                          f"exited with status {self.proc.returncode}") + f"; log {self.log_path}:\n{tail}"
+            return None
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict[str, Any] | None:
+        if self.error is not None:
+            return None
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
+        return self.receive()
+
+    def close(self) -> dict[str, Any] | None:
+        final = self.ask("quit")
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        return final
+
+
+# -- the worker --------------------------------------------------------------------------------------------------------
+def _proc_read_bytes() -> int | None:
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _peak_rss() -> int:
+    """High-water RSS of this process image (VmHWM; ru_maxrss would include the parent's, inherited across exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _evict(paths: list[Path]) -> None:
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _prompt_ids(path: Path, n: int, vocab: int) -> list[int]:
+    if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(str(path))(PROMPT * 4).input_ids
+        if len(ids) >= n:
+            return ids[:n]
+    import random
+
+    rng = random.Random(0)
+    return [1] + [rng.randrange(3, vocab) for _ in range(n - 1)]
+
+
+class _Clock:
+    """A streamer that only timestamps: put() is called with the prompt, then once per new token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _load(spec: dict[str, Any], scratch: Path) -> tuple[Any, list[Path], dict[str, Any]]:
+    import torch
+
+    path = Path(spec["model"])
+    if spec["engine"] == "ours":
+        from .config import OffloadConfig
+        from .loading import load_model
+
+        model = load_model(path, OffloadConfig(device="cpu", **spec["offload"]))
+        rt = model._offload_runtime
+        files = [Path(p) for p in {r.path for r in rt.store._records.values()}] if hasattr(
+            rt.store, "_records") else []
+        resolved = {"store": "resident" if rt.resident else rt.config.store, "plan": rt.plan.describe()}
+        return model, files, resolved
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"auto": "auto", "bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[
+        spec["dtype"]]
+    if spec["engine"] == "transformers":
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+        return model, [], {}
+    offload_dir = scratch / "accelerate-offload"
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, device_map="auto", max_memory={"cpu": int(spec["weight_budget"])},
+        offload_folder=str(offload_dir)).eval()
+    device_map = getattr(model, "hf_device_map", {})
+    on_disk = sorted(k for k, v in device_map.items() if v == "disk")
+    files = list(offload_dir.rglob("*")) + list(path.glob("*.safetensors"))
+    return model, [f for f in files if f.is_file()], {"modules_on_disk": on_disk}
+
+
+def worker_main(spec: dict[str, Any]) -> int:
+    import torch
+
+    out = os.fdopen(spec["result_fd"], "w")
+
+    def send(obj: dict[str, Any]) -> None:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    scratch = Path(spec.get("scratch") or tempfile.mkdtemp(prefix="mixtral-bench-worker-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        model, files, resolved = _load(spec, scratch)
+        load_seconds = time.perf_counter() - t0
+        ours = spec["engine"] == "ours"
+        vocab = model.config.get_text_config().vocab_size
+        ids = torch.tensor([_prompt_ids(Path(spec["model"]), spec["prompt_tokens"], vocab)])
+        n = spec["new_tokens"]
+        gen = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "pad_token_id": 0,
+               "eos_token_id": None}
+        with torch.no_grad():  # warm-up: first-call allocations and lazy initialisation, not timed
+            model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+        recorder = None
+        if ours:
+            model.reset_offload_stats()
+            if spec.get("trace"):  # after the warm-up, so the trace and the reported counters cover the same calls
+                from .trace import RoutingRecorder
+
+                recorder = RoutingRecorder(model, spec["trace"])
+        send({"load_seconds": load_seconds, "resolved": resolved,
+              "rss_after_load_bytes": _peak_rss()})
+        for line in sys.stdin:
+            if line.strip() != "run":
+                break
+            if spec["cold"]:
+                if ours and hasattr(model._offload_runtime.store, "evict_page_cache"):
+                    model._offload_runtime.store.evict_page_cache()
+                else:
+                    _evict(files)
+            before = model.offload_stats() if ours else None
+            disk0 = _proc_read_bytes()
+            clock = _Clock()
+            start = time.perf_counter()
+            with torch.no_grad():
+                seqs = model.generate(ids, streamer=clock, **gen)
+            end = time.perf_counter()
+            disk1 = _proc_read_bytes()
+            new = int(seqs.shape[1] - ids.shape[1])
+            first = clock.times[1] if len(clock.times) > 1 else end
+            res: dict[str, Any] = {
+                "new_tokens": new, "seconds": end - start, "ttft_s": first - start,
+                "decode_tps": (new - 1) / (end - first) if new > 1 and end > first else 0.0,
+                "tokens": seqs[0, ids.shape[1]:].tolist()[:8],
+                "disk_bytes_per_token": (disk1 - disk0) / new if disk0 is not None and disk1 is not None else None,
+                "peak_rss_bytes": _peak_rss()}
+            if ours:
+                st = model.offload_stats().minus(before)
+                res.update({"hit_rate": st.hit_rate, "prefetch_precision": st.prefetch_precision
+                            if st.prefetch_issued else None,
+                            "prefetch_recall": st.prefetch_hits / (st.prefetch_hits + st.misses)
+                            if st.prefetch_issued and st.prefetch_hits + st.misses else None,
+                            "loaded_bytes_per_token": st.bytes_loaded / new, "hits": st.hits, "misses": st.misses})
+            send(res)
+        if recorder is not None:
+            recorder.close()
+        send({"peak_rss_bytes": _peak_rss()})
+        if ours:
+            model.unload()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    _p = argparse.ArgumentParser(prog="mixtral-offload bench (worker)")
+    _p.add_argument("--worker", required=True)
+    raise SystemExit(worker_main(json.loads(_p.parse_args().worker)))
