@@ -89,7 +89,8 @@ class ChatSession:
         new = out.shape[1] - ids.shape[1]
         self.last_tokens_per_second = new / max(time.perf_counter() - start, 1e-9)
         self.cached_ids = out[:, : self.cache.get_seq_length()].cpu()
-        self.messages.append({"role": "assistant", "content": "".join(pieces).strip()})
+        # unstripped: the re-rendered history then tokenizes like the generated reply and its KV cache is reused
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})
 
     def reset_cache(self) -> None:
         from transformers import DynamicCache
