@@ -7,6 +7,7 @@ Public API: `load_model(path, OffloadConfig(...))` returns a transformers causal
 from __future__ import annotations
 
 from .config import OffloadConfig
+from .demo_model import default_model_path
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -19,7 +20,6 @@ from .errors import (
 from .hookspecs import hookimpl
 from .loading import load_model
 from .stats import GenerationStats, OffloadStats
-from .demo_model import default_model_path
 
 __all__ = [
     "CheckpointError",

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import CheckpointError, ConfigError
 import torch
 from torch import nn
 
+from ..errors import CheckpointError, ConfigError
 from ..packing import ALIGN, ExpertLayout, PackedExpert, align_up, dtype_from_name, dtype_name, pack, unpack_views
 from . import QuantSpec
 from .kernels import dequantize, hqq_quantize, int4_ok, plan_matrix, store_matrix

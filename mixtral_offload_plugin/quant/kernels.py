@@ -19,14 +19,13 @@ experts, caches or files.
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..packing import ALIGN, align_up
 
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4 kernel accepts
