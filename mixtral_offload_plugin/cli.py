@@ -114,9 +114,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
         recorder.close()
     new = out.shape[1] - ids.shape[1]
     st = model.offload_stats()
-    print(f"\n[{new} tokens in {seconds:.2f} s: {new / seconds:.2f} tok/s; cache hit rate {st.hit_rate:.1%} "
-          f"({st.hits}/{st.requests}); prefetch precision {st.prefetch_precision:.1%}; "
-          f"loaded {st.bytes_loaded / 2**20:.1f} MiB; peak RSS {peak_rss_mib():.0f} MiB]", file=sys.stderr)
+    rt = model._offload_runtime
+    cache = ("all experts resident" if rt.resident else
+             (f"{rt.plan.experts_per_layer} experts/layer cached" if rt.plan.experts_per_layer is not None
+              else f"{rt.plan.global_slots} global slots") + f", {rt.config.store} store")
+    pf = f"; prefetch precision {st.prefetch_precision:.1%}" if rt.prefetcher is not None else ""
+    print(f"\n[{new} tokens in {seconds:.2f} s: {new / seconds:.2f} tok/s; {cache}; "
+          f"hit rate {st.hit_rate:.1%} ({st.hits}/{st.requests}){pf}; loaded {st.bytes_loaded / 2**20:.1f} MiB; "
+          f"peak RSS {peak_rss_mib():.0f} MiB]", file=sys.stderr)
     model.unload()
     return 0
 
