@@ -85,7 +85,15 @@ def resolve_dtype(config: OffloadConfig, model_config: Any) -> torch.dtype:
 
 
 def check_model_config(model_config: Any, arch: Architecture, path: Path) -> None:
-    """Refuse absurd or missing sizes in config.json before anything is built (hostile or damaged configs)."""
+    """Refuse absurd or missing sizes in config.json before anything is built (hostile or damaged configs), and
+    checkpoints that are already quantized by another method (their weights would be read as plain floats)."""
+    qc = getattr(model_config, "quantization_config", None)
+    if qc:
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", qc)
+        msg = (f"{path} is already quantized ({method!r} in config.json's quantization_config); its weights cannot be "
+               "read as floats. Use the bf16/fp16 release of the model (or dequantize it first), then let "
+               "mixtral-offload quantize with expert_bits/attn_bits or `mixtral-offload convert`")
+        raise UnsupportedModelError(msg)
     limits = {"hidden_size": 1 << 17, "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 12,
               "vocab_size": 1 << 22, "intermediate_size": 1 << 20}
     for name, limit in limits.items():

@@ -140,3 +140,14 @@ def test_unloaded_model_raises(tiny_mixtral):
     assert not thread.is_alive()
     with pytest.raises(ModelUnloadedError, match="unloaded"):
         model.generate(torch.tensor([[1, 2]]), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("method", ["fp8", "gptq", "mxfp4"])
+def test_prequantized_checkpoint_is_refused(tiny_mixtral, tmp_path, method):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_mixtral, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": method, "weight_block_size": [128, 128]}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match=f"already quantized \\('{method}'.*bf16/fp16 release"):
+        load_model(d, OffloadConfig(device="cpu"))
