@@ -24,6 +24,13 @@ def expert_bytes_estimate(model_config: Any, bits: int, group: int, dtype_bytes:
     return weights * bits // 8 + 2 * (weights // group) * meta_bytes
 
 
+def _workspace(ckpt: Any, layout: Any, device: torch.device) -> int:
+    """Bytes a slot needs beyond the packed expert (a kernel that expands the expert at load time)."""
+    name = getattr(ckpt, "quantizer_name", None) or ("none" if layout.format == "dense" else "hqq")
+    kernel = plugins.create("quantizer", name).expert_kernel(layout, device)
+    return int(getattr(kernel, "workspace_nbytes", 0))
+
+
 def describe_checkpoint(path: str | Path, config: OffloadConfig) -> dict[str, Any]:
     from .loading import MANIFEST_NAME, find_architecture, load_model_config, resolve_dtype
 
@@ -55,6 +62,13 @@ def describe_checkpoint(path: str | Path, config: OffloadConfig) -> dict[str, An
     from .loading import resolve_device
 
     device = resolve_device(config.device)
+    if hasattr(ckpt, "expert_layouts"):  # offload format: the manifest knows the exact sizes
+        keys = [(layer, e) for layer in arch.moe_layers(mc) for e in range(experts)]
+        layouts = ckpt.expert_layouts(keys)
+        total_experts = sum(lay.nbytes for lay in layouts.values())
+        ebytes = max(lay.nbytes + _workspace(ckpt, lay, device) for lay in layouts.values())
+        trunk_file = path / "trunk.safetensors"
+        trunk = trunk_file.stat().st_size if trunk_file.exists() else trunk
     plan = make_plan(config,
                      device=device, layers=moe_layers, experts=experts, top_k=top_k, expert_bytes=ebytes,
                      total_expert_bytes=total_experts, trunk_bytes=trunk, kv=kv,
@@ -66,7 +80,8 @@ def describe_checkpoint(path: str | Path, config: OffloadConfig) -> dict[str, An
         "top_k": top_k,
         "hidden_size": mc.hidden_size, "intermediate_size": mc.intermediate_size, "dtype": str(dtype),
         "files_on_disk": fmt(total_params_bytes), "expert_bits": bits,
-        "bytes_per_expert": fmt(ebytes), "all_experts": fmt(total_experts), "trunk": fmt(trunk),
+        "bytes_per_expert": fmt(total_experts / max(moe_layers * experts, 1)),
+        "bytes_per_cache_slot": fmt(ebytes), "all_experts": fmt(total_experts), "trunk": fmt(trunk),
         "kv_cache": f"{fmt(kv)} for {config.context_length} tokens",
         "plan": plan.describe(),
         "plan_cache": (f"{plan.experts_per_layer} experts/layer" if plan.experts_per_layer is not None
