@@ -54,7 +54,8 @@ def test_meta_quantization_is_close() -> None:
 
 @pytest.mark.parametrize(("bits", "group", "kind"), [(4, 64, "int4"), (3, 32, "int4-lut"), (2, 32, "int4-lut"),
                                                      (3, 32, "int4-unpack"), (2, 32, "int4-unpack"),
-                                                     (2, 16, "dense"), (8, 64, "dense")])
+                                                     (2, 16, "int4-lut16"), (3, 16, "int4-lut16"),
+                                                     (8, 64, "dense")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matrix_kernels_match_dequantized_weights(bits: int, group: int, kind: str, dtype: torch.dtype) -> None:
     """Every CPU plan (int4-unpack: 2/3-bit stored bit-packed, as an older file may hold) equals the exact weights."""
@@ -132,7 +133,7 @@ def _greedy(model: torch.nn.Module, steps: int = 32) -> tuple[torch.Tensor, torc
 
 
 @pytest.mark.parametrize(("expert_bits", "expert_group", "attn_bits", "kinds"), [
-    (2, 16, 4, {"dense"}), (3, 32, 4, {"int4-lut"}), (4, 64, 4, {"int4"}), (4, 64, 16, {"int4"})])
+    (2, 16, 4, {"int4-lut16"}), (3, 32, 4, {"int4-lut"}), (4, 64, 4, {"int4"}), (4, 64, 16, {"int4"})])
 def test_quantized_generation_matches_dequantized_reference(quant_model: Path, expert_bits: int, expert_group: int,
                                                             attn_bits: int, kinds: set[str]) -> None:
     cfg = OffloadConfig(device="cpu", transfer="sync", expert_bits=expert_bits, expert_group_size=expert_group,

@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..packing import ALIGN, ExpertLayout, PackedExpert, align_up, dtype_from_name, dtype_name, pack, unpack_views
 from . import QuantSpec
-from .kernels import dequantize, hqq_quantize, int4_ok, plan_matrix, store_matrix
+from .kernels import dequantize, hqq_quantize, int4_ok, int4_pad16_ok, plan_matrix, store_matrix
 
 BITS = (2, 3, 4, 8)
 MATRICES = ("gate_up", "down")
@@ -40,6 +40,8 @@ def choose_form(shape: tuple[int, int], spec: QuantSpec, device: torch.device) -
     """CPU matrices the int4 kernel accepts: "int4pack" (4-bit) or "int4lut" (2/3-bit); anything else "bitpack"."""
     if device.type == "cpu" and int4_ok(shape, spec.group_size) and spec.bits in (2, 3, 4):
         return "int4pack" if spec.bits == 4 else "int4lut"
+    if device.type == "cpu" and int4_pad16_ok(shape, spec.group_size) and spec.bits in (2, 3):
+        return "int4lut16"
     return "bitpack"
 
 

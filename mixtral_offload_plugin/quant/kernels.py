@@ -151,6 +151,47 @@ def hqq_quantize(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Ten
             meta["zero"].float().reshape(n, g))
 
 
+def _padded_parts(buf: torch.Tensor, n: int, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For int4pack bytes of a group-16 matrix padded to [N, 2K] (each 16-column group followed by 16 zero-activation
+    columns): (real, padding) views of `buf` (uint8, N*K bytes). torch's CPU layout keeps columns contiguous: 32 bytes
+    per column for each 64-row block, then r/2 bytes per column for the r = N % 64 remaining rows."""
+    nb, r = n // 64, n % 64
+    parts = []
+    if nb:
+        blk = buf[: nb * 64 * k].view(nb, k // 16, 2, 16 * 32)
+        parts.append((blk[:, :, 0], blk[:, :, 1]))
+    if r:
+        rest = buf[nb * 64 * k:].view(k // 16, 2, 16 * r // 2)
+        parts.append((rest[:, 0], rest[:, 1]))
+    return parts
+
+
+def pad16_pack(q: torch.Tensor, offset: int) -> torch.Tensor:
+    """q [N, K] (group 16) -> the int4pack bytes of its real columns only (N*K/2 bytes), in padded-layout order."""
+    n, k = q.shape
+    padded = torch.zeros(n, 2 * k, dtype=torch.int32)
+    padded.view(n, k // 16, 2, 16)[:, :, 0] = q.to(torch.int32).view(n, k // 16, 16) + offset
+    full = torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded, 2).reshape(-1)
+    return torch.cat([real.reshape(-1) for real, _ in _padded_parts(full, n, k)])
+
+
+def pad16_unpack(real: torch.Tensor, n: int, k: int, out: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pad16_pack` into `out` (N*K bytes, the padded int4pack matrix). Padding bytes keep whatever they
+    held: they only ever meet zero activations."""
+    done = 0
+    for dst, _ in _padded_parts(out, n, k):
+        size = dst.numel()
+        dst.copy_(real[done:done + size].view(dst.shape))
+        done += size
+    return out
+
+
+def int4_pad16_ok(shape: tuple[int, int], group_size: int) -> bool:
+    """Group-16 matrices run exactly on the int4 kernel (group 32) with zero-padded activations."""
+    n, k = shape
+    return group_size == 16 and n % 16 == 0 and k % 16 == 0
+
+
 def int4_ok(shape: tuple[int, int], group_size: int) -> bool:
     """Whether torch's CPU int4 kernel can run this matrix exactly."""
     n, k = shape
@@ -176,14 +217,21 @@ def store_matrix(prefix: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.
         scale, zero = dequantize_meta(sq, smm), dequantize_meta(zq, zmm)
     else:
         scale, zero = scale.to(meta_dtype), zero.to(meta_dtype)
-    if form in ("int4pack", "int4lut"):
-        offset = 0 if form == "int4pack" else int4_offset(bits)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous() + offset, 2)
-        act = torch.float32 if meta_dtype == torch.float32 else torch.bfloat16
-        sz = {f"{prefix}.sz": int4_scale_zeros(scale, zero, act, offset)}
-        if form == "int4pack":
-            return {f"{prefix}.q": packed, **sz}
-        return {f"{prefix}.{name}": t for name, t in lut_pack(packed, bits).items()} | sz
+    act = torch.float32 if meta_dtype == torch.float32 else torch.bfloat16
+    if form in ("int4lut", "int4lut16"):
+        offset = int4_offset(bits)
+        if form == "int4lut16":
+            planes = {f"{prefix}.p{name}": t for name, t in lut_pack(pad16_pack(q, offset), bits).items()}
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous() + offset, 2)
+            planes = {f"{prefix}.{name}": t for name, t in lut_pack(packed, bits).items()}
+        if quant_scales:  # keep the 8-bit scales and zeros; the kernel's [G, N, 2] form is built at slot load
+            return planes | {f"{prefix}.scale_q": sq, f"{prefix}.scale_mm": smm,
+                             f"{prefix}.zero_q": zq, f"{prefix}.zero_mm": zmm}
+        return planes | {f"{prefix}.sz": int4_scale_zeros(scale, zero, act, offset)}
+    if form == "int4pack":
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
+        return {f"{prefix}.q": packed, f"{prefix}.sz": int4_scale_zeros(scale, zero, act)}
     out = {f"{prefix}.q": bitpack(q, bits)}
     if quant_scales:
         out.update({f"{prefix}.scale_q": sq, f"{prefix}.scale_mm": smm,
@@ -226,11 +274,25 @@ def matrix_meta(views: dict[str, torch.Tensor], prefix: str,
     return views[f"{prefix}.scale"].float(), views[f"{prefix}.zero"].float()
 
 
+def _stored_offset(views: dict[str, torch.Tensor], prefix: str, bits: int) -> int:
+    """What the stored nibbles add to q: the int4lut forms centre 2/3-bit values (see `int4_offset`)."""
+    return int4_offset(bits) if f"{prefix}.lo" in views or f"{prefix}.plo" in views else 0
+
+
 def matrix_values(views: dict[str, torch.Tensor], prefix: str, shape: tuple[int, int], bits: int) -> torch.Tensor:
+    """The quantized values q [N, K] of a stored matrix, whatever its form (the int4pack form: as stored, 0..15)."""
     n, k = shape
-    if f"{prefix}.lo" in views:  # int4lut: rebuild the int4pack bytes; values are q + offset, as `.sz` expects
+    if f"{prefix}.plo" in views:  # int4lut16: real columns of the padded int4pack matrix
+        real = lut_unpack(views[f"{prefix}.plo"].cpu(), views.get(f"{prefix}.phi"), bits,
+                          torch.empty(n * k // 2, dtype=torch.uint8))
+        padded = pad16_unpack(real, n, k, torch.zeros(n * k, dtype=torch.uint8))
+        nibbles = int4pack_values(padded, n, 2 * k).view(n, k // 16, 2, 16)[:, :, 0].reshape(n, k)
+        return nibbles - int4_offset(bits)
+    if f"{prefix}.lo" in views:  # int4lut: rebuild the int4pack bytes
         packed = torch.empty(n * k // 2, dtype=torch.uint8)
-        return int4pack_values(lut_unpack(views[f"{prefix}.lo"].cpu(), views.get(f"{prefix}.hi"), bits, packed), n, k)
+        nibbles = int4pack_values(lut_unpack(views[f"{prefix}.lo"].cpu(), views.get(f"{prefix}.hi"), bits, packed),
+                                  n, k)
+        return nibbles - int4_offset(bits)
     if f"{prefix}.sz" in views:
         return int4pack_values(views[f"{prefix}.q"], n, k)
     return bitunpack(views[f"{prefix}.q"], bits, n * k).view(n, k)
@@ -244,7 +306,7 @@ def dequantize(views: dict[str, torch.Tensor], prefix: str, shape: tuple[int, in
     if f"{prefix}.sz" in views:
         sz = views[f"{prefix}.sz"].float()
         s, zt = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]
-        return ((q - 8) * s + zt).view(n, k)
+        return ((q + _stored_offset(views, prefix, bits) - 8) * s + zt).view(n, k)
     s, z = matrix_meta(views, prefix, shape)
     return ((q - z[..., None]) * s[..., None]).view(n, k)
 
@@ -261,6 +323,23 @@ class Int4Matmul:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         act = self.sz.dtype
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(act).contiguous(), self.packed, self.group_size, self.sz)
+        return y.to(x.dtype)
+
+
+@dataclass
+class Pad16Int4Matmul:
+    """A group-16 matrix on the int4 kernel: activations spread to [*, 2K] with a zero after every 16 values, so each
+    32-wide kernel group holds one real group of 16 (exact; twice the int4 work, half the memory of bf16)."""
+
+    packed: torch.Tensor  # [N, K] bytes = the padded [N, 2K] matrix, two nibbles per byte
+    sz: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        act = self.sz.dtype
+        m, k = x.shape
+        spread = torch.zeros(m, k // 16, 2, 16, dtype=act, device=x.device)
+        spread[:, :, 0] = x.view(m, k // 16, 16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(spread.view(m, 2 * k), self.packed, 32, self.sz)
         return y.to(x.dtype)
 
 
@@ -292,7 +371,8 @@ class DequantMatmul:
 class MatrixPlan:
     """How one stored matrix is computed on one device.
 
-    kind: "int4" (CPU int4 kernel reads the stored int4pack form), "int4-lut" (CPU: 2/3-bit planes stored in
+    kind: "int4" (CPU int4 kernel reads the stored int4pack form), "int4-lut16" (CPU, group 16: the same for the
+    matrix padded to group 32 with zero activations), "int4-lut" (CPU: 2/3-bit planes stored in
     int4pack nibble order, expanded into the workspace by a table lookup at slot load), "int4-unpack" (CPU: 2/3-bit values unpacked into
     int4pack form in the workspace at slot load), "dense" (dequantized into the workspace at slot load in `dtype`),
     "dequant" (dequantized on every call; CUDA).
@@ -311,11 +391,28 @@ class MatrixPlan:
         el = torch.empty((), dtype=self.dtype).element_size()
         if self.kind == "int4-unpack":
             return align_up(n * k // 2, ALIGN) + align_up(k // self.group_size * n * 2 * el, ALIGN)
+        sz_bytes = align_up(k // self.group_size * n * 2 * el, ALIGN)  # [G, N, 2], built here from 8-bit meta
         if self.kind == "int4-lut":
-            return align_up(n * k // 2, ALIGN)
+            return align_up(n * k // 2, ALIGN) + sz_bytes
+        if self.kind == "int4-lut16":  # padded int4 matrix (1 byte/weight) + the real half expanded first
+            return align_up(n * k, ALIGN) + align_up(n * k // 2, ALIGN) + sz_bytes
         if self.kind == "dense":
             return align_up(n * k * el, ALIGN)
         return 0
+
+    def _prepare_lut(self, views: dict[str, torch.Tensor], workspace: torch.Tensor) -> Any:
+        """Expand stored bit planes into int4pack bytes (one table lookup per byte) in the workspace."""
+        n, k = self.shape
+        if self.kind == "int4-lut":
+            wq = lut_unpack(views[f"{self.prefix}.lo"], views.get(f"{self.prefix}.hi"), self.bits,
+                            workspace[: n * k // 2])
+            return Int4Matmul(wq.view(n, k // 2), _lut_sz(self, views, workspace[align_up(n * k // 2, ALIGN):]),
+                              self.group_size)
+        real_at = align_up(n * k, ALIGN)
+        real = workspace[real_at: real_at + n * k // 2]
+        lut_unpack(views[f"{self.prefix}.plo"], views.get(f"{self.prefix}.phi"), self.bits, real)
+        padded = pad16_unpack(real, n, k, workspace[: n * k])
+        return Pad16Int4Matmul(padded.view(n, k), _lut_sz(self, views, workspace[real_at + align_up(n * k // 2, ALIGN):]))
 
     def prepare(self, views: dict[str, torch.Tensor], workspace: torch.Tensor | None) -> Any:
         n, k = self.shape
@@ -324,10 +421,8 @@ class MatrixPlan:
         if self.kind == "dequant":
             return DequantMatmul(views, self.prefix, self.shape, self.bits, self.group_size, self.dtype)
         assert workspace is not None and workspace.numel() >= self.workspace_nbytes, "slot lacks its workspace"
-        if self.kind == "int4-lut":
-            wq = lut_unpack(views[f"{self.prefix}.lo"], views.get(f"{self.prefix}.hi"), self.bits,
-                            workspace[: n * k // 2])
-            return Int4Matmul(wq.view(n, k // 2), views[f"{self.prefix}.sz"], self.group_size)
+        if self.kind in ("int4-lut", "int4-lut16"):
+            return self._prepare_lut(views, workspace)
         if self.kind == "dense":
             w = workspace[: n * k * torch.empty((), dtype=self.dtype).element_size()].view(self.dtype).view(n, k)
             w.copy_(dequantize(views, self.prefix, self.shape, self.bits, self.group_size))
@@ -342,6 +437,17 @@ class MatrixPlan:
         s, z = matrix_meta(views, self.prefix, self.shape)
         sz.copy_(int4_scale_zeros(s, z, self.dtype, offset))
         return Int4Matmul(wq, sz, self.group_size)
+
+
+def _lut_sz(plan: MatrixPlan, views: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """The int4 kernel's [G, N, 2] scales/zeros: stored, or built into `out` from the 8-bit meta."""
+    if f"{plan.prefix}.sz" in views:
+        return views[f"{plan.prefix}.sz"]
+    n, k = plan.shape
+    s, z = matrix_meta(views, plan.prefix, plan.shape)
+    el = torch.empty((), dtype=plan.dtype).element_size()
+    sz = out[: k // plan.group_size * n * 2 * el].view(plan.dtype).view(k // plan.group_size, n, 2)
+    return sz.copy_(int4_scale_zeros(s, z, plan.dtype, int4_offset(plan.bits)))
 
 
 def plan_matrix(prefix: str, form: str, shape: tuple[int, int], bits: int, group_size: int,
@@ -359,6 +465,8 @@ def plan_matrix(prefix: str, form: str, shape: tuple[int, int], bits: int, group
         return MatrixPlan(prefix, "int4", shape, bits, group_size, sz_dtype or act)
     if form == "int4lut":
         return MatrixPlan(prefix, "int4-lut", shape, bits, group_size, sz_dtype or act)
+    if form == "int4lut16":
+        return MatrixPlan(prefix, "int4-lut16", shape, bits, group_size, sz_dtype or act)
     if bits in (2, 3) and int4_ok(shape, group_size):
         return MatrixPlan(prefix, "int4-unpack", shape, bits, group_size, act)
     return MatrixPlan(prefix, "dense", shape, bits, group_size, dtype)
