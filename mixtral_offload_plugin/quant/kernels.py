@@ -19,6 +19,7 @@ experts, caches or files.
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,6 +165,17 @@ def _padded_parts(buf: torch.Tensor, n: int, k: int) -> list[tuple[torch.Tensor,
         rest = buf[nb * 64 * k:].view(k // 16, 2, 16 * r // 2)
         parts.append((rest[:, 0], rest[:, 1]))
     return parts
+
+
+_local = threading.local()
+
+
+def _scratch(nbytes: int) -> torch.Tensor:
+    """A reusable uint8 buffer of this thread (slot loads of one loader never overlap on a thread)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _local.buf = torch.empty(align_up(nbytes, 1 << 20), dtype=torch.uint8)
+    return buf[:nbytes]
 
 
 def pad16_pack(q: torch.Tensor, offset: int) -> torch.Tensor:
@@ -394,8 +406,8 @@ class MatrixPlan:
         sz_bytes = align_up(k // self.group_size * n * 2 * el, ALIGN)  # [G, N, 2], built here from 8-bit meta
         if self.kind == "int4-lut":
             return align_up(n * k // 2, ALIGN) + sz_bytes
-        if self.kind == "int4-lut16":  # padded int4 matrix (1 byte/weight) + the real half expanded first
-            return align_up(n * k, ALIGN) + align_up(n * k // 2, ALIGN) + sz_bytes
+        if self.kind == "int4-lut16":  # the padded int4 matrix: 1 byte per real weight
+            return align_up(n * k, ALIGN) + sz_bytes
         if self.kind == "dense":
             return align_up(n * k * el, ALIGN)
         return 0
@@ -408,11 +420,10 @@ class MatrixPlan:
                             workspace[: n * k // 2])
             return Int4Matmul(wq.view(n, k // 2), _lut_sz(self, views, workspace[align_up(n * k // 2, ALIGN):]),
                               self.group_size)
-        real_at = align_up(n * k, ALIGN)
-        real = workspace[real_at: real_at + n * k // 2]
-        lut_unpack(views[f"{self.prefix}.plo"], views.get(f"{self.prefix}.phi"), self.bits, real)
+        real = lut_unpack(views[f"{self.prefix}.plo"], views.get(f"{self.prefix}.phi"), self.bits,
+                          _scratch(n * k // 2))
         padded = pad16_unpack(real, n, k, workspace[: n * k])
-        return Pad16Int4Matmul(padded.view(n, k), _lut_sz(self, views, workspace[real_at + align_up(n * k // 2, ALIGN):]))
+        return Pad16Int4Matmul(padded.view(n, k), _lut_sz(self, views, workspace[align_up(n * k, ALIGN):]))
 
     def prepare(self, views: dict[str, torch.Tensor], workspace: torch.Tensor | None) -> Any:
         n, k = self.shape
