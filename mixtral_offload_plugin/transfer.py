@@ -61,7 +61,14 @@ class SyncLoader:
 
     def _load(self, slot: Slot, key: Hashable) -> None:
         try:
-            self.store.read_into(key, slot.buffer)
+            if slot.buffer.device.type == "cpu":
+                self.store.read_into(key, slot.buffer)
+            else:  # a device slot: stores read into host memory, so stage through it
+                src = self.store.host_tensor(key)
+                if src is None:
+                    src = torch.empty(self.store.layout(key).nbytes, dtype=torch.uint8)
+                    self.store.read_into(key, src)
+                slot.buffer[: src.numel()].copy_(src)
             slot.state = self.prepare(key, slot.buffer)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiter
             slot.error = as_load_error(exc, key)

@@ -22,7 +22,8 @@ def reference(tiny_mixtral_8e):
 
 
 @pytest.mark.parametrize("store,transfer,prefetch", [("host", "auto", "gate"), ("host", "sync", "none"),
-                                                     ("disk", "auto", "gate"), ("host", "auto", "none")])
+                                                     ("disk", "auto", "gate"), ("disk", "sync", "none"),
+                                                     ("host", "auto", "none")])
 def test_cuda_offload_matches_transformers_on_cuda(tiny_mixtral_8e, reference, store, transfer, prefetch):
     model = load_model(tiny_mixtral_8e, OffloadConfig(device="cuda", experts_per_layer=2, store=store,
                                                       transfer=transfer, prefetch=prefetch))
