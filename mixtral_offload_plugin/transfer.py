@@ -34,7 +34,8 @@ def as_load_error(exc: BaseException, key: Hashable) -> BaseException:
 class Slot:
     """One preallocated cache buffer and what it currently holds."""
 
-    __slots__ = ("index", "buffer", "key", "state", "done", "error", "event", "staging", "from_prefetch", "used")
+    __slots__ = ("index", "buffer", "key", "state", "done", "error", "event", "freed", "staging", "from_prefetch",
+                 "used")
 
     def __init__(self, index: int, buffer: torch.Tensor) -> None:
         self.index = index
@@ -44,7 +45,8 @@ class Slot:
         self.done = threading.Event()
         self.done.set()
         self.error: BaseException | None = None
-        self.event: Any = None  # torch.cuda.Event for the CUDA loader
+        self.event: Any = None  # torch.cuda.Event for the CUDA loader: the copy into this slot is done
+        self.freed: Any = None  # torch.cuda.Event: compute queued before the slot was reassigned is done
         self.staging: torch.Tensor | None = None
         self.from_prefetch = False
         self.used = False
@@ -121,17 +123,29 @@ class CudaLoader(ThreadLoader):
         self.stream = torch.cuda.Stream(device=device)
         super().__init__(store, prepare)
 
+    def start(self, slot: Slot, key: Hashable) -> None:
+        # called on the compute thread when the slot is (re)assigned: kernels already queued on the compute stream
+        # may still read the evicted expert, so the copy stream must not overwrite the slot before they finish
+        slot.freed = torch.cuda.Event()
+        slot.freed.record(torch.cuda.current_stream(self.device))
+        super().start(slot, key)
+
     def _load(self, slot: Slot, key: Hashable) -> None:
         try:
             src = self.store.host_tensor(key)
             if src is None:  # disk store: read into this slot's pinned staging buffer first
                 if slot.staging is None:
-                    slot.staging = torch.empty(slot.buffer.numel(), dtype=torch.uint8, pin_memory=True)
+                    try:
+                        slot.staging = torch.empty(slot.buffer.numel(), dtype=torch.uint8, pin_memory=True)
+                    except RuntimeError:  # pinning refused (WSL2, memlock limits): pageable, slower copies
+                        slot.staging = torch.empty(slot.buffer.numel(), dtype=torch.uint8)
                 if slot.event is not None:
                     slot.event.synchronize()  # the previous copy out of the staging buffer has finished
                 self.store.read_into(key, slot.staging)
                 src = slot.staging
             with torch.cuda.stream(self.stream):
+                if slot.freed is not None:
+                    self.stream.wait_event(slot.freed)
                 slot.buffer[: src.numel()].copy_(src, non_blocking=True)
                 slot.state = self.prepare(key, slot.buffer)
                 slot.event = torch.cuda.Event()
