@@ -148,3 +148,24 @@ def test_apply_reloads_with_the_new_cache(client, byte_model: Path) -> None:
     assert reply_of(result) == oracle_greedy(byte_model, "hello there")
     assert stat_values(result[2])["experts_per_layer"] == "2"
     c.predict(4, "lru", "gate", api_name="/apply")
+
+
+def test_observers_receive_demo_generations(client) -> None:
+    from mixtral_offload_plugin import hookimpl, plugins
+
+    seen = []
+
+    class Observer:
+        @hookimpl
+        def on_generation_finished(self, stats):
+            seen.append(stats)
+
+    observer = Observer()
+    plugins.pm.register(observer)
+    c, _ = client
+    try:
+        c.predict("hi again", [], 0.0, 1.0, MAX_NEW, 0, api_name="/chat")
+    finally:
+        plugins.pm.unregister(observer)
+    assert [s.source for s in seen] == ["demo"]
+    assert seen[0].new_tokens >= 1 and seen[0].offload.requests > 0
