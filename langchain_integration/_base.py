@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from mixtral_offload_plugin.generation import sampling_kwargs
+
 from . import _runtime
 
 # generate() options a caller may override per call (`model.bind(max_tokens=8)`, `model.invoke(x, seed=1)`)
@@ -156,7 +158,7 @@ class OffloadParams(BaseModel):
             stop=o["stop"],
             seed=o["seed"],
             timeout=o["timeout"],
-            sampling=_runtime.sampling_kwargs(o["temperature"], o["top_p"], o["top_k"]),
+            sampling=sampling_kwargs(o["temperature"], o["top_p"], o["top_k"]),
             source="langchain",
         ).start()
 

@@ -113,18 +113,6 @@ def clear_registry() -> None:
             unload()
 
 
-def sampling_kwargs(temperature: float | None, top_p: float | None, top_k: int | None) -> dict[str, Any]:
-    """generate() sampling options: temperature 0 (or None) is greedy decoding."""
-    if not temperature:
-        return {"do_sample": False}
-    out: dict[str, Any] = {"do_sample": True, "temperature": float(temperature)}
-    if top_p is not None:
-        out["top_p"] = float(top_p)
-    if top_k is not None:
-        out["top_k"] = int(top_k)
-    return out
-
-
 @dataclass
 class Piece:
     """Text decoded since the previous piece, and how many tokens were generated up to it."""

@@ -165,9 +165,6 @@ class HFCheckpoint:
         """`tensor[index]` of a stacked (fused) tensor without reading the others."""
         return self.read(key, index)
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._open(self.key_file[key]).get_slice(key).get_shape())
-
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in set(self.key_file.values()))
 

@@ -59,9 +59,9 @@ def peak_rss_mib() -> float:
 
 
 def _sampling(a: argparse.Namespace) -> dict[str, Any]:
-    if a.temperature == 0:
-        return {"do_sample": False}
-    return {"do_sample": True, "temperature": a.temperature, "top_p": a.top_p}
+    from .generation import sampling_kwargs
+
+    return sampling_kwargs(a.temperature, a.top_p)
 
 
 def _load(a: argparse.Namespace) -> tuple[Any, Any]:

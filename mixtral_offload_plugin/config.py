@@ -7,7 +7,7 @@ extend (policy, store, prefetcher, quantizer) are checked against the plugin reg
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
@@ -72,7 +72,6 @@ class OffloadConfig:
     verify: bool = False
     max_memory_bytes: int | None = None
     context_length: int = 4096
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         dev = self.device
@@ -123,9 +122,7 @@ class OffloadConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form of the configuration."""
-        out = dataclasses.asdict(self)
-        out.pop("extra")
-        return out
+        return dataclasses.asdict(self)
 
 
 def parse_size(text: str | int) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 from .config import OffloadConfig
 from .demo_panel import heatmap_html, stats_html
 from .errors import CheckpointError
+from .generation import sampling_kwargs
 
 WINDOW = 32  # decode tokens shown by the heatmap
 BYTE_CHAT_TEMPLATE = (
@@ -189,11 +190,7 @@ class DemoEngine:
                 return torch.full((input_ids.shape[0],), stop.is_set() or closed.is_set(), dtype=torch.bool)
 
         ids, max_new_tokens = self.fit_context(messages, int(max_new_tokens))
-        sampling: dict[str, Any] = (
-            {"do_sample": False}
-            if temperature <= 0
-            else {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p)}
-        )
+        sampling = sampling_kwargs(temperature, top_p)
         streamer = _Streamer()
         errors: list[BaseException] = []
 

@@ -14,6 +14,19 @@ from .errors import GenerationError
 MAX_NEW_TOKENS_LIMIT = 1 << 20
 
 
+def sampling_kwargs(temperature: float | None, top_p: float | None = None,
+                    top_k: int | None = None) -> dict[str, Any]:
+    """generate() sampling options; temperature 0 (or None) means greedy decoding (transformers rejects 0)."""
+    if not temperature or temperature <= 0:
+        return {"do_sample": False}
+    out: dict[str, Any] = {"do_sample": True, "temperature": float(temperature)}
+    if top_p is not None:
+        out["top_p"] = float(top_p)
+    if top_k is not None:
+        out["top_k"] = int(top_k)
+    return out
+
+
 def check_generate_kwargs(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Raise GenerationError for an empty or too long prompt, or absurd max_new_tokens/temperature/top_p."""
     ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from .checkpoint import read_json
-from .errors import CheckpointError, ChecksumError
-from .packing import FILE_ALIGN, ExpertLayout, PackedExpert, checksum
+from .errors import CheckpointError
+from .packing import FILE_ALIGN, ExpertLayout, PackedExpert
 
 MANIFEST_NAME = "mixtral_offload.json"
 FORMAT_NAME = "mixtral-offload"
@@ -73,6 +73,7 @@ class OffloadCheckpoint:
             msg = f"{self.trunk_path.name} is missing from {self.path}; {RECONVERT}"
             raise CheckpointError(msg)
         self._trunk: Any = None
+        self._store: Any = None
         if verify:
             self.verify()
 
@@ -198,35 +199,26 @@ class OffloadCheckpoint:
             raise ManifestError(msg)
         return {k: self.records[k]["layout"] for k in keys}
 
-    def _read(self, key: tuple[int, int]) -> torch.Tensor:
-        rec = self.records[key]
-        n = rec["layout"].nbytes
-        out = torch.empty(n, dtype=torch.uint8)
-        with open(rec["path"], "rb", buffering=0) as f:
-            f.seek(rec["offset"])
-            got = f.readinto(memoryview(out.numpy()))
-        if got != n:
-            msg = f"expert file {rec['path'].name} is truncated at layer {key[0]} expert {key[1]}; {RECONVERT}"
-            raise CheckpointError(msg)
-        return out
+    def _reader(self) -> Any:
+        """A disk store over the expert files in place: the same reads and first-read checksums a model gets."""
+        if self._store is None:
+            from .stores import DiskStore
 
-    def _check(self, key: tuple[int, int], data: torch.Tensor) -> None:
-        rec = self.records[key]
-        if checksum(data) != rec["crc32"]:
-            msg = (f"checksum mismatch for layer {key[0]} expert {key[1]} in {rec['path'].name} (offset "
-                   f"{rec['offset']}): the file is corrupt; {RECONVERT}")
-            raise ChecksumError(msg)
+            self._store = DiskStore(self.path, owned=False)
+            self.attach_to(self._store)
+        return self._store
 
     def packed_expert(self, key: tuple[int, int]) -> PackedExpert:
         """The expert's bytes read from its file, checksum verified."""
-        data = self._read(key)
-        self._check(key, data)
-        return PackedExpert(self.records[key]["layout"], data)
+        layout = self.records[key]["layout"]
+        data = torch.empty(layout.nbytes, dtype=torch.uint8)
+        self._reader().read_into(key, data)
+        return PackedExpert(layout, data)
 
     def verify(self) -> None:
         """Check every expert's checksum now (raises `ChecksumError` naming the first bad one)."""
         for key in sorted(self.records):
-            self._check(key, self._read(key))
+            self.packed_expert(key)
 
     def attach_to(self, store: Any) -> bool:
         """Point a store with `attach` (the disk store) at the expert files in place; False for other stores."""
@@ -248,6 +240,9 @@ class OffloadCheckpoint:
 
     def close(self) -> None:
         self._trunk = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
 
 def open_offload_checkpoint(path: str | Path, config: Any = None) -> OffloadCheckpoint:

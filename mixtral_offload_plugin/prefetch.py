@@ -22,18 +22,21 @@ class GatePrefetcher:
         self.cache = cache
         self.arch = arch
         self.blocks = blocks
-        self.order = sorted(blocks)
+        order = sorted(blocks)
+        self.ahead = {layer: order[i + 1: i + 1 + depth] for i, layer in enumerate(order)}  # layers each one guesses
         self.depth = depth
         self.experts = experts
         self.listeners: list[Callable[[int, int, list[int]], None]] = []  # (from layer, guessed layer, guesses)
 
     @torch.no_grad()
     def after_route(self, layer: int, hidden: torch.Tensor, experts: Sequence[int]) -> None:
-        pos = self.order.index(layer)
+        ahead = self.ahead[layer]
+        if not ahead:
+            return
+        scores = torch.stack([self.arch.router_scores(self.blocks[nxt], hidden).sum(dim=0) for nxt in ahead])  # [d, E]
+        guesses = scores.topk(min(self.experts, scores.shape[-1]), dim=-1).indices.tolist()  # one sync for all d
         protected = [(layer, e) for e in experts]
-        for nxt in self.order[pos + 1: pos + 1 + self.depth]:
-            scores = self.arch.router_scores(self.blocks[nxt], hidden)  # [T, E]
-            guess = scores.sum(dim=0).topk(min(self.experts, scores.shape[-1])).indices.tolist()
+        for nxt, guess in zip(ahead, guesses, strict=True):
             for listener in self.listeners:
                 listener(layer, nxt, guess)
             self.cache.prefetch(nxt, guess, protected)

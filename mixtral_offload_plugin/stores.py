@@ -72,9 +72,6 @@ class HostStore:
     def host_tensor(self, key: Hashable) -> torch.Tensor | None:
         return self._data[key].data
 
-    def nbytes(self) -> int:
-        return sum(p.data.numel() for p in self._data.values())
-
     def close(self) -> None:
         self._data.clear()
 
@@ -137,9 +134,6 @@ class DiskStore:
     def attach(self, key: Hashable, record: DiskRecord) -> None:
         self._records[key] = record
 
-    def record(self, key: Hashable) -> DiskRecord:
-        return self._records[key]
-
     def layout(self, key: Hashable) -> ExpertLayout:
         return self._records[key].layout
 
@@ -182,9 +176,6 @@ class DiskStore:
             fd = self._fd(path)
             os.fsync(fd) if path in self._ends else None
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-    def nbytes(self) -> int:
-        return sum(r.layout.nbytes for r in self._records.values())
 
     def close(self) -> None:
         with self._lock:

@@ -16,8 +16,6 @@ from typing import Any
 
 import torch
 
-from .packing import unpack_views
-
 
 def as_load_error(exc: BaseException, key: Hashable) -> BaseException:
     """Our own errors pass through; anything else a store raised becomes an ExpertLoadError naming the expert."""
@@ -169,7 +167,3 @@ def make_loader(kind: str, store: Any, prepare: PrepareFn, device: torch.device)
         return SyncLoader(store, prepare)
     return ThreadLoader(store, prepare)
 
-
-def views_for(layout_of: Callable[[Hashable], Any]) -> Callable[[Hashable, torch.Tensor], dict[str, torch.Tensor]]:
-    """(key, buffer) -> typed views, using the store's layout for that key."""
-    return lambda key, buffer: unpack_views(buffer, layout_of(key))
