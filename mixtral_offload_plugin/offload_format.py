@@ -64,8 +64,12 @@ class OffloadCheckpoint:
         self._check_header()
         q = self.manifest["quantization"]
         self.quantization = dict(q)
-        self.quantizer_name = str(q.get("quantizer", "none"))
-        self.expert_bits = int(q.get("expert_bits", 16))
+        self.quantizer_name = q.get("quantizer", "none")
+        self.expert_bits = q.get("expert_bits", 16)
+        if not isinstance(self.quantizer_name, str) or self.expert_bits not in (2, 3, 4, 8, 16):
+            msg = (f"{MANIFEST_NAME}: quantization {{'quantizer': {self.quantizer_name!r}, 'expert_bits': "
+                   f"{self.expert_bits!r}}} is invalid (a quantizer name and bits 2, 3, 4, 8 or 16); {RECONVERT}")
+            raise ManifestError(msg)
         self.records = self._read_experts()
         self.attention = self._read_attention()
         self.trunk_path = _inside(self.path, self.manifest.get("trunk", TRUNK_NAME), "trunk")
@@ -106,7 +110,7 @@ class OffloadCheckpoint:
                 layout = ExpertLayout.from_dict(entry["layout"])
                 offset, size, crc = int(entry["offset"]), int(entry["size"]), int(entry["crc32"])
                 layout.validate()
-            except (KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError, OverflowError) as exc:
                 msg = f"{MANIFEST_NAME}: malformed expert entry ({exc}); {RECONVERT}"
                 raise ManifestError(msg) from None
             where = f"layer {key[0]} expert {key[1]}"
@@ -139,12 +143,16 @@ class OffloadCheckpoint:
         return records
 
     def _read_attention(self) -> dict[str, ExpertLayout]:
-        out = {}
-        for name, entry in (self.manifest.get("attention") or {}).items():
+        out: dict[str, ExpertLayout] = {}
+        entries = self.manifest.get("attention") or {}
+        if not isinstance(entries, dict):
+            msg = f"{MANIFEST_NAME}: 'attention' must map module names to layouts; {RECONVERT}"
+            raise ManifestError(msg)
+        for name, entry in entries.items():
             try:
                 out[str(name)] = ExpertLayout.from_dict(entry["layout"])
                 out[str(name)].validate()
-            except (KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError, OverflowError) as exc:
                 msg = f"{MANIFEST_NAME}: malformed attention entry {name!r} ({exc}); {RECONVERT}"
                 raise ManifestError(msg) from None
         return out

@@ -16,7 +16,9 @@ from mixtral_offload_plugin import MixtralOffloadError, OffloadConfig, load_mode
 from mixtral_offload_plugin.cli import main
 from mixtral_offload_plugin.offload_format import MANIFEST_NAME, open_offload_checkpoint
 
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: CI runs the same examples every time (broader seeds are searched by hand: --hypothesis-seed=N)
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
                               st.text(max_size=12)),
                     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
