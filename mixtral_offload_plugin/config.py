@@ -47,7 +47,8 @@ class OffloadConfig:
         attn_group_size: HQQ group size for attention.
         quant_scales: quantize HQQ scales and zeros to 8 bits (about 3 bits/weight for 2-bit/g16 experts).
         dtype: compute dtype of the trunk and activations; "auto" = the checkpoint's dtype.
-        transfer: "auto" (background loads), "sync" (load on the compute thread; for tests), "async".
+        transfer: "auto" (CUDA: copy stream; CPU: background thread for disk reads, inline copies from RAM),
+            "sync" (load on the compute thread), "async" (always a background thread / copy stream).
         verify: check every expert's checksum while loading (offload format), instead of lazily on first use.
         max_memory_bytes: memory the plan may use on the compute device (default: what the machine has free).
         context_length: tokens of KV cache the memory plan reserves (capped at the model's maximum).

@@ -47,6 +47,8 @@ class ExpertStore(Protocol):
 class HostStore:
     """Experts in host RAM; pinned if `pin` and the platform allows it, else pageable with a warning."""
 
+    in_memory = True  # a load is a memory copy (no I/O to overlap on CPU)
+
     def __init__(self, pin: bool = False) -> None:
         self._data: dict[Hashable, PackedExpert] = {}
         self.pin = pin

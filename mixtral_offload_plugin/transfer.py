@@ -160,10 +160,15 @@ class CudaLoader(ThreadLoader):
 
 
 def make_loader(kind: str, store: Any, prepare: PrepareFn, device: torch.device) -> SyncLoader:
-    """kind: "sync", "async" or "auto" (async; on CUDA the stream loader)."""
+    """kind: "sync", "async" or "auto".
+
+    "auto": on CUDA the stream loader; on CPU a background thread only for stores that do I/O. A load from a store in
+    RAM (`store.in_memory`) is a memory copy on the same cores as compute: a thread adds no overlap, only contention
+    with torch's own threads (measured on the mid model, 2 cores: 20.6 tok/s with the thread, 25.9 without).
+    """
     if device.type == "cuda" and kind != "sync":
         return CudaLoader(store, prepare, device)
-    if kind == "sync":
+    if kind == "sync" or (kind == "auto" and getattr(store, "in_memory", False)):
         return SyncLoader(store, prepare)
     return ThreadLoader(store, prepare)
 
