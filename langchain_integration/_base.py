@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from mixtral_offload_plugin.generation import sampling_kwargs
+from mixtral_offload_plugin.runtime.generation import sampling_kwargs
 
 from . import _runtime
 

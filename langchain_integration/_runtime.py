@@ -27,7 +27,7 @@ _END = object()
 def resolve_path(path: str | Path | None) -> str:
     """The checkpoint folder as an absolute string; None means the embedded demo model."""
     if path is None:
-        from mixtral_offload_plugin.demo_model import default_model_path
+        from mixtral_offload_plugin.models.demo_model import default_model_path
 
         path = default_model_path()
     return str(Path(path).expanduser().resolve())

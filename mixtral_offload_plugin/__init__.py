@@ -7,7 +7,6 @@ Public API: `load_model(path, OffloadConfig(...))` returns a transformers causal
 from __future__ import annotations
 
 from .config import OffloadConfig
-from .demo_model import default_model_path
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -17,8 +16,9 @@ from .errors import (
     PluginError,
     UnsupportedModelError,
 )
-from .hookspecs import hookimpl
-from .loading import load_model
+from .models.demo_model import default_model_path
+from .plugins.hookspecs import hookimpl
+from .runtime.loading import load_model
 from .stats import GenerationStats, OffloadStats
 
 __all__ = [
@@ -37,4 +37,4 @@ __all__ = [
     "load_model",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

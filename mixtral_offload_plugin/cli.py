@@ -49,7 +49,7 @@ def config_from_args(a: argparse.Namespace) -> OffloadConfig:
 def model_path(a: argparse.Namespace) -> str:
     if a.model:
         return a.model
-    from .demo_model import default_model_path
+    from .models.demo_model import default_model_path
 
     return str(default_model_path())
 
@@ -59,7 +59,7 @@ def peak_rss_mib() -> float:
 
 
 def _sampling(a: argparse.Namespace) -> dict[str, Any]:
-    from .generation import sampling_kwargs
+    from .runtime.generation import sampling_kwargs
 
     return sampling_kwargs(a.temperature, a.top_p)
 
@@ -67,7 +67,7 @@ def _sampling(a: argparse.Namespace) -> dict[str, Any]:
 def _load(a: argparse.Namespace) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
-    from .loading import load_model
+    from .runtime.loading import load_model
 
     path = model_path(a)
     model = load_model(path, config_from_args(a))
@@ -92,7 +92,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     model, tok = _load(a)
     recorder = None
     if a.record_routing:
-        from .trace import RoutingRecorder
+        from .tools.trace import RoutingRecorder
 
         recorder = RoutingRecorder(model, a.record_routing)
     if tok is None:
@@ -160,7 +160,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    from .info import describe_checkpoint
+    from .tools.info import describe_checkpoint
 
     info = describe_checkpoint(a.path, config_from_args(a))
     if a.json:
@@ -237,11 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plugins)
 
     for name, module, helptext in (
-        ("convert", "convert", "convert a HF checkpoint to the offload format"),
-        ("bench", "bench", "side-by-side benchmark of offload configurations and baselines"),
-        ("replay", "replay", "replay a routing trace against cache policies and Belady's optimum"),
-        ("simulate", "simulate", "predict GPU tokens/s from a routing trace and a device profile"),
-        ("demo", "demo", "start the Gradio demo"),
+        ("convert", "tools.convert", "convert a HF checkpoint to the offload format"),
+        ("bench", "tools.bench", "side-by-side benchmark of offload configurations and baselines"),
+        ("replay", "tools.replay", "replay a routing trace against cache policies and Belady's optimum"),
+        ("simulate", "tools.simulate", "predict GPU tokens/s from a routing trace and a device profile"),
+        ("demo", "demo.app", "start the Gradio demo"),
     ):
         sp = sub.add_parser(name, help=helptext)
         try:

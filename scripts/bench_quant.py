@@ -62,7 +62,7 @@ def run_child(argv: list[str]) -> dict:
 
 def convert_child(args: argparse.Namespace) -> None:
     from mixtral_offload_plugin.config import OffloadConfig
-    from mixtral_offload_plugin.convert import convert
+    from mixtral_offload_plugin.tools.convert import convert
 
     if args.rtn:  # speed-only runs: skip HQQ's optimizer (round-to-nearest); decode speed does not depend on values
         import hqq.core.quantize as hq
@@ -85,7 +85,7 @@ def perplexity(workdir: Path) -> dict:
     import torch
 
     from mixtral_offload_plugin import OffloadConfig, load_model
-    from mixtral_offload_plugin.demo_model import default_model_path
+    from mixtral_offload_plugin.models.demo_model import default_model_path
 
     path = default_model_path()
     torch.manual_seed(0)
@@ -135,7 +135,7 @@ def main() -> None:
     if not (src / "config.json").exists():
         import torch
 
-        from mixtral_offload_plugin.synthetic import make_random_mixtral
+        from mixtral_offload_plugin.models.synthetic import make_random_mixtral
 
         make_random_mixtral(src, dtype=torch.bfloat16, seed=0, std=0.02, **MID)
     results: dict = {"decode": {}, "convert": {}}

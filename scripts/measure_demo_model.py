@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_MODEL = HERE.parent / "mixtral_offload_plugin" / "demo_model"
+DEFAULT_MODEL = HERE.parent / "mixtral_offload_plugin" / "models" / "demo_model"
 
 
 def chance_reuse(num_experts: int, top_k: int) -> float:

@@ -37,7 +37,7 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from mixtral_offload_plugin import OffloadConfig, load_model
-    from mixtral_offload_plugin.demo_model import default_model_path
+    from mixtral_offload_plugin.models.demo_model import default_model_path
 
     path = default_model_path()
     tok = AutoTokenizer.from_pretrained(path)

@@ -13,7 +13,7 @@ Corpus setup (Debian/Ubuntu, as root)::
 
 Example::
 
-    python scripts/train_demo_model.py --out mixtral_offload_plugin/demo_model \
+    python scripts/train_demo_model.py --out mixtral_offload_plugin/models/demo_model \
         --seed 0 --steps 360 --threads 1 --aux-coef 0.04
 
 ``--minutes`` may be given instead of ``--steps``: the script then times a few

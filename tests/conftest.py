@@ -27,7 +27,7 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 @pytest.fixture(scope="session")
 def tiny_mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """fp32, 2 layers, 4 experts top-2, hidden 64, GQA (4 heads / 2 KV heads), legacy w1/w2/w3 names on disk."""
-    from mixtral_offload_plugin.synthetic import make_random_mixtral
+    from mixtral_offload_plugin.models.synthetic import make_random_mixtral
 
     return make_random_mixtral(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
@@ -35,7 +35,7 @@ def tiny_mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_mixtral_fused(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same model as `tiny_mixtral` saved with fused `mlp.experts.gate_up_proj/down_proj` names."""
-    from mixtral_offload_plugin.synthetic import make_random_mixtral
+    from mixtral_offload_plugin.models.synthetic import make_random_mixtral
 
     return make_random_mixtral(tmp_path_factory.mktemp("tiny-fused") / "model", seed=0, fused=True)
 
@@ -43,7 +43,7 @@ def tiny_mixtral_fused(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_mixtral_8e(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """fp32, 3 layers, 8 experts top-2, hidden 64: enough experts for cache-size sweeps."""
-    from mixtral_offload_plugin.synthetic import make_random_mixtral
+    from mixtral_offload_plugin.models.synthetic import make_random_mixtral
 
     return make_random_mixtral(tmp_path_factory.mktemp("tiny8") / "model", layers=3, experts=8, seed=1)
 
@@ -51,7 +51,7 @@ def tiny_mixtral_8e(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_model_path() -> Path:
     """The embedded trained demo model (falls back to a random tiny model if the weights are absent)."""
-    from mixtral_offload_plugin.demo_model import default_model_path
+    from mixtral_offload_plugin.models.demo_model import default_model_path
 
     return default_model_path()
 
@@ -80,7 +80,7 @@ def save_word_tokenizer(path: Path, vocab_size: int) -> None:
 @pytest.fixture(scope="session")
 def tiny_mixtral_tok(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`tiny_mixtral`'s weights plus a word-level tokenizer (words w3..w127), for text-level tests."""
-    from mixtral_offload_plugin.synthetic import make_random_mixtral
+    from mixtral_offload_plugin.models.synthetic import make_random_mixtral
 
     path = make_random_mixtral(tmp_path_factory.mktemp("tiny-tok") / "model", seed=0)
     save_word_tokenizer(path, 128)

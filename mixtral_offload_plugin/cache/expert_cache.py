@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from ..stats import LayerCounters, OffloadStats
 from .policies import EvictionPolicy
-from .stats import LayerCounters, OffloadStats
 from .transfer import Slot, SyncLoader
 
 Key = tuple[int, int]  # (layer, expert)

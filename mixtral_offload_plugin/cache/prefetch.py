@@ -3,7 +3,8 @@
 `GatePrefetcher` applies the routers of the next `depth` MoE layers to the hidden state entering the current layer's
 experts (the residual stream changes slowly between layers, so the guess is often right) and asks the cache to load
 its top guesses. Loads never evict what the current layer uses. Guesses can be observed (traces record them).
-This module knows nothing about stores or kernels.
+The routers are applied through `arch.router_scores(block, hidden)`: this module knows nothing about modules,
+stores or kernels.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 
 class GatePrefetcher:
     """Guesses with the next layers' routers; `experts` guesses per layer, `depth` layers ahead."""
 
-    def __init__(self, cache: Any, arch: Any, blocks: dict[int, nn.Module], depth: int, experts: int) -> None:
+    def __init__(self, cache: Any, arch: Any, blocks: dict[int, Any], depth: int, experts: int) -> None:
         self.cache = cache
         self.arch = arch
         self.blocks = blocks
@@ -42,6 +42,6 @@ class GatePrefetcher:
             self.cache.prefetch(nxt, guess, protected)
 
 
-def gate_prefetcher(cache: Any, arch: Any, blocks: dict[int, nn.Module], config: Any) -> GatePrefetcher:
+def gate_prefetcher(cache: Any, arch: Any, blocks: dict[int, Any], config: Any) -> GatePrefetcher:
     """Factory registered as "gate" (the loader resolves `prefetch_experts=0` to the model's top-k first)."""
     return GatePrefetcher(cache, arch, blocks, config.prefetch_depth, max(1, config.prefetch_experts))

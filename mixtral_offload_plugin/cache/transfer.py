@@ -19,7 +19,7 @@ import torch
 
 def as_load_error(exc: BaseException, key: Hashable) -> BaseException:
     """Our own errors pass through; anything else a store raised becomes an ExpertLoadError naming the expert."""
-    from .errors import ExpertLoadError, MixtralOffloadError
+    from ..errors import ExpertLoadError, MixtralOffloadError
 
     if isinstance(exc, (MixtralOffloadError, KeyboardInterrupt, SystemExit)):
         return exc

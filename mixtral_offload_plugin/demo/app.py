@@ -6,7 +6,7 @@ experts currently cached outlined. Cache size, eviction policy and prefetcher ca
 unloaded and loaded again with the new `OffloadConfig` while no generation runs.
 
 This module holds the CLI entry (`add_arguments`, `main`) and `build_app`, which wires a `DemoEngine`
-(demo_engine.py: model, tokenizer, generation, reconfiguration) and the panel HTML (demo_panel.py) to a `gr.Blocks`.
+(engine.py: model, tokenizer, generation, reconfiguration) and the panel HTML (panel.py) to a `gr.Blocks`.
 gradio is imported lazily (`pip install "mixtral-offload-plugin[demo]"`).
 """
 
@@ -20,9 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .cli import add_offload_args, config_from_args, model_path
-from .config import OffloadConfig
-from .demo_engine import (
+from ..cli import add_offload_args, config_from_args, model_path
+from ..config import OffloadConfig
+from ..errors import BackendUnavailableError
+from .engine import (
     BYTE_CHAT_TEMPLATE,
     WINDOW,
     DemoEngine,
@@ -31,8 +32,7 @@ from .demo_engine import (
     load_tokenizer,
     num_experts_of,
 )
-from .demo_panel import heatmap_html, stats_html
-from .errors import BackendUnavailableError
+from .panel import heatmap_html, stats_html
 
 __all__ = [
     "BYTE_CHAT_TEMPLATE",
@@ -73,7 +73,7 @@ def _text(content: Any) -> str:
 
 
 def _choices(kind: str, current: str) -> list[str]:
-    from . import plugins
+    from .. import plugins
 
     names = list(plugins.registry(kind))
     return names if current in names else [*names, current]

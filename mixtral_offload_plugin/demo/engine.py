@@ -3,7 +3,7 @@
 `DemoEngine` owns the model, the tokenizer (the checkpoint's, or a byte-level fallback), the routing window of the
 recent decode tokens and the locks: it loads and reloads the model with a new `OffloadConfig` while no generation
 runs, streams a reply token by token and fits the prompt into the model's context. It knows nothing about Gradio
-(see demo.py) and only hands its snapshot to the HTML rendering in demo_panel.py.
+(see app.py) and only hands its snapshot to the HTML rendering in panel.py.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .config import OffloadConfig
-from .demo_panel import heatmap_html, stats_html
-from .errors import CheckpointError
-from .generation import sampling_kwargs
+from ..config import OffloadConfig
+from ..errors import CheckpointError
+from ..runtime.generation import sampling_kwargs
+from .panel import heatmap_html, stats_html
 
 WINDOW = 32  # decode tokens shown by the heatmap
 BYTE_CHAT_TEMPLATE = (
@@ -126,7 +126,7 @@ class DemoEngine:
     # -- model lifecycle ----------------------------------------------------------------------------------------
     def reconfigure(self, config: OffloadConfig) -> float:
         """Unload the current model and load it again with `config`, once no generation runs. Returns seconds."""
-        from . import plugins
+        from .. import plugins
 
         with self.lock, self.swap_lock:
             start = time.perf_counter()
@@ -241,7 +241,7 @@ class DemoEngine:
     def fit_context(self, messages: list[dict[str, str]], max_new_tokens: int) -> tuple[Any, int]:
         """Prompt ids that leave room for the reply in the model's context: the oldest turns are dropped first,
         then the prompt is cut from the left; `max_new_tokens` is capped to what is left."""
-        from .chat import chat_ids
+        from ..chat import chat_ids
 
         limit = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         system = [m for m in messages if m["role"] == "system"][:1]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 ROLES = ("gate", "up", "down")
 

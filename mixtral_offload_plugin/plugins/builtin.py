@@ -6,12 +6,12 @@ from typing import Any
 
 import torch
 
-from ..hookspecs import Register, hookimpl
+from .hookspecs import Register, hookimpl
 
 
 @hookimpl
 def register_cache_policies(register: Register) -> None:
-    from ..policies import LFRUPolicy, LFUPolicy, LRUPolicy
+    from ..cache.policies import LFRUPolicy, LFUPolicy, LRUPolicy
 
     register("lru", LRUPolicy)
     register("lfu", LFUPolicy)
@@ -20,7 +20,7 @@ def register_cache_policies(register: Register) -> None:
 
 @hookimpl
 def register_expert_stores(register: Register) -> None:
-    from ..stores import DiskStore, HostStore
+    from ..storage.stores import DiskStore, HostStore
 
     def host(config: Any, device: torch.device) -> HostStore:
         return HostStore(pin=device.type == "cuda")
@@ -48,7 +48,7 @@ def register_quantizers(register: Register) -> None:
 
 @hookimpl
 def register_prefetchers(register: Register) -> None:
-    from ..prefetch import gate_prefetcher
+    from ..cache.prefetch import gate_prefetcher
 
     register("none", lambda cache, arch, blocks, config: None)
     register("gate", gate_prefetcher)
@@ -56,7 +56,7 @@ def register_prefetchers(register: Register) -> None:
 
 @hookimpl
 def register_architectures(register: Register) -> None:
-    from ..families import FAMILIES
+    from ..models.families import FAMILIES
 
     for arch in FAMILIES:  # Mixtral and the other families sharing transformers 5's experts contract
         register(arch.name, arch)
@@ -64,6 +64,6 @@ def register_architectures(register: Register) -> None:
 
 @hookimpl(trylast=True)
 def load_offloaded_model(path: str, config: Any) -> Any:
-    from ..loading import load_model
+    from ..runtime.loading import load_model
 
     return load_model(path, config)

@@ -25,7 +25,7 @@ def register_cache_policies(register: Register) -> None:
 
     :param register: call ``register(name, factory)``; ``factory()`` returns a new object with
         ``on_insert(key)``, ``on_access(key)``, ``on_remove(key)`` and ``victim(candidates) -> key``
-        (see ``mixtral_offload_plugin.policies.EvictionPolicy``). One instance is made per slot pool.
+        (see ``mixtral_offload_plugin.cache.policies.EvictionPolicy``). One instance is made per slot pool.
         Selected with ``OffloadConfig(policy=name)``.
     """
 
@@ -36,7 +36,7 @@ def register_expert_stores(register: Register) -> None:
 
     :param register: call ``register(name, factory)``; ``factory(config, device)`` returns an object with
         ``put(key, packed)``, ``layout(key)``, ``read_into(key, out)``, ``host_tensor(key)`` and ``close()``
-        (see ``mixtral_offload_plugin.stores.ExpertStore``). Selected with ``OffloadConfig(store=name)``.
+        (see ``mixtral_offload_plugin.storage.stores.ExpertStore``). Selected with ``OffloadConfig(store=name)``.
     """
 
 
@@ -66,7 +66,7 @@ def register_architectures(register: Register) -> None:
     """Register model families (how to find their MoE layers and map checkpoint names to experts).
 
     :param register: call ``register(name, architecture)`` with a
-        ``mixtral_offload_plugin.architectures.Architecture``; it is chosen by ``config.json``'s ``model_type``.
+        ``mixtral_offload_plugin.models.architectures.Architecture``; it is chosen by ``config.json``'s ``model_type``.
     """
 
 

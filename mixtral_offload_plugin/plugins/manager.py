@@ -14,12 +14,12 @@ from typing import Any
 
 import pluggy
 
+from ..errors import ConfigError, PluginError
 from . import hookspecs
-from .errors import ConfigError, PluginError
 
 log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "mixtral_offload"
-DEFAULT_PLUGINS = ("mixtral_offload_plugin.default_plugins.builtin",)
+DEFAULT_PLUGINS = ("mixtral_offload_plugin.plugins.builtin",)
 KINDS = {
     "policy": "register_cache_policies",
     "store": "register_expert_stores",
@@ -69,7 +69,7 @@ def check() -> None:
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        msg = f"{exc}; the hook names are listed in mixtral_offload_plugin/hookspecs.py"
+        msg = f"{exc}; the hook names are listed in mixtral_offload_plugin/plugins/hookspecs.py"
         raise PluginError(msg) from None
 
 

@@ -2,7 +2,8 @@
 
 A quantizer is a small object registered by name through the `register_quantizers` hook. It packs one expert
 (`pack_expert`), picks the kernel for a packed layout on a device (`expert_kernel`), and can replace an attention
-projection by a quantized module (`quantize_linear`). This package knows nothing about stores or caches.
+projection by a quantized module (`quantize_linear`). The package must not import `runtime/`, `cache/`, `models/`,
+`tools/` or a face; from `storage/` it uses only the packed-buffer layout (`storage.packing`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
-from ..packing import ExpertLayout, PackedExpert, pack
+from ..storage.packing import ExpertLayout, PackedExpert, pack
 
 
 @dataclass(frozen=True)

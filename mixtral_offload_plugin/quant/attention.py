@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..packing import PackedExpert
+from ..storage.packing import PackedExpert
 from . import QuantSpec
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")

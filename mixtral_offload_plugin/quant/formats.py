@@ -11,23 +11,17 @@ A quantized matrix W [N, K] is HQQ's affine group quantization along K (axis=1):
   uint8 [N, K/g] plus `m.scale_mm`/`m.zero_mm` float32 [groups of 128, 2] (min, step).
 
 `dequantize` defines the exact math (float32) every kernel must reproduce; tests build their reference from it.
-Kernels (`plan_matrix`) are chosen per device and form; a kernel may ask for a per-slot workspace that `prepare`
-fills once per slot load (for example 2/3-bit weights unpacked into int4pack form). This module knows nothing about
-experts, caches or files.
+This module owns the byte forms and that math only: the kernels that multiply are in `cpu.py` and `cuda.py`, the
+choice between them in `kernels.py`. It knows nothing about experts, caches or files.
 """
 
 from __future__ import annotations
 
 import functools
-import threading
-from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..packing import ALIGN, align_up
 
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4 kernel accepts
 META_GROUP = 128  # values per group when scales/zeros are quantized to 8 bits
@@ -165,17 +159,6 @@ def _padded_parts(buf: torch.Tensor, n: int, k: int) -> list[tuple[torch.Tensor,
         rest = buf[nb * 64 * k:].view(k // 16, 2, 16 * r // 2)
         parts.append((rest[:, 0], rest[:, 1]))
     return parts
-
-
-_local = threading.local()
-
-
-def _scratch(nbytes: int) -> torch.Tensor:
-    """A reusable uint8 buffer of this thread (slot loads of one loader never overlap on a thread)."""
-    buf = getattr(_local, "buf", None)
-    if buf is None or buf.numel() < nbytes:
-        buf = _local.buf = torch.empty(align_up(nbytes, 1 << 20), dtype=torch.uint8)
-    return buf[:nbytes]
 
 
 def pad16_pack(q: torch.Tensor, offset: int) -> torch.Tensor:
@@ -321,163 +304,3 @@ def dequantize(views: dict[str, torch.Tensor], prefix: str, shape: tuple[int, in
         return ((q + _stored_offset(views, prefix, bits) - 8) * s + zt).view(n, k)
     s, z = matrix_meta(views, prefix, shape)
     return ((q - z[..., None]) * s[..., None]).view(n, k)
-
-
-# -- kernels ---------------------------------------------------------------------------------------------------------
-@dataclass
-class Int4Matmul:
-    """y = x @ W.T through `aten._weight_int4pack_mm_for_cpu` (activations cast to the kernel's dtype and back)."""
-
-    packed: torch.Tensor
-    sz: torch.Tensor
-    group_size: int
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        act = self.sz.dtype
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(act).contiguous(), self.packed, self.group_size, self.sz)
-        return y.to(x.dtype)
-
-
-@dataclass
-class Pad16Int4Matmul:
-    """A group-16 matrix on the int4 kernel: activations spread to [*, 2K] with a zero after every 16 values, so each
-    32-wide kernel group holds one real group of 16 (exact; twice the int4 work, half the memory of bf16)."""
-
-    packed: torch.Tensor  # [N, K] bytes = the padded [N, 2K] matrix, two nibbles per byte
-    sz: torch.Tensor
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        act = self.sz.dtype
-        m, k = x.shape
-        spread = torch.zeros(m, k // 16, 2, 16, dtype=act, device=x.device)
-        spread[:, :, 0] = x.view(m, k // 16, 16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(spread.view(m, 2 * k), self.packed, 32, self.sz)
-        return y.to(x.dtype)
-
-
-@dataclass
-class DenseMatmul:
-    weight: torch.Tensor
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
-
-
-@dataclass
-class DequantMatmul:
-    """Dequantize on every call, then matmul (CUDA: cheap there, keeps slots small)."""
-
-    views: dict[str, torch.Tensor]
-    prefix: str
-    shape: tuple[int, int]
-    bits: int
-    group_size: int
-    dtype: torch.dtype
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        w = dequantize(self.views, self.prefix, self.shape, self.bits, self.group_size).to(self.dtype)
-        return F.linear(x.to(self.dtype), w).to(x.dtype)
-
-
-@dataclass(frozen=True)
-class MatrixPlan:
-    """How one stored matrix is computed on one device.
-
-    kind: "int4" (CPU int4 kernel reads the stored int4pack form), "int4-lut16" (CPU, group 16: the same for the
-    matrix padded to group 32 with zero activations), "int4-lut" (CPU: 2/3-bit planes stored in
-    int4pack nibble order, expanded into the workspace by a table lookup at slot load), "int4-unpack" (CPU: 2/3-bit values unpacked into
-    int4pack form in the workspace at slot load), "dense" (dequantized into the workspace at slot load in `dtype`),
-    "dequant" (dequantized on every call; CUDA).
-    """
-
-    prefix: str
-    kind: str
-    shape: tuple[int, int]
-    bits: int
-    group_size: int
-    dtype: torch.dtype  # dense workspace dtype / int4 activation dtype
-
-    @property
-    def workspace_nbytes(self) -> int:
-        n, k = self.shape
-        el = torch.empty((), dtype=self.dtype).element_size()
-        if self.kind == "int4-unpack":
-            return align_up(n * k // 2, ALIGN) + align_up(k // self.group_size * n * 2 * el, ALIGN)
-        sz_bytes = align_up(k // self.group_size * n * 2 * el, ALIGN)  # [G, N, 2], built here from 8-bit meta
-        if self.kind == "int4-lut":
-            return align_up(n * k // 2, ALIGN) + sz_bytes
-        if self.kind == "int4-lut16":  # the padded int4 matrix: 1 byte per real weight
-            return align_up(n * k, ALIGN) + sz_bytes
-        if self.kind == "dense":
-            return align_up(n * k * el, ALIGN)
-        return 0
-
-    def _prepare_lut(self, views: dict[str, torch.Tensor], workspace: torch.Tensor) -> Any:
-        """Expand stored bit planes into int4pack bytes (one table lookup per byte) in the workspace."""
-        n, k = self.shape
-        if self.kind == "int4-lut":
-            wq = lut_unpack(views[f"{self.prefix}.lo"], views.get(f"{self.prefix}.hi"), self.bits,
-                            workspace[: n * k // 2])
-            return Int4Matmul(wq.view(n, k // 2), _lut_sz(self, views, workspace[align_up(n * k // 2, ALIGN):]),
-                              self.group_size)
-        real = lut_unpack(views[f"{self.prefix}.plo"], views.get(f"{self.prefix}.phi"), self.bits,
-                          _scratch(n * k // 2))
-        padded = pad16_unpack(real, n, k, workspace[: n * k])
-        return Pad16Int4Matmul(padded.view(n, k), _lut_sz(self, views, workspace[align_up(n * k, ALIGN):]))
-
-    def prepare(self, views: dict[str, torch.Tensor], workspace: torch.Tensor | None) -> Any:
-        n, k = self.shape
-        if self.kind == "int4":
-            return Int4Matmul(views[f"{self.prefix}.q"], views[f"{self.prefix}.sz"], self.group_size)
-        if self.kind == "dequant":
-            return DequantMatmul(views, self.prefix, self.shape, self.bits, self.group_size, self.dtype)
-        assert workspace is not None and workspace.numel() >= self.workspace_nbytes, "slot lacks its workspace"
-        if self.kind in ("int4-lut", "int4-lut16"):
-            return self._prepare_lut(views, workspace)
-        if self.kind == "dense":
-            w = workspace[: n * k * torch.empty((), dtype=self.dtype).element_size()].view(self.dtype).view(n, k)
-            w.copy_(dequantize(views, self.prefix, self.shape, self.bits, self.group_size))
-            return DenseMatmul(w)
-        offset = 8 - (1 << (self.bits - 1))  # centre 2/3-bit values in 0..15
-        q = matrix_values(views, self.prefix, self.shape, self.bits).to(torch.int32) + offset
-        wq = workspace[: n * k // 2].view(n, k // 2)
-        wq.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
-        off = align_up(n * k // 2, ALIGN)
-        el = torch.empty((), dtype=self.dtype).element_size()
-        sz = workspace[off:off + k // self.group_size * n * 2 * el].view(self.dtype).view(k // self.group_size, n, 2)
-        s, z = matrix_meta(views, self.prefix, self.shape)
-        sz.copy_(int4_scale_zeros(s, z, self.dtype, offset))
-        return Int4Matmul(wq, sz, self.group_size)
-
-
-def _lut_sz(plan: MatrixPlan, views: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-    """The int4 kernel's [G, N, 2] scales/zeros: stored, or built into `out` from the 8-bit meta."""
-    if f"{plan.prefix}.sz" in views:
-        return views[f"{plan.prefix}.sz"]
-    n, k = plan.shape
-    s, z = matrix_meta(views, plan.prefix, plan.shape)
-    el = torch.empty((), dtype=plan.dtype).element_size()
-    sz = out[: k // plan.group_size * n * 2 * el].view(plan.dtype).view(k // plan.group_size, n, 2)
-    return sz.copy_(int4_scale_zeros(s, z, plan.dtype, int4_offset(plan.bits)))
-
-
-def plan_matrix(prefix: str, form: str, shape: tuple[int, int], bits: int, group_size: int,
-                dtype: torch.dtype, device: torch.device, sz_dtype: torch.dtype | None = None) -> MatrixPlan:
-    """Pick the fastest exact way to compute a stored matrix on `device` (see `MatrixPlan.kind`).
-
-    CPU: int4pack form -> the int4 kernel in place; 2/3-bit with an int4-compatible group size -> unpacked into
-    int4pack form at slot load (exact: values 0..7 are valid int4 values, zero_t = (8 - z) s); anything else
-    (2/3-bit group 16, 8-bit) -> dequantized once per slot load into a dense workspace, then `F.linear`.
-    """
-    act = torch.float32 if dtype == torch.float32 else torch.bfloat16
-    if device.type != "cpu":
-        return MatrixPlan(prefix, "dequant", shape, bits, group_size, dtype)
-    if form == "int4pack":
-        return MatrixPlan(prefix, "int4", shape, bits, group_size, sz_dtype or act)
-    if form == "int4lut":
-        return MatrixPlan(prefix, "int4-lut", shape, bits, group_size, sz_dtype or act)
-    if form == "int4lut16":
-        return MatrixPlan(prefix, "int4-lut16", shape, bits, group_size, sz_dtype or act)
-    if bits in (2, 3) and int4_ok(shape, group_size):
-        return MatrixPlan(prefix, "int4-unpack", shape, bits, group_size, act)
-    return MatrixPlan(prefix, "dense", shape, bits, group_size, dtype)

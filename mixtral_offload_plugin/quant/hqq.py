@@ -1,7 +1,7 @@
 """`HqqQuantizer`: HQQ-quantized experts and attention projections, packed for the kernel of the target device.
 
 Quantization itself is HQQ's optimizer (`hqq.core.quantize.Quantizer.quantize`, axis=1); the 8-bit quantization of
-scales and zeros (hqq 0.2.8 ignores its own flag) and all packing are ours (`kernels.py`). On CPU, 4-bit matrices whose
+scales and zeros (hqq 0.2.8 ignores its own flag) and all packing are ours (`formats.py`). On CPU, 4-bit matrices whose
 shape and group size the int4 kernel accepts are stored directly in its layout, so a cache load is one copy and the
 kernel reads the slot. 2/3-bit matrices are stored bit-packed (what makes them cheap to store and move) and expanded
 once per slot load into a workspace right after the packed bytes (see `plan_matrix`). This module knows nothing about
@@ -17,9 +17,19 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..packing import ALIGN, ExpertLayout, PackedExpert, align_up, dtype_from_name, dtype_name, pack, unpack_views
+from ..storage.packing import (
+    ALIGN,
+    ExpertLayout,
+    PackedExpert,
+    align_up,
+    dtype_from_name,
+    dtype_name,
+    pack,
+    unpack_views,
+)
 from . import QuantSpec
-from .kernels import dequantize, hqq_quantize, int4_ok, int4_pad16_ok, plan_matrix, store_matrix
+from .formats import dequantize, hqq_quantize, int4_ok, int4_pad16_ok, store_matrix
+from .kernels import plan_matrix
 
 BITS = (2, 3, 4, 8)
 MATRICES = ("gate_up", "down")

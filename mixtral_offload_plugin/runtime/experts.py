@@ -33,7 +33,7 @@ class OffloadedExperts(nn.Module):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         rt = self._runtime
         if rt is None:
-            from .errors import ModelUnloadedError
+            from ..errors import ModelUnloadedError
 
             msg = "this model was unloaded; load it again with load_model()"
             raise ModelUnloadedError(msg)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .errors import GenerationError
+from ..errors import GenerationError
 
 MAX_NEW_TOKENS_LIMIT = 1 << 20
 

@@ -16,18 +16,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import plugins
-from .architectures import Architecture, read_expert
-from .cache import ExpertCache
-from .checkpoint import HFCheckpoint
-from .config import OffloadConfig
-from .errors import CheckpointError, ConfigError, UnsupportedModelError
+from .. import plugins
+from ..cache.expert_cache import ExpertCache
+from ..cache.transfer import make_loader
+from ..config import OffloadConfig
+from ..errors import CheckpointError, ConfigError, UnsupportedModelError
+from ..models.architectures import Architecture, read_expert
+from ..quant import QuantSpec
+from ..storage.hf_checkpoint import HFCheckpoint
+from ..storage.packing import PackedExpert, unpack_views
 from .experts import OffloadedExperts
 from .memory import kv_bytes, make_plan
-from .packing import PackedExpert, unpack_views
-from .quant import QuantSpec
-from .runtime import OffloadRuntime, offloaded_class
-from .transfer import make_loader
+from .model import OffloadRuntime, offloaded_class
 
 log = logging.getLogger(__name__)
 MANIFEST_NAME = "mixtral_offload.json"
@@ -39,7 +39,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from .errors import BackendUnavailableError
+        from ..errors import BackendUnavailableError
 
         msg = f"device={name!r} but CUDA is not available here; use device='cpu' (or 'auto')"
         raise BackendUnavailableError(msg)
@@ -68,7 +68,7 @@ def find_architecture(model_config: Any) -> Architecture:
     families = sorted({t for a in archs for t in a.model_types})
     has_experts = any(hasattr(model_config, n) for n in ("num_local_experts", "num_experts", "n_routed_experts"))
     why = "is a mixture-of-experts family that is not supported" if has_experts else "has no experts (not a MoE model)"
-    from .families import UNSUPPORTED
+    from ..models.families import UNSUPPORTED
 
     reason = f" ({UNSUPPORTED[model_type]})" if model_type in UNSUPPORTED else ""
     msg = f"model_type {model_type!r} {why}{reason}; supported families: {families}"
@@ -228,7 +228,7 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
     device = resolve_device(config.device)
 
     if (path / MANIFEST_NAME).exists():
-        from .offload_format import open_offload_checkpoint
+        from ..storage.offload_format import open_offload_checkpoint
 
         ckpt = open_offload_checkpoint(path, config)
     else:
@@ -242,10 +242,15 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
 
     model, blocks = build_skeleton(model_config, arch)
     split = ckpt.split_keys(arch) if hasattr(ckpt, "split_keys") else arch.split_keys(ckpt.keys())
-    packed_bytes = ckpt.install_attention(model, dtype, device) if hasattr(ckpt, "install_attention") else 0
+    packed_bytes = 0
+    if hasattr(ckpt, "packed_attention"):  # offload format: attention projections stored quantized
+        from ..quant.attention import install_packed_attention
+
+        packed = ckpt.packed_attention()
+        packed_bytes = install_packed_attention(model, packed, dtype, device) if packed else 0
     trunk_bytes = materialise_trunk(model, ckpt, arch, split[2], dtype, device) + packed_bytes
     if config.attn_bits < 16:
-        from .quant.attention import quantize_attention
+        from ..quant.attention import quantize_attention
 
         trunk_bytes = quantize_attention(model, config, dtype, device)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, MemoryPlanError
+from ..errors import ConfigError, MemoryPlanError
 
 SAFETY = 0.85  # share of the available memory a plan may use
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .errors import ModelUnloadedError
-from .stats import GenerationStats, OffloadStats
+from ..errors import ModelUnloadedError
+from ..stats import GenerationStats, OffloadStats
 
 
 @dataclass
@@ -109,8 +109,8 @@ class OffloadedModelMixin:
 
     def generate(self, *args: Any, offload_source: str = "generate", **kwargs: Any) -> Any:
         """`transformers` generate(), serialized, validated, and reported to `on_generation_finished` observers."""
+        from ..plugins import pm
         from .generation import check_generate_kwargs
-        from .plugins import pm
 
         rt = self._runtime_or_raise()
         check_generate_kwargs(self, args, kwargs)

@@ -1,6 +1,6 @@
 """The offload format: a checkpoint folder whose experts are already packed, so loading does no quantization work.
 
-Layout of a folder (written by `convert.py`):
+Layout of a folder (written by `tools/convert.py`):
 - `config.json`, `generation_config.json`, tokenizer files: copied from the source checkpoint;
 - `mixtral_offload.json`: the manifest (format version, architecture, quantization settings, and for every expert its
   file, offset, size, tensor layout and CRC-32);
@@ -10,7 +10,7 @@ Layout of a folder (written by `convert.py`):
 - `experts-LLL.bin`: the packed experts of layer LLL, each starting on a `FILE_ALIGN` boundary.
 
 `open_offload_checkpoint` validates the manifest against the files (version, paths, ranges, sizes) and returns an
-`OffloadCheckpoint` with the surface `loading.py` uses. Checksums are verified on an expert's first read (or all at
+`OffloadCheckpoint` with the surface `runtime/loading.py` uses. Checksums are verified on an expert's first read (or all at
 open with `OffloadConfig(verify=True)`). This module knows nothing about caches or kernels.
 """
 
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import read_json
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from .hf_checkpoint import read_json
 from .packing import FILE_ALIGN, ExpertLayout, PackedExpert
 
 MANIFEST_NAME = "mixtral_offload.json"
@@ -183,12 +183,8 @@ class OffloadCheckpoint:
         """Like `Architecture.split_keys`: no expert tensors here (they are in the expert files)."""
         return {}, {}, self.keys()
 
-    def install_attention(self, model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> int:
-        """Put the stored quantized attention projections into `model`; returns their bytes (0 when none)."""
-        if not self.attention:
-            return 0
-        from .quant.attention import install_packed_attention
-
+    def packed_attention(self) -> dict[str, PackedExpert]:
+        """The stored quantized attention projections: {module name: packed bytes and layout} (empty when none)."""
         packed = {}
         for name, layout in self.attention.items():
             data = self.get(name + PACKED_SUFFIX)
@@ -196,7 +192,7 @@ class OffloadCheckpoint:
                 msg = f"{name}{PACKED_SUFFIX} in {self.trunk_path.name} does not match its layout; {RECONVERT}"
                 raise CheckpointError(msg)
             packed[name] = PackedExpert(layout, data.clone())
-        return install_packed_attention(model, packed, dtype, device)
+        return packed
 
     # -- experts -------------------------------------------------------------------------------------------------
     def expert_layouts(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], ExpertLayout]:

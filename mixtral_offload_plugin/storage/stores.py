@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from .errors import ChecksumError, ExpertLoadError
+from ..errors import ChecksumError, ExpertLoadError
 from .packing import FILE_ALIGN, ExpertLayout, PackedExpert, align_up, checksum
 
 log = logging.getLogger(__name__)

@@ -15,10 +15,10 @@ Design (why the numbers are honest):
 Baselines: transformers `MixtralForCausalLM` dense (bf16, fp32) and accelerate's offloading (`device_map="auto"`,
 `max_memory` = the RAM budget our offloaded configuration uses for weights, the rest of the layers on "disk" in a
 temporary offload folder): the "naive offloading" row of the mixtral-offloading paper.
-This module owns the configurations, the model and budget arithmetic, the interleaving and the table; the
-worker process (its handle and the measurement inside it) is bench_worker.py, the memory group cgroups.py.
-It imports only the standard library (and those two modules) at top level;
-workers import torch and transformers.
+This module owns the worker processes (their handle, `Worker`), the interleaving and the table; the configurations
+and model sizes are bench_config.py, the measurement inside a worker bench_worker.py (started as a separate process,
+never imported from here), the memory group cgroups.py. It imports only the standard library (and those modules) at
+top level; workers import torch and transformers.
 """
 
 from __future__ import annotations
@@ -29,175 +29,80 @@ import os
 import re
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bench_worker import PROMPT, Worker, worker_main
+from .bench_config import (
+    _BUDGETED,
+    DEFAULT_CONFIGS,
+    SYNTHETIC,
+    WORKING_MEMORY,
+    BenchConfig,
+    checkpoint_bytes,
+    parse_config,
+    resolve_model,
+)
 from .cgroups import CGROUP_ROOT, MemoryGroup
 
-__all__ = [  # the worker's and the memory group's names stay importable from here
-    "CGROUP_ROOT", "DEFAULT_CONFIGS", "PROMPT", "SYNTHETIC", "WORKING_MEMORY", "BenchConfig",
-    "MemoryGroup", "Worker", "add_arguments", "checkpoint_bytes", "format_table", "main",
-    "measure_runtime_baseline", "parse_config", "resolve_model", "run", "worker_main",
+__all__ = [  # the configurations' and the memory group's names stay importable from here
+    "CGROUP_ROOT", "DEFAULT_CONFIGS", "SYNTHETIC", "WORKING_MEMORY", "BenchConfig", "MemoryGroup", "Worker",
+    "add_arguments", "checkpoint_bytes", "format_table", "main", "measure_runtime_baseline", "parse_config",
+    "resolve_model", "run",
 ]
 
-SYNTHETIC = {  # make_random_mixtral arguments
-    "mid": {"hidden": 1024, "intermediate": 3584, "layers": 8, "experts": 8, "top_k": 2, "heads": 8,
-            "kv_heads": 2, "vocab": 32000, "context": 4096, "dtype": "bfloat16", "std": 0.02},
-    "tiny": {"hidden": 64, "intermediate": 128, "layers": 2, "experts": 4, "top_k": 2, "heads": 4,
-             "kv_heads": 2, "vocab": 128, "context": 256, "dtype": "float32", "std": 0.2},
-}
-DEFAULT_CONFIGS = "transformers-bf16,resident,host-k4,disk-k4-cold,disk-k4-cold-prefetch"
-_OURS_RE = re.compile(r"^(host|disk)-k(\d+)(-cold)?(-prefetch)?$")
-_BENCH_KEYS = {"engine", "cold", "limit", "dtype_hf"}
-_BUDGETED = ("half",)
-# `--memory-limit half` adds this to the runtime, trunk and half the experts: activations, KV cache, allocator slack
-# and the one expert being packed while loading (without it a k=E/2 worker is OOM-killed at the edge of its group)
-WORKING_MEMORY = 256 << 20
 
+# -- the parent's handle -----------------------------------------------------------------------------------------------
+class Worker:
+    """One configuration's process: started once, asked for one repeat at a time."""
 
-# -- configurations ----------------------------------------------------------------------------------------------------
-@dataclass
-class BenchConfig:
-    """One row of the table: which engine, its settings, and whether the memory limit applies to it."""
+    def __init__(self, cfg: BenchConfig, spec: dict[str, Any], group: MemoryGroup | None, log_dir: Path) -> None:
+        self.cfg = cfg
+        self.group = group if group is not None and group.ok else None
+        rfd, wfd = os.pipe()
+        self.log_path = log_dir / f"{re.sub(r'[^A-Za-z0-9._-]', '_', cfg.label)}.log"
+        spec = dict(spec, result_fd=wfd)
+        env = dict(os.environ, MIXTRAL_OFFLOAD_QUIET="1", TRANSFORMERS_VERBOSITY="error",
+                   TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(  # noqa: S603 - our own module
+            [sys.executable, "-m", "mixtral_offload_plugin.tools.bench_worker", "--worker", json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            pass_fds=(wfd,), env=env, text=True, preexec_fn=self.group.enter if self.group else None)
+        os.close(wfd)
+        self.results = os.fdopen(rfd, "r")
+        self.error: str | None = None
 
-    label: str
-    engine: str  # ours | transformers | accelerate
-    offload: dict[str, Any] = field(default_factory=dict)  # OffloadConfig fields (ours)
-    dtype: str = "auto"
-    cold: bool = False
-    limited: bool = False  # runs inside --memory-limit (configurations meant to fit the budget)
+    def receive(self) -> dict[str, Any] | None:
+        line = self.results.readline()
+        if not line:
+            self.proc.wait()
+            tail = self.log_path.read_text(errors="replace")[-1500:] if self.log_path.exists() else ""
+            killed = self.proc.returncode in (-9, 137)
+            self.error = ("killed (out of memory in its memory group?)" if killed else
+                          f"exited with status {self.proc.returncode}") + f"; log {self.log_path}:\n{tail}"
+            return None
+        return json.loads(line)
 
+    def ask(self, command: str) -> dict[str, Any] | None:
+        if self.error is not None:
+            return None
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
+        return self.receive()
 
-def _coerce(value: str) -> Any:
-    low = value.lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    if low in ("none", "null"):
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        return value
+    def close(self) -> dict[str, Any] | None:
+        final = self.ask("quit")
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        return final
 
-
-def parse_config(spec: str) -> BenchConfig:
-    """`preset[:key=value...]`: presets resident, host-kN, disk-kN[-cold][-prefetch], transformers-bf16,
-    transformers-fp32, accelerate-disk; keys are OffloadConfig fields plus cold and limit."""
-    name, *overrides = spec.split(":")
-    m = _OURS_RE.match(name)
-    if name == "resident":
-        cfg = BenchConfig(spec, "ours", {"store": "auto"})
-    elif m:
-        offload = {"store": m[1], "experts_per_layer": int(m[2])}
-        if m[4]:
-            offload["prefetch"] = "gate"
-        cfg = BenchConfig(spec, "ours", offload, cold=bool(m[3]), limited=m[1] == "disk")
-    elif name in ("transformers-bf16", "transformers-fp32", "transformers"):
-        dtype = {"transformers-bf16": "bfloat16", "transformers-fp32": "float32"}.get(name, "auto")
-        cfg = BenchConfig(spec, "transformers", dtype=dtype)
-    elif name in ("accelerate-disk", "accelerate-disk-warm"):
-        cfg = BenchConfig(spec, "accelerate", cold=name == "accelerate-disk", limited=True)
-    else:
-        msg = (f"unknown bench configuration {name!r}: use resident, host-kN, disk-kN[-cold][-prefetch], "
-               "transformers-bf16, transformers-fp32, accelerate-disk or accelerate-disk-warm, "
-               "optionally followed by :key=value overrides (OffloadConfig fields, cold, limit)")
-        raise ValueError(msg)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            msg = f"override {item!r} in {spec!r} is not key=value"
-            raise ValueError(msg)
-        if key == "cold":
-            cfg.cold = bool(_coerce(value))
-        elif key == "limit":
-            cfg.limited = bool(_coerce(value))
-        elif key == "dtype" and cfg.engine != "ours":
-            cfg.dtype = value
-        elif cfg.engine == "ours":
-            cfg.offload[key] = _coerce(value)
-        else:
-            msg = f"override {key!r} applies only to our configurations, not {name!r}"
-            raise ValueError(msg)
-    if cfg.engine == "ours":
-        from .config import OffloadConfig
-
-        OffloadConfig(**cfg.offload)  # validate now, before any process starts
-    return cfg
-
-
-# -- model and budget ------------------------------------------------------------------------------------------------
-def _cache_root() -> Path:
-    return Path(os.environ.get("MIXTRAL_OFFLOAD_CACHE", Path(tempfile.gettempdir()) / "mixtral-offload"))
-
-
-def resolve_model(args: argparse.Namespace) -> Path:
-    if args.model and args.synthetic:
-        msg = "give either --model or --synthetic, not both"
-        raise ValueError(msg)
-    if args.model:
-        path = Path(args.model)
-        if not (path / "config.json").exists():
-            msg = f"--model {path}: no config.json there; give a Hugging Face checkpoint folder"
-            raise ValueError(msg)
-        return path
-    if args.synthetic:
-        spec = dict(SYNTHETIC[args.synthetic])
-        out = Path(args.cache_dir or _cache_root()) / f"bench-{args.synthetic}"
-        if not (out / "config.json").exists():
-            import torch
-
-            from .synthetic import make_random_mixtral
-
-            spec["dtype"] = getattr(torch, spec["dtype"])
-            tmp = out.with_name(out.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            make_random_mixtral(tmp, seed=0, **spec)
-            tmp.rename(out)
-        return out
-    from .demo_model import default_model_path
-
-    return default_model_path()
-
-
-def checkpoint_bytes(path: Path) -> tuple[int, int, int]:
-    """(trunk bytes, expert bytes, number of experts) from the safetensors headers or, for an offload-format folder,
-    its manifest (no weight is read)."""
-    manifest = path / "mixtral_offload.json"
-    if manifest.exists():
-        entries = json.loads(manifest.read_text())["experts"]
-        trunk_file = path / "trunk.safetensors"
-        return (trunk_file.stat().st_size if trunk_file.exists() else 0,
-                sum(int(e["size"]) for e in entries), len(entries))
-    trunk = experts = 0
-    keys = set()
-    pat = re.compile(r"layers\.(\d+)\..*experts\.(\d+)\.")
-    for f in sorted(path.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            size = meta["data_offsets"][1] - meta["data_offsets"][0]
-            if ".experts." in name:
-                experts += size
-                m = pat.search(name)
-                if m:
-                    keys.add((m[1], m[2]))
-            else:
-                trunk += size
-    if experts == 0:
-        msg = f"{path} has no expert tensors: bench needs a mixture-of-experts checkpoint"
-        raise ValueError(msg)
-    return trunk, experts, len(keys)
 
 
 def _summary(cfg: BenchConfig, load: dict[str, Any] | None, reps: list[dict[str, Any]], final: dict[str, Any] | None,
@@ -259,8 +164,8 @@ def _trace_path(base: str | None, cfg: BenchConfig, n_ours: int) -> str | None:
 
 def measure_runtime_baseline(log_dir: Path) -> int:
     """RSS of a worker after importing torch, transformers and this package, with no model loaded."""
-    code = ("import torch, transformers, mixtral_offload_plugin.loading;"
-            "from mixtral_offload_plugin.bench_worker import _peak_rss; print(_peak_rss())")
+    code = ("import torch, transformers, mixtral_offload_plugin.runtime.loading;"
+            "from mixtral_offload_plugin.tools.bench_worker import _peak_rss; print(_peak_rss())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)  # noqa: S603
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -268,7 +173,7 @@ def measure_runtime_baseline(log_dir: Path) -> int:
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    from .config import parse_size
+    from ..config import parse_size
 
     configs = [parse_config(s) for s in _split_configs(args.configs)]
     path = resolve_model(args)

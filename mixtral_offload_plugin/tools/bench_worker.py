@@ -1,7 +1,7 @@
-"""One `mixtral-offload bench` configuration in its own process: the parent's handle and the measurement inside.
+"""One `mixtral-offload bench` configuration in its own process: the measurement inside the worker.
 
-`Worker` (parent side) starts `python -m mixtral_offload_plugin.bench_worker --worker SPEC`, optionally inside a
-`MemoryGroup`, and exchanges one JSON line per command over a pipe. `worker_main` (child side) loads the model with
+The parent (`bench.Worker`) starts `python -m mixtral_offload_plugin.tools.bench_worker --worker SPEC`, optionally
+inside a memory group, and exchanges one JSON line per command over a pipe. `worker_main` (child side) loads the model with
 its engine (ours, transformers dense, or accelerate offloading), warms it up, and for each "run" decodes the prompt
 greedily and reports time to first token, decode tokens/s, peak RSS, disk reads and, for our engine, cache and
 prefetch counters. It knows nothing about the other configurations, the interleaving or the table (bench.py).
@@ -13,71 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .bench import BenchConfig
-    from .cgroups import MemoryGroup
+from typing import Any
 
 PROMPT = ("The old lighthouse keeper climbed the stairs every evening to light the lamp, and the ships "
           "that passed the rocky coast")
-
-
-# -- the parent's handle -----------------------------------------------------------------------------------------------
-class Worker:
-    """One configuration's process: started once, asked for one repeat at a time."""
-
-    def __init__(self, cfg: BenchConfig, spec: dict[str, Any], group: MemoryGroup | None, log_dir: Path) -> None:
-        self.cfg = cfg
-        self.group = group if group is not None and group.ok else None
-        rfd, wfd = os.pipe()
-        self.log_path = log_dir / f"{re.sub(r'[^A-Za-z0-9._-]', '_', cfg.label)}.log"
-        spec = dict(spec, result_fd=wfd)
-        env = dict(os.environ, MIXTRAL_OFFLOAD_QUIET="1", TRANSFORMERS_VERBOSITY="error",
-                   TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(  # noqa: S603 - our own module
-            [sys.executable, "-m", "mixtral_offload_plugin.bench_worker", "--worker", json.dumps(spec)],
-            stdin=subprocess.PIPE, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
-            pass_fds=(wfd,), env=env, text=True, preexec_fn=self.group.enter if self.group else None)
-        os.close(wfd)
-        self.results = os.fdopen(rfd, "r")
-        self.error: str | None = None
-
-    def receive(self) -> dict[str, Any] | None:
-        line = self.results.readline()
-        if not line:
-            self.proc.wait()
-            tail = self.log_path.read_text(errors="replace")[-1500:] if self.log_path.exists() else ""
-            killed = self.proc.returncode in (-9, 137)
-            self.error = ("killed (out of memory in its memory group?)" if killed else
-                          f"exited with status {self.proc.returncode}") + f"; log {self.log_path}:\n{tail}"
-            return None
-        return json.loads(line)
-
-    def ask(self, command: str) -> dict[str, Any] | None:
-        if self.error is not None:
-            return None
-        try:
-            self.proc.stdin.write(command + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            pass
-        return self.receive()
-
-    def close(self) -> dict[str, Any] | None:
-        final = self.ask("quit")
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        return final
 
 
 # -- the worker --------------------------------------------------------------------------------------------------------
@@ -149,8 +93,8 @@ def _load(spec: dict[str, Any], scratch: Path) -> tuple[Any, list[Path], dict[st
 
     path = Path(spec["model"])
     if spec["engine"] == "ours":
-        from .config import OffloadConfig
-        from .loading import load_model
+        from ..config import OffloadConfig
+        from ..runtime.loading import load_model
 
         model = load_model(path, OffloadConfig(device="cpu", **spec["offload"]))
         rt = model._offload_runtime

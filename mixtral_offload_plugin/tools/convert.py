@@ -1,4 +1,4 @@
-"""`mixtral-offload convert SRC DST`: turn a Hugging Face checkpoint into the offload format (see offload_format.py).
+"""`mixtral-offload convert SRC DST`: turn a Hugging Face checkpoint into the offload format (see storage/offload_format.py).
 
 Streams the source layer by layer (peak memory: about one layer's experts plus the 16-bit trunk), quantizes experts
 and attention with the chosen settings, writes everything into a temporary folder next to DST and renames it into
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .config import OffloadConfig
+    from ..config import OffloadConfig
 
     cfg = OffloadConfig(expert_bits=args.expert_bits, expert_group_size=args.expert_group_size,
                         attn_bits=args.attn_bits, attn_group_size=args.attn_group_size,
@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _resolve_dst(src: Path, dst: Path, force: bool) -> None:
-    from .errors import CheckpointError
+    from ..errors import CheckpointError
 
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         msg = f"the output folder {dst} must not be the source folder or inside it; choose another DST"
@@ -72,7 +72,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], config: An
     try:
         summary = _write(src, tmp, config)
         if verify:
-            from .offload_format import open_offload_checkpoint
+            from ..storage.offload_format import open_offload_checkpoint
 
             open_offload_checkpoint(tmp, config.replace(verify=True)).close()
         if dst.exists():
@@ -92,13 +92,20 @@ def _write(src: Path, out: Path, config: Any) -> dict[str, Any]:
     from torch import nn
     from tqdm.auto import tqdm
 
-    from . import plugins
-    from .architectures import read_expert
-    from .checkpoint import HFCheckpoint
-    from .loading import find_architecture, load_model_config, resolve_dtype
-    from .offload_format import FORMAT_NAME, FORMAT_VERSION, PACKED_SUFFIX, TRUNK_NAME, expert_file_name, write_manifest
-    from .packing import FILE_ALIGN, align_up
-    from .quant import QuantSpec
+    from .. import plugins
+    from ..models.architectures import read_expert
+    from ..quant import QuantSpec
+    from ..runtime.loading import find_architecture, load_model_config, resolve_dtype
+    from ..storage.hf_checkpoint import HFCheckpoint
+    from ..storage.offload_format import (
+        FORMAT_NAME,
+        FORMAT_VERSION,
+        PACKED_SUFFIX,
+        TRUNK_NAME,
+        expert_file_name,
+        write_manifest,
+    )
+    from ..storage.packing import FILE_ALIGN, align_up
 
     plugins.load_plugins()
     ckpt = HFCheckpoint(src)
@@ -127,7 +134,7 @@ def _write(src: Path, out: Path, config: Any) -> dict[str, Any]:
             try:
                 packed = attn_quantizer.pack_linear(linear, attn_spec, device)
             except ValueError as exc:
-                from .errors import ConfigError
+                from ..errors import ConfigError
 
                 msg = f"cannot quantize {proj}: {exc} (--attn-group-size {config.attn_group_size})"
                 raise ConfigError(msg) from None
@@ -150,7 +157,7 @@ def _write(src: Path, out: Path, config: Any) -> dict[str, Any]:
                 try:
                     packed = quantizer.pack_expert(weights, spec, device)
                 except ValueError as exc:
-                    from .errors import ConfigError
+                    from ..errors import ConfigError
 
                     msg = f"cannot quantize layer {layer} expert {e}: {exc} (--expert-group-size {spec.group_size})"
                     raise ConfigError(msg) from None

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from . import plugins
-from .config import OffloadConfig
-from .memory import fmt, kv_bytes, make_plan
+from .. import plugins
+from ..config import OffloadConfig
+from ..runtime.memory import fmt, kv_bytes, make_plan
 
 
 def expert_bytes_estimate(model_config: Any, bits: int, group: int, dtype_bytes: int, quant_scales: bool) -> int:
@@ -32,17 +32,17 @@ def _workspace(ckpt: Any, layout: Any, device: torch.device) -> int:
 
 
 def describe_checkpoint(path: str | Path, config: OffloadConfig) -> dict[str, Any]:
-    from .loading import MANIFEST_NAME, find_architecture, load_model_config, resolve_dtype
+    from ..runtime.loading import MANIFEST_NAME, find_architecture, load_model_config, resolve_dtype
 
     path = Path(path)
     plugins.load_plugins()
     if (path / MANIFEST_NAME).exists():
-        from .offload_format import open_offload_checkpoint
+        from ..storage.offload_format import open_offload_checkpoint
 
         ckpt = open_offload_checkpoint(path, config)
         fmt_name = "offload format"
     else:
-        from .checkpoint import HFCheckpoint
+        from ..storage.hf_checkpoint import HFCheckpoint
 
         ckpt = HFCheckpoint(path)
         fmt_name = "Hugging Face safetensors"
@@ -59,7 +59,7 @@ def describe_checkpoint(path: str | Path, config: OffloadConfig) -> dict[str, An
     expert_i = getattr(mc, "moe_intermediate_size", None) or mc.intermediate_size
     trunk = max(total_params_bytes - moe_layers * experts * 3 * mc.hidden_size * expert_i * db, 0)
     kv = kv_bytes(mc, config.context_length, db)
-    from .loading import resolve_device
+    from ..runtime.loading import resolve_device
 
     device = resolve_device(config.device)
     if hasattr(ckpt, "expert_layouts"):  # offload format: the manifest knows the exact sizes

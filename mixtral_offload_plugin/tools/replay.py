@@ -20,7 +20,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cache import SlotPool
+from ..cache.expert_cache import SlotPool
 
 PHASES = ("prefill", "decode")
 
@@ -281,7 +281,7 @@ def guess_quality(events: Sequence[Route | Guess]) -> dict[tuple[int, str], dict
 # -- the command -----------------------------------------------------------------------------------------------------
 def policy_factories(names: Sequence[str]) -> dict[str, Callable[[], Any]]:
     """name -> policy factory from the plugin registry (the classes the live cache uses)."""
-    from . import plugins
+    from .. import plugins
 
     reg = plugins.registry("policy")
     out = {}

@@ -113,7 +113,7 @@ class Routing:
 
 def routing_from_trace(path: str, k8: int) -> Routing:
     """Replay the trace's decode requests with LRU (and LRU + the recorded guesses) at k scaled to its experts."""
-    from .policies import LRUPolicy
+    from ..cache.policies import LRUPolicy
     from .replay import load_events, replay_policy, routes_of, trace_shape
 
     events = load_events(path)
@@ -213,7 +213,7 @@ def main(args: argparse.Namespace) -> int:
             paper = cell["paper"][n]
             parts.append(f"{cell['pred'][n]:>11.3f} / {paper if paper is not None else '-':>10}")
         print(f"{profiles[name].name:<16} {bits:>4}  " + "  ".join(f"{s:>24}" for s in parts))
-    print("\ntok/s, Mixtral-8x7B, batch 1. Constants and their sources: mixtral_offload_plugin/simulate.py; "
+    print("\ntok/s, Mixtral-8x7B, batch 1. Constants and their sources: mixtral_offload_plugin/tools/simulate.py; "
           "per-layer overhead fitted on the 2-bit no-cache row (that cell matches by construction).")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

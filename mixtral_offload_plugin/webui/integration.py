@@ -125,7 +125,9 @@ def _load_ours(tg: SimpleNamespace, model_name: str) -> tuple[Any, Any]:
     shared.is_seq2seq = False
     shared.model_name = model_name
     metadata = tg.models_settings.get_model_metadata(model_name)
-    from modules import sampler_hijack  # TextGen's samplers (min_p, dry, xtc, ...) patch transformers' generate
+    from modules import (
+        sampler_hijack,  # TextGen's samplers (min_p, dry, xtc, ...) patch transformers' generate
+    )
 
     sampler_hijack.hijack_samplers()
     shared.args.loader = LOADER
@@ -225,7 +227,7 @@ def release(model: Any, logger: Any = log) -> None:
     """Free an offloaded model for real: close its runtime (stops the loader thread, frees cache and store)."""
     if model is None:
         return
-    from ..runtime import OffloadedModelMixin
+    from ..runtime.model import OffloadedModelMixin
 
     if not isinstance(model, OffloadedModelMixin):
         return

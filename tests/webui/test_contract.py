@@ -117,10 +117,9 @@ def test_other_loaders_are_untouched(textgen, tmp_path):
 
 
 def test_load_model_reproduces_textgen_side_effects(textgen, tgw_checkpoint):
-    from transformers import MixtralForCausalLM
-
     from modules import models, sampler_hijack
     from modules.api import models as api_models
+    from transformers import MixtralForCausalLM
 
     load_extensions()
     textgen.is_seq2seq = textgen.is_multimodal = True

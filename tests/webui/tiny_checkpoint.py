@@ -15,7 +15,7 @@ def make_checkpoint(out: Path, *, vocab: int = 128, seed: int = 0, **kwargs) -> 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from mixtral_offload_plugin.synthetic import make_random_mixtral
+    from mixtral_offload_plugin.models.synthetic import make_random_mixtral
 
     path = make_random_mixtral(out, vocab=vocab, seed=seed, **kwargs)
     words = SPECIALS + [f"\u2581w{i}" for i in range(len(SPECIALS), vocab)]

@@ -17,7 +17,7 @@ from mixtral_offload_plugin import (
     UnsupportedModelError,
     load_model,
 )
-from mixtral_offload_plugin.synthetic import make_random_mixtral
+from mixtral_offload_plugin.models.synthetic import make_random_mixtral
 
 
 @pytest.fixture(scope="module")

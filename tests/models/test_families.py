@@ -143,8 +143,8 @@ def _dequantized_reference(path: Path, ref: torch.nn.Module, model: torch.nn.Mod
     (dequantized from the very bytes in its store), after checking they are a close quantization of the originals."""
     import copy
 
-    from mixtral_offload_plugin.packing import unpack_views
     from mixtral_offload_plugin.quant.hqq import dequantize_layout
+    from mixtral_offload_plugin.storage.packing import unpack_views
 
     rt = model._offload_runtime
     ref = copy.deepcopy(ref)
@@ -185,7 +185,7 @@ def test_quantized_family_matches_dequantized_transformers(family: str, checkpoi
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "phimoe"])
 def test_info_names_family_and_what_is_offloaded(family: str, checkpoints: dict) -> None:
-    from mixtral_offload_plugin.info import describe_checkpoint
+    from mixtral_offload_plugin.tools.info import describe_checkpoint
 
     path, ref = checkpoints[family, False]
     info = describe_checkpoint(path, OffloadConfig(device="cpu"))
@@ -199,8 +199,8 @@ def test_info_names_family_and_what_is_offloaded(family: str, checkpoints: dict)
 
 def test_every_family_is_registered_once_by_model_type() -> None:
     from mixtral_offload_plugin import plugins
-    from mixtral_offload_plugin.families import FAMILIES as ARCHS
-    from mixtral_offload_plugin.loading import find_architecture
+    from mixtral_offload_plugin.models.families import FAMILIES as ARCHS
+    from mixtral_offload_plugin.runtime.loading import find_architecture
 
     plugins.load_plugins()
     registered = {name: arch for name, (arch, _) in plugins.registry("architecture").items()}
@@ -217,7 +217,7 @@ def test_router_votes_pick_exactly_the_routed_experts(checkpoints: dict) -> None
         _, ref = checkpoints[family, False]
         layer = FAMILIES[family][3][-1]
         block = ref.model.layers[layer].mlp
-        from mixtral_offload_plugin.families import routed_votes
+        from mixtral_offload_plugin.models.families import routed_votes
 
         hidden = torch.randn(20, ref.config.hidden_size)
         with torch.no_grad():

@@ -87,7 +87,7 @@ def test_fused_expert_names_load_and_match(tiny_mixtral, tiny_mixtral_fused, ref
 
 @pytest.mark.parametrize("transfer", ["sync", "async"])
 def test_global_budget_and_transfer_modes_match(tiny_mixtral, reference, transfer):
-    from mixtral_offload_plugin.packing import align_up
+    from mixtral_offload_plugin.storage.packing import align_up
 
     expert_bytes = align_up(3 * 64 * 128 * 4, 256)
     model = load_model(tiny_mixtral, OffloadConfig(device="cpu", cache_bytes=3 * expert_bytes, store="disk",

@@ -15,7 +15,7 @@ pytest.importorskip("hqq")
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mixtral_offload_plugin.synthetic import make_random_mixtral
+    from mixtral_offload_plugin.models.synthetic import make_random_mixtral
 
     path = make_random_mixtral(tmp_path_factory.mktemp("conv") / "hf", hidden=64, intermediate=128, layers=2,
                                experts=2, vocab=128, seed=7)
@@ -39,7 +39,7 @@ def test_cli_convert_writes_a_loadable_folder(src: Path, tmp_path: Path, capsys:
 
 def test_refuses_to_overwrite_without_force(src: Path, tmp_path: Path) -> None:
     from mixtral_offload_plugin.config import OffloadConfig
-    from mixtral_offload_plugin.convert import convert
+    from mixtral_offload_plugin.tools.convert import convert
 
     dst = tmp_path / "out"
     dst.mkdir()
@@ -54,8 +54,8 @@ def test_refuses_to_overwrite_without_force(src: Path, tmp_path: Path) -> None:
 
 def test_interrupted_conversion_leaves_nothing(src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mixtral_offload_plugin.config import OffloadConfig
-    from mixtral_offload_plugin.convert import convert
     from mixtral_offload_plugin.quant.hqq import HqqQuantizer
+    from mixtral_offload_plugin.tools.convert import convert
 
     calls = {"n": 0}
     real = HqqQuantizer.pack_expert
@@ -75,8 +75,8 @@ def test_interrupted_conversion_leaves_nothing(src: Path, tmp_path: Path, monkey
 
 def test_bad_group_size_names_the_option(src: Path, tmp_path: Path) -> None:
     from mixtral_offload_plugin.config import OffloadConfig
-    from mixtral_offload_plugin.convert import convert
     from mixtral_offload_plugin.errors import ConfigError
+    from mixtral_offload_plugin.tools.convert import convert
 
     with pytest.raises(ConfigError, match="--attn-group-size"):
         convert(src, tmp_path / "o", OffloadConfig(expert_bits=16, attn_bits=4, attn_group_size=128))

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from mixtral_offload_plugin import MixtralOffloadError, OffloadConfig, load_model
 from mixtral_offload_plugin.cli import main
-from mixtral_offload_plugin.offload_format import MANIFEST_NAME, open_offload_checkpoint
+from mixtral_offload_plugin.storage.offload_format import MANIFEST_NAME, open_offload_checkpoint
 
 # derandomize: CI runs the same examples every time (broader seeds are searched by hand: --hypothesis-seed=N)
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mixtral_offload_plugin import MixtralOffloadError, OffloadConfig, load_model
-from mixtral_offload_plugin.checkpoint import HFCheckpoint
+from mixtral_offload_plugin.storage.hf_checkpoint import HFCheckpoint
 
 # derandomize: CI runs the same examples every time (broader seeds are searched by hand: --hypothesis-seed=N)
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,

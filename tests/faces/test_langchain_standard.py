@@ -70,7 +70,7 @@ def build_test_tokenizer(out: Path, vocab_size: int) -> Path:
 
 def lc_model_params() -> dict[str, Any]:
     """Constructor arguments for the demo model: its own tokenizer, or a test tokenizer while it has none."""
-    from mixtral_offload_plugin.demo_model import default_model_path
+    from mixtral_offload_plugin.models.demo_model import default_model_path
 
     path = default_model_path()
     if _has_tokenizer(path):

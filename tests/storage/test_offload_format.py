@@ -11,7 +11,11 @@ import torch
 
 from mixtral_offload_plugin import OffloadConfig, load_model
 from mixtral_offload_plugin.errors import CheckpointError, ChecksumError
-from mixtral_offload_plugin.offload_format import MANIFEST_NAME, ManifestError, open_offload_checkpoint
+from mixtral_offload_plugin.storage.offload_format import (
+    MANIFEST_NAME,
+    ManifestError,
+    open_offload_checkpoint,
+)
 
 pytest.importorskip("hqq")
 
@@ -22,8 +26,8 @@ IDS = torch.tensor([[1, 17, 42, 99, 5]])
 def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, OffloadConfig]:
     """(HF checkpoint, its offload-format conversion, the quantization settings used): 2-bit/g16 experts with 8-bit
     scales, 4-bit attention."""
-    from mixtral_offload_plugin.convert import convert
-    from mixtral_offload_plugin.synthetic import make_random_mixtral
+    from mixtral_offload_plugin.models.synthetic import make_random_mixtral
+    from mixtral_offload_plugin.tools.convert import convert
 
     root = tmp_path_factory.mktemp("fmt")
     src = make_random_mixtral(root / "hf", hidden=128, intermediate=256, layers=2, experts=4, vocab=256, seed=5)

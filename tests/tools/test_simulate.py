@@ -6,8 +6,16 @@ import json
 
 import pytest
 
-from mixtral_offload_plugin.simulate import (EXPERT_BYTES, LAYERS, PAPER, PROFILES, fit_overhead_ms, predict,
-                                             routing_from_rates, routing_from_trace)
+from mixtral_offload_plugin.tools.simulate import (
+    EXPERT_BYTES,
+    LAYERS,
+    PAPER,
+    PROFILES,
+    fit_overhead_ms,
+    predict,
+    routing_from_rates,
+    routing_from_trace,
+)
 
 
 @pytest.mark.parametrize("key", sorted(PROFILES))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mixtral_offload_plugin.bench import parse_config
+from mixtral_offload_plugin.tools.bench import parse_config
 
 
 def test_parse_config_presets_and_overrides() -> None:

@@ -17,7 +17,7 @@ pytest.importorskip("gradio")
 pytest.importorskip("gradio_client")
 
 from mixtral_offload_plugin import OffloadConfig
-from mixtral_offload_plugin.demo import build_app, byte_tokenizer
+from mixtral_offload_plugin.demo.app import build_app, byte_tokenizer
 
 MAX_NEW = 10
 
@@ -31,7 +31,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def byte_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 layers, 8 experts, a 259-token vocabulary matched by the byte tokenizer saved beside the weights."""
-    from mixtral_offload_plugin.synthetic import make_random_mixtral
+    from mixtral_offload_plugin.models.synthetic import make_random_mixtral
 
     path = make_random_mixtral(
         tmp_path_factory.mktemp("demo-client") / "model", layers=3, experts=8, vocab=259, seed=3

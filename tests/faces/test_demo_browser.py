@@ -23,7 +23,7 @@ ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 TIMEOUT_MS = 120_000
 
 pytestmark = pytest.mark.browser
@@ -36,7 +36,7 @@ pytest.importorskip("playwright.sync_api", reason="needs Python playwright (pip 
 pytest.importorskip("gradio", reason='needs gradio (pip install "mixtral-offload-plugin[demo]")')
 
 from mixtral_offload_plugin import OffloadConfig
-from mixtral_offload_plugin.demo import build_app, num_experts_of
+from mixtral_offload_plugin.demo.app import build_app, num_experts_of
 
 # records every distinct text of the last bot message, so the test sees the streaming, not just the end state
 WATCH_JS = """() => {

@@ -9,10 +9,17 @@ import pytest
 import torch
 
 from mixtral_offload_plugin import OffloadConfig, load_model
-from mixtral_offload_plugin.packing import unpack_views
 from mixtral_offload_plugin.quant import QuantSpec
-from mixtral_offload_plugin.quant.kernels import (bitpack, bitunpack, dequantize_meta, int4pack_values, plan_matrix,
-                                                  quantize_meta, store_matrix)
+from mixtral_offload_plugin.quant.formats import (
+    bitpack,
+    bitunpack,
+    dequantize_meta,
+    int4pack_values,
+    quantize_meta,
+    store_matrix,
+)
+from mixtral_offload_plugin.quant.kernels import plan_matrix
+from mixtral_offload_plugin.storage.packing import unpack_views
 
 pytest.importorskip("hqq")
 from mixtral_offload_plugin.quant.hqq import HqqQuantizer  # noqa: E402
@@ -23,7 +30,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def quant_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """fp32 tiny Mixtral with int4-kernel-friendly sizes (hidden 128, intermediate 256, KV projections 64 wide)."""
-    from mixtral_offload_plugin.synthetic import make_random_mixtral
+    from mixtral_offload_plugin.models.synthetic import make_random_mixtral
 
     return make_random_mixtral(tmp_path_factory.mktemp("q") / "model", hidden=128, intermediate=256, layers=2,
                                experts=4, heads=4, kv_heads=2, vocab=256, seed=3)
@@ -61,8 +68,8 @@ def test_matrix_kernels_match_dequantized_weights(bits: int, group: int, kind: s
     """Every CPU plan (int4-unpack: 2/3-bit stored bit-packed, as an older file may hold) equals the exact weights."""
     torch.manual_seed(0)
     w = torch.randn(96, 128) * 0.05
+    from mixtral_offload_plugin.quant.formats import dequantize, hqq_quantize
     from mixtral_offload_plugin.quant.hqq import choose_form
-    from mixtral_offload_plugin.quant.kernels import dequantize, hqq_quantize
 
     spec = QuantSpec(bits, group, dtype)
     q, s, z = hqq_quantize(w, bits, group)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixtral_offload_plugin.cache import ExpertCache, SlotPool
-from mixtral_offload_plugin.packing import pack
-from mixtral_offload_plugin.policies import LFRUPolicy, LFUPolicy, LRUPolicy
-from mixtral_offload_plugin.stores import DiskStore, HostStore
-from mixtral_offload_plugin.transfer import SyncLoader, ThreadLoader
+from mixtral_offload_plugin.cache.expert_cache import ExpertCache, SlotPool
+from mixtral_offload_plugin.cache.policies import LFRUPolicy, LFUPolicy, LRUPolicy
+from mixtral_offload_plugin.cache.transfer import SyncLoader, ThreadLoader
+from mixtral_offload_plugin.storage.packing import pack
+from mixtral_offload_plugin.storage.stores import DiskStore, HostStore
 
 
 def make_cache(capacity: int, store=None, loader_cls=SyncLoader, layers=(0,), experts=4, policy=LRUPolicy):
@@ -93,7 +93,7 @@ def test_disk_store_with_background_loader(tmp_path):
 
 def test_counters_add_up_through_the_model(tiny_mixtral_8e, tmp_path):
     from mixtral_offload_plugin import OffloadConfig, load_model
-    from mixtral_offload_plugin.trace import RoutingRecorder, read_trace
+    from mixtral_offload_plugin.tools.trace import RoutingRecorder, read_trace
 
     model = load_model(tiny_mixtral_8e, OffloadConfig(device="cpu", experts_per_layer=3, store="host"))
     try:

@@ -7,8 +7,16 @@ import random
 import pytest
 import torch
 
-from mixtral_offload_plugin.policies import LFRUPolicy, LFUPolicy, LRUPolicy
-from mixtral_offload_plugin.replay import Guess, Route, belady, guess_quality, parse_records, replay_policy, sweep
+from mixtral_offload_plugin.cache.policies import LFRUPolicy, LFUPolicy, LRUPolicy
+from mixtral_offload_plugin.tools.replay import (
+    Guess,
+    Route,
+    belady,
+    guess_quality,
+    parse_records,
+    replay_policy,
+    sweep,
+)
 
 POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy, "lfru": LFRUPolicy}
 
@@ -99,8 +107,8 @@ def test_bad_records_are_named() -> None:
 def test_live_trace_replays_to_the_live_counts(tiny_mixtral_8e, tmp_path, prefetch: str) -> None:
     """With synchronous loads nothing is in flight, so even prefetch replays exactly."""
     from mixtral_offload_plugin import OffloadConfig, load_model
-    from mixtral_offload_plugin.replay import load_events
-    from mixtral_offload_plugin.trace import RoutingRecorder
+    from mixtral_offload_plugin.tools.replay import load_events
+    from mixtral_offload_plugin.tools.trace import RoutingRecorder
 
     cfg = OffloadConfig(device="cpu", store="host", experts_per_layer=2, prefetch=prefetch, transfer="sync",
                         prefetch_depth=2 if prefetch == "gate" else 1)

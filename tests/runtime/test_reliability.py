@@ -12,7 +12,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from mixtral_offload_plugin import OffloadConfig, hookimpl, load_model, plugins
 from mixtral_offload_plugin.errors import ExpertLoadError
-from mixtral_offload_plugin.stores import HostStore
+from mixtral_offload_plugin.storage.stores import HostStore
 
 GREEDY = dict(do_sample=False, pad_token_id=0)
 
@@ -170,7 +170,7 @@ def test_concurrent_generate_calls_are_serialized_and_correct(tiny_mixtral_8e, e
 
 
 def test_pinned_memory_failure_falls_back_to_pageable(monkeypatch, caplog):
-    from mixtral_offload_plugin.packing import pack
+    from mixtral_offload_plugin.storage.packing import pack
 
     def refuse(self, *a, **k):
         raise RuntimeError("cudaHostAlloc failed: out of memory (WSL2 pinned limit)")

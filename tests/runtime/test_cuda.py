@@ -44,7 +44,7 @@ def test_cuda_offload_matches_transformers_on_cuda(tiny_mixtral_8e, reference, s
 
 
 def test_cuda_loader_uses_a_copy_stream_and_events(tiny_mixtral_8e):
-    from mixtral_offload_plugin.transfer import CudaLoader
+    from mixtral_offload_plugin.cache.transfer import CudaLoader
 
     model = load_model(tiny_mixtral_8e, OffloadConfig(device="cuda", experts_per_layer=2, store="host"))
     try:

@@ -1,0 +1,172 @@
+"""`mixtral-offload bench` configurations and models: the presets (`resident`, `host-kN`, `disk-kN[-cold][-prefetch]`,
+transformers and accelerate baselines) with `:key=value` overrides, the synthetic models, and the checkpoint sizes the
+memory budget is computed from (read from safetensors headers or the offload manifest; no weight is loaded).
+
+Only the standard library at top level; knows nothing about processes, interleaving or the table (bench.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SYNTHETIC = {  # make_random_mixtral arguments
+    "mid": {"hidden": 1024, "intermediate": 3584, "layers": 8, "experts": 8, "top_k": 2, "heads": 8,
+            "kv_heads": 2, "vocab": 32000, "context": 4096, "dtype": "bfloat16", "std": 0.02},
+    "tiny": {"hidden": 64, "intermediate": 128, "layers": 2, "experts": 4, "top_k": 2, "heads": 4,
+             "kv_heads": 2, "vocab": 128, "context": 256, "dtype": "float32", "std": 0.2},
+}
+DEFAULT_CONFIGS = "transformers-bf16,resident,host-k4,disk-k4-cold,disk-k4-cold-prefetch"
+_OURS_RE = re.compile(r"^(host|disk)-k(\d+)(-cold)?(-prefetch)?$")
+_BENCH_KEYS = {"engine", "cold", "limit", "dtype_hf"}
+_BUDGETED = ("half",)
+# `--memory-limit half` adds this to the runtime, trunk and half the experts: activations, KV cache, allocator slack
+# and the one expert being packed while loading (without it a k=E/2 worker is OOM-killed at the edge of its group)
+WORKING_MEMORY = 256 << 20
+
+
+# -- configurations ----------------------------------------------------------------------------------------------------
+@dataclass
+class BenchConfig:
+    """One row of the table: which engine, its settings, and whether the memory limit applies to it."""
+
+    label: str
+    engine: str  # ours | transformers | accelerate
+    offload: dict[str, Any] = field(default_factory=dict)  # OffloadConfig fields (ours)
+    dtype: str = "auto"
+    cold: bool = False
+    limited: bool = False  # runs inside --memory-limit (configurations meant to fit the budget)
+
+
+def _coerce(value: str) -> Any:
+    low = value.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def parse_config(spec: str) -> BenchConfig:
+    """`preset[:key=value...]`: presets resident, host-kN, disk-kN[-cold][-prefetch], transformers-bf16,
+    transformers-fp32, accelerate-disk; keys are OffloadConfig fields plus cold and limit."""
+    name, *overrides = spec.split(":")
+    m = _OURS_RE.match(name)
+    if name == "resident":
+        cfg = BenchConfig(spec, "ours", {"store": "auto"})
+    elif m:
+        offload = {"store": m[1], "experts_per_layer": int(m[2])}
+        if m[4]:
+            offload["prefetch"] = "gate"
+        cfg = BenchConfig(spec, "ours", offload, cold=bool(m[3]), limited=m[1] == "disk")
+    elif name in ("transformers-bf16", "transformers-fp32", "transformers"):
+        dtype = {"transformers-bf16": "bfloat16", "transformers-fp32": "float32"}.get(name, "auto")
+        cfg = BenchConfig(spec, "transformers", dtype=dtype)
+    elif name in ("accelerate-disk", "accelerate-disk-warm"):
+        cfg = BenchConfig(spec, "accelerate", cold=name == "accelerate-disk", limited=True)
+    else:
+        msg = (f"unknown bench configuration {name!r}: use resident, host-kN, disk-kN[-cold][-prefetch], "
+               "transformers-bf16, transformers-fp32, accelerate-disk or accelerate-disk-warm, "
+               "optionally followed by :key=value overrides (OffloadConfig fields, cold, limit)")
+        raise ValueError(msg)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            msg = f"override {item!r} in {spec!r} is not key=value"
+            raise ValueError(msg)
+        if key == "cold":
+            cfg.cold = bool(_coerce(value))
+        elif key == "limit":
+            cfg.limited = bool(_coerce(value))
+        elif key == "dtype" and cfg.engine != "ours":
+            cfg.dtype = value
+        elif cfg.engine == "ours":
+            cfg.offload[key] = _coerce(value)
+        else:
+            msg = f"override {key!r} applies only to our configurations, not {name!r}"
+            raise ValueError(msg)
+    if cfg.engine == "ours":
+        from ..config import OffloadConfig
+
+        OffloadConfig(**cfg.offload)  # validate now, before any process starts
+    return cfg
+
+
+# -- model and budget ------------------------------------------------------------------------------------------------
+def _cache_root() -> Path:
+    return Path(os.environ.get("MIXTRAL_OFFLOAD_CACHE", Path(tempfile.gettempdir()) / "mixtral-offload"))
+
+
+def resolve_model(args: argparse.Namespace) -> Path:
+    if args.model and args.synthetic:
+        msg = "give either --model or --synthetic, not both"
+        raise ValueError(msg)
+    if args.model:
+        path = Path(args.model)
+        if not (path / "config.json").exists():
+            msg = f"--model {path}: no config.json there; give a Hugging Face checkpoint folder"
+            raise ValueError(msg)
+        return path
+    if args.synthetic:
+        spec = dict(SYNTHETIC[args.synthetic])
+        out = Path(args.cache_dir or _cache_root()) / f"bench-{args.synthetic}"
+        if not (out / "config.json").exists():
+            import torch
+
+            from ..models.synthetic import make_random_mixtral
+
+            spec["dtype"] = getattr(torch, spec["dtype"])
+            tmp = out.with_name(out.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            make_random_mixtral(tmp, seed=0, **spec)
+            tmp.rename(out)
+        return out
+    from ..models.demo_model import default_model_path
+
+    return default_model_path()
+
+
+def checkpoint_bytes(path: Path) -> tuple[int, int, int]:
+    """(trunk bytes, expert bytes, number of experts) from the safetensors headers or, for an offload-format folder,
+    its manifest (no weight is read)."""
+    manifest = path / "mixtral_offload.json"
+    if manifest.exists():
+        entries = json.loads(manifest.read_text())["experts"]
+        trunk_file = path / "trunk.safetensors"
+        return (trunk_file.stat().st_size if trunk_file.exists() else 0,
+                sum(int(e["size"]) for e in entries), len(entries))
+    trunk = experts = 0
+    keys = set()
+    pat = re.compile(r"layers\.(\d+)\..*experts\.(\d+)\.")
+    for f in sorted(path.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            size = meta["data_offsets"][1] - meta["data_offsets"][0]
+            if ".experts." in name:
+                experts += size
+                m = pat.search(name)
+                if m:
+                    keys.add((m[1], m[2]))
+            else:
+                trunk += size
+    if experts == 0:
+        msg = f"{path} has no expert tensors: bench needs a mixture-of-experts checkpoint"
+        raise ValueError(msg)
+    return trunk, experts, len(keys)
