@@ -1,10 +1,11 @@
 """CUDA matrix kernels: how a quantized matrix is multiplied on a CUDA device.
 
 `plan_cuda_matrix` picks one of:
-- "expand" (default for experts): once per slot load, the matrix is dequantized into a workspace of the compute
+- "expand" (experts, by default): once per slot load, the matrix is dequantized into a workspace of the compute
   dtype right after the packed bytes in the slot (`formats.dequantize_into`, row blocks, exact); every call is then
   one dense `F.linear`. A slot costs the packed bytes plus the dense matrix, and the memory plan counts both.
-- "per-call" (quantized attention): dequantized into a temporary on every call, so the resident bytes stay packed.
+- "per-call" (quantized attention; experts when the memory plan finds expanded slots too large, see
+  `runtime.memory.choose_cuda_slots`): dequantized into a temporary on every call; the resident bytes stay packed.
 - a fused low-bit kernel registered with `register_fused_kernel` and chosen with `MIXTRAL_OFFLOAD_CUDA_KERNEL=<name>`:
   the hook for kernels that multiply by the packed form directly (gemlite, torchao, Marlin-style); none ships yet,
   because choosing one needs measurements on a GPU.

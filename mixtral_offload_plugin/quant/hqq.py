@@ -147,9 +147,10 @@ def _plans(layout: ExpertLayout, device: torch.device, dtype: torch.dtype | None
 class HqqExpertKernel:
     """gate/up projection, activation, down projection from an HQQ-packed slot (one `MatrixPlan` per matrix)."""
 
-    def __init__(self, layout: ExpertLayout, device: torch.device, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, layout: ExpertLayout, device: torch.device, dtype: torch.dtype | None = None,
+                 per_call: bool = False) -> None:
         self.layout = layout
-        self.plans = _plans(layout, device, dtype)
+        self.plans = _plans(layout, device, dtype, per_call)
         self.offsets, total = {}, 0
         for m, plan in self.plans.items():
             self.offsets[m] = total
@@ -225,16 +226,18 @@ class HqqQuantizer:
     """HQQ experts and attention (2, 3, 4, 8 bits; optional 8-bit scales and zeros)."""
 
     name = "hqq"
+    per_call_kernels = True  # expert_kernel(..., per_call=True): CUDA slots that hold only the packed bytes
 
     def pack_expert(self, weights: dict[str, torch.Tensor], spec: QuantSpec, device: torch.device) -> PackedExpert:
         tensors, meta = quantize_matrices({m: weights[m] for m in MATRICES}, spec, device)
         return pack("hqq", tensors, meta)
 
-    def expert_kernel(self, layout: ExpertLayout, device: torch.device) -> HqqExpertKernel:
+    def expert_kernel(self, layout: ExpertLayout, device: torch.device, per_call: bool = False) -> HqqExpertKernel:
+        """`per_call` (CUDA): dequantize on every call instead of expanding each matrix into the slot at load."""
         if layout.format != "hqq":
             msg = f"the 'hqq' quantizer cannot run experts packed as {layout.format!r}; the manifest is damaged"
             raise CheckpointError(msg)
-        return HqqExpertKernel(layout, device)
+        return HqqExpertKernel(layout, device, per_call=per_call)
 
     def slot_nbytes(self, layout: ExpertLayout, device: torch.device) -> int:
         """Bytes one cache slot needs for this layout: the packed bytes plus the kernel's workspace."""

@@ -26,7 +26,14 @@ from ..quant import QuantSpec
 from ..storage.hf_checkpoint import HFCheckpoint
 from ..storage.packing import PackedExpert, unpack_views
 from .experts import OffloadedExperts
-from .memory import available_bytes, cuda_overhead_bytes, host_store_fits, kv_bytes, make_plan
+from .memory import (
+    available_bytes,
+    choose_cuda_slots,
+    cuda_overhead_bytes,
+    kv_bytes,
+    make_plan,
+    pinned_store_or_disk,
+)
 from .model import OffloadRuntime, offloaded_class
 
 log = logging.getLogger(__name__)
@@ -275,10 +282,7 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
     if layouts is None:  # pack one expert to learn the sizes (all experts of a family have one shape)
         first = quantizer.pack_expert(read_expert(ckpt, *keys[0], *split[:2]), spec, device)
         layouts = {k: first.layout for k in keys}
-    kernels = {k: quantizer.expert_kernel(layouts[k], device) for k in keys}
-    # a kernel may want a workspace after the packed bytes in its slot (filled by prepare() once per slot load)
-    workspace = {k: getattr(kernels[k], "workspace_nbytes", 0) for k in keys}
-    expert_bytes = max(layouts[k].nbytes + workspace[k] for k in keys)
+    kernels, expert_bytes = _expert_kernels(quantizer, layouts, device, per_call=False)
 
     store_name = config.store
     el = torch.empty((), dtype=dtype).element_size()
@@ -290,14 +294,25 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
         overhead = cuda_overhead_bytes(model_config, config.context_length, el, config.batch_size,
                                        call_temp_bytes(model))
     total_expert_bytes = sum(lay.nbytes for lay in layouts.values())
-    plan = make_plan(config, device=device, layers=len(blocks), experts=num_experts, top_k=top_k,
-                     expert_bytes=expert_bytes, total_expert_bytes=total_expert_bytes,
-                     trunk_bytes=trunk_bytes, kv=kv, store_in_ram=store_name in ("host", "auto"),
-                     available=free_before, overhead=overhead)
+
+    def plan_for(nbytes: int) -> Any:
+        return make_plan(config, device=device, layers=len(blocks), experts=num_experts, top_k=top_k,
+                         expert_bytes=nbytes, total_expert_bytes=total_expert_bytes, trunk_bytes=trunk_bytes,
+                         kv=kv, store_in_ram=store_name in ("host", "auto"), available=free_before, overhead=overhead)
+
+    if device.type == "cuda" and getattr(quantizer, "per_call_kernels", False):
+        small_kernels, small_bytes = _expert_kernels(quantizer, layouts, device, per_call=True)
+        small, plan = choose_cuda_slots(plan_for, expert_bytes, small_bytes, config, len(blocks), top_k)
+        if small:
+            kernels, expert_bytes = small_kernels, small_bytes
+    else:
+        plan = plan_for(expert_bytes)
+    # a kernel may want a workspace after the packed bytes in its slot (filled by prepare() once per slot load)
+    workspace = {k: getattr(kernels[k], "workspace_nbytes", 0) for k in keys}
     if store_name == "auto":
         store_name = "host" if device.type == "cuda" or plan.resident else "disk"
     if device.type == "cuda" and not plan.resident and store_name == "host":
-        store_name = _pinned_store_or_disk(config.store, total_expert_bytes)
+        store_name = pinned_store_or_disk(config.store, total_expert_bytes)
     resident = plan.resident
     config = config.replace(store=store_name, prefetch_experts=config.prefetch_experts or top_k)
 
@@ -355,22 +370,12 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
     return model
 
 
-def _pinned_store_or_disk(requested: str, store_bytes: int) -> str:
-    """A CUDA model's host store is pinned RAM: "host" when it fits the host's memory; else "disk" if the store was
-    left to "auto", or a MemoryPlanError naming the numbers."""
-    if host_store_fits(store_bytes):
-        return "host"
-    from ..errors import MemoryPlanError
-    from .memory import SAFETY, fmt
-
-    if requested == "auto":
-        log.warning("the experts (%s) do not fit in this machine's RAM as a pinned host store; using the disk store",
-                    fmt(store_bytes))
-        return "disk"
-    avail = available_bytes(torch.device("cpu"))
-    msg = (f"store='host' pins every expert in RAM ({fmt(store_bytes)}) but this machine has {fmt(avail)} available "
-           f"(a plan may use {SAFETY:.0%} of it); use store='disk' (or 'auto'), or lower expert_bits")
-    raise MemoryPlanError(msg)
+def _expert_kernels(quantizer: Any, layouts: dict[Any, Any], device: torch.device,
+                    per_call: bool) -> tuple[dict[Any, Any], int]:
+    """The kernel of every expert and the bytes of the largest slot (packed bytes + the kernel's workspace)."""
+    kw = {"per_call": True} if per_call else {}
+    kernels = {k: quantizer.expert_kernel(lay, device, **kw) for k, lay in layouts.items()}
+    return kernels, max(lay.nbytes + getattr(kernels[k], "workspace_nbytes", 0) for k, lay in layouts.items())
 
 
 def _load_generation_config(model: nn.Module, path: Path) -> None:

@@ -12,6 +12,8 @@ The host store of a CUDA model is pinned RAM: `host_store_fits` checks it agains
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,7 @@ import torch
 
 from ..errors import ConfigError, MemoryPlanError
 
+log = logging.getLogger(__name__)
 SAFETY = 0.85  # share of the available memory a plan may use
 
 
@@ -125,6 +128,38 @@ def host_store_fits(store_bytes: int, available: int | None = None) -> bool:
     host's available memory."""
     avail = available if available is not None else available_bytes(torch.device("cpu"))
     return store_bytes <= avail * SAFETY
+
+
+def pinned_store_or_disk(requested: str, store_bytes: int) -> str:
+    """A CUDA model's host store is pinned RAM: "host" when it fits the host's memory; else "disk" if the store was
+    left to "auto", or a MemoryPlanError naming the numbers."""
+    if host_store_fits(store_bytes):
+        return "host"
+    if requested == "auto":
+        log.warning("the experts (%s) do not fit in this machine's RAM as a pinned host store; using the disk store",
+                    fmt(store_bytes))
+        return "disk"
+    avail = available_bytes(torch.device("cpu"))
+    msg = (f"store='host' pins every expert in RAM ({fmt(store_bytes)}) but this machine has {fmt(avail)} available "
+           f"(a plan may use {SAFETY:.0%} of it); use store='disk' (or 'auto'), or lower expert_bits")
+    raise MemoryPlanError(msg)
+
+
+def choose_cuda_slots(make: Callable[[int], MemoryPlan], fast_bytes: int, small_bytes: int, config: Any,
+                      layers: int, top_k: int) -> tuple[bool, MemoryPlan]:
+    """CUDA slots of quantized experts are fast and large (a dense copy of each matrix, expanded at slot load) or
+    small (the packed bytes, dequantized per call). Returns (small?, plan): the fast kind when its plan fits and
+    leaves a useful cache (the experts_per_layer asked for, every expert, at least top-k experts per layer, or as
+    many slots as the small kind), else the small kind. `make(expert_bytes)` builds a plan."""
+    try:
+        fast = make(fast_bytes)
+    except MemoryPlanError:
+        return True, make(small_bytes)
+    if fast_bytes == small_bytes or config.experts_per_layer is not None or fast.resident or \
+            fast.slots >= layers * top_k:
+        return False, fast
+    small = make(small_bytes)
+    return (False, fast) if fast.slots >= small.slots else (True, small)
 
 
 def make_plan(config: Any, *, device: torch.device, layers: int, experts: int, top_k: int, expert_bytes: int,
