@@ -206,8 +206,8 @@ def make_plan(config: Any, *, device: torch.device, layers: int, experts: int, t
             p = plan(fitting[0] if fitting else 1, None)
     if p.needed > hard:
         share = f" (a plan may use {SAFETY:.0%} of it)" if hard < avail else ""
-        raise MemoryPlanError(f"the configuration does not fit: {p.describe()}{share}. "
-                              f"{_nearest(plan, p, avail, layers, experts)}")
+        msg = f"the configuration does not fit: {p.describe()}{share}. {_nearest(plan, p, avail, layers, experts)}"
+        raise MemoryPlanError(msg)
     return p
 
 
