@@ -18,6 +18,7 @@ choice between them in `kernels.py`. It knows nothing about experts, caches or f
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -127,7 +128,11 @@ def dequantize_meta(q: torch.Tensor, mm: torch.Tensor) -> torch.Tensor:
 
 # -- one matrix: quantize, store, dequantize ---------------------------------------------------------------------
 def hqq_quantize(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """HQQ (optimized, axis=1) -> q uint8 [N, K], scale [N, K/g] float32, zero [N, K/g] float32."""
+    """HQQ (optimized, axis=1) -> q uint8 [N, K], scale [N, K/g] float32, zero [N, K/g] float32 (on the CPU).
+
+    HQQ's optimizer runs on the CPU unless `MIXTRAL_OFFLOAD_QUANT_DEVICE` names another device (e.g. "cuda": about
+    100x faster for a whole model; the rounding of the optimizer's float reductions may differ from the CPU's).
+    """
     try:
         from hqq.core.quantize import Quantizer as HQQ
     except ImportError:
@@ -139,11 +144,12 @@ def hqq_quantize(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Ten
     if k % group_size:
         msg = f"a {n}x{k} matrix cannot use group size {group_size}: {k} is not a multiple of it"
         raise ConfigError(msg)
-    q, meta = HQQ.quantize(w.detach().float().cpu(), nbits=bits, group_size=group_size, axis=1, optimize=True,
-                           bitpack=False, compute_dtype=torch.float32, device="cpu")
+    dev = os.environ.get("MIXTRAL_OFFLOAD_QUANT_DEVICE", "cpu")
+    q, meta = HQQ.quantize(w.detach().float().to(dev), nbits=bits, group_size=group_size, axis=1, optimize=True,
+                           bitpack=False, compute_dtype=torch.float32, device=dev)
     g = k // group_size
-    return (q.reshape(n, k).to(torch.uint8), meta["scale"].float().reshape(n, g),
-            meta["zero"].float().reshape(n, g))
+    return (q.reshape(n, k).to(torch.uint8).cpu(), meta["scale"].float().reshape(n, g).cpu(),
+            meta["zero"].float().reshape(n, g).cpu())
 
 
 def _padded_parts(buf: torch.Tensor, n: int, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
