@@ -190,3 +190,34 @@ def test_quantized_attention_keeps_no_view_after_unload(tmp_path: Path) -> None:
     model.unload()
     gc.collect()
     assert [r for r in refs if r() is not None] == []
+
+
+def test_folder_converted_for_cuda_is_device_neutral_and_loads_on_cpu(cpu_folders: dict[str, Path],
+                                                                      tmp_path: Path) -> None:
+    """`convert --target cuda` writes the bit-packed form (what CUDA reads without repacking); the same quantization
+    as the CPU folder's (8-bit meta: bit-identical weights), and the CPU runs it too."""
+    from mixtral_offload_plugin.storage.offload_format import open_offload_checkpoint
+    from mixtral_offload_plugin.tools.convert import convert
+
+    src = cpu_folders["2bit-g16-q8"].parent / "hf"
+    dst = tmp_path / "cuda"
+    convert(src, dst, OffloadConfig(expert_bits=2, expert_group_size=16, quant_scales=True, attn_bits=4,
+                                    attn_group_size=64), target="cuda")
+    neutral, cpu = open_offload_checkpoint(dst), open_offload_checkpoint(cpu_folders["2bit-g16-q8"])
+    assert neutral.quantization["packed_for"] == "cuda"
+    for key in sorted(neutral.records):
+        packed = neutral.packed_expert(key)
+        assert set(packed.layout.meta["forms"].values()) == {"bitpack"}
+        assert repack_for(packed, CUDA) is packed
+        ref = dequantize_expert(cpu.packed_expert(key))
+        assert all(torch.equal(dequantize_expert(packed)[m], ref[m]) for m in ref)
+    neutral.close()
+    cpu.close()
+    ids = torch.tensor([[1, 17, 42, 99, 5]])
+    a = load_model(dst, OffloadConfig(device="cpu", transfer="sync"))
+    b = load_model(cpu_folders["2bit-g16-q8"], OffloadConfig(device="cpu", transfer="sync"))
+    with torch.no_grad():
+        la, lb = a(ids).logits, b(ids).logits
+    assert ((la - lb).abs().max() / lb.abs().max()).item() < 1e-3  # same weights, different CPU kernels
+    a.unload()
+    b.unload()
