@@ -52,6 +52,7 @@ class OffloadConfig:
         verify: check every expert's checksum while loading (offload format), instead of lazily on first use.
         max_memory_bytes: memory the plan may use on the compute device (default: what the machine has free).
         context_length: tokens of KV cache the memory plan reserves (capped at the model's maximum).
+        batch_size: sequences generated at once that the memory plan reserves KV cache and activations for.
     """
 
     device: str = "auto"
@@ -73,6 +74,7 @@ class OffloadConfig:
     verify: bool = False
     max_memory_bytes: int | None = None
     context_length: int = 4096
+    batch_size: int = 1
 
     def __post_init__(self) -> None:
         dev = self.device
@@ -116,6 +118,8 @@ class OffloadConfig:
 
         if not isinstance(self.context_length, int) or self.context_length < 1:
             _fail("context_length", self.context_length, "must be a positive number of tokens")
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+            _fail("batch_size", self.batch_size, "must be a positive number of sequences")
 
     def replace(self, **changes: Any) -> OffloadConfig:
         """A copy with some fields changed (validated again)."""

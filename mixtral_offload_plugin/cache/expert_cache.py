@@ -141,7 +141,7 @@ class ExpertCache:
         pid = self.pool_of[layer]
         pool = self.pools[pid]
         keep = set(protected) | {(layer, e) for e in experts}
-        keep |= {s.key for s in self.slots[pid] if not s.done.is_set()}
+        keep |= {s.key for s in self.slots[pid] if not self.loader.ready(s)}  # CUDA: a copy still running
         started = 0
         for e in experts:
             key = (layer, e)

@@ -41,6 +41,14 @@ def module_bytes(model: nn.Module) -> int:
     return total
 
 
+def call_temp_bytes(model: nn.Module) -> int:
+    """Device bytes the largest quantized projection allocates per call (CUDA dequantizes attention on every call)."""
+    from .hqq import QuantizedLinear
+
+    return max((getattr(m.plan, "call_temp_nbytes", 0) for _, _, _, m in attention_linears(model)
+                if isinstance(m, QuantizedLinear)), default=0)
+
+
 def _quantizer() -> Any:
     from .hqq import HqqQuantizer
 

@@ -18,6 +18,7 @@ choice between them in `kernels.py`. It knows nothing about experts, caches or f
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -127,7 +128,11 @@ def dequantize_meta(q: torch.Tensor, mm: torch.Tensor) -> torch.Tensor:
 
 # -- one matrix: quantize, store, dequantize ---------------------------------------------------------------------
 def hqq_quantize(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """HQQ (optimized, axis=1) -> q uint8 [N, K], scale [N, K/g] float32, zero [N, K/g] float32."""
+    """HQQ (optimized, axis=1) -> q uint8 [N, K], scale [N, K/g] float32, zero [N, K/g] float32 (on the CPU).
+
+    HQQ's optimizer runs on the CPU unless `MIXTRAL_OFFLOAD_QUANT_DEVICE` names another device (e.g. "cuda": about
+    100x faster for a whole model; the rounding of the optimizer's float reductions may differ from the CPU's).
+    """
     try:
         from hqq.core.quantize import Quantizer as HQQ
     except ImportError:
@@ -139,11 +144,12 @@ def hqq_quantize(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Ten
     if k % group_size:
         msg = f"a {n}x{k} matrix cannot use group size {group_size}: {k} is not a multiple of it"
         raise ConfigError(msg)
-    q, meta = HQQ.quantize(w.detach().float().cpu(), nbits=bits, group_size=group_size, axis=1, optimize=True,
-                           bitpack=False, compute_dtype=torch.float32, device="cpu")
+    dev = os.environ.get("MIXTRAL_OFFLOAD_QUANT_DEVICE", "cpu")
+    q, meta = HQQ.quantize(w.detach().float().to(dev), nbits=bits, group_size=group_size, axis=1, optimize=True,
+                           bitpack=False, compute_dtype=torch.float32, device=dev)
     g = k // group_size
-    return (q.reshape(n, k).to(torch.uint8), meta["scale"].float().reshape(n, g),
-            meta["zero"].float().reshape(n, g))
+    return (q.reshape(n, k).to(torch.uint8).cpu(), meta["scale"].float().reshape(n, g).cpu(),
+            meta["zero"].float().reshape(n, g).cpu())
 
 
 def _padded_parts(buf: torch.Tensor, n: int, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -256,9 +262,16 @@ def int4pack_values(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
 
 
-def matrix_meta(views: dict[str, torch.Tensor], prefix: str,
-                shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) float32 [N, G] of a stored matrix, whatever its form."""
+def matrix_meta(views: dict[str, torch.Tensor], prefix: str, shape: tuple[int, int],
+                bits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) float32 [N, G] of a stored matrix, whatever its form (the `szt` meta needs `bits`)."""
+    if f"{prefix}.szt" in views:
+        if bits is None:
+            msg = f"{prefix}.szt: the zero point depends on the bit width; pass bits"
+            raise ValueError(msg)
+        szt = views[f"{prefix}.szt"].float()  # [G, N, 2]
+        s, zt = szt[..., 0].t(), szt[..., 1].t()
+        return s, (1 << (bits - 1)) - zt / torch.where(s == 0, torch.ones_like(s), s)
     if f"{prefix}.sz" in views:
         sz = views[f"{prefix}.sz"].float()  # [G, N, 2]
         s, zt = sz[..., 0].t(), sz[..., 1].t()
@@ -302,5 +315,71 @@ def dequantize(views: dict[str, torch.Tensor], prefix: str, shape: tuple[int, in
         sz = views[f"{prefix}.sz"].float()
         s, zt = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]
         return ((q + _stored_offset(views, prefix, bits) - 8) * s + zt).view(n, k)
+    if f"{prefix}.szt" in views:  # bit-packed values with the int4 kernel's meta: the same math, offset-free values
+        szt = views[f"{prefix}.szt"].float()
+        s, zt = szt[..., 0].t()[..., None], szt[..., 1].t()[..., None]
+        return ((q - (1 << (bits - 1))) * s + zt).view(n, k)
     s, z = matrix_meta(views, prefix, shape)
     return ((q - z[..., None]) * s[..., None]).view(n, k)
+
+
+# -- device-neutral form and row-blocked dequantization (the CUDA path) -------------------------------------------
+CPU_FORMS = ("int4pack", "int4lut", "int4lut16")  # laid out for torch's CPU int4 kernel: no other device reads them
+
+
+def to_bitpack(views: dict[str, torch.Tensor], prefix: str, shape: tuple[int, int],
+               bits: int) -> dict[str, torch.Tensor]:
+    """A stored matrix (any form) -> the device-neutral "bitpack" form standing for exactly the same weights.
+
+    The values are bit-packed in row order; the meta is kept as stored, so `dequantize` gives bit-identical results:
+    8-bit scales/zeros and HQQ's (scale, zero) as they are, the int4 kernel's [G, N, 2] (scale, zero_t) as `szt`
+    (w = (q - 2^(bits-1)) scale + zero_t, which is what every int4 form computes with its stored offset).
+    """
+    out = {f"{prefix}.q": bitpack(matrix_values(views, prefix, shape, bits), bits)}
+    if f"{prefix}.sz" in views:
+        out[f"{prefix}.szt"] = views[f"{prefix}.sz"].clone()
+    else:
+        names = ("szt",) if f"{prefix}.szt" in views else (
+            ("scale_q", "scale_mm", "zero_q", "zero_mm") if f"{prefix}.scale_q" in views else ("scale", "zero"))
+        out.update({f"{prefix}.{name}": views[f"{prefix}.{name}"].clone() for name in names})
+    return out
+
+
+def _meta_rows(views: dict[str, torch.Tensor], prefix: str, bits: int, r0: int,
+               r1: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(scale, zero-or-zero_t, zero_t?) float32 [rows, G] of rows r0..r1, computed exactly as `dequantize` does."""
+    if f"{prefix}.szt" in views:
+        szt = views[f"{prefix}.szt"][:, r0:r1].float()
+        return szt[..., 0].t(), szt[..., 1].t(), True
+    if f"{prefix}.scale_q" in views:
+        def rows(q: torch.Tensor, mm: torch.Tensor) -> torch.Tensor:
+            g = q.numel() // mm.shape[0]  # values per meta group (`quantize_meta`)
+            idx = torch.arange(r0 * q.shape[1], r1 * q.shape[1], device=q.device) // g
+            return (q[r0:r1].reshape(-1).float() * mm[idx, 1] + mm[idx, 0]).view(r1 - r0, q.shape[1])
+        return (rows(views[f"{prefix}.scale_q"], views[f"{prefix}.scale_mm"]),
+                rows(views[f"{prefix}.zero_q"], views[f"{prefix}.zero_mm"]), False)
+    return views[f"{prefix}.scale"][r0:r1].float(), views[f"{prefix}.zero"][r0:r1].float(), False
+
+
+def dequantize_into(views: dict[str, torch.Tensor], prefix: str, shape: tuple[int, int], bits: int,
+                    group_size: int, out: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
+    """`dequantize(...)` cast to `out.dtype`, written into `out` [N, K] (any device) one block of rows at a time, so
+    the float32 temporaries stay near `chunk` values whatever the matrix size. Bit-identical to
+    `dequantize(...).to(out.dtype)`: the same float32 operations on the same values, row block by row block.
+    Bit-packed forms only are blocked (their rows are contiguous bytes); the CPU forms are dequantized whole."""
+    n, k = shape
+    if f"{prefix}.q" not in views or f"{prefix}.sz" in views:
+        return out.copy_(dequantize(views, prefix, shape, bits, group_size))
+    packed, g = views[f"{prefix}.q"], k // group_size
+    step = max(8, chunk // k // 8 * 8)  # whole rows; 3-bit rows start on a 3-byte boundary every 8 rows
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        b0, b1 = packed_numel(r0 * k, bits), packed_numel(r1 * k, bits)
+        q = bitunpack(packed[b0:b1], bits, (r1 - r0) * k).float().view(r1 - r0, g, group_size)
+        s, z, zero_t = _meta_rows(views, prefix, bits, r0, r1)
+        if zero_t:
+            w = (q - (1 << (bits - 1))) * s[..., None] + z[..., None]
+        else:
+            w = (q - z[..., None]) * s[..., None]
+        out[r0:r1].copy_(w.view(r1 - r0, k))
+    return out

@@ -4,12 +4,15 @@ Quantization itself is HQQ's optimizer (`hqq.core.quantize.Quantizer.quantize`, 
 scales and zeros (hqq 0.2.8 ignores its own flag) and all packing are ours (`formats.py`). On CPU, 4-bit matrices whose
 shape and group size the int4 kernel accepts are stored directly in its layout, so a cache load is one copy and the
 kernel reads the slot. 2/3-bit matrices are stored bit-packed (what makes them cheap to store and move) and expanded
-once per slot load into a workspace right after the packed bytes (see `plan_matrix`). This module knows nothing about
-stores, caches or files.
+once per slot load into a workspace right after the packed bytes (see `plan_matrix`). Those CPU forms are laid out for
+torch's CPU int4 kernel only: experts and projections packed for the CPU (an offload folder converted for it) are
+repacked at load, exactly, into the device-neutral bit-packed form when they run on another device (`repack_for`).
+This module knows nothing about stores, caches or files.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +31,7 @@ from ..storage.packing import (
     unpack_views,
 )
 from . import QuantSpec
-from .formats import dequantize, hqq_quantize, int4_ok, int4_pad16_ok, store_matrix
+from .formats import CPU_FORMS, dequantize, hqq_quantize, int4_ok, int4_pad16_ok, store_matrix, to_bitpack
 from .kernels import plan_matrix
 
 BITS = (2, 3, 4, 8)
@@ -53,6 +56,35 @@ def choose_form(shape: tuple[int, int], spec: QuantSpec, device: torch.device) -
     if device.type == "cpu" and int4_pad16_ok(shape, spec.group_size) and spec.bits in (2, 3):
         return "int4lut16"
     return "bitpack"
+
+
+def repack_for(packed: PackedExpert, device: torch.device) -> PackedExpert:
+    """The same expert in forms `device` can read: matrices in a CPU-only form become "bitpack" (bit-identical
+    dequantized weights, see `formats.to_bitpack`) for any other device; anything else is returned as it is."""
+    forms = packed.layout.meta.get("forms", {})
+    if device.type == "cpu" or not any(f in CPU_FORMS for f in forms.values()):
+        return packed
+    views = unpack_views(packed.data, packed.layout)
+    bits = int(packed.layout.meta["bits"])
+    tensors: dict[str, torch.Tensor] = {}
+    for m, form in forms.items():
+        if form in CPU_FORMS:
+            tensors.update(to_bitpack(views, m, _shape(packed.layout, m), bits))
+        else:
+            tensors.update((name, t) for name, t in views.items() if name.startswith(f"{m}."))
+    n_weights = sum(n * k for n, k in (_shape(packed.layout, m) for m in forms))
+    stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    meta = dict(packed.layout.meta, forms={m: "bitpack" if f in CPU_FORMS else f for m, f in forms.items()},
+                bits_per_weight=round(stored * 8 / n_weights, 4))
+    return pack(packed.layout.format, tensors, meta)
+
+
+@functools.lru_cache(maxsize=64)
+def layout_for(layout: ExpertLayout, device: torch.device) -> ExpertLayout:
+    """The layout `repack_for` gives experts of `layout` on `device` (sizes depend only on the tensor shapes)."""
+    if device.type == "cpu" or not any(f in CPU_FORMS for f in layout.meta.get("forms", {}).values()):
+        return layout
+    return repack_for(PackedExpert(layout, torch.zeros(layout.nbytes, dtype=torch.uint8)), device).layout
 
 
 def quantize_matrices(weights: dict[str, torch.Tensor], spec: QuantSpec,
@@ -90,7 +122,9 @@ def dequantize_expert(packed: PackedExpert) -> dict[str, torch.Tensor]:
     return dequantize_layout(packed.layout, unpack_views(packed.data, packed.layout))
 
 
-def _plans(layout: ExpertLayout, device: torch.device, dtype: torch.dtype | None) -> dict[str, Any]:
+def _plans(layout: ExpertLayout, device: torch.device, dtype: torch.dtype | None,
+           per_call: bool = False) -> dict[str, Any]:
+    """One plan per matrix; `per_call` (CUDA): dequantize on every call instead of keeping a dense copy."""
     bits, gs = int(layout.meta["bits"]), int(layout.meta["group_size"])
     dtypes = {r.name: r.dtype for r in layout.tensors}
     out = {}
@@ -98,16 +132,25 @@ def _plans(layout: ExpertLayout, device: torch.device, dtype: torch.dtype | None
         sz = dtypes.get(f"{m}.sz")
         sz_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(sz) if sz else None
         compute = dtype or dtype_from_name(str(layout.meta.get("dtype", "bfloat16")))
-        out[m] = plan_matrix(m, form, _shape(layout, m), bits, gs, compute, device, sz_dtype)
+        if device.type == "cuda":
+            if form in CPU_FORMS:
+                msg = f"{m} is packed for the CPU ({form}); repack it for {device} first (hqq.repack_for)"
+                raise CheckpointError(msg)
+            from .cuda import plan_cuda_matrix
+
+            out[m] = plan_cuda_matrix(m, _shape(layout, m), bits, gs, compute, per_call)
+        else:
+            out[m] = plan_matrix(m, form, _shape(layout, m), bits, gs, compute, device, sz_dtype)
     return out
 
 
 class HqqExpertKernel:
     """gate/up projection, activation, down projection from an HQQ-packed slot (one `MatrixPlan` per matrix)."""
 
-    def __init__(self, layout: ExpertLayout, device: torch.device, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, layout: ExpertLayout, device: torch.device, dtype: torch.dtype | None = None,
+                 per_call: bool = False) -> None:
         self.layout = layout
-        self.plans = _plans(layout, device, dtype)
+        self.plans = _plans(layout, device, dtype, per_call)
         self.offsets, total = {}, 0
         for m, plan in self.plans.items():
             self.offsets[m] = total
@@ -133,7 +176,10 @@ class QuantizedLinear(nn.Module):
     """An `nn.Linear` replaced by an HQQ-quantized matrix (packed buffer + layout), computed like an expert matrix.
 
     The packed bytes are a non-persistent buffer `packed` (the offload format saves it in its trunk file under
-    `<module>.packed`); the workspace (if the device's kernel wants one) is a second buffer filled at construction.
+    `<module>.packed`); the workspace (if the device's kernel wants one) is a second buffer. The kernel (which holds
+    views of both) is built on first use and dropped whenever the buffers are replaced (`to`, `to_empty`: `unload`),
+    so no view keeps freed device memory alive. On CUDA the matrix is dequantized on every call: the resident bytes
+    stay packed, which is what quantizing attention is for.
     """
 
     def __init__(self, layout: ExpertLayout, data: torch.Tensor, bias: torch.Tensor | None,
@@ -144,10 +190,20 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = k, n
         self.register_buffer("packed", data.to(device), persistent=False)  # saved by the offload format itself
         self.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False) if bias is not None else None
-        self.plan = _plans(layout, device, dtype)["w"]
+        self.plan = _plans(layout, device, dtype, per_call=True)["w"]
         self.register_buffer("workspace", torch.empty(self.plan.workspace_nbytes, dtype=torch.uint8, device=device),
                              persistent=False)
-        self._fn = self.plan.prepare(unpack_views(self.packed, layout), self.workspace)
+        self._fn: Any = None
+        self._kernel()  # fill the workspace now: the first forward costs no more than the others
+
+    def _kernel(self) -> Any:
+        if self._fn is None:
+            self._fn = self.plan.prepare(unpack_views(self.packed, self.layout), self.workspace)
+        return self._fn
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantizedLinear:
+        self._fn = None  # it holds views of the buffers `fn` replaces
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         m = self.layout.meta
@@ -162,7 +218,7 @@ class QuantizedLinear(nn.Module):
                                                                if self.bias is not None else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._fn(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        y = self._kernel()(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
 
@@ -170,16 +226,18 @@ class HqqQuantizer:
     """HQQ experts and attention (2, 3, 4, 8 bits; optional 8-bit scales and zeros)."""
 
     name = "hqq"
+    per_call_kernels = True  # expert_kernel(..., per_call=True): CUDA slots that hold only the packed bytes
 
     def pack_expert(self, weights: dict[str, torch.Tensor], spec: QuantSpec, device: torch.device) -> PackedExpert:
         tensors, meta = quantize_matrices({m: weights[m] for m in MATRICES}, spec, device)
         return pack("hqq", tensors, meta)
 
-    def expert_kernel(self, layout: ExpertLayout, device: torch.device) -> HqqExpertKernel:
+    def expert_kernel(self, layout: ExpertLayout, device: torch.device, per_call: bool = False) -> HqqExpertKernel:
+        """`per_call` (CUDA): dequantize on every call instead of expanding each matrix into the slot at load."""
         if layout.format != "hqq":
             msg = f"the 'hqq' quantizer cannot run experts packed as {layout.format!r}; the manifest is damaged"
             raise CheckpointError(msg)
-        return HqqExpertKernel(layout, device)
+        return HqqExpertKernel(layout, device, per_call=per_call)
 
     def slot_nbytes(self, layout: ExpertLayout, device: torch.device) -> int:
         """Bytes one cache slot needs for this layout: the packed bytes plus the kernel's workspace."""
@@ -191,7 +249,15 @@ class HqqQuantizer:
 
     def linear_from_packed(self, packed: PackedExpert, bias: torch.Tensor | None, device: torch.device,
                            dtype: torch.dtype) -> QuantizedLinear:
+        packed = repack_for(packed, device)
         return QuantizedLinear(packed.layout, packed.data, bias, device, dtype)
+
+    def repack_for(self, packed: PackedExpert, device: torch.device) -> PackedExpert:
+        """The expert in forms `device` can read (see the module function)."""
+        return repack_for(packed, device)
+
+    def layout_for(self, layout: ExpertLayout, device: torch.device) -> ExpertLayout:
+        return layout_for(layout, device)
 
     def quantize_linear(self, linear: nn.Linear, spec: QuantSpec, device: torch.device) -> nn.Module:
         packed = self.pack_linear(linear, spec, device)

@@ -15,7 +15,6 @@ import torch
 
 from ..storage.packing import ALIGN, align_up
 from .cpu import DenseMatmul, Int4Matmul, Pad16Int4Matmul, _scratch
-from .cuda import DequantMatmul
 from .formats import (
     dequantize,
     int4_offset,
@@ -35,8 +34,8 @@ class MatrixPlan:
     kind: "int4" (CPU int4 kernel reads the stored int4pack form), "int4-lut16" (CPU, group 16: the same for the
     matrix padded to group 32 with zero activations), "int4-lut" (CPU: 2/3-bit planes stored in
     int4pack nibble order, expanded into the workspace by a table lookup at slot load), "int4-unpack" (CPU: 2/3-bit values unpacked into
-    int4pack form in the workspace at slot load), "dense" (dequantized into the workspace at slot load in `dtype`),
-    "dequant" (dequantized on every call; CUDA).
+    int4pack form in the workspace at slot load), "dense" (dequantized into the workspace at slot load in `dtype`).
+    CUDA devices get a `cuda.CudaMatrixPlan` instead (same surface).
     """
 
     prefix: str
@@ -78,8 +77,6 @@ class MatrixPlan:
         n, k = self.shape
         if self.kind == "int4":
             return Int4Matmul(views[f"{self.prefix}.q"], views[f"{self.prefix}.sz"], self.group_size)
-        if self.kind == "dequant":
-            return DequantMatmul(views, self.prefix, self.shape, self.bits, self.group_size, self.dtype)
         assert workspace is not None and workspace.numel() >= self.workspace_nbytes, "slot lacks its workspace"
         if self.kind in ("int4-lut", "int4-lut16"):
             return self._prepare_lut(views, workspace)
@@ -111,7 +108,7 @@ def _lut_sz(plan: MatrixPlan, views: dict[str, torch.Tensor], out: torch.Tensor)
 
 
 def plan_matrix(prefix: str, form: str, shape: tuple[int, int], bits: int, group_size: int,
-                dtype: torch.dtype, device: torch.device, sz_dtype: torch.dtype | None = None) -> MatrixPlan:
+                dtype: torch.dtype, device: torch.device, sz_dtype: torch.dtype | None = None) -> Any:
     """Pick the fastest exact way to compute a stored matrix on `device` (see `MatrixPlan.kind`).
 
     CPU: int4pack form -> the int4 kernel in place; 2/3-bit with an int4-compatible group size -> unpacked into
@@ -119,8 +116,10 @@ def plan_matrix(prefix: str, form: str, shape: tuple[int, int], bits: int, group
     (2/3-bit group 16, 8-bit) -> dequantized once per slot load into a dense workspace, then `F.linear`.
     """
     act = torch.float32 if dtype == torch.float32 else torch.bfloat16
-    if device.type != "cpu":
-        return MatrixPlan(prefix, "dequant", shape, bits, group_size, dtype)
+    if device.type != "cpu":  # the CUDA plans read the bit-packed form (CPU forms are repacked at load)
+        from .cuda import plan_cuda_matrix
+
+        return plan_cuda_matrix(prefix, shape, bits, group_size, dtype)
     if form == "int4pack":
         return MatrixPlan(prefix, "int4", shape, bits, group_size, sz_dtype or act)
     if form == "int4lut":

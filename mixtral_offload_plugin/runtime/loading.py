@@ -26,7 +26,14 @@ from ..quant import QuantSpec
 from ..storage.hf_checkpoint import HFCheckpoint
 from ..storage.packing import PackedExpert, unpack_views
 from .experts import OffloadedExperts
-from .memory import kv_bytes, make_plan
+from .memory import (
+    available_bytes,
+    choose_cuda_slots,
+    cuda_overhead_bytes,
+    kv_bytes,
+    make_plan,
+    pinned_store_or_disk,
+)
 from .model import OffloadRuntime, offloaded_class
 
 log = logging.getLogger(__name__)
@@ -196,9 +203,11 @@ def _expert_stream(ckpt: Any, arch: Architecture, keys: list[tuple[int, int]], s
     per_expert, fused = split
     bar = tqdm(keys, desc="experts", unit="expert", disable=os.environ.get("MIXTRAL_OFFLOAD_QUIET") == "1",
                leave=False)
+    repack = getattr(quantizer, "repack_for", None)
     for layer, expert in bar:
-        if hasattr(ckpt, "packed_expert"):  # offload format: already packed on disk
-            yield (layer, expert), ckpt.packed_expert((layer, expert))
+        if hasattr(ckpt, "packed_expert"):  # offload format: already packed on disk (for the CPU, perhaps)
+            packed = ckpt.packed_expert((layer, expert))
+            yield (layer, expert), repack(packed, device) if repack is not None else packed
             continue
         weights = read_expert(ckpt, layer, expert, per_expert, fused)
         yield (layer, expert), quantizer.pack_expert(weights, spec, device)
@@ -226,6 +235,7 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
     plugins.resolve("prefetcher", config.prefetch)
     plugins.resolve("store", config.store if config.store != "auto" else "host")
     device = resolve_device(config.device)
+    free_before = available_bytes(device) if device.type == "cuda" else None  # before the trunk takes its share
 
     if (path / MANIFEST_NAME).exists():
         from ..storage.offload_format import open_offload_checkpoint
@@ -253,32 +263,63 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
         from ..quant.attention import quantize_attention
 
         trunk_bytes = quantize_attention(model, config, dtype, device)
+        if device.type == "cuda":  # the float projections just freed stay in torch's cache, unseen by mem_get_info
+            torch.cuda.empty_cache()
 
     keys = [(layer, e) for layer in sorted(blocks) for e in range(num_experts)]
     qname = getattr(ckpt, "quantizer_name", None) or ("none" if config.expert_bits == 16 else "hqq")
     quantizer = plugins.create("quantizer", qname)
     spec = QuantSpec(config.expert_bits, config.expert_group_size, dtype, config.quant_scales)
     layouts = ckpt.expert_layouts(keys) if hasattr(ckpt, "expert_layouts") else None
+    repacked = False
+    if layouts is not None and hasattr(quantizer, "layout_for"):  # packed for another device: repacked at load
+        stored = layouts
+        layouts = {k: quantizer.layout_for(lay, device) for k, lay in stored.items()}
+        repacked = any(layouts[k] != stored[k] for k in keys)
+        if repacked:
+            log.info("%s was packed for the CPU; repacking its experts for %s while loading (convert with "
+                     "--target cuda to skip this)", path, device)
     if layouts is None:  # pack one expert to learn the sizes (all experts of a family have one shape)
         first = quantizer.pack_expert(read_expert(ckpt, *keys[0], *split[:2]), spec, device)
         layouts = {k: first.layout for k in keys}
-    kernels = {k: quantizer.expert_kernel(layouts[k], device) for k in keys}
-    # a kernel may want a workspace after the packed bytes in its slot (filled by prepare() once per slot load)
-    workspace = {k: getattr(kernels[k], "workspace_nbytes", 0) for k in keys}
-    expert_bytes = max(layouts[k].nbytes + workspace[k] for k in keys)
+    kernels, expert_bytes = _expert_kernels(quantizer, layouts, device, per_call=False)
 
     store_name = config.store
-    kv = kv_bytes(model_config, config.context_length, torch.empty((), dtype=dtype).element_size())
-    plan = make_plan(config, device=device, layers=len(blocks), experts=num_experts, top_k=top_k,
-                     expert_bytes=expert_bytes, total_expert_bytes=sum(lay.nbytes for lay in layouts.values()),
-                     trunk_bytes=trunk_bytes, kv=kv, store_in_ram=store_name in ("host", "auto"))
+    el = torch.empty((), dtype=dtype).element_size()
+    kv = kv_bytes(model_config, config.context_length, el, config.batch_size)
+    overhead = 0
+    if device.type == "cuda":
+        from ..quant.attention import call_temp_bytes
+
+        overhead = cuda_overhead_bytes(model_config, config.context_length, el, config.batch_size,
+                                       call_temp_bytes(model))
+    total_expert_bytes = sum(lay.nbytes for lay in layouts.values())
+
+    def plan_for(nbytes: int) -> Any:
+        return make_plan(config, device=device, layers=len(blocks), experts=num_experts, top_k=top_k,
+                         expert_bytes=nbytes, total_expert_bytes=total_expert_bytes, trunk_bytes=trunk_bytes,
+                         kv=kv, store_in_ram=store_name in ("host", "auto"), available=free_before, overhead=overhead)
+
+    if device.type == "cuda" and getattr(quantizer, "per_call_kernels", False):
+        small_kernels, small_bytes = _expert_kernels(quantizer, layouts, device, per_call=True)
+        small, plan = choose_cuda_slots(plan_for, expert_bytes, small_bytes, config, len(blocks), top_k)
+        if small:
+            kernels, expert_bytes = small_kernels, small_bytes
+    else:
+        plan = plan_for(expert_bytes)
+    # a kernel may want a workspace after the packed bytes in its slot (filled by prepare() once per slot load)
+    workspace = {k: getattr(kernels[k], "workspace_nbytes", 0) for k in keys}
     if store_name == "auto":
         store_name = "host" if device.type == "cuda" or plan.resident else "disk"
+    if device.type == "cuda" and not plan.resident and store_name == "host":
+        store_name = pinned_store_or_disk(config.store, total_expert_bytes)
     resident = plan.resident
     config = config.replace(store=store_name, prefetch_experts=config.prefetch_experts or top_k)
 
     store = None if resident else plugins.create("store", store_name, config, device)
-    if hasattr(ckpt, "attach_to") and store is not None and ckpt.attach_to(store):
+    if hasattr(store, "reserve"):  # pinned arenas sized for exactly these experts
+        store.reserve([layouts[k].nbytes for k in keys])
+    if hasattr(ckpt, "attach_to") and store is not None and not repacked and ckpt.attach_to(store):
         pass  # offload-format expert files are read in place
     elif store is not None:
         for key, packed in _expert_stream(ckpt, arch, keys, split[:2], quantizer, spec, device):
@@ -327,6 +368,14 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
     model.eval()
     plugins.pm.hook.on_model_loaded(model=model, config=config)
     return model
+
+
+def _expert_kernels(quantizer: Any, layouts: dict[Any, Any], device: torch.device,
+                    per_call: bool) -> tuple[dict[Any, Any], int]:
+    """The kernel of every expert and the bytes of the largest slot (packed bytes + the kernel's workspace)."""
+    kw = {"per_call": True} if per_call else {}
+    kernels = {k: quantizer.expert_kernel(lay, device, **kw) for k, lay in layouts.items()}
+    return kernels, max(lay.nbytes + getattr(kernels[k], "workspace_nbytes", 0) for k, lay in layouts.items())
 
 
 def _load_generation_config(model: nn.Module, path: Path) -> None:

@@ -3,10 +3,17 @@
 Computed before anything large is allocated, so an impossible configuration fails at once with the numbers and the
 nearest setting that fits. `budget` "auto" picks the largest cache that fits with a safety margin. Pure arithmetic
 plus one query of free memory; this module allocates nothing.
+
+On CUDA the free memory is read before the trunk goes to the device (`load_model` passes it in), so the trunk is
+counted once; the plan adds what the device needs besides weights (`overhead_bytes`: activations, dequantization
+temporaries, cuBLAS workspaces) and every plan, explicit or automatic, must fit a safe share of that free memory.
+The host store of a CUDA model is pinned RAM: `host_store_fits` checks it against the host's available memory.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +21,7 @@ import torch
 
 from ..errors import ConfigError, MemoryPlanError
 
+log = logging.getLogger(__name__)
 SAFETY = 0.85  # share of the available memory a plan may use
 
 
@@ -49,6 +57,7 @@ class MemoryPlan:
     experts_per_layer: int | None  # per-layer pools, or None for one global pool
     global_slots: int | None
     available: int
+    overhead_bytes: int = 0  # device memory besides weights (CUDA: activations, temporaries, cuBLAS workspaces)
 
     @property
     def slots(self) -> int:
@@ -60,7 +69,7 @@ class MemoryPlan:
 
     @property
     def needed(self) -> int:
-        return self.trunk_bytes + self.kv_bytes + self.cache_bytes + self.store_ram_bytes
+        return self.trunk_bytes + self.kv_bytes + self.cache_bytes + self.store_ram_bytes + self.overhead_bytes
 
     @property
     def resident(self) -> bool:
@@ -69,34 +78,112 @@ class MemoryPlan:
     def describe(self) -> str:
         cache = (f"{self.experts_per_layer} experts/layer" if self.experts_per_layer is not None
                  else f"{self.global_slots} slots shared by all layers")
+        extra = f" + activations and temporaries {fmt(self.overhead_bytes)}" if self.overhead_bytes else ""
         return (f"trunk {fmt(self.trunk_bytes)} + cache {fmt(self.cache_bytes)} ({cache} x {fmt(self.expert_bytes)})"
-                f" + KV {fmt(self.kv_bytes)} + store in RAM {fmt(self.store_ram_bytes)} = {fmt(self.needed)}"
+                f" + KV {fmt(self.kv_bytes)} + store in RAM {fmt(self.store_ram_bytes)}{extra} = {fmt(self.needed)}"
                 f" needed, {fmt(self.available)} available on {self.device}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "expert_bytes": self.expert_bytes, "trunk_bytes": self.trunk_bytes,
                 "kv_bytes": self.kv_bytes, "store_ram_bytes": self.store_ram_bytes,
                 "experts_per_layer": self.experts_per_layer, "global_slots": self.global_slots,
-                "cache_bytes": self.cache_bytes, "needed": self.needed, "available": self.available}
+                "cache_bytes": self.cache_bytes, "overhead_bytes": self.overhead_bytes, "needed": self.needed,
+                "available": self.available}
 
 
-def kv_bytes(model_config: Any, tokens: int, dtype_bytes: int) -> int:
+def kv_bytes(model_config: Any, tokens: int, dtype_bytes: int, batch: int = 1) -> int:
+    """KV cache of `batch` sequences of `tokens` tokens (capped at the model's maximum)."""
     heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
     tokens = min(tokens, getattr(model_config, "max_position_embeddings", tokens) or tokens)
-    return 2 * model_config.num_hidden_layers * heads * head_dim * tokens * dtype_bytes
+    return 2 * model_config.num_hidden_layers * heads * head_dim * tokens * dtype_bytes * batch
+
+
+def activation_bytes(model_config: Any, tokens: int, dtype_bytes: int, batch: int = 1) -> int:
+    """Peak activations of one forward over `batch` x `tokens` tokens (a prefill as long as the context): the
+    residual stream and its normed copies, q/k/v, one expert's gate/up/activation, float32 last-position logits.
+    Attention scores are not counted (SDPA's fused kernels do not materialise them)."""
+    tokens = min(tokens, getattr(model_config, "max_position_embeddings", tokens) or tokens)
+    h = model_config.hidden_size
+    inter = getattr(model_config, "moe_intermediate_size", None) or model_config.intermediate_size
+    heads = model_config.num_attention_heads
+    kv = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or h // heads
+    per_token = 6 * h + 3 * inter + (heads + 2 * kv) * head_dim
+    return batch * tokens * per_token * dtype_bytes + batch * model_config.vocab_size * 4
+
+
+def cuda_overhead_bytes(model_config: Any, tokens: int, dtype_bytes: int, batch: int, call_temp: int) -> int:
+    """Device bytes a CUDA model needs besides weights, KV cache and slots: activations, the row-blocked
+    dequantization of slot loads (copy stream) and of per-call matrices (compute stream, `call_temp` for the largest
+    one's dense copy), and the cuBLAS workspaces."""
+    from ..quant.cuda import CUBLAS_WORKSPACE_BYTES, dequant_temp_bytes
+
+    temps = dequant_temp_bytes() * (2 if call_temp else 1) + call_temp
+    return activation_bytes(model_config, tokens, dtype_bytes, batch) + temps + CUBLAS_WORKSPACE_BYTES
+
+
+def host_store_fits(store_bytes: int, available: int | None = None) -> bool:
+    """Whether a host store of `store_bytes` (pinned on CUDA: it cannot be swapped out) fits a safe share of the
+    host's available memory."""
+    avail = available if available is not None else available_bytes(torch.device("cpu"))
+    return store_bytes <= avail * SAFETY
+
+
+def pinned_store_or_disk(requested: str, store_bytes: int) -> str:
+    """A CUDA model's host store is pinned RAM: "host" when it fits the host's memory; else "disk" if the store was
+    left to "auto", or a MemoryPlanError naming the numbers."""
+    if host_store_fits(store_bytes):
+        return "host"
+    if requested == "auto":
+        log.warning("the experts (%s) do not fit in this machine's RAM as a pinned host store; using the disk store",
+                    fmt(store_bytes))
+        return "disk"
+    avail = available_bytes(torch.device("cpu"))
+    msg = (f"store='host' pins every expert in RAM ({fmt(store_bytes)}) but this machine has {fmt(avail)} available "
+           f"(a plan may use {SAFETY:.0%} of it); use store='disk' (or 'auto'), or lower expert_bits")
+    raise MemoryPlanError(msg)
+
+
+def choose_cuda_slots(make: Callable[[int], MemoryPlan], fast_bytes: int, small_bytes: int, config: Any,
+                      layers: int, top_k: int) -> tuple[bool, MemoryPlan]:
+    """CUDA slots of quantized experts are fast and large (a dense copy of each matrix, expanded at slot load) or
+    small (the packed bytes, dequantized per call). Returns (small?, plan): the fast kind when its plan fits and
+    leaves a useful cache (the experts_per_layer asked for, every expert, at least top-k experts per layer, or as
+    many slots as the small kind), else the small kind. `make(expert_bytes)` builds a plan."""
+    try:
+        fast = make(fast_bytes)
+    except MemoryPlanError:
+        return True, make(small_bytes)
+    if fast_bytes == small_bytes or config.experts_per_layer is not None or fast.resident or \
+            fast.slots >= layers * top_k:
+        return False, fast
+    small = make(small_bytes)
+    return (False, fast) if fast.slots >= small.slots else (True, small)
 
 
 def make_plan(config: Any, *, device: torch.device, layers: int, experts: int, top_k: int, expert_bytes: int,
-              total_expert_bytes: int, trunk_bytes: int, kv: int, store_in_ram: bool) -> MemoryPlan:
-    """Decide the cache size from `config` (experts_per_layer, cache_bytes, or auto) and check that it fits."""
-    avail = config.max_memory_bytes or available_bytes(device)
+              total_expert_bytes: int, trunk_bytes: int, kv: int, store_in_ram: bool, available: int | None = None,
+              overhead: int = 0) -> MemoryPlan:
+    """Decide the cache size from `config` (experts_per_layer, cache_bytes, or auto) and check that it fits.
+
+    `available`: free device memory measured before the trunk was placed (CUDA; default: measured now).
+    `overhead`: device bytes needed besides weights, KV cache and slots (`cuda_overhead_bytes`).
+    """
+    if device.type == "cuda":  # a budget never exceeds what is free; every plan keeps the safety margin
+        free = available if available is not None else available_bytes(device)
+        avail = min(config.max_memory_bytes or free, free)
+        hard = avail * SAFETY
+    else:
+        avail = config.max_memory_bytes or available_bytes(device)
+        hard = avail
     same_memory = store_in_ram and device.type == "cpu"
 
     def plan(k: int | None, g: int | None) -> MemoryPlan:
         resident = (g if g is not None else layers * (k or 0)) >= layers * experts
         store = total_expert_bytes if same_memory and not resident else 0
-        return MemoryPlan(str(device), layers, experts, top_k, expert_bytes, trunk_bytes, kv, store, k, g, avail)
+        return MemoryPlan(str(device), layers, experts, top_k, expert_bytes, trunk_bytes, kv, store, k, g, avail,
+                          overhead)
 
     if config.experts_per_layer is not None:
         k = config.experts_per_layer
@@ -117,8 +204,10 @@ def make_plan(config: Any, *, device: torch.device, layers: int, experts: int, t
         if p.needed > avail * SAFETY:
             fitting = [k for k in range(experts - 1, 0, -1) if plan(k, None).needed <= avail * SAFETY]
             p = plan(fitting[0] if fitting else 1, None)
-    if p.needed > avail:
-        raise MemoryPlanError(f"the configuration does not fit: {p.describe()}. {_nearest(plan, p, avail, layers, experts)}")
+    if p.needed > hard:
+        share = f" (a plan may use {SAFETY:.0%} of it)" if hard < avail else ""
+        msg = f"the configuration does not fit: {p.describe()}{share}. {_nearest(plan, p, avail, layers, experts)}"
+        raise MemoryPlanError(msg)
     return p
 
 

@@ -50,6 +50,14 @@ class OffloadRuntime:
             self.kernels.clear()
 
 
+def _empty_pinned_cache() -> None:
+    """Return cached pinned host blocks to the system (`torch.accelerator.empty_host_cache`, torch >= 2.9)."""
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None) or getattr(
+        torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()
+
+
 def _prompt_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
     ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))  # TextGen passes inputs=
     if isinstance(ids, torch.Tensor) and ids.dim() == 2:
@@ -106,6 +114,7 @@ class OffloadedModelMixin:
             self.to_empty(device="meta")  # releases every trunk tensor
             if rt.device.type == "cuda":
                 torch.cuda.empty_cache()
+                _empty_pinned_cache()  # the host store's arenas and staging buffers stay locked in torch's cache
 
     def generate(self, *args: Any, offload_source: str = "generate", **kwargs: Any) -> Any:
         """`transformers` generate(), serialized, validated, and reported to `on_generation_finished` observers."""

@@ -108,7 +108,7 @@ class Worker:
 def _summary(cfg: BenchConfig, load: dict[str, Any] | None, reps: list[dict[str, Any]], final: dict[str, Any] | None,
              memory: str, group_peak: int | None, error: str | None) -> dict[str, Any]:
     row: dict[str, Any] = {"config": cfg.label, "engine": cfg.engine, "offload": cfg.offload, "dtype": cfg.dtype,
-                           "cold": cfg.cold, "memory": memory, "repeats": reps, "error": error}
+                           "device": cfg.device, "cold": cfg.cold, "memory": memory, "repeats": reps, "error": error}
     if load:
         row["load_seconds"] = load.get("load_seconds")
         row["resolved"] = load.get("resolved")
@@ -123,6 +123,8 @@ def _summary(cfg: BenchConfig, load: dict[str, Any] | None, reps: list[dict[str,
         row["new_tokens"] = reps[0]["new_tokens"]
         row["tokens"] = reps[0]["tokens"]
     row["peak_rss_bytes"] = (final or {}).get("peak_rss_bytes") or max((r["peak_rss_bytes"] for r in reps), default=None)
+    gpu = [r["peak_gpu_bytes"] for r in reps if r.get("peak_gpu_bytes") is not None]
+    row["peak_gpu_bytes"] = max(gpu) if gpu else None
     row["cgroup_peak_bytes"] = group_peak
     return row
 
@@ -209,6 +211,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
             elif limit is not None:
                 memory = "unlimited (holds all weights in RAM by design)"
             spec = {"model": str(path), "engine": cfg.engine, "offload": cfg.offload, "dtype": cfg.dtype,
+                    "device": cfg.device,
                     "cold": cfg.cold or (limit is not None and cfg.limited and not (group and group.ok)),
                     "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "threads": args.threads,
                     "weight_budget": weight_budget, "trace": _trace_path(args.record_routing, cfg, n_ours),

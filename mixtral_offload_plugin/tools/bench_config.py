@@ -26,7 +26,7 @@ SYNTHETIC = {  # make_random_mixtral arguments
 }
 DEFAULT_CONFIGS = "transformers-bf16,resident,host-k4,disk-k4-cold,disk-k4-cold-prefetch"
 _OURS_RE = re.compile(r"^(host|disk)-k(\d+)(-cold)?(-prefetch)?$")
-_BENCH_KEYS = {"engine", "cold", "limit", "dtype_hf"}
+_BENCH_KEYS = {"engine", "cold", "limit", "dtype_hf", "device"}
 _BUDGETED = ("half",)
 # `--memory-limit half` adds this to the runtime, trunk and half the experts: activations, KV cache, allocator slack
 # and the one expert being packed while loading (without it a k=E/2 worker is OOM-killed at the edge of its group)
@@ -44,6 +44,7 @@ class BenchConfig:
     dtype: str = "auto"
     cold: bool = False
     limited: bool = False  # runs inside --memory-limit (configurations meant to fit the budget)
+    device: str = "cpu"  # compute device of every engine ("cpu", "cuda", "cuda:N")
 
 
 def _coerce(value: str) -> Any:
@@ -62,8 +63,14 @@ def _coerce(value: str) -> Any:
 
 def parse_config(spec: str) -> BenchConfig:
     """`preset[:key=value...]`: presets resident, host-kN, disk-kN[-cold][-prefetch], transformers-bf16,
-    transformers-fp32, accelerate-disk; keys are OffloadConfig fields plus cold and limit."""
-    name, *overrides = spec.split(":")
+    transformers-fp32, accelerate-disk; keys are OffloadConfig fields plus cold, limit and device (any engine)."""
+    name, *parts = spec.split(":")
+    overrides: list[str] = []
+    for part in parts:  # `device=cuda:1` contains the separator
+        if part.isdigit() and overrides and overrides[-1] == "device=cuda":
+            overrides[-1] += f":{part}"
+        else:
+            overrides.append(part)
     m = _OURS_RE.match(name)
     if name == "resident":
         cfg = BenchConfig(spec, "ours", {"store": "auto"})
@@ -91,6 +98,13 @@ def parse_config(spec: str) -> BenchConfig:
             cfg.cold = bool(_coerce(value))
         elif key == "limit":
             cfg.limited = bool(_coerce(value))
+        elif key == "device":
+            from ..config import OffloadConfig
+
+            cfg.device = OffloadConfig(device=value).device  # validated: cpu, cuda, cuda:N
+            if cfg.engine == "accelerate" and value != "cpu":
+                msg = f"{name!r} offloads to the CPU's disk and runs on the CPU only; drop :device={value}"
+                raise ValueError(msg)
         elif key == "dtype" and cfg.engine != "ours":
             cfg.dtype = value
         elif cfg.engine == "ours":

@@ -92,22 +92,25 @@ def _load(spec: dict[str, Any], scratch: Path) -> tuple[Any, list[Path], dict[st
     import torch
 
     path = Path(spec["model"])
+    device = spec.get("device", "cpu")
     if spec["engine"] == "ours":
         from ..config import OffloadConfig
         from ..runtime.loading import load_model
 
-        model = load_model(path, OffloadConfig(device="cpu", **spec["offload"]))
+        model = load_model(path, OffloadConfig(**{**spec["offload"], "device": device}))
         rt = model._offload_runtime
         files = [Path(p) for p in {r.path for r in rt.store._records.values()}] if hasattr(
             rt.store, "_records") else []
-        resolved = {"store": "resident" if rt.resident else rt.config.store, "plan": rt.plan.describe()}
+        resolved = {"store": "resident" if rt.resident else rt.config.store, "plan": rt.plan.describe(),
+                    "plan_needed_bytes": rt.plan.needed,
+                    "kernels": sorted({k for kern in rt.kernels.values() for k in getattr(kern, "kinds", {}).values()})}
         return model, files, resolved
     from transformers import AutoModelForCausalLM
 
     dtype = {"auto": "auto", "bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[
         spec["dtype"]]
     if spec["engine"] == "transformers":
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval().to(device)
         return model, [], {}
     offload_dir = scratch / "accelerate-offload"
     model = AutoModelForCausalLM.from_pretrained(
@@ -138,7 +141,8 @@ def worker_main(spec: dict[str, Any]) -> int:
         load_seconds = time.perf_counter() - t0
         ours = spec["engine"] == "ours"
         vocab = model.config.get_text_config().vocab_size
-        ids = torch.tensor([_prompt_ids(Path(spec["model"]), spec["prompt_tokens"], vocab)])
+        ids = torch.tensor([_prompt_ids(Path(spec["model"]), spec["prompt_tokens"], vocab)], device=model.device)
+        cuda = model.device.type == "cuda"
         n = spec["new_tokens"]
         gen = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "pad_token_id": 0,
                "eos_token_id": None}
@@ -164,9 +168,14 @@ def worker_main(spec: dict[str, Any]) -> int:
             before = model.offload_stats() if ours else None
             disk0 = _proc_read_bytes()
             clock = _Clock()
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             with torch.no_grad():
                 seqs = model.generate(ids, streamer=clock, **gen)
+            if cuda:
+                torch.cuda.synchronize()
             end = time.perf_counter()
             disk1 = _proc_read_bytes()
             new = int(seqs.shape[1] - ids.shape[1])
@@ -176,7 +185,7 @@ def worker_main(spec: dict[str, Any]) -> int:
                 "decode_tps": (new - 1) / (end - first) if new > 1 and end > first else 0.0,
                 "tokens": seqs[0, ids.shape[1]:].tolist()[:8],
                 "disk_bytes_per_token": (disk1 - disk0) / new if disk0 is not None and disk1 is not None else None,
-                "peak_rss_bytes": _peak_rss()}
+                "peak_rss_bytes": _peak_rss(), "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None}
             if ours:
                 st = model.offload_stats().minus(before)
                 res.update({"hit_rate": st.hit_rate, "prefetch_precision": st.prefetch_precision

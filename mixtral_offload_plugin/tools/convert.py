@@ -18,6 +18,7 @@ COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.js
                 "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
                 "chat_template.json")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+TARGETS = ("cpu", "cuda")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant-scales", action="store_true",
                         help="quantize HQQ scales and zeros to 8 bits (2-bit/g16 experts: about 3 bits per weight)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="16-bit dtype of the trunk and kernels")
+    parser.add_argument("--target", default="cpu", choices=TARGETS,
+                        help="device the experts are packed for (default cpu: torch's CPU int4 layouts; cuda: the "
+                             "device-neutral bit-packed form; either loads anywhere, repacked at load if needed)")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.add_argument("--verify", action="store_true", help="re-read every expert and check its checksum")
 
@@ -43,7 +47,7 @@ def main(args: argparse.Namespace) -> int:
                         attn_bits=args.attn_bits, attn_group_size=args.attn_group_size,
                         quant_scales=args.quant_scales, dtype=args.dtype)
     t0 = time.perf_counter()
-    summary = convert(args.src, args.dst, cfg, force=args.force, verify=args.verify)
+    summary = convert(args.src, args.dst, cfg, force=args.force, verify=args.verify, target=args.target)
     print(f"wrote {args.dst}: {summary['experts']} experts, {summary['bits_per_expert_weight']:.2f} bits per expert "
           f"weight, {summary['bytes'] / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s"
           + (" (checksums verified)" if args.verify else ""))
@@ -62,15 +66,21 @@ def _resolve_dst(src: Path, dst: Path, force: bool) -> None:
 
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], config: Any, *, force: bool = False,
-            verify: bool = False) -> dict[str, Any]:
-    """Convert `src` (HF checkpoint) to the offload format at `dst` with `config`'s quantization settings."""
+            verify: bool = False, target: str = "cpu") -> dict[str, Any]:
+    """Convert `src` (HF checkpoint) to the offload format at `dst` with `config`'s quantization settings, packed
+    for the `target` device type ("cpu" or "cuda"; the manifest records it as `packed_for`)."""
+    if target not in TARGETS:
+        from ..errors import ConfigError
+
+        msg = f"convert target {target!r} is invalid: use one of {TARGETS}"
+        raise ConfigError(msg)
     src, dst = Path(src), Path(dst)
     _resolve_dst(src, dst, force)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        summary = _write(src, tmp, config)
+        summary = _write(src, tmp, config, target)
         if verify:
             from ..storage.offload_format import open_offload_checkpoint
 
@@ -84,7 +94,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], config: An
     return summary
 
 
-def _write(src: Path, out: Path, config: Any) -> dict[str, Any]:
+def _write(src: Path, out: Path, config: Any, target: str = "cpu") -> dict[str, Any]:
     import json
 
     import torch
@@ -112,7 +122,7 @@ def _write(src: Path, out: Path, config: Any) -> dict[str, Any]:
     model_config = load_model_config(src, ckpt.config_dict)
     arch = find_architecture(model_config)
     dtype = resolve_dtype(config, model_config)
-    device = torch.device("cpu")
+    device = torch.device(target)  # only picks the packed forms: nothing is allocated on it
     per_expert, fused, trunk_keys = arch.split_keys(ckpt.keys())
     layers, num_experts = int(model_config.num_hidden_layers), arch.num_experts(model_config)
     qname = "none" if config.expert_bits == 16 else "hqq"
@@ -186,7 +196,8 @@ def _write(src: Path, out: Path, config: Any) -> dict[str, Any]:
         "source": src.name,
         "quantization": {"quantizer": qname, "expert_bits": spec.bits, "expert_group_size": spec.group_size,
                          "quant_scales": bool(spec.quant_scales), "attn_bits": config.attn_bits,
-                         "attn_group_size": config.attn_group_size, "dtype": str(dtype).removeprefix("torch.")},
+                         "attn_group_size": config.attn_group_size, "dtype": str(dtype).removeprefix("torch."),
+                         "packed_for": target},
         "bits_per_expert_weight": round(bits, 4), "trunk": TRUNK_NAME, "attention": attention, "experts": entries,
     }
     write_manifest(out, manifest)  # written last: a folder without it is never taken for an offload checkpoint

@@ -25,10 +25,13 @@ def expert_bytes_estimate(model_config: Any, bits: int, group: int, dtype_bytes:
 
 
 def _workspace(ckpt: Any, layout: Any, device: torch.device) -> int:
-    """Bytes a slot needs beyond the packed expert (a kernel that expands the expert at load time)."""
+    """Bytes a slot needs beyond the packed expert as stored (a kernel that expands the expert at load time; on
+    another device than the one it was packed for, the repacked form's size difference too)."""
     name = getattr(ckpt, "quantizer_name", None) or ("none" if layout.format == "dense" else "hqq")
-    kernel = plugins.create("quantizer", name).expert_kernel(layout, device)
-    return int(getattr(kernel, "workspace_nbytes", 0))
+    quantizer = plugins.create("quantizer", name)
+    on_device = quantizer.layout_for(layout, device) if hasattr(quantizer, "layout_for") else layout
+    kernel = quantizer.expert_kernel(on_device, device)
+    return on_device.nbytes - layout.nbytes + int(getattr(kernel, "workspace_nbytes", 0))
 
 
 def describe_checkpoint(path: str | Path, config: OffloadConfig) -> dict[str, Any]:

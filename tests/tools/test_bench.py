@@ -24,6 +24,19 @@ def test_parse_config_presets_and_overrides() -> None:
         parse_config("host-k0")
 
 
+def test_device_is_a_bench_key_for_every_engine() -> None:
+    """`:device=` reaches the worker for ours and transformers (it used to collide with the worker's own
+    `OffloadConfig(device="cpu", ...)`); accelerate's disk offload stays on the CPU."""
+    ours = parse_config("host-k4-prefetch:device=cuda:1")
+    assert ours.device == "cuda:1" and "device" not in ours.offload
+    assert parse_config("transformers-bf16:device=cuda").device == "cuda"
+    assert parse_config("resident").device == "cpu"
+    with pytest.raises(ValueError, match="device"):
+        parse_config("resident:device=gpu")
+    with pytest.raises(ValueError, match="CPU only"):
+        parse_config("accelerate-disk:device=cuda")
+
+
 def test_bench_smoke(tmp_path, capsys) -> None:
     from mixtral_offload_plugin.cli import main
 
@@ -31,11 +44,13 @@ def test_bench_smoke(tmp_path, capsys) -> None:
     trace = tmp_path / "trace.jsonl"
     rc = main(["bench", "--synthetic", "tiny", "--cache-dir", str(tmp_path), "--repeats", "1", "--new-tokens", "4",
                "--prompt-tokens", "3", "--threads", "1", "--quiet", "--json", str(out), "--record-routing", str(trace),
-               "--configs", "resident,disk-k2-cold-prefetch,accelerate-disk"])
+               "--configs", "resident:device=cpu,disk-k2-cold-prefetch,accelerate-disk"])
     assert rc == 0, capsys.readouterr()
     data = json.loads(out.read_text())
     rows = {r["config"]: r for r in data["rows"]}
+    rows["resident"] = rows.pop("resident:device=cpu")
     assert set(rows) == {"resident", "disk-k2-cold-prefetch", "accelerate-disk"}
+    assert {r["device"] for r in rows.values()} == {"cpu"} and rows["resident"]["peak_gpu_bytes"] is None
     for r in rows.values():
         assert r["error"] is None
         assert r["decode_tps"]["min"] > 0 and r["ttft_s"] > 0 and r["peak_rss_bytes"] > 0
@@ -48,5 +63,5 @@ def test_bench_smoke(tmp_path, capsys) -> None:
     assert rows["resident"]["hit_rate"] == 1.0
     # two of ours record: one trace per configuration, named after it
     assert '"phase": "decode"' in (tmp_path / "trace.disk-k2-cold-prefetch.jsonl").read_text()
-    assert (tmp_path / "trace.resident.jsonl").exists()
+    assert (tmp_path / "trace.resident_device_cpu.jsonl").exists()
     assert "tok/s med" in capsys.readouterr().out
