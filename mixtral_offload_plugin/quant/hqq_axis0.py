@@ -1,0 +1,211 @@
+"""HQQ matrices grouped along axis 0, as mixtral-offloading checkpoints store them (hqq 0.1.1): exact dequantization,
+the expert kernel, and the quantizer "hqq_axis0" that runs them.
+
+hqq 0.1.1 reshapes a weight W [out, in] row-major to [g, G] (G = out*in/g groups) and quantizes each column: group
+j holds the weights at flat positions j, j + G, j + 2G, ..., i.e. one input column c and the rows r0, r0 + out/g, ...
+Our int4 forms group along the input dimension (axis 1: g consecutive columns of one row share a scale). An axis-0
+group spans g output rows of one column, so no re-layout expresses it exactly in those forms (every weight would need
+its own scale); `y[r] = sum_c (q - z[r mod R, c]) s[r mod R, c] x[c]` needs, per row class, its own scaled input.
+So the exact way is to dequantize: on CPU once per cache-slot load into a dense workspace in the compute dtype
+(`F.linear` then runs at dense speed; the slot holds 2 bytes per weight in bf16), on CUDA on every call (slots keep the
+packed bytes). Requantizing into our axis-1 forms is possible from `dequantize_expert` but lossy.
+
+The arithmetic reproduces hqq 0.1.1's `Quantizer.dequantize` bit for bit: scales and zeros are dequantized from their
+8-bit form, then `(q - zero) * scale`, each operation rounded to fp16. This module knows nothing about files, stores or
+caches (the layout description comes from `storage/mixtral_offloading.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+from ..storage.packing import ALIGN, ExpertLayout, PackedExpert, align_up, dtype_from_name, unpack_views
+from . import DenseKernel, QuantSpec
+from .cpu import _scratch
+
+FORMAT = "hqq_axis0"
+PER_WORD = {2: 4, 3: 10, 4: 2, 8: 1}  # values per stored word (uint8; int32 for 3 bits)
+_H = torch.float16
+_BLOCK = 1 << 22  # weights dequantized per step into the workspace (bounds the fp16 temporary)
+
+
+def _shifts(bits: int) -> list[int]:
+    """Bit offset of the k-th value of a word: the first value sits in the highest bits."""
+    if bits == 3:
+        return [27 - 3 * k for k in range(10)]  # int32: bits 29..27 first, 31..30 unused
+    return [8 - bits * (k + 1) for k in range(8 // bits)]
+
+
+def unpack_values(w_q: torch.Tensor, spec: dict[str, Any], out: torch.Tensor | None = None) -> torch.Tensor:
+    """The quantized values of an `[out, in]` matrix, row-major, as uint8 `[out * in]` (written into `out` if given).
+
+    "planar" (hqq's BitPack): the k-th value field of every word, in flat order, holds the k-th contiguous chunk of
+    the values; this reads both the hqq shape and the re-packed one. "interleaved" (mixtral-offloading's own
+    packing of an [out, in] matrix): packed row i holds value rows per*i + k. 3-bit padding values are dropped.
+    """
+    out_f, in_f = spec["shape"]
+    n, bits = out_f * in_f, int(spec["bits"])
+    if out is None:
+        out = torch.empty(n, dtype=torch.uint8, device=w_q.device)
+    if bits == 8:
+        return out.copy_(w_q.reshape(-1)[:n])
+    mask, per = (1 << bits) - 1, PER_WORD[bits]
+    if spec["packing"] == "planar":
+        flat = w_q.reshape(-1)
+        size = flat.numel()
+        for k, shift in enumerate(_shifts(bits)):
+            lo, hi = k * size, min((k + 1) * size, n)
+            if lo >= n:
+                break
+            out[lo:hi].copy_(((flat[: hi - lo] >> shift) & mask))
+        return out
+    rows = out.view(out_f, in_f)
+    for k, shift in enumerate(_shifts(bits)):
+        dst = rows[k::per]  # value rows k, k + per, ...
+        dst.copy_(((w_q[: dst.shape[0]] >> shift) & mask))
+    return out
+
+
+def scale_zero(views: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 scale and zero `[G]` of one matrix (dequantized from their 8-bit form when stored so)."""
+    def get(name: str) -> torch.Tensor:
+        return views[f"{prefix}.{name}"].to(_H)
+
+    if f"{prefix}.meta.scale_q" in views:  # [sg, G/sg]: flat j belongs to meta group j mod G/sg
+        scale = (get("meta.scale_q") - get("meta.meta_scale.zero")) * get("meta.meta_scale.scale")
+    else:
+        scale = get("meta.scale")
+    if f"{prefix}.meta.zero_q" in views:  # one (scale, zero) for the whole zero vector
+        zero = (get("meta.zero_q") - get("meta.meta_zero.zero")) * get("meta.meta_zero.scale")
+    else:
+        zero = get("meta.zero")
+    return scale.reshape(-1), zero.reshape(-1)
+
+
+def dequantize_into(views: dict[str, torch.Tensor], prefix: str, spec: dict[str, Any],
+                    out: torch.Tensor) -> torch.Tensor:
+    """Write the matrix `[out, in]` (hqq's fp16 values, cast to `out.dtype`) into `out`."""
+    out_f, in_f = spec["shape"]
+    n, group = out_f * in_f, int(spec["group_size"])
+    groups = n // group
+    scale, zero = scale_zero(views, prefix)
+    on_cpu = out.device.type == "cpu"
+    values = unpack_values(views[f"{prefix}.W_q"], spec, _scratch(n) if on_cpu else None).view(group, groups)
+    dst = out.view(group, groups)  # row i: the i-th member of every group
+    step = max(1, _BLOCK // groups)
+    for i in range(0, group, step):
+        t = values[i:i + step].to(_H)
+        dst[i:i + step].copy_(t.sub_(zero).mul_(scale))
+    return out
+
+
+def dequantize(views: dict[str, torch.Tensor], prefix: str, spec: dict[str, Any],
+               dtype: torch.dtype = _H) -> torch.Tensor:
+    out_f, in_f = spec["shape"]
+    device = views[f"{prefix}.W_q"].device
+    return dequantize_into(views, prefix, spec, torch.empty(out_f, in_f, dtype=dtype, device=device))
+
+
+def _spec(layout: ExpertLayout, name: str) -> dict[str, Any]:
+    """A matrix's description from a layout, checked (layouts also come from manifests on disk)."""
+    try:
+        spec = layout.meta["matrices"][name]
+        out_f, in_f = (int(s) for s in spec["shape"])
+        bits, group = int(spec["bits"]), int(spec["group_size"])
+        ok = bits in PER_WORD and group > 0 and (out_f * in_f) % group == 0 and spec["packing"] in (
+            "planar", "interleaved")
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        msg = f"the hqq_axis0 layout of matrix {name!r} is missing or invalid; the manifest is damaged"
+        raise CheckpointError(msg)
+    return spec
+
+
+class Axis0ExpertKernel:
+    """One expert from its stored w1, w3 (gate, up) and w2 (down).
+
+    CPU: dequantized at slot load into a workspace `gate_up [2I, H]`, `down [H, I]` in the compute dtype, then
+    computed like an unquantized expert. CUDA: dequantized on every call.
+    """
+
+    def __init__(self, layout: ExpertLayout, device: torch.device, dtype: torch.dtype | None = None) -> None:
+        self.specs = {m: _spec(layout, m) for m in ("w1", "w3", "w2")}
+        self.dtype = dtype or dtype_from_name(str(layout.meta.get("dtype", "float32")))
+        self.dense = device.type == "cpu"
+        (i, h), el = self.specs["w1"]["shape"], torch.empty((), dtype=self.dtype).element_size()
+        self.gate_up_nbytes, self.down_offset = 2 * i * h * el, align_up(2 * i * h * el, ALIGN)
+        self.workspace_nbytes = self.down_offset + align_up(h * i * el, ALIGN) if self.dense else 0
+
+    def _dense(self, views: dict[str, torch.Tensor], ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        i, h = self.specs["w1"]["shape"]
+        gate_up = ws[: self.gate_up_nbytes].view(self.dtype).view(2 * i, h)  # [2I, H]
+        down = ws[self.down_offset:self.workspace_nbytes].view(self.dtype)[: h * i].view(h, i)  # [H, I]
+        dequantize_into(views, "w1", self.specs["w1"], gate_up[:i])
+        dequantize_into(views, "w3", self.specs["w3"], gate_up[i:])
+        dequantize_into(views, "w2", self.specs["w2"], down)
+        return gate_up, down
+
+    def prepare(self, views: dict[str, torch.Tensor]) -> Any:
+        if not self.dense:
+            return views
+        ws = views.get("workspace")
+        if ws is None or ws.numel() < self.workspace_nbytes:
+            msg = "this hqq_axis0 kernel needs a slot workspace; the loader did not provide one"
+            raise RuntimeError(msg)
+        return self._dense(views, ws)
+
+    def __call__(self, state: Any, x: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if not self.dense:
+            gate_up = torch.cat([dequantize(state, m, self.specs[m], self.dtype) for m in ("w1", "w3")])
+            state = (gate_up, dequantize(state, "w2", self.specs["w2"], self.dtype))
+        return DenseKernel()(state, x, act_fn)
+
+
+def dequantize_expert(packed: PackedExpert) -> dict[str, torch.Tensor]:
+    """The float32 `{"gate_up": [2I, H], "down": [H, I]}` a packed hqq_axis0 expert stands for."""
+    views = unpack_views(packed.data, packed.layout)
+    deq = {m: dequantize(views, m, _spec(packed.layout, m)).float() for m in ("w1", "w3", "w2")}
+    return {"gate_up": torch.cat([deq["w1"], deq["w3"]]), "down": deq["w2"]}
+
+
+class HqqAxis0Quantizer:
+    """Runs experts and attention projections quantized by mixtral-offloading; it reads them, it does not quantize."""
+
+    name = FORMAT
+
+    def _refuse(self) -> ConfigError:
+        return ConfigError("the 'hqq_axis0' quantizer only runs weights quantized by mixtral-offloading (hqq 0.1.1, "
+                           "axis 0); to quantize, use expert_bits/attn_bits (the 'hqq' quantizer)")
+
+    def pack_expert(self, weights: dict[str, torch.Tensor], spec: QuantSpec, device: torch.device) -> PackedExpert:
+        raise self._refuse()
+
+    def quantize_linear(self, linear: nn.Linear, spec: QuantSpec, device: torch.device) -> nn.Module:
+        raise self._refuse()
+
+    def expert_kernel(self, layout: ExpertLayout, device: torch.device) -> Axis0ExpertKernel:
+        if layout.format != FORMAT:
+            msg = f"the 'hqq_axis0' quantizer cannot run experts packed as {layout.format!r}; the manifest is damaged"
+            raise CheckpointError(msg)
+        return Axis0ExpertKernel(layout, device)
+
+    def slot_nbytes(self, layout: ExpertLayout, device: torch.device) -> int:
+        return layout.nbytes + Axis0ExpertKernel(layout, device).workspace_nbytes
+
+    def linear_from_packed(self, packed: PackedExpert, bias: torch.Tensor | None, device: torch.device,
+                           dtype: torch.dtype) -> nn.Linear:
+        """An `nn.Linear` holding the dequantized weight (exact; attention runs at dense speed)."""
+        spec = _spec(packed.layout, "w")
+        out_f, in_f = spec["shape"]
+        weight = dequantize(unpack_views(packed.data, packed.layout), "w", spec).to(device=device, dtype=dtype)
+        linear = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
+        return linear
