@@ -96,6 +96,11 @@ class HFCheckpoint:
         for file in files:
             for key in self._open(file).keys():
                 out[key] = file
+        if any(key.endswith(".W_q") for key in out):
+            msg = (f"{self.path} holds HQQ tensors (*.W_q) but no {INDEX_NAME}: a mixtral-offloading checkpoint is read "
+                   "through its index (it says which shard is the trunk and which expert each shard holds); copy "
+                   "the index file into the folder")
+            raise CheckpointError(msg)
         return out
 
     def _open(self, file: Path) -> Any:

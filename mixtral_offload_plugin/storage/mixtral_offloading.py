@@ -96,7 +96,7 @@ def describe_linear(entries: dict[str, dict[str, Any]], shape: tuple[int, int], 
     per = PER_WORD.get(bits)
     if per is None or (bits != 3 and _numel(wq["shape"]) * 8 != n * bits):
         raise bad(f"W_q ({wq['dtype']} {wq['shape']}) holds no whole number of 2, 3, 4 or 8-bit values for "
-                  f"{out_f}x{in_f} weights (truncated?)")
+                  f"{out_f}x{in_f} weights (truncated, or config.json's sizes differ from the weights)")
     native, repacked = [-(-group // per), groups], [-(-out_f // per), in_f]
     if list(wq["shape"]) == native and (bits == 3 or group % per == 0):
         layout, is_repacked = "planar", False
