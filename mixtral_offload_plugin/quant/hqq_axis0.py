@@ -164,7 +164,7 @@ class Axis0ExpertKernel:
         if not self.dense:
             gate_up = torch.cat([dequantize(state, m, self.specs[m], self.dtype) for m in ("w1", "w3")])
             state = (gate_up, dequantize(state, "w2", self.specs["w2"], self.dtype))
-        return DenseKernel()(state, x, act_fn)
+        return DenseKernel()(state, x.to(self.dtype), act_fn).to(x.dtype)  # no-ops when the dtypes agree
 
 
 def dequantize_expert(packed: PackedExpert) -> dict[str, torch.Tensor]:

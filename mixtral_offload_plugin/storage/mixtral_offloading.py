@@ -186,6 +186,7 @@ class MixtralOffloadingCheckpoint(HFCheckpoint):
         self.trunk_keys, self.attention = self._scan_trunk()
         self.experts = {(layer, e): self._scan_expert(layer, e)
                         for layer in range(self.layers) for e in range(self.num_experts)}
+        self.quantization = self._quantization()
         self._warn_if_guessed()
 
     # -- opening -------------------------------------------------------------------------------------------------
@@ -313,19 +314,22 @@ class MixtralOffloadingCheckpoint(HFCheckpoint):
         """Weights per expert (w1 + w2 + w3)."""
         return sum(math.prod(s["shape"]) for s in self.experts[0, 0].values())
 
-    def quantization(self) -> dict[str, Any]:
-        """The quantization settings found in the files (experts: layer 0 expert 0; attention: layer 0 q_proj)."""
-        out: dict[str, Any] = {"source_format": FORMAT_NAME}
-        for what, spec in (("experts", self.experts[0, 0]["w1"]),
-                           ("attention", self.attention.get("model.layers.0.self_attn.q_proj"))):
-            if spec is not None:
-                out[what] = {k: spec[k] for k in ("bits", "group_size", "scale_group", "packing", "repacked")}
-        return out
+    def _quantization(self) -> dict[str, Any]:
+        """The settings found in the files (experts: layer 0 expert 0's w1; attention: layer 0's q_proj), under the
+        offload manifest's keys, plus their full description under "experts" and "attention"."""
+        experts = self.experts[0, 0]["w1"]
+        attn = self.attention.get("model.layers.0.self_attn.q_proj")
+        keys = ("bits", "group_size", "scale_group", "packing", "repacked")
+        return {"quantizer": PACKED_FORMAT, "source_format": FORMAT_NAME, "expert_bits": experts["bits"],
+                "expert_group_size": experts["group_size"], "quant_scales": bool(experts["scale_group"]),
+                "attn_bits": attn["bits"] if attn else 16, "attn_group_size": attn["group_size"] if attn else 0,
+                "experts": {k: experts[k] for k in keys}, "attention": {k: attn[k] for k in keys} if attn else None}
 
     def describe(self) -> str:
         parts = []
-        for what, q in self.quantization().items():
-            if isinstance(q, dict):
+        for what in ("experts", "attention"):
+            q = self.quantization[what]
+            if q is not None:
                 meta = f"8-bit scales in groups of {q['scale_group']}" if q["scale_group"] else "fp16 scales"
                 parts.append(f"{what} {q['bits']}-bit group {q['group_size']} along axis 0 ({meta}, "
                              f"{q['packing']}{' re-packed' if q['repacked'] else ''})")

@@ -1,9 +1,8 @@
 """Checkpoints in mixtral-offloading's layout load and compute what upstream's dequantized weights compute.
 
 The fixture is written by `tests/mo_layout.py` (hqq 0.1.1 / mixtral-offloading semantics). The reference is
-transformers' `MixtralForCausalLM` holding weights dequantized by `np_dequantize` below: an independent numpy
-implementation of hqq 0.1.1's `Quantizer.dequantize` (quantize.py:82-88@37502be, scales/zeros first as in
-`HQQLinear.dequantize`, quantize.py:196-204), every operation in fp16 as hqq does on the GPU.
+transformers' `MixtralForCausalLM` holding weights dequantized by `tests/mo_reference.py`, an independent numpy
+implementation of hqq 0.1.1's dequantization.
 """
 
 from __future__ import annotations
@@ -11,90 +10,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from mo_layout import DEMO_ATTENTION, THREE_BIT_EXPERTS, write_mo_checkpoint
+from mo_reference import reference_folder
 from transformers import MixtralForCausalLM
 
 from mixtral_offload_plugin import OffloadConfig, load_model
 
 REL = 1e-4  # logits: max |ours - reference| <= REL * max |reference|
-F16 = np.float16
-
-
-def _fields(bits: int) -> list[int]:
-    return [27 - 3 * k for k in range(10)] if bits == 3 else [8 - bits * (k + 1) for k in range(8 // bits)]
-
-
-def np_dequantize(t: dict[str, np.ndarray], shape: tuple[int, int], packing: str) -> np.ndarray:
-    """W [out, in] fp16 from one linear's stored tensors: (q - zero[j]) * scale[j], j = flat index mod G."""
-    out_f, in_f = shape
-    n = out_f * in_f
-    scale = ((t["meta.scale_q"].astype(F16) - t["meta.meta_scale.zero"].astype(F16))
-             * t["meta.meta_scale.scale"].astype(F16)).reshape(-1)
-    zero = ((t["meta.zero_q"].astype(F16) - t["meta.meta_zero.zero"].astype(F16))
-            * t["meta.meta_zero.scale"].astype(F16)).reshape(-1)
-    w_q = t["W_q"]
-    bits = 3 if w_q.dtype == np.int32 else w_q.size * 8 // n
-    mask = (1 << bits) - 1
-    if packing == "planar":  # BitPack: chunk k of the flat values sits in field k of every word
-        q = np.concatenate([(w_q.reshape(-1) >> s) & mask for s in _fields(bits)])[:n]
-    else:  # interleaved: packed row i holds value rows per*i + k
-        q = np.stack([(w_q >> s) & mask for s in _fields(bits)], axis=1).reshape(-1, in_f)[:out_f].reshape(-1)
-    groups = scale.size
-    return ((q.astype(F16).reshape(n // groups, groups) - zero) * scale).reshape(out_f, in_f)
-
-
-def reference_folder(mo: Path, src: Path, out: Path, packing: str = "planar") -> Path:
-    """A plain fp32 HF checkpoint holding `mo`'s weights dequantized by `np_dequantize` (files found via the index)."""
-    from safetensors.numpy import load_file, save_file
-
-    weight_map = json.loads((mo / "model.safetensors.index.json").read_text())["weight_map"]
-    cfg = json.loads((src / "config.json").read_text())
-    h, i = cfg["hidden_size"], cfg["intermediate_size"]
-    hd, kv = h // cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    shapes = {"q_proj": (h, h), "k_proj": (kv * hd, h), "v_proj": (kv * hd, h), "o_proj": (h, h),
-              "w1": (i, h), "w3": (i, h), "w2": (h, i)}
-    state = {}
-    trunk = load_file(str(mo / weight_map["model.embed_tokens.weight"]))
-    for key, value in trunk.items():
-        if ".self_attn." not in key:
-            state[key] = value.astype(np.float32)
-    for layer in range(cfg["num_hidden_layers"]):
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            pre = f"model.layers.{layer}.self_attn.{proj}."
-            t = {k.removeprefix(pre): v for k, v in trunk.items() if k.startswith(pre)}
-            state[pre + "weight"] = np_dequantize(t, shapes[proj], packing).astype(np.float32)
-        for e in range(cfg["num_local_experts"]):
-            pre = f"model.layers.{layer}.block_sparse_moe.experts.{e}."
-            shard = load_file(str(mo / weight_map[pre + "w1.W_q"]))
-            for w in ("w1", "w2", "w3"):
-                t = {k.removeprefix(w + "."): v for k, v in shard.items() if k.startswith(w + ".")}
-                state[pre + w + ".weight"] = np_dequantize(t, shapes[w], packing).astype(np.float32)
-    out.mkdir(parents=True)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text((src / "config.json").read_text())
-    return out
 
 
 @pytest.fixture(scope="module")
-def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """fp32 Mixtral, 2 layers, 4 experts top-2, hidden 256, ffn 512, 4 heads / 2 KV heads: the smallest shapes whose
-    matrices split into whole 4-bit g64 / scale-group-256 attention groups and 2-bit g16 / 3-bit g64 expert groups."""
-    from mixtral_offload_plugin.models.synthetic import make_random_mixtral
-
-    return make_random_mixtral(tmp_path_factory.mktemp("mo") / "src", hidden=256, intermediate=512, layers=2,
-                               experts=4, heads=4, kv_heads=2, vocab=128, seed=3, std=0.05)
+def src(mo_demo) -> Path:
+    return mo_demo.src
 
 
 @pytest.fixture(scope="module")
-def demo(src: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, MixtralForCausalLM]:
+def demo(mo_demo) -> tuple[Path, MixtralForCausalLM]:
     """The demo layout (2-bit g16 experts, 4-bit g64 attention, hqq's own packing) and its reference model."""
-    root = tmp_path_factory.mktemp("mo-demo")
-    mo = write_mo_checkpoint(src, root / "seed")
-    ref = reference_folder(mo, src, root / "ref")
-    return mo, MixtralForCausalLM.from_pretrained(ref, experts_implementation="eager").eval()
+    return mo_demo.seed, MixtralForCausalLM.from_pretrained(mo_demo.ref, experts_implementation="eager").eval()
 
 
 def _ids(seed: int = 0, n: int = 11) -> torch.Tensor:
@@ -185,3 +120,43 @@ def test_default_dtype_is_the_checkpoints_fp16(demo) -> None:
         assert out.shape == (1, 15)
     finally:
         model.unload()
+
+
+@pytest.mark.parametrize("store", ["host", "disk"])
+def test_convert_keeps_the_bytes_and_loads_to_the_same_logits(demo, tmp_path: Path, store: str,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    from mixtral_offload_plugin.cli import main
+    from mixtral_offload_plugin.storage.mixtral_offloading import MixtralOffloadingCheckpoint
+    from mixtral_offload_plugin.storage.offload_format import open_offload_checkpoint
+
+    mo, ref = demo
+    dst = tmp_path / "converted"
+    assert main(["convert", str(mo), str(dst), "--verify", "--dtype", "float32"]) == 0
+    assert "bits per expert weight" in capsys.readouterr().out
+    manifest = json.loads((dst / "mixtral_offload.json").read_text())
+    q = manifest["quantization"]
+    assert (q["quantizer"], q["expert_bits"], q["expert_group_size"], q["attn_bits"]) == ("hqq_axis0", 2, 16, 4)
+    assert 3.0 < manifest["bits_per_expert_weight"] < 3.05  # 2 bits + 8-bit scale and zero per 16 weights
+    assert len(manifest["attention"]) == 8 and (dst / "tokenizer.json").exists()
+    seed, converted = MixtralOffloadingCheckpoint(mo), open_offload_checkpoint(dst)
+    try:  # experts are carried byte for byte
+        assert torch.equal(seed.packed_expert((1, 3)).data, converted.packed_expert((1, 3)).data)
+    finally:
+        seed.close()
+        converted.close()
+    model = load_model(dst, OffloadConfig(device="cpu", dtype="float32", store=store, experts_per_layer=1))
+    try:
+        assert_matches(model, ref)
+    finally:
+        model.unload()
+
+
+def test_info_describes_the_folder(demo, capsys: pytest.CaptureFixture) -> None:
+    from mixtral_offload_plugin.cli import main
+
+    assert main(["info", str(demo[0]), "--json", "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"].startswith("mixtral-offloading") and info["expert_bits"] == 2
+    assert "experts 2-bit group 16 along axis 0 (8-bit scales in groups of 128" in info["quantization"]
+    assert "attention 4-bit group 64" in info["quantization"]
+    assert info["family"] == "mixtral" and info["experts_per_layer"] == 4

@@ -48,7 +48,7 @@ def test_infers_the_demo_configuration_from_tensor_shapes(demo: Path) -> None:
     ckpt = open_checkpoint(demo, OffloadConfig())
     try:
         assert isinstance(ckpt, MixtralOffloadingCheckpoint)
-        q = ckpt.quantization()
+        q = ckpt.quantization
         assert q["experts"] == {"bits": 2, "group_size": 16, "scale_group": 128, "packing": "planar",
                                 "repacked": False}
         assert q["attention"] == {"bits": 4, "group_size": 64, "scale_group": 256, "packing": "planar",
@@ -73,7 +73,7 @@ def test_three_bit_release_shapes_are_recognised(src: Path, tmp_path: Path) -> N
     mo = write_mo_checkpoint(src, tmp_path / "seed", experts=THREE_BIT_EXPERTS, packing="interleaved")
     for option, packing in (("auto", "interleaved"), ("planar", "planar")):
         ckpt = open_checkpoint(mo, OffloadConfig(hqq_packing=option))
-        q = ckpt.quantization()
+        q = ckpt.quantization
         assert q["experts"] == {"bits": 3, "group_size": 64, "scale_group": 128, "packing": packing, "repacked": True}
         assert q["attention"]["bits"] == 4 and q["attention"]["repacked"]
         ckpt.close()
