@@ -31,7 +31,7 @@ from .cpu import _scratch
 FORMAT = "hqq_axis0"
 PER_WORD = {2: 4, 3: 10, 4: 2, 8: 1}  # values per stored word (uint8; int32 for 3 bits)
 _H = torch.float16
-_BLOCK = 1 << 22  # weights dequantized per step into the workspace (bounds the fp16 temporary)
+_BLOCK = 1 << 20  # weights dequantized per step (bounds the temporaries)
 
 
 def _shifts(bits: int) -> list[int]:
@@ -39,6 +39,14 @@ def _shifts(bits: int) -> list[int]:
     if bits == 3:
         return [27 - 3 * k for k in range(10)]  # int32: bits 29..27 first, 31..30 unused
     return [8 - bits * (k + 1) for k in range(8 // bits)]
+
+
+def _fields(words: torch.Tensor, bits: int, shift: int) -> torch.Tensor:
+    """The field at `shift` of every uint8 word (four words per int32 operation when they line up) as uint8."""
+    if bits != 3 and words.is_contiguous() and words.numel() % 4 == 0 and words.data_ptr() % 4 == 0:
+        mask = ((1 << bits) - 1) * 0x01010101  # the same field of four bytes at once
+        return ((words.reshape(-1).view(torch.int32) >> shift) & mask).view(torch.uint8).view(words.shape)
+    return (words >> shift) & ((1 << bits) - 1)
 
 
 def unpack_values(w_q: torch.Tensor, spec: dict[str, Any], out: torch.Tensor | None = None) -> torch.Tensor:
@@ -54,7 +62,7 @@ def unpack_values(w_q: torch.Tensor, spec: dict[str, Any], out: torch.Tensor | N
         out = torch.empty(n, dtype=torch.uint8, device=w_q.device)
     if bits == 8:
         return out.copy_(w_q.reshape(-1)[:n])
-    mask, per = (1 << bits) - 1, PER_WORD[bits]
+    per = PER_WORD[bits]
     if spec["packing"] == "planar":
         flat = w_q.reshape(-1)
         size = flat.numel()
@@ -62,12 +70,12 @@ def unpack_values(w_q: torch.Tensor, spec: dict[str, Any], out: torch.Tensor | N
             lo, hi = k * size, min((k + 1) * size, n)
             if lo >= n:
                 break
-            out[lo:hi].copy_(((flat[: hi - lo] >> shift) & mask))
+            out[lo:hi].copy_(_fields(flat, bits, shift)[: hi - lo])
         return out
     rows = out.view(out_f, in_f)
     for k, shift in enumerate(_shifts(bits)):
         dst = rows[k::per]  # value rows k, k + per, ...
-        dst.copy_(((w_q[: dst.shape[0]] >> shift) & mask))
+        dst.copy_(_fields(w_q[: dst.shape[0]], bits, shift))
     return out
 
 
@@ -89,18 +97,36 @@ def scale_zero(views: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tenso
 
 def dequantize_into(views: dict[str, torch.Tensor], prefix: str, spec: dict[str, Any],
                     out: torch.Tensor) -> torch.Tensor:
-    """Write the matrix `[out, in]` (hqq's fp16 values, cast to `out.dtype`) into `out`."""
+    """Write the matrix `[out, in]` (hqq's fp16 values, cast to `out.dtype`) into `out`.
+
+    Works through rows of the [g, G] grouping in blocks with reusable buffers on CPU. Conversions go through fp32,
+    which torch's CPU kernels convert fast to and from uint8, fp16 and bf16 (uint8 -> fp16 and fp16 -> bf16 directly
+    are up to 10x slower); fp32 holds every uint8 and fp16 value exactly, so the results are the same."""
     out_f, in_f = spec["shape"]
     n, group = out_f * in_f, int(spec["group_size"])
     groups = n // group
     scale, zero = scale_zero(views, prefix)
-    on_cpu = out.device.type == "cpu"
-    values = unpack_values(views[f"{prefix}.W_q"], spec, _scratch(n) if on_cpu else None).view(group, groups)
+    step = max(1, _BLOCK // groups)  # rows of [g, G] per block
+    block = step * groups
+    if out.device.type == "cpu":
+        buf = _scratch(n + block * 6)
+        values = unpack_values(views[f"{prefix}.W_q"], spec, buf[:n]).view(group, groups)
+        h16 = buf[n:n + 2 * block].view(_H)
+        f32 = buf[n + 2 * block:n + 6 * block].view(torch.float32)
+    else:
+        values = unpack_values(views[f"{prefix}.W_q"], spec).view(group, groups)
+        h16, f32 = torch.empty(block, dtype=_H, device=out.device), None
     dst = out.view(group, groups)  # row i: the i-th member of every group
-    step = max(1, _BLOCK // groups)
     for i in range(0, group, step):
-        t = values[i:i + step].to(_H)
-        dst[i:i + step].copy_(t.sub_(zero).mul_(scale))
+        rows = min(step, group - i)
+        t = h16[: rows * groups].view(rows, groups)
+        if f32 is None:
+            t.copy_(values[i:i + rows])
+        else:
+            stage = f32[: rows * groups].view(rows, groups)
+            t.copy_(stage.copy_(values[i:i + rows]))
+        t.sub_(zero).mul_(scale)  # each rounded to fp16, as hqq computes
+        dst[i:i + rows].copy_(t if f32 is None or out.dtype == _H else stage.copy_(t))
     return out
 
 

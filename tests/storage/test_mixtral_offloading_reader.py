@@ -191,3 +191,18 @@ def test_config_that_disagrees_with_the_shapes_is_explained(damaged: Path) -> No
     (damaged / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"model-00001-of-00009.safetensors \(layer 0 expert 0, w1\)"):
         load_model(damaged, OffloadConfig(device="cpu"))
+
+
+@pytest.mark.parametrize("packing", ["planar", "interleaved"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_unaligned_words_read_the_same(bits: int, packing: str) -> None:
+    """Words at a 4-byte boundary are read four per int32 operation; elsewhere one at a time: same values."""
+    rng = np.random.default_rng(7)
+    q = rng.integers(0, 2 ** bits, (32, 12))
+    words = torch.from_numpy(pack_planar(q, bits) if packing == "planar" else pack_interleaved(q, bits))
+    shifted = torch.cat([torch.zeros(1, dtype=torch.uint8), words.reshape(-1)])[1:].view(words.shape)
+    assert words.data_ptr() % 4 == 0 and shifted.data_ptr() % 4 != 0
+    spec = {"shape": [32, 12], "bits": bits, "packing": packing}
+    expected = torch.from_numpy(q.reshape(-1).astype(np.uint8))
+    assert torch.equal(unpack_values(words, spec), expected)
+    assert torch.equal(unpack_values(shifted, spec), expected)
