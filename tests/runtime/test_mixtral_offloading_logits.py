@@ -160,3 +160,44 @@ def test_info_describes_the_folder(demo, capsys: pytest.CaptureFixture) -> None:
     assert "experts 2-bit group 16 along axis 0 (8-bit scales in groups of 128" in info["quantization"]
     assert "attention 4-bit group 64" in info["quantization"]
     assert info["family"] == "mixtral" and info["experts_per_layer"] == 4
+
+
+def test_per_call_kernel_computes_the_same_as_the_slot_workspace(demo) -> None:
+    """The CUDA form (slots keep the packed bytes, dequantized on every call), run here on CPU tensors."""
+    from mixtral_offload_plugin.quant.hqq_axis0 import Axis0ExpertKernel
+    from mixtral_offload_plugin.storage.mixtral_offloading import MixtralOffloadingCheckpoint
+    from mixtral_offload_plugin.storage.packing import unpack_views
+
+    ckpt = MixtralOffloadingCheckpoint(demo[0], dtype="float32")
+    packed = ckpt.packed_expert((0, 1))
+    ckpt.close()
+    dense, per_call = (Axis0ExpertKernel(packed.layout, torch.device(d)) for d in ("cpu", "cuda"))
+    assert per_call.workspace_nbytes == 0 and dense.workspace_nbytes > 0
+    buf = torch.zeros(packed.nbytes + dense.workspace_nbytes, dtype=torch.uint8)
+    buf[: packed.nbytes] = packed.data
+    views = unpack_views(buf, packed.layout)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0))
+    act = torch.nn.functional.silu
+    expected = dense(dense.prepare({**views, "workspace": buf[packed.nbytes:]}), x, act)
+    assert torch.equal(per_call(per_call.prepare(views), x, act), expected)
+    ref_w1 = demo[1].model.layers[0].mlp.experts.gate_up_proj[1][:512]  # transformers 5 fuses w1 and w3
+    assert torch.equal(dense.prepare({**views, "workspace": buf[packed.nbytes:]})[0][:512], ref_w1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+@pytest.mark.parametrize("store", ["host", "disk"])
+def test_cuda_matches_the_reference_on_cuda(demo, store: str) -> None:
+    mo, ref = demo
+    ref = ref.to("cuda")
+    model = load_model(mo, OffloadConfig(device="cuda", dtype="float32", store=store, experts_per_layer=1))
+    try:
+        ids = _ids().cuda()
+        with torch.no_grad():
+            a, b = ref(ids).logits, model(ids).logits
+        assert (a - b).abs().max().item() <= REL * a.abs().max().item()
+        assert torch.equal(_greedy(ref, ids), _greedy(model, ids))
+        assert model.offload_stats().misses > 0
+    finally:
+        model.unload()
+        ref.to("cpu")
