@@ -66,63 +66,77 @@ def _numel(shape: list[int]) -> int:
     return math.prod(int(s) for s in shape)
 
 
+class DamagedLinearError(CheckpointError):
+    """The stored tensors of one quantized linear are missing, unexpected or of impossible sizes."""
+
+    def __init__(self, where: str, what: str) -> None:
+        super().__init__(f"{where}: {what}; the file is damaged or not a mixtral-offloading checkpoint "
+                         "(download it again)")
+
+
 def describe_linear(entries: dict[str, dict[str, Any]], shape: tuple[int, int], where: str,
                     packing: str) -> dict[str, Any]:
     """What the stored tensors of one HQQ linear `[out, in]` are, from their safetensors header entries.
 
     Returns {"shape", "bits", "group_size", "scale_group" (0: plain fp scales), "packing" ("planar" |
-    "interleaved"), "repacked" (W_q has the re-packed shape)}; raises `CheckpointError` naming `where` otherwise.
+    "interleaved"), "repacked" (W_q has the re-packed shape)}; raises `DamagedLinearError` naming `where` otherwise.
     """
-    def bad(what: str) -> CheckpointError:
-        return CheckpointError(f"{where}: {what}; the file is damaged or not a mixtral-offloading checkpoint "
-                               "(download it again)")
-
     unknown = sorted(set(entries) - set(TENSORS))
     if unknown:
-        raise bad(f"unexpected tensors {unknown} (a quantized linear holds W_q and {list(TENSORS[1:])})")
+        msg = f"unexpected tensors {unknown} (a quantized linear holds W_q and {list(TENSORS[1:])})"
+        raise DamagedLinearError(where, msg)
     for group, plain in ((SCALE_Q, "meta.scale"), (ZERO_Q, "meta.zero")):
         if "W_q" not in entries or not (all(k in entries for k in group) or plain in entries):
-            missing = [k for k in ("W_q", *group) if k not in entries]
-            raise bad(f"tensors {missing} are missing")
+            msg = f"tensors {[k for k in ('W_q', *group) if k not in entries]} are missing"
+            raise DamagedLinearError(where, msg)
     out_f, in_f = shape
-    n = out_f * in_f
-    zero = entries["meta.zero_q" if "meta.zero_q" in entries else "meta.zero"]
-    groups = _numel(zero["shape"])
-    if groups <= 0 or n % groups:
-        raise bad(f"{groups} zeros do not split the {out_f}x{in_f} weights into equal groups")
-    group = n // groups
-    wq = entries["W_q"]
-    bits = 3 if wq["dtype"] == "I32" else (_numel(wq["shape"]) * 8 // n if wq["dtype"] == "U8" else 0)
-    per = PER_WORD.get(bits)
-    if per is None or (bits != 3 and _numel(wq["shape"]) * 8 != n * bits):
-        raise bad(f"W_q ({wq['dtype']} {wq['shape']}) holds no whole number of 2, 3, 4 or 8-bit values for "
-                  f"{out_f}x{in_f} weights (truncated, or config.json's sizes differ from the weights)")
-    native, repacked = [-(-group // per), groups], [-(-out_f // per), in_f]
-    if list(wq["shape"]) == native and (bits == 3 or group % per == 0):
-        layout, is_repacked = "planar", False
-    elif list(wq["shape"]) == repacked:
-        layout, is_repacked = ("planar" if packing == "planar" or bits == 8 else "interleaved"), True
-    else:
-        raise bad(f"W_q has shape {wq['shape']}; {bits}-bit values in groups of {group} are stored as {native} "
-                  f"(hqq) or {repacked} (re-packed)")
-    scale_group = _check_meta(entries, groups, bad)
+    groups = _numel(entries["meta.zero_q" if "meta.zero_q" in entries else "meta.zero"]["shape"])
+    if groups <= 0 or (out_f * in_f) % groups:
+        msg = f"{groups} zeros do not split the {out_f}x{in_f} weights into equal groups"
+        raise DamagedLinearError(where, msg)
+    group = out_f * in_f // groups
+    bits, layout, repacked = _packed_values(entries["W_q"], shape, group, where, packing)
+    scale_group = _check_meta(entries, groups, where)
     return {"shape": [out_f, in_f], "bits": bits, "group_size": group, "scale_group": scale_group,
-            "packing": layout, "repacked": is_repacked}
+            "packing": layout, "repacked": repacked}
 
 
-def _check_meta(entries: dict[str, dict[str, Any]], groups: int, bad: Any) -> int:
+def _packed_values(wq: dict[str, Any], shape: tuple[int, int], group: int, where: str,
+                   packing: str) -> tuple[int, str, bool]:
+    """(bits, "planar" | "interleaved", re-packed shape?) of a W_q header entry."""
+    out_f, in_f = shape
+    n, numel = out_f * in_f, _numel(wq["shape"])
+    bits = 3 if wq["dtype"] == "I32" else (numel * 8 // n if wq["dtype"] == "U8" else 0)
+    per = PER_WORD.get(bits)
+    if per is None or (bits != 3 and numel * 8 != n * bits):
+        msg = (f"W_q ({wq['dtype']} {wq['shape']}) holds no whole number of 2, 3, 4 or 8-bit values for "
+               f"{out_f}x{in_f} weights (truncated, or config.json's sizes differ from the weights)")
+        raise DamagedLinearError(where, msg)
+    native, repacked = [-(-group // per), n // group], [-(-out_f // per), in_f]
+    if list(wq["shape"]) == native and (bits == 3 or group % per == 0):
+        return bits, "planar", False
+    if list(wq["shape"]) == repacked:
+        return bits, ("planar" if packing == "planar" or bits == 8 else "interleaved"), True
+    msg = (f"W_q has shape {wq['shape']}; {bits}-bit values in groups of {group} are stored as {native} (hqq) or "
+           f"{repacked} (re-packed)")
+    raise DamagedLinearError(where, msg)
+
+
+def _check_meta(entries: dict[str, dict[str, Any]], groups: int, where: str) -> int:
     """Check the scale/zero tensors' dtypes and sizes; returns the scales' meta group (0 when stored plain)."""
     def expect(name: str, dtypes: tuple[str, ...], numel: int) -> None:
         e = entries[name]
         if e["dtype"] not in dtypes or _numel(e["shape"]) != numel:
-            raise bad(f"{name} is {e['dtype']} {e['shape']}; expected {numel} values of {'/'.join(dtypes)}")
+            msg = f"{name} is {e['dtype']} {e['shape']}; expected {numel} values of {'/'.join(dtypes)}"
+            raise DamagedLinearError(where, msg)
 
     scale_group = 0
     if "meta.scale_q" in entries:
         shape = entries["meta.scale_q"]["shape"]
         scale_group = int(shape[0]) if len(shape) == 2 and shape[0] else 0
         if not scale_group or groups % scale_group:
-            raise bad(f"meta.scale_q has shape {shape}; expected [meta group, {groups} / meta group]")
+            msg = f"meta.scale_q has shape {shape}; expected [meta group, {groups} / meta group]"
+            raise DamagedLinearError(where, msg)
         expect("meta.scale_q", ("U8",), groups)
         for name in SCALE_Q[1:]:
             expect(name, FLOATS, groups // scale_group)

@@ -100,7 +100,7 @@ def test_interleaved_two_bit_golden_bytes() -> None:
 
 
 def test_three_bit_words_and_padding() -> None:
-    """int32, ten values per word, the first at bits 29-27; 13 rows are padded to 20 (planar) / 2 words (interleaved)."""
+    """int32, ten values per word, the first at bits 29-27; 13 rows pad to 20 (planar) or 2 words (interleaved)."""
     q = np.arange(13).reshape(13, 1) % 8
     planar = pack_planar(q, 3)
     assert planar.shape == (2, 1) and planar.dtype == np.int32
