@@ -109,10 +109,12 @@ def dequantize_into(views: dict[str, torch.Tensor], prefix: str, spec: dict[str,
     step = max(1, _BLOCK // groups)  # rows of [g, G] per block
     block = step * groups
     if out.device.type == "cpu":
-        buf = _scratch(n + block * 6)
+        at_h16 = align_up(n, ALIGN)
+        at_f32 = at_h16 + align_up(2 * block, ALIGN)
+        buf = _scratch(at_f32 + 4 * block)
         values = unpack_values(views[f"{prefix}.W_q"], spec, buf[:n]).view(group, groups)
-        h16 = buf[n:n + 2 * block].view(_H)
-        f32 = buf[n + 2 * block:n + 6 * block].view(torch.float32)
+        h16 = buf[at_h16:at_h16 + 2 * block].view(_H)
+        f32 = buf[at_f32:at_f32 + 4 * block].view(torch.float32)
     else:
         values = unpack_values(views[f"{prefix}.W_q"], spec).view(group, groups)
         h16, f32 = torch.empty(block, dtype=_H, device=out.device), None

@@ -178,7 +178,6 @@ class MixtralOffloadingCheckpoint(HFCheckpoint):
     """An opened mixtral-offloading folder: every shard's header checked at open, tensors read on demand."""
 
     DTYPES = {**HFCheckpoint.DTYPES, "U8": torch.uint8, "I32": torch.int32}
-    format_name = FORMAT_NAME
     quantizer_name = PACKED_FORMAT
 
     def __init__(self, path: str | Path, packing: str = "auto", dtype: str | None = None) -> None:
@@ -190,7 +189,7 @@ class MixtralOffloadingCheckpoint(HFCheckpoint):
         cfg = self.config_dict
         # the quantization is described by the tensors themselves; a `quantization_config` would only stop the
         # loader (which refuses checkpoints quantized by methods it cannot read)
-        self.quantization_config = cfg.pop("quantization_config", None)
+        cfg.pop("quantization_config", None)
         declared = cfg.get("dtype") or cfg.get("torch_dtype")
         self.dtype_name = dtype or (declared if declared in _DTYPE_NAMES else "float32")
         self.layers = _count(cfg, "num_hidden_layers", self.path)
