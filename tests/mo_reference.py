@@ -41,8 +41,10 @@ def np_dequantize(t: dict[str, np.ndarray], shape: tuple[int, int], packing: str
     return ((q.astype(F16).reshape(n // groups, groups) - zero) * scale).reshape(out_f, in_f)
 
 
-def reference_folder(mo: Path, src: Path, out: Path, packing: str = "planar") -> Path:
-    """A plain fp32 HF checkpoint holding `mo`'s weights dequantized by `np_dequantize` (files found via the index)."""
+def reference_folder(mo: Path, src: Path, out: Path, packing: str = "planar",
+                     attention: str | None = None) -> Path:
+    """A plain fp32 HF checkpoint of `mo`'s weights dequantized by `np_dequantize` (files found via the index);
+    `packing` is the bit order of the experts (and of the attention unless `attention` says otherwise)."""
     from safetensors.numpy import load_file, save_file
 
     weight_map = json.loads((mo / "model.safetensors.index.json").read_text())["weight_map"]
@@ -60,7 +62,7 @@ def reference_folder(mo: Path, src: Path, out: Path, packing: str = "planar") ->
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             pre = f"model.layers.{layer}.self_attn.{proj}."
             t = {k.removeprefix(pre): v for k, v in trunk.items() if k.startswith(pre)}
-            state[pre + "weight"] = np_dequantize(t, shapes[proj], packing).astype(np.float32)
+            state[pre + "weight"] = np_dequantize(t, shapes[proj], attention or packing).astype(np.float32)
         for e in range(cfg["num_local_experts"]):
             pre = f"model.layers.{layer}.block_sparse_moe.experts.{e}."
             shard = load_file(str(mo / weight_map[pre + "w1.W_q"]))

@@ -72,13 +72,17 @@ def test_attention_becomes_exact_dense_linears(demo) -> None:
         model.unload()
 
 
-@pytest.mark.parametrize("packing,option", [("interleaved", "auto"), ("interleaved", "interleaved"),
-                                            ("planar-repacked", "planar")])
-def test_three_bit_release_both_readings(src: Path, tmp_path: Path, packing: str, option: str) -> None:
-    """3-bit g64 experts with the re-packed W_q shape (and, for variety, re-packed 4-bit attention)."""
+@pytest.mark.parametrize("packing,option,attention", [
+    ("interleaved", "auto", None), ("interleaved", "interleaved", None), ("planar-repacked", "planar", None),
+    ("interleaved", "auto", "hqq"),  # the 4bit-3bit release may have kept the demo's trunk (hqq-shaped attention)
+])
+def test_three_bit_release_both_readings(src: Path, tmp_path: Path, packing: str, option: str,
+                                         attention: str | None) -> None:
+    """3-bit g64 experts with the re-packed W_q shape; attention re-packed the same way or as in the demo."""
     mo = write_mo_checkpoint(src, tmp_path / "seed", experts=THREE_BIT_EXPERTS, attention=DEMO_ATTENTION,
-                             packing=packing)
-    ref_dir = reference_folder(mo, src, tmp_path / "ref", "interleaved" if packing == "interleaved" else "planar")
+                             packing=packing, attention_packing=attention)
+    reading = "interleaved" if packing == "interleaved" else "planar"
+    ref_dir = reference_folder(mo, src, tmp_path / "ref", reading, "planar" if attention == "hqq" else reading)
     ref = MixtralForCausalLM.from_pretrained(ref_dir, experts_implementation="eager").eval()
     model = load_model(mo, OffloadConfig(device="cpu", dtype="float32", experts_per_layer=2, hqq_packing=option))
     try:
@@ -133,6 +137,8 @@ def test_convert_keeps_the_bytes_and_loads_to_the_same_logits(demo, tmp_path: Pa
     dst = tmp_path / "converted"
     assert main(["convert", str(mo), str(dst), "--verify", "--dtype", "float32"]) == 0
     assert "bits per expert weight" in capsys.readouterr().out
+    assert main(["convert", str(dst), str(tmp_path / "again")]) == 2
+    assert "already in the offload format" in capsys.readouterr().err
     manifest = json.loads((dst / "mixtral_offload.json").read_text())
     q = manifest["quantization"]
     assert (q["quantizer"], q["expert_bits"], q["expert_group_size"], q["attn_bits"]) == ("hqq_axis0", 2, 16, 4)
