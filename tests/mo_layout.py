@@ -140,7 +140,7 @@ def config_436(src_config: dict, dtype: str = "float16") -> dict:
 def write_mo_checkpoint(src: Path, dst: Path, *, experts: tuple[int, int, int] = DEMO_EXPERTS,
                         attention: tuple[int, int, int] = DEMO_ATTENTION, packing: str = "hqq",
                         attention_packing: str | None = None, quantization_config: dict | None = None) -> Path:
-    """Write `src` (a plain fp32 HF Mixtral checkpoint, legacy expert names) to `dst` in MO's layout.
+    """Write `src` (a plain HF Mixtral checkpoint, legacy expert names) to `dst` in MO's layout.
 
     Shards: 1 + layers * experts files `model-NNNNN-of-NNNNN.safetensors` (names as on the Hub; readers must use the
     index). The trunk is written as the LAST shard so a reader that guesses "shard 1 is the trunk" fails: the
@@ -149,13 +149,14 @@ def write_mo_checkpoint(src: Path, dst: Path, *, experts: tuple[int, int, int] =
     Trunk: embeddings, lm_head, norms, routers in fp16 plus the quantized q/k/v/o, full names (MO builds the
     expert-less model in fp16 and loads that file strict=True: build_model.py:182-202@ce54518).
     """
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import save_file
+    from safetensors.torch import load_file  # reads bf16 sources too; everything below is numpy
 
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     weights = {}
     for f in sorted(src.glob("*.safetensors")):
-        weights.update(load_file(str(f)))
+        weights.update({k: v.float().numpy() for k, v in load_file(str(f)).items()})
     src_cfg = json.loads((src / "config.json").read_text())
     layers, n_exp = src_cfg["num_hidden_layers"], src_cfg["num_local_experts"]
     total = 1 + layers * n_exp
