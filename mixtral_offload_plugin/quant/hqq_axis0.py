@@ -6,9 +6,10 @@ j holds the weights at flat positions j, j + G, j + 2G, ..., i.e. one input colu
 Our int4 forms group along the input dimension (axis 1: g consecutive columns of one row share a scale). An axis-0
 group spans g output rows of one column, so no re-layout expresses it exactly in those forms (every weight would need
 its own scale); `y[r] = sum_c (q - z[r mod R, c]) s[r mod R, c] x[c]` needs, per row class, its own scaled input.
-So the exact way is to dequantize: on CPU once per cache-slot load into a dense workspace in the compute dtype
-(`F.linear` then runs at dense speed; the slot holds 2 bytes per weight in bf16), on CUDA on every call (slots keep the
-packed bytes). Requantizing into our axis-1 forms is possible from `dequantize_expert` but lossy.
+So the exact way is to dequantize: once per cache-slot load into a dense workspace in the compute dtype (`F.linear`
+then runs at dense speed; the slot holds 2 bytes per weight in bf16), or, on CUDA when the memory plan prefers small
+slots, on every call (slots keep the packed bytes). Requantizing into our axis-1 forms is possible from
+`dequantize_expert` but lossy.
 
 The arithmetic reproduces hqq 0.1.1's `Quantizer.dequantize` bit for bit: scales and zeros are dequantized from their
 8-bit form, then `(q - zero) * scale`, each operation rounded to fp16. This module knows nothing about files, stores or
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
@@ -158,26 +160,27 @@ def _spec(layout: ExpertLayout, name: str) -> dict[str, Any]:
 class Axis0ExpertKernel:
     """One expert from its stored w1, w3 (gate, up) and w2 (down).
 
-    CPU: dequantized at slot load into a workspace `gate_up [2I, H]`, `down [H, I]` in the compute dtype, then
-    computed like an unquantized expert. CUDA: dequantized on every call.
+    By default dequantized at slot load into a workspace `gate_up [2I, H]`, `down [H, I]` in the compute dtype, then
+    computed like an unquantized expert. `per_call` (CUDA, when dense slots would leave too small a cache): the slot
+    keeps the packed bytes and each call dequantizes `gate_up`, then `down`, into temporaries.
     """
 
-    def __init__(self, layout: ExpertLayout, device: torch.device, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, layout: ExpertLayout, device: torch.device, dtype: torch.dtype | None = None,
+                 per_call: bool = False) -> None:
         self.specs = {m: _spec(layout, m) for m in ("w1", "w3", "w2")}
         self.dtype = dtype or dtype_from_name(str(layout.meta.get("dtype", "float32")))
-        self.dense = device.type == "cpu"
+        self.dense = not per_call
         (i, h), el = self.specs["w1"]["shape"], torch.empty((), dtype=self.dtype).element_size()
         self.gate_up_nbytes, self.down_offset = 2 * i * h * el, align_up(2 * i * h * el, ALIGN)
         self.workspace_nbytes = self.down_offset + align_up(h * i * el, ALIGN) if self.dense else 0
 
-    def _dense(self, views: dict[str, torch.Tensor], ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gate_up(self, views: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         i, h = self.specs["w1"]["shape"]
-        gate_up = ws[: self.gate_up_nbytes].view(self.dtype).view(2 * i, h)  # [2I, H]
-        down = ws[self.down_offset:self.workspace_nbytes].view(self.dtype)[: h * i].view(h, i)  # [H, I]
-        dequantize_into(views, "w1", self.specs["w1"], gate_up[:i])
-        dequantize_into(views, "w3", self.specs["w3"], gate_up[i:])
-        dequantize_into(views, "w2", self.specs["w2"], down)
-        return gate_up, down
+        if out is None:
+            out = torch.empty(2 * i, h, dtype=self.dtype, device=views["w1.W_q"].device)
+        dequantize_into(views, "w1", self.specs["w1"], out[:i])
+        dequantize_into(views, "w3", self.specs["w3"], out[i:])
+        return out
 
     def prepare(self, views: dict[str, torch.Tensor]) -> Any:
         if not self.dense:
@@ -186,13 +189,17 @@ class Axis0ExpertKernel:
         if ws is None or ws.numel() < self.workspace_nbytes:
             msg = "this hqq_axis0 kernel needs a slot workspace; the loader did not provide one"
             raise RuntimeError(msg)
-        return self._dense(views, ws)
+        i, h = self.specs["w1"]["shape"]
+        gate_up = ws[: self.gate_up_nbytes].view(self.dtype).view(2 * i, h)  # [2I, H]
+        down = ws[self.down_offset:self.workspace_nbytes].view(self.dtype)[: h * i].view(h, i)  # [H, I]
+        return self._gate_up(views, gate_up), dequantize_into(views, "w2", self.specs["w2"], down)
 
     def __call__(self, state: Any, x: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        if not self.dense:
-            gate_up = torch.cat([dequantize(state, m, self.specs[m], self.dtype) for m in ("w1", "w3")])
-            state = (gate_up, dequantize(state, "w2", self.specs["w2"], self.dtype))
-        return DenseKernel()(state, x.to(self.dtype), act_fn).to(x.dtype)  # no-ops when the dtypes agree
+        xd = x.to(self.dtype)  # a no-op when the dtypes agree
+        if self.dense:
+            return DenseKernel()(state, xd, act_fn).to(x.dtype)
+        gate, up = F.linear(xd, self._gate_up(state)).chunk(2, dim=-1)  # [n, I] each; the dense copy is freed
+        return F.linear(act_fn(gate) * up, dequantize(state, "w2", self.specs["w2"], self.dtype)).to(x.dtype)
 
 
 def dequantize_expert(packed: PackedExpert) -> dict[str, torch.Tensor]:
@@ -206,6 +213,7 @@ class HqqAxis0Quantizer:
     """Runs experts and attention projections quantized by mixtral-offloading; it reads them, it does not quantize."""
 
     name = FORMAT
+    per_call_kernels = True  # expert_kernel(..., per_call=True): CUDA slots that hold only the packed bytes
 
     def _refuse(self) -> ConfigError:
         return ConfigError("the 'hqq_axis0' quantizer only runs weights quantized by mixtral-offloading (hqq 0.1.1, "
@@ -217,11 +225,12 @@ class HqqAxis0Quantizer:
     def quantize_linear(self, linear: nn.Linear, spec: QuantSpec, device: torch.device) -> nn.Module:
         raise self._refuse()
 
-    def expert_kernel(self, layout: ExpertLayout, device: torch.device) -> Axis0ExpertKernel:
+    def expert_kernel(self, layout: ExpertLayout, device: torch.device, per_call: bool = False) -> Axis0ExpertKernel:
+        """`per_call` (CUDA): dequantize on every call instead of expanding the expert into the slot at load."""
         if layout.format != FORMAT:
             msg = f"the 'hqq_axis0' quantizer cannot run experts packed as {layout.format!r}; the manifest is damaged"
             raise CheckpointError(msg)
-        return Axis0ExpertKernel(layout, device)
+        return Axis0ExpertKernel(layout, device, per_call=per_call)
 
     def slot_nbytes(self, layout: ExpertLayout, device: torch.device) -> int:
         return layout.nbytes + Axis0ExpertKernel(layout, device).workspace_nbytes

@@ -169,7 +169,7 @@ def test_info_describes_the_folder(demo, capsys: pytest.CaptureFixture) -> None:
 
 
 def test_per_call_kernel_computes_the_same_as_the_slot_workspace(demo) -> None:
-    """The CUDA form (slots keep the packed bytes, dequantized on every call), run here on CPU tensors."""
+    """The per-call form (CUDA slots that keep the packed bytes, dequantized on every call), run on CPU tensors."""
     from mixtral_offload_plugin.quant.hqq_axis0 import Axis0ExpertKernel
     from mixtral_offload_plugin.storage.mixtral_offloading import MixtralOffloadingCheckpoint
     from mixtral_offload_plugin.storage.packing import unpack_views
@@ -177,7 +177,7 @@ def test_per_call_kernel_computes_the_same_as_the_slot_workspace(demo) -> None:
     ckpt = MixtralOffloadingCheckpoint(demo[0], dtype="float32")
     packed = ckpt.packed_expert((0, 1))
     ckpt.close()
-    dense, per_call = (Axis0ExpertKernel(packed.layout, torch.device(d)) for d in ("cpu", "cuda"))
+    dense, per_call = (Axis0ExpertKernel(packed.layout, torch.device("cpu"), per_call=p) for p in (False, True))
     assert per_call.workspace_nbytes == 0 and dense.workspace_nbytes > 0
     buf = torch.zeros(packed.nbytes + dense.workspace_nbytes, dtype=torch.uint8)
     buf[: packed.nbytes] = packed.data
@@ -207,3 +207,28 @@ def test_cuda_matches_the_reference_on_cuda(demo, store: str) -> None:
     finally:
         model.unload()
         ref.to("cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+def test_cuda_per_call_and_expanded_kernels_agree(demo) -> None:
+    from mixtral_offload_plugin.quant.hqq_axis0 import Axis0ExpertKernel
+    from mixtral_offload_plugin.storage.mixtral_offloading import MixtralOffloadingCheckpoint
+    from mixtral_offload_plugin.storage.packing import unpack_views
+
+    ckpt = MixtralOffloadingCheckpoint(demo[0], dtype="float32")
+    packed = ckpt.packed_expert((1, 2))
+    ckpt.close()
+    cuda = torch.device("cuda")
+    dense, per_call = (Axis0ExpertKernel(packed.layout, cuda, per_call=p) for p in (False, True))
+    buf = torch.zeros(packed.nbytes + dense.workspace_nbytes, dtype=torch.uint8, device=cuda)
+    buf[: packed.nbytes] = packed.data.to(cuda)
+    views = unpack_views(buf, packed.layout)
+    x = torch.randn(5, 256, device=cuda)
+    act = torch.nn.functional.silu
+    a = dense(dense.prepare({**views, "workspace": buf[packed.nbytes:]}), x, act)
+    b = per_call(per_call.prepare(views), x, act)
+    assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
+    cpu = Axis0ExpertKernel(packed.layout, torch.device("cpu"), per_call=True)
+    ref = cpu(unpack_views(packed.data, packed.layout), x.cpu(), act)
+    assert (a.cpu() - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
