@@ -35,6 +35,9 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quant-scales", action="store_true", help="quantize HQQ scales/zeros to 8 bits")
     g.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
     g.add_argument("--context-length", type=int, default=4096, help="KV cache tokens reserved by the memory plan")
+    g.add_argument("--hqq-packing", default="auto", choices=("auto", "interleaved", "planar"),
+                   help="bit order of mixtral-offloading checkpoints with re-packed W_q (their 4bit-3bit release); "
+                        "auto = interleaved")
 
 
 def config_from_args(a: argparse.Namespace) -> OffloadConfig:
@@ -43,7 +46,7 @@ def config_from_args(a: argparse.Namespace) -> OffloadConfig:
         cache_bytes=a.cache_bytes, policy=a.policy, prefetch=a.prefetch, prefetch_depth=a.prefetch_depth,
         prefetch_experts=a.prefetch_experts, expert_bits=a.expert_bits, expert_group_size=a.expert_group_size,
         attn_bits=a.attn_bits, attn_group_size=a.attn_group_size, quant_scales=a.quant_scales, dtype=a.dtype,
-        context_length=a.context_length)
+        context_length=a.context_length, hqq_packing=a.hqq_packing)
 
 
 def model_path(a: argparse.Namespace) -> str:

@@ -16,6 +16,7 @@ EXPERT_BITS = (2, 3, 4, 8, 16)
 ATTN_BITS = (4, 8, 16)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRANSFERS = ("auto", "sync", "async")
+HQQ_PACKINGS = ("auto", "interleaved", "planar")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -53,6 +54,9 @@ class OffloadConfig:
         max_memory_bytes: memory the plan may use on the compute device (default: what the machine has free).
         context_length: tokens of KV cache the memory plan reserves (capped at the model's maximum).
         batch_size: sequences generated at once that the memory plan reserves KV cache and activations for.
+        hqq_packing: bit order of mixtral-offloading checkpoints whose `W_q` tensors have the re-packed
+            `[ceil(out/values per word), in]` shape (its 4bit-3bit release): "auto" (= "interleaved", that project's
+            own packing) or "planar" (hqq 0.1.1's BitPack). Other checkpoints ignore it.
     """
 
     device: str = "auto"
@@ -75,6 +79,7 @@ class OffloadConfig:
     max_memory_bytes: int | None = None
     context_length: int = 4096
     batch_size: int = 1
+    hqq_packing: str = "auto"
 
     def __post_init__(self) -> None:
         dev = self.device
@@ -120,6 +125,8 @@ class OffloadConfig:
             _fail("context_length", self.context_length, "must be a positive number of tokens")
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
             _fail("batch_size", self.batch_size, "must be a positive number of sequences")
+        if self.hqq_packing not in HQQ_PACKINGS:
+            _fail("hqq_packing", self.hqq_packing, f"allowed values are {HQQ_PACKINGS}")
 
     def replace(self, **changes: Any) -> OffloadConfig:
         """A copy with some fields changed (validated again)."""

@@ -110,6 +110,7 @@ fi
 
 CLI=("$PY" -m mixtral_offload_plugin.cli)
 step cuda-tests 270 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/runtime/test_cuda.py \
+     tests/runtime/test_mixtral_offloading_logits.py \
      --junitxml "$OUT/pytest.xml" -W ignore::pytest.PytestConfigWarning
 MID="$WORK/bench-$MODEL"  # where resolve_model builds the synthetic model (bench_config.SYNTHETIC)
 step model 90 "$PY" -c "import argparse; from mixtral_offload_plugin.tools.bench_config import resolve_model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,3 +86,23 @@ def tiny_mixtral_tok(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = make_random_mixtral(tmp_path_factory.mktemp("tiny-tok") / "model", seed=0)
     save_word_tokenizer(path, 128)
     return path
+
+
+@pytest.fixture(scope="session")
+def mo_demo(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A checkpoint in mixtral-offloading's demo layout (2-bit g16 experts, 4-bit g64 attention; see mo_layout.py)
+    written from `src` (fp32, 2 layers, 4 experts top-2, hidden 256, ffn 512, 4 / 2 KV heads, word tokenizer), and
+    `ref`: a plain fp32 checkpoint of its weights dequantized independently (mo_reference.py)."""
+    from types import SimpleNamespace
+
+    from mo_layout import write_mo_checkpoint
+    from mo_reference import reference_folder
+
+    from mixtral_offload_plugin.models.synthetic import make_random_mixtral
+
+    root = tmp_path_factory.mktemp("mo-demo")
+    src = make_random_mixtral(root / "src", hidden=256, intermediate=512, layers=2, experts=4, heads=4, kv_heads=2,
+                              vocab=128, seed=3, std=0.05)
+    save_word_tokenizer(src, 128)
+    seed = write_mo_checkpoint(src, root / "seed")
+    return SimpleNamespace(src=src, seed=seed, ref=reference_folder(seed, src, root / "ref"))

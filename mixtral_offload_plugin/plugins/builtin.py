@@ -45,6 +45,13 @@ def register_quantizers(register: Register) -> None:
 
     register("hqq", hqq)
 
+    def hqq_axis0() -> Any:
+        from ..quant.hqq_axis0 import HqqAxis0Quantizer
+
+        return HqqAxis0Quantizer()
+
+    register("hqq_axis0", hqq_axis0)  # runs checkpoints quantized by mixtral-offloading (hqq 0.1.1, axis 0)
+
 
 @hookimpl
 def register_prefetchers(register: Register) -> None:
@@ -60,6 +67,14 @@ def register_architectures(register: Register) -> None:
 
     for arch in FAMILIES:  # Mixtral and the other families sharing transformers 5's experts contract
         register(arch.name, arch)
+
+
+@hookimpl
+def register_checkpoint_formats(register: Register) -> None:
+    from ..runtime.checkpoints import MIXTRAL_OFFLOADING, OFFLOAD
+
+    register("offload", OFFLOAD)
+    register("mixtral-offloading", MIXTRAL_OFFLOADING)
 
 
 @hookimpl(trylast=True)

@@ -70,6 +70,19 @@ def register_architectures(register: Register) -> None:
     """
 
 
+@hookspec
+def register_checkpoint_formats(register: Register) -> None:
+    """Register checkpoint formats: readers of folders laid out otherwise than plain Hugging Face safetensors.
+
+    :param register: call ``register(name, fmt)`` with a
+        ``mixtral_offload_plugin.runtime.checkpoints.CheckpointFormat``: ``detect(path) -> bool`` (cheap: asked of
+        every folder loaded) and ``open(path, config)`` returning the opened checkpoint (``config_dict``,
+        ``split_keys(arch)``, ``get(key)``, ``close()``; packed experts through ``expert_layouts``/``packed_expert``
+        and ``quantizer_name``; see ``storage/mixtral_offloading.py``). Formats are tried in registration order
+        (built-ins "offload" and "mixtral-offloading" first); a folder none detects is read as plain safetensors.
+    """
+
+
 # -- the runtime: adapters obtain the model through this ----------------------------------------------------------
 
 

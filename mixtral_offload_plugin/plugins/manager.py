@@ -26,6 +26,7 @@ KINDS = {
     "quantizer": "register_quantizers",
     "prefetcher": "register_prefetchers",
     "architecture": "register_architectures",
+    "checkpoint_format": "register_checkpoint_formats",
 }
 
 pm = pluggy.PluginManager("mixtral_offload")
@@ -97,7 +98,7 @@ def resolve(kind: str, name: str) -> tuple[Any, str]:
     reg = registry(kind)
     if name not in reg:
         field = {"policy": "policy", "store": "store", "prefetcher": "prefetch",
-                 "quantizer": "quantizer", "architecture": "model_type"}[kind]
+                 "quantizer": "quantizer", "architecture": "model_type", "checkpoint_format": "format"}[kind]
         msg = f"unknown {kind} {name!r} (OffloadConfig.{field}); known: {sorted(reg)}"
         raise ConfigError(msg)
     return reg[name]

@@ -2,7 +2,8 @@
 
 Routers, norms, embeddings and lm_head stay 16-bit. `attention_linears` finds the projections;
 `quantize_attention` quantizes them at load time (plain checkpoints) and `install_packed_attention` rebuilds them
-from packed bytes (offload-format checkpoints: no quantization work). This module knows nothing about experts.
+from packed bytes (offload-format checkpoints: no quantization work; mixtral-offloading's axis-0 HQQ projections
+become dense `nn.Linear`s holding their exact dequantized weights). This module knows nothing about experts.
 """
 
 from __future__ import annotations
@@ -49,7 +50,12 @@ def call_temp_bytes(model: nn.Module) -> int:
                 if isinstance(m, QuantizedLinear)), default=0)
 
 
-def _quantizer() -> Any:
+def _quantizer(fmt: str = "hqq") -> Any:
+    """The quantizer that rebuilds projections packed as `fmt` ("hqq" or "hqq_axis0")."""
+    if fmt == "hqq_axis0":
+        from .hqq_axis0 import HqqAxis0Quantizer
+
+        return HqqAxis0Quantizer()
     from .hqq import HqqQuantizer
 
     return HqqQuantizer()
@@ -91,14 +97,13 @@ def packed_attention(model: nn.Module) -> dict[str, PackedExpert]:
 
 def install_packed_attention(model: nn.Module, packed: dict[str, PackedExpert], dtype: torch.dtype,
                              device: torch.device) -> int:
-    """Replace the projections named in `packed` by `QuantizedLinear`s built from those bytes; returns their bytes."""
-    quantizer = _quantizer()
+    """Replace the projections named in `packed` by modules built from those bytes; returns their bytes."""
     total, found = 0, set()
     for name, parent, attr, _ in list(attention_linears(model)):
         if name in packed:
-            module = quantizer.linear_from_packed(packed[name], None, device, dtype)
+            module = _quantizer(packed[name].layout.format).linear_from_packed(packed[name], None, device, dtype)
             setattr(parent, attr, module)
-            total += module.nbytes()
+            total += module_bytes(module)
             found.add(name)
     missing = sorted(set(packed) - found)
     if missing:

@@ -23,8 +23,8 @@ from ..config import OffloadConfig
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from ..models.architectures import Architecture, read_expert
 from ..quant import QuantSpec
-from ..storage.hf_checkpoint import HFCheckpoint
 from ..storage.packing import PackedExpert, unpack_views
+from .checkpoints import open_checkpoint
 from .experts import OffloadedExperts
 from .memory import (
     available_bytes,
@@ -80,6 +80,12 @@ def find_architecture(model_config: Any) -> Architecture:
     reason = f" ({UNSUPPORTED[model_type]})" if model_type in UNSUPPORTED else ""
     msg = f"model_type {model_type!r} {why}{reason}; supported families: {families}"
     raise UnsupportedModelError(msg)
+
+
+def drop_quantization_config(model_config: Any) -> None:
+    """Forget a `quantization_config` that the checkpoint's reader handles itself (e.g. mixtral-offloading's HQQ)."""
+    if getattr(model_config, "quantization_config", None) is not None:
+        model_config.quantization_config = None
 
 
 def resolve_dtype(config: OffloadConfig, model_config: Any) -> torch.dtype:
@@ -161,7 +167,7 @@ def materialise_trunk(model: nn.Module, ckpt: Any, arch: Architecture, trunk_key
         total += state[name].numel() * state[name].element_size()
     tied = getattr(model.config, "tie_word_embeddings", False) or getattr(
         model.config.get_text_config(), "tie_word_embeddings", False)
-    missing = [n for n in expected if n not in state]
+    missing = [n for n in expected if n not in state and expected[n].is_meta]  # not installed by an earlier step
     if tied and "lm_head.weight" in missing:
         missing.remove("lm_head.weight")
     if missing:
@@ -237,13 +243,10 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
     device = resolve_device(config.device)
     free_before = available_bytes(device) if device.type == "cuda" else None  # before the trunk takes its share
 
-    if (path / MANIFEST_NAME).exists():
-        from ..storage.offload_format import open_offload_checkpoint
-
-        ckpt = open_offload_checkpoint(path, config)
-    else:
-        ckpt = HFCheckpoint(path)
+    ckpt = open_checkpoint(path, config)
     model_config = load_model_config(path, ckpt.config_dict)
+    if "quantization_config" not in ckpt.config_dict:  # the reader understands (and removed) it
+        drop_quantization_config(model_config)
     arch = find_architecture(model_config)
     check_model_config(model_config, arch, path)
     dtype = resolve_dtype(config, model_config)

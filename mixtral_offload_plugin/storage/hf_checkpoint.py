@@ -45,7 +45,13 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 class HFCheckpoint:
-    """A Hugging Face checkpoint directory with safetensors weights."""
+    """A Hugging Face checkpoint directory with safetensors weights.
+
+    `key_file` maps every tensor name to its file; `names` maps a name to the one used inside that file where they
+    differ (readers of layouts whose shards use module-relative names fill it).
+    """
+
+    DTYPES = _ST_DTYPES  # safetensors dtypes `read` returns; others are refused
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -55,6 +61,7 @@ class HFCheckpoint:
         self.config_dict = read_json(self.path / "config.json", "config.json")
         self._handles: dict[Path, Any] = {}
         self._headers: dict[Path, tuple[dict[str, Any], int]] = {}
+        self.names: dict[str, str] = {}
         self.key_file = self._find_files()
         for file in sorted(set(self.key_file.values())):
             self._open(file)
@@ -89,6 +96,11 @@ class HFCheckpoint:
         for file in files:
             for key in self._open(file).keys():
                 out[key] = file
+        if any(key.endswith(".W_q") for key in out):
+            msg = (f"{self.path} holds HQQ tensors (*.W_q) but no {INDEX_NAME}: a mixtral-offloading checkpoint is read "
+                   "through its index (it says which shard is the trunk and which expert each shard holds); copy "
+                   "the index file into the folder")
+            raise CheckpointError(msg)
         return out
 
     def _open(self, file: Path) -> Any:
@@ -108,27 +120,32 @@ class HFCheckpoint:
 
     def get(self, key: str) -> torch.Tensor:
         try:
-            return self._open(self.key_file[key]).get_tensor(key)
+            return self._open(self.key_file[key]).get_tensor(self.names.get(key, key))
         except KeyError:
             raise
         except Exception as exc:
             msg = f"cannot read tensor {key} from {self.key_file[key].name}: {exc}; the file is corrupt"
             raise CheckpointError(msg) from None
 
+    def header(self, file: Path) -> tuple[dict[str, Any], int]:
+        """The parsed safetensors header of `file` (name -> dtype, shape, data_offsets) and where its data starts."""
+        header = self._headers.get(file)
+        if header is None:
+            self._open(file)  # validates the header and the file size first
+            with open(file, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = (json.loads(f.read(n)), 8 + n)
+            self._headers[file] = header
+        return header
+
     def _entry(self, key: str) -> tuple[Path, torch.dtype, tuple[int, ...], int, int]:
         """(file, dtype, shape, first byte, end byte) of a tensor, from the safetensors header."""
         file = self.key_file[key]
-        header = self._headers.get(file)
-        if header is None:
-            with open(file, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = (json.loads(f.read(n)), 8 + n)  # sizes already validated by safe_open
-            self._headers[file] = header
-        meta, start = header
-        entry = meta[key]
-        dtype = _ST_DTYPES.get(entry["dtype"])
+        meta, start = self.header(file)
+        entry = meta[self.names.get(key, key)]
+        dtype = self.DTYPES.get(entry["dtype"])
         if dtype is None:
-            msg = f"tensor {key} in {file.name} has dtype {entry['dtype']}; only float32/bfloat16/float16 are read"
+            msg = f"tensor {key} in {file.name} has dtype {entry['dtype']}; only {sorted(self.DTYPES)} are read here"
             raise CheckpointError(msg)
         begin, end = entry["data_offsets"]
         return file, dtype, tuple(entry["shape"]), start + begin, start + end

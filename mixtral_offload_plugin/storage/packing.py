@@ -113,19 +113,26 @@ def checksum(data: torch.Tensor) -> int:
     return zlib.crc32(memoryview(data.contiguous().numpy()))
 
 
+def plan_layout(format: str, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                meta: dict[str, Any] | None = None) -> ExpertLayout:
+    """The layout `pack` gives tensors of these {name: (shape, dtype)}, in this order, without any data."""
+    records, offset = [], 0
+    for name, (shape, dtype) in specs.items():
+        offset = align_up(offset, ALIGN)
+        rec = TensorRecord(name, offset, tuple(int(s) for s in shape), dtype_name(dtype))
+        records.append(rec)
+        offset += rec.nbytes
+    return ExpertLayout(format, tuple(records), align_up(offset, ALIGN), dict(meta or {}))
+
+
 def pack(format: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> PackedExpert:
     """Lay `tensors` out in one aligned buffer."""
-    records, offset = [], 0
-    for name, t in tensors.items():
-        offset = align_up(offset, ALIGN)
-        records.append(TensorRecord(name, offset, tuple(t.shape), dtype_name(t.dtype)))
-        offset += t.numel() * t.element_size()
-    nbytes = align_up(offset, ALIGN)
-    data = torch.zeros(nbytes, dtype=torch.uint8)
-    for rec, t in zip(records, tensors.values(), strict=True):
+    layout = plan_layout(format, {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}, meta)
+    data = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    for rec, t in zip(layout.tensors, tensors.values(), strict=True):
         flat = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         data[rec.offset:rec.offset + flat.numel()].copy_(flat)
-    return PackedExpert(ExpertLayout(format, tuple(records), nbytes, dict(meta or {})), data)
+    return PackedExpert(layout, data)
 
 
 def unpack_views(buffer: torch.Tensor, layout: ExpertLayout) -> dict[str, torch.Tensor]:

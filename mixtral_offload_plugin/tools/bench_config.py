@@ -156,6 +156,17 @@ def resolve_model(args: argparse.Namespace) -> Path:
 def checkpoint_bytes(path: Path) -> tuple[int, int, int]:
     """(trunk bytes, expert bytes, number of experts) from the safetensors headers or, for an offload-format folder,
     its manifest (no weight is read)."""
+    from ..runtime.checkpoints import checkpoint_format
+
+    if checkpoint_format(path) == "mixtral-offloading":  # its shards name experts module-relatively: ask the reader
+        from ..runtime.checkpoints import open_checkpoint
+
+        ckpt = open_checkpoint(path)
+        try:
+            layouts = ckpt.expert_layouts(sorted(ckpt.experts))
+            return ckpt.trunk_file.stat().st_size, sum(lay.nbytes for lay in layouts.values()), len(layouts)
+        finally:
+            ckpt.close()
     manifest = path / "mixtral_offload.json"
     if manifest.exists():
         entries = json.loads(manifest.read_text())["experts"]

@@ -8,6 +8,7 @@ place only when complete, so an interrupted run never leaves a loadable half fol
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import time
@@ -19,10 +20,12 @@ COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.js
                 "chat_template.json")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 TARGETS = ("cpu", "cuda")
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="Hugging Face checkpoint folder (config.json + safetensors)")
+    parser.add_argument("src", help="Hugging Face checkpoint folder (config.json + safetensors), or a "
+                                    "mixtral-offloading checkpoint folder (its quantization is kept)")
     parser.add_argument("dst", help="output folder (must not exist unless --force)")
     parser.add_argument("--expert-bits", type=int, default=2, choices=(2, 3, 4, 8, 16),
                         help="expert weight bits (16 = unquantized; default 2)")
@@ -38,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "device-neutral bit-packed form; either loads anywhere, repacked at load if needed)")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.add_argument("--verify", action="store_true", help="re-read every expert and check its checksum")
+    parser.add_argument("--hqq-packing", default="auto", choices=("auto", "interleaved", "planar"),
+                        help="mixtral-offloading sources with re-packed W_q: their bit order (auto = interleaved)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -45,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
 
     cfg = OffloadConfig(expert_bits=args.expert_bits, expert_group_size=args.expert_group_size,
                         attn_bits=args.attn_bits, attn_group_size=args.attn_group_size,
-                        quant_scales=args.quant_scales, dtype=args.dtype)
+                        quant_scales=args.quant_scales, dtype=args.dtype, hqq_packing=args.hqq_packing)
     t0 = time.perf_counter()
     summary = convert(args.src, args.dst, cfg, force=args.force, verify=args.verify, target=args.target)
     print(f"wrote {args.dst}: {summary['experts']} experts, {summary['bits_per_expert_weight']:.2f} bits per expert "
@@ -94,6 +99,18 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], config: An
     return summary
 
 
+def _quantize_expert(quantizer: Any, weights: dict[str, Any], spec: Any, device: Any, layer: int,
+                     e: int) -> tuple[Any, int]:
+    try:
+        packed = quantizer.pack_expert(weights, spec, device)
+    except ValueError as exc:
+        from ..errors import ConfigError
+
+        msg = f"cannot quantize layer {layer} expert {e}: {exc} (--expert-group-size {spec.group_size})"
+        raise ConfigError(msg) from None
+    return packed, sum(w.numel() for w in weights.values())
+
+
 def _write(src: Path, out: Path, config: Any, target: str = "cpu") -> dict[str, Any]:
     import json
 
@@ -105,8 +122,8 @@ def _write(src: Path, out: Path, config: Any, target: str = "cpu") -> dict[str, 
     from .. import plugins
     from ..models.architectures import read_expert
     from ..quant import QuantSpec
+    from ..runtime.checkpoints import open_checkpoint
     from ..runtime.loading import find_architecture, load_model_config, resolve_dtype
-    from ..storage.hf_checkpoint import HFCheckpoint
     from ..storage.offload_format import (
         FORMAT_NAME,
         FORMAT_VERSION,
@@ -118,14 +135,26 @@ def _write(src: Path, out: Path, config: Any, target: str = "cpu") -> dict[str, 
     from ..storage.packing import FILE_ALIGN, align_up
 
     plugins.load_plugins()
-    ckpt = HFCheckpoint(src)
+    ckpt = open_checkpoint(src, config)
+    if hasattr(ckpt, "attach_to"):
+        from ..errors import CheckpointError
+
+        ckpt.close()
+        msg = f"{src} is already in the offload format; load it directly (or convert its original checkpoint)"
+        raise CheckpointError(msg)
     model_config = load_model_config(src, ckpt.config_dict)
     arch = find_architecture(model_config)
     dtype = resolve_dtype(config, model_config)
     device = torch.device(target)  # only picks the packed forms: nothing is allocated on it
-    per_expert, fused, trunk_keys = arch.split_keys(ckpt.keys())
+    # input adapter: a reader with `packed_expert` (mixtral-offloading) hands over experts and attention already
+    # quantized; they are written as they are
+    prepacked = hasattr(ckpt, "packed_expert")
+    per_expert, fused, trunk_keys = ckpt.split_keys(arch) if prepacked else arch.split_keys(ckpt.keys())
     layers, num_experts = int(model_config.num_hidden_layers), arch.num_experts(model_config)
-    qname = "none" if config.expert_bits == 16 else "hqq"
+    qname = getattr(ckpt, "quantizer_name", None) or ("none" if config.expert_bits == 16 else "hqq")
+    if prepacked:
+        log.warning("%s: keeping the checkpoint's own quantization (%s); --expert-bits, --attn-bits and their "
+                    "group sizes do not apply", src, getattr(ckpt, "describe", lambda: qname)())
     quantizer = plugins.create("quantizer", qname)
     spec = QuantSpec(config.expert_bits, config.expert_group_size, dtype, config.quant_scales)
 
@@ -152,6 +181,9 @@ def _write(src: Path, out: Path, config: Any, target: str = "cpu") -> dict[str, 
             attention[proj] = {"layout": packed.layout.to_dict()}
             continue
         trunk[key] = t.to(dtype) if t.is_floating_point() else t
+    for proj, packed in (ckpt.packed_attention() if prepacked else {}).items():
+        trunk[proj + PACKED_SUFFIX] = packed.data
+        attention[proj] = {"layout": packed.layout.to_dict()}
     save_file(trunk, str(out / TRUNK_NAME), metadata={"format": "pt"})
     del trunk
 
@@ -163,19 +195,16 @@ def _write(src: Path, out: Path, config: Any, target: str = "cpu") -> dict[str, 
         with open(path, "wb") as f:
             offset = 0
             for e in range(num_experts):
-                weights = read_expert(ckpt, layer, e, per_expert, fused)
-                try:
-                    packed = quantizer.pack_expert(weights, spec, device)
-                except ValueError as exc:
-                    from ..errors import ConfigError
-
-                    msg = f"cannot quantize layer {layer} expert {e}: {exc} (--expert-group-size {spec.group_size})"
-                    raise ConfigError(msg) from None
+                if prepacked:
+                    packed, numel = ckpt.packed_expert((layer, e)), ckpt.expert_numel()
+                else:
+                    packed, numel = _quantize_expert(quantizer, read_expert(ckpt, layer, e, per_expert, fused),
+                                                     spec, device, layer, e)
                 f.seek(offset)
                 f.write(memoryview(packed.data.numpy()))
                 entries.append({"layer": layer, "expert": e, "file": path.name, "offset": offset,
                                 "size": packed.nbytes, "crc32": packed.checksum(), "layout": packed.layout.to_dict()})
-                n_weights += sum(w.numel() for w in weights.values())
+                n_weights += numel
                 n_bytes += sum(r.nbytes for r in packed.layout.tensors)
                 offset = align_up(offset + packed.nbytes, FILE_ALIGN)
                 bar.update(1)
@@ -197,7 +226,8 @@ def _write(src: Path, out: Path, config: Any, target: str = "cpu") -> dict[str, 
         "quantization": {"quantizer": qname, "expert_bits": spec.bits, "expert_group_size": spec.group_size,
                          "quant_scales": bool(spec.quant_scales), "attn_bits": config.attn_bits,
                          "attn_group_size": config.attn_group_size, "dtype": str(dtype).removeprefix("torch."),
-                         "packed_for": target},
+                         "packed_for": target}
+        | (dict(ckpt.quantization) if prepacked else {}),
         "bits_per_expert_weight": round(bits, 4), "trunk": TRUNK_NAME, "attention": attention, "experts": entries,
     }
     write_manifest(out, manifest)  # written last: a folder without it is never taken for an offload checkpoint

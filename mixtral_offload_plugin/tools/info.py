@@ -35,20 +35,13 @@ def _workspace(ckpt: Any, layout: Any, device: torch.device) -> int:
 
 
 def describe_checkpoint(path: str | Path, config: OffloadConfig) -> dict[str, Any]:
-    from ..runtime.loading import MANIFEST_NAME, find_architecture, load_model_config, resolve_dtype
+    from ..runtime.checkpoints import checkpoint_format, format_title, open_checkpoint
+    from ..runtime.loading import find_architecture, load_model_config, resolve_dtype
 
     path = Path(path)
     plugins.load_plugins()
-    if (path / MANIFEST_NAME).exists():
-        from ..storage.offload_format import open_offload_checkpoint
-
-        ckpt = open_offload_checkpoint(path, config)
-        fmt_name = "offload format"
-    else:
-        from ..storage.hf_checkpoint import HFCheckpoint
-
-        ckpt = HFCheckpoint(path)
-        fmt_name = "Hugging Face safetensors"
+    fmt_name = format_title(checkpoint_format(path))
+    ckpt = open_checkpoint(path, config)
     mc = load_model_config(path, ckpt.config_dict)
     arch = find_architecture(mc)
     dtype = resolve_dtype(config, mc)
@@ -72,13 +65,17 @@ def describe_checkpoint(path: str | Path, config: OffloadConfig) -> dict[str, An
         ebytes = max(lay.nbytes + _workspace(ckpt, lay, device) for lay in layouts.values())
         trunk_file = path / "trunk.safetensors"
         trunk = trunk_file.stat().st_size if trunk_file.exists() else trunk
+    if hasattr(ckpt, "resident_trunk_bytes"):  # stored quantized, held dequantized
+        trunk = ckpt.resident_trunk_bytes(db)
     plan = make_plan(config,
                      device=device, layers=moe_layers, experts=experts, top_k=top_k, expert_bytes=ebytes,
                      total_expert_bytes=total_experts, trunk_bytes=trunk, kv=kv,
                      store_in_ram=config.store in ("host", "auto"))
+    quantization = ckpt.describe() if hasattr(ckpt, "describe") else None
     ckpt.close()
     return {
-        "path": str(path), "format": fmt_name, "family": arch.name, "model_type": mc.model_type,
+        "path": str(path), "format": fmt_name, **({"quantization": quantization} if quantization else {}),
+        "family": arch.name, "model_type": mc.model_type,
         "offloaded": arch.offloaded, "layers": layers, "moe_layers": moe_layers, "experts_per_layer": experts,
         "top_k": top_k,
         "hidden_size": mc.hidden_size, "intermediate_size": mc.intermediate_size, "dtype": str(dtype),

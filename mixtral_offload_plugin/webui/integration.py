@@ -19,6 +19,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from . import DEFAULT_PARAMS, ENV_AUTOLOAD, LOADER, MARKER
+from .folders import claims_folder
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def _patch_textgen(tg: SimpleNamespace) -> None:
         @functools.wraps(orig_infer)
         def infer_loader(model_name: str, *args: Any, **kwargs: Any) -> Any:
             path = Path(tg.utils.resolve_model_path(model_name))
-            if path.is_dir() and (path / MARKER).is_file():
+            if claims_folder(path):
                 return LOADER
             return orig_infer(model_name, *args, **kwargs)
 
