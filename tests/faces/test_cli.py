@@ -29,6 +29,26 @@ def test_generate_streams_the_same_tokens_as_transformers(tiny_mixtral_tok, caps
     assert "tok/s" in captured.err and "hit rate" in captured.err and "peak RSS" in captured.err
 
 
+def test_first_readme_command_shows_offloading_on_the_demo_model(demo_model_path, capsys):
+    """`mixtral-offload generate "..."` with no flags: half the demo model's experts cached, disk store, prefetch."""
+    assert main(["generate", "Once upon a time", "--max-new-tokens", "8", "--seed", "0", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    experts = json.loads((demo_model_path / "config.json").read_text())["num_local_experts"]
+    assert f"{experts // 2} of {experts} experts/layer cached, gate prefetch, the rest in the disk store" in err
+    loaded = float(err.split("loaded ")[1].split(" MiB")[0])
+    assert loaded > 0 and "prefetch precision" in err
+    # every flag still wins: all experts cached means nothing is offloaded
+    assert main(["generate", "Once upon a time", "--max-new-tokens", "2", "--device", "cpu",
+                 "--experts-per-layer", str(experts)]) == 0
+    err = capsys.readouterr().err
+    assert "all experts resident (nothing offloaded)" in err and "loaded 0.0 MiB" in err
+
+
+def test_other_checkpoints_keep_the_memory_plan_defaults(tiny_mixtral_tok, capsys):
+    assert main(["generate", "w5", "--model", str(tiny_mixtral_tok), "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    assert "all experts resident" in capsys.readouterr().err  # a tiny model fits: the plan caches everything
+
+
 def test_generate_as_a_subprocess_and_record_routing(tiny_mixtral_tok, tmp_path):
     trace = tmp_path / "routing.jsonl"
     proc = subprocess.run([sys.executable, "-m", "mixtral_offload_plugin.cli", "generate", "w4 w8", "--model",
