@@ -231,6 +231,7 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
         from ..storage.offload_format import open_offload_checkpoint
 
         ckpt = open_offload_checkpoint(path, config)
+        _warn_ignored(path, ckpt.ignored_settings(config))
     else:
         ckpt = HFCheckpoint(path)
     model_config = load_model_config(path, ckpt.config_dict)
@@ -327,6 +328,19 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
     model.eval()
     plugins.pm.hook.on_model_loaded(model=model, config=config)
     return model
+
+
+def _warn_ignored(path: Path, ignored: list[str]) -> None:
+    """A warning, not an error: the folder is what it is (nothing at load time can turn 2-bit experts into 4-bit
+    ones), and the faces pass one set of options for every model (TextGen's tab defaults to 4 bits), so refusing
+    would make converted folders fail with default settings; the warning says what is used and how to get the rest."""
+    if ignored:
+        import warnings
+
+        msg = (f"{path} is an offload-format folder: it is loaded as stored, so {', '.join(ignored)} is ignored. "
+               "To get that quantization, convert the original checkpoint again with `mixtral-offload convert` and "
+               "those settings; expert_bits=16 (and attn_bits=16) means 'as stored' and silences this warning")
+        warnings.warn(msg, UserWarning, stacklevel=3)
 
 
 def _load_generation_config(model: nn.Module, path: Path) -> None:
