@@ -64,6 +64,8 @@ class PrefixCache:
 
         if option("num_beams", 1) not in (None, 1) or option("use_cache", True) is False:
             return False
+        if option("penalty_alpha", None):  # contrastive search keeps and rolls back its own cache
+            return False
         if option("cache_implementation", None) not in (None, "dynamic"):
             return False
         mask = kwargs.get("attention_mask")
