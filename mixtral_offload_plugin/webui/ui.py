@@ -38,13 +38,24 @@ def _policies() -> list[str]:
 
 
 def cache_report() -> str:
-    """Markdown: the last failed load, the loaded model's settings and cache counters, or why there are none."""
+    """Markdown: the last failed load, the loaded model's settings and cache counters, or why there are none.
+
+    Never raises: it runs on every status change, also while a model is being unloaded or replaced.
+    """
+    from ..errors import ModelUnloadedError
     from . import integration
 
     try:
         from modules import shared
     except ImportError:
         return "TextGen is not running."
+    try:
+        return _report(shared, integration)
+    except ModelUnloadedError:
+        return f"No {LOADER} model is loaded (one is being unloaded or replaced)."
+
+
+def _report(shared: Any, integration: Any) -> str:
     lines = [f"**The last load failed**: {integration.last_error}"] if integration.last_error else []
     model = shared.model
     if model is not None and not integration._is_ours(model) and callable(getattr(model, "get_base_model", None)):
