@@ -3,9 +3,10 @@
 Owns: the loader and sampler table entries, the wrap of TextGen's `models.load_model`/`models.unload_model`,
 `models_settings.infer_loader` and `ui_model_menu.update_truncation_length`, the translation of the extension's
 settings into an `OffloadConfig`, the state a load leaves (a failed one leaves nothing loaded and its error for the
-tab), and the optional autoload at start-up. It does not know how a model is built (that is the `load_offloaded_model` plugin hook) nor how
-TextGen generates text: the loaded model is a transformers causal LM, so TextGen's own HF generation path drives it.
-TextGen's `modules` package is imported lazily, so this module imports outside TextGen (tests use a stand-in).
+tab), and the optional autoload at start-up. It does not know how a model is built (that is the
+`load_offloaded_model` plugin hook) nor how TextGen generates text: the loaded model is a transformers causal LM, so
+TextGen's own HF generation path drives it. TextGen's `modules` package is imported lazily, so this module imports
+outside TextGen (tests use a stand-in).
 """
 
 from __future__ import annotations

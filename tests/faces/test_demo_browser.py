@@ -1,8 +1,8 @@
 """The Gradio demo in a real browser (Playwright + headless Debian Chromium) on the embedded demo model.
 
 Types a message, watches the reply stream in and the stats panel and heatmap update, stops a long reply (and one
-waiting in the queue behind it), changes the cache size and checks the reloaded model uses it; saves a screenshot (test-artifacts/demo.png; copied to
-docs/demo.png for the README when MIXTRAL_OFFLOAD_UPDATE_DOCS=1, so a test run leaves the checkout clean). Assertions never depend on the quality of the text.
+waiting in the queue behind it), changes the cache size and checks the reloaded model uses it; saves a screenshot
+(test-artifacts/demo.png; copied to docs/demo.png for the README when MIXTRAL_OFFLOAD_UPDATE_DOCS=1, so a test run leaves the checkout clean). Assertions never depend on the quality of the text.
 """
 
 from __future__ import annotations

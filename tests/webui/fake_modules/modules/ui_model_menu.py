@@ -17,7 +17,8 @@ def load_model_wrapper(selected_model, loader, autoload=False):
         yield f"Loading `{selected_model}`..."
         unload_model()
         shared.model, shared.tokenizer = load_model(selected_model, loader)
-        yield f"Successfully loaded `{selected_model}`." if shared.model is not None else f"Failed to load `{selected_model}`."
+        loaded = shared.model is not None
+        yield f"Successfully loaded `{selected_model}`." if loaded else f"Failed to load `{selected_model}`."
     except Exception:
         logger.exception("Failed to load the model.")
         yield traceback.format_exc().replace("\n", "\n\n")
