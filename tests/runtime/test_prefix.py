@@ -253,3 +253,33 @@ def test_demo_model_conversation_equals_fresh_generations(demo_model_path):
                                                                         skip_special_tokens=True)})
     finally:
         m.unload()
+
+
+@pytest.mark.parametrize("kwargs", [{"num_beams": 2}, {"use_cache": False}, {"cache_implementation": "static"},
+                                    {"penalty_alpha": 0.6}, {"inputs_embeds": torch.zeros(1, 3, 64)},
+                                    {"past_key_values": object()}, {"cache": object()},
+                                    {"attention_mask": torch.tensor([[0, 1, 1]])}])
+def test_requests_the_kept_cache_cannot_serve(model, kwargs):
+    assert not model._offload_runtime.prefix.reusable(model, ids_of(1, 5, 9), kwargs)
+    assert model._offload_runtime.prefix.reusable(model, ids_of(1, 5, 9), {"attention_mask": torch.ones(1, 3)})
+
+
+def test_a_cache_that_cannot_roll_back_is_replaced_by_a_fresh_one(model):
+    """A sliding-window layer past its window refuses to crop: the request then starts fresh, never half-cropped."""
+    from transformers import DynamicCache
+
+    from mixtral_offload_plugin.runtime.prefix import PrefixCache
+
+    class NoRollback:
+        def get_seq_length(self):
+            return 8
+
+        def crop(self, n):
+            msg = "cannot crop a sliding window past its size"
+            raise RuntimeError(msg)
+
+    cache = PrefixCache()
+    cache.ids, cache.kv = torch.arange(8), NoRollback()
+    kv, reused = cache._take(model, torch.cat([torch.arange(4), torch.tensor([99, 98])]).unsqueeze(0))
+    assert reused == 0 and isinstance(kv, DynamicCache) and kv.get_seq_length() == 0
+    assert cache.kv is None  # the slot stays empty until the request finishes
