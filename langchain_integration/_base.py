@@ -70,6 +70,12 @@ class OffloadParams(BaseModel):
     """Accepted for LangChain's standard parameters. Generation is local: there is no network failure to
     retry, and a failed generation fails the same way again, so calls are never retried whatever this is."""
 
+    reuse_prefix: bool = True
+    """Keep the KV cache of the model's last request and reuse it for the prompt prefix the next call shares with
+    it (a conversation one turn later, or a prompt that extends the previous one): only the new tokens are
+    processed, and the output is what a fresh generation gives. One cache per loaded model, shared by every
+    instance using it; calls from other conversations start fresh."""
+
     streaming: bool = False
     """Chat model: make `invoke` take the streaming path, so callbacks get each token (the completion
     class always does). The output is the same either way."""
@@ -160,6 +166,7 @@ class OffloadParams(BaseModel):
             timeout=o["timeout"],
             sampling=sampling_kwargs(o["temperature"], o["top_p"], o["top_k"]),
             source="langchain",
+            reuse_prefix=self.reuse_prefix,
         ).start()
 
     @property
@@ -174,6 +181,7 @@ class OffloadParams(BaseModel):
             "top_k": self.top_k,
             "seed": self.seed,
             "stop": self.stop,
+            "reuse_prefix": self.reuse_prefix,
         }
 
     def _ls_params(self, model_type: str, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -2,9 +2,9 @@
 
 The registry loads each (checkpoint, `OffloadConfig`) pair once, through the `load_offloaded_model` plugin
 hook, and hands the same model to every LangChain object that asks for it. `TokenGeneration` runs one
-`generate()` call on a worker thread and turns its tokens into text pieces for the caller, cutting at stop
-strings and halting the model as soon as one appears, when the caller stops reading, on cancellation or on
-timeout. Nothing here knows about LangChain's message or callback types.
+`generate()` call on a worker thread (reusing the KV cache of the prompt prefix the model processed last, through
+the runtime's prefix cache) and turns its tokens into text pieces for the caller, cutting at stop strings and
+halting the model as soon as one appears, when the caller stops reading, on cancellation or on timeout. Nothing here knows about LangChain's message or callback types.
 """
 
 from __future__ import annotations
@@ -158,6 +158,7 @@ class TokenGeneration:
         timeout: float | None = None,
         sampling: dict[str, Any] | None = None,
         source: str = "langchain",
+        reuse_prefix: bool = True,
     ) -> None:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             msg = f"max_tokens={max_new_tokens!r} is invalid: use an integer >= 1"
@@ -173,6 +174,10 @@ class TokenGeneration:
         self.seed, self.timeout = seed, timeout
         self.sampling = dict(sampling or {})
         self.source = source
+        # the runtime's prefix cache (models loaded by mixtral-offload only): a conversation's earlier turns, or
+        # the prompt this one extends, keep their KV cache
+        self.reuse_prefix = reuse_prefix and getattr(model, "_offload_runtime", None) is not None
+        self.reused_tokens = 0  # prompt tokens whose KV cache was reused
         self.halt = threading.Event()
         self.queue: queue.Queue[Any] = queue.Queue()
         self.ids: list[int] = []
@@ -222,8 +227,11 @@ class TokenGeneration:
                     stopping_criteria=StoppingCriteriaList([criteria]),
                     pad_token_id=pad,
                     offload_source=self.source,
+                    **({"reuse_prefix": True} if self.reuse_prefix else {}),
                     **self.sampling,
                 )
+                if self.reuse_prefix:
+                    self.reused_tokens = self.model.last_generation_stats().reused_tokens
             if self.ids and self.ids[-1] in eos and not self.stopped_by_string:
                 self.finish_reason = "stop"
         except BaseException as exc:  # noqa: BLE001 - handed to the reading thread and raised there

@@ -1,7 +1,8 @@
 """`ChatMixtralOffload`: a LangChain chat model (`BaseChatModel`) over an offloaded mixture-of-experts model.
 
 Messages are rendered with the tokenizer's chat template; replies stream token by token with usage metadata
-(input, output and total tokens) and response metadata (model name, finish reason) on the final chunk.
+(input, output and total tokens; input tokens whose KV cache was reused from the previous turn as
+`input_token_details["cache_read"]`) and response metadata (model name, finish reason) on the final chunk.
 Tool calling, structured output and non-text inputs are not offered: the model has no tool-call format.
 """
 
@@ -119,6 +120,7 @@ class ChatMixtralOffload(OffloadParams, BaseChatModel):
             "input_tokens": gen.prompt_tokens,
             "output_tokens": gen.output_tokens,
             "total_tokens": gen.prompt_tokens + gen.output_tokens,
+            "input_token_details": {"cache_read": gen.reused_tokens},  # prompt tokens whose KV cache was reused
         }
         meta = {
             "model_name": self.model_name,

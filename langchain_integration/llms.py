@@ -70,7 +70,8 @@ class MixtralOffloadLLM(OffloadParams, LLM):
         """The empty last chunk carrying the finish reason and token counts."""
         return GenerationChunk(text="", generation_info={
             "finish_reason": gen.finish_reason, "model_name": self.model_name,
-            "input_tokens": gen.prompt_tokens, "output_tokens": gen.output_tokens})
+            "input_tokens": gen.prompt_tokens, "output_tokens": gen.output_tokens,
+            "reused_tokens": gen.reused_tokens})
 
     def _call(
         self,

@@ -1,7 +1,8 @@
 """A multi-turn chat on a loaded model: the tokenizer's chat template, streamed replies, KV cache kept across turns.
 
-The KV cache of the previous turns is reused for the longest prefix the new prompt shares with them (the template is
-re-rendered each turn; where re-tokenization differs the cache is cropped to the common prefix).
+The template is re-rendered each turn and sent with `generate(..., reuse_prefix=True)`: the runtime's prefix cache
+(runtime/prefix.py) keeps the previous turn's KV cache for the longest prefix the new prompt shares with it, so only
+the new message (and wherever re-tokenization differs) is processed.
 """
 
 from __future__ import annotations
@@ -12,14 +13,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-
-
-def cache_kwarg(model: Any) -> str:
-    """transformers renamed generate()'s `past_key_values` to `cache` in 5.x; use whichever this version takes."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.generate.__func__ if hasattr(model.generate, "__func__")
-                                                   else model.generate).parameters else "past_key_values"
 
 
 def chat_ids(tok: Any, messages: list[dict[str, str]]) -> torch.Tensor:
@@ -38,11 +31,7 @@ class ChatSession:
         self.reset()
 
     def reset(self) -> None:
-        from transformers import DynamicCache
-
         self.messages: list[dict[str, str]] = [{"role": "system", "content": self.system}] if self.system else []
-        self.cache = DynamicCache()
-        self.cached_ids = torch.zeros((1, 0), dtype=torch.long)
         self.last_reused_tokens = 0
         self.last_tokens_per_second = 0.0
 
@@ -52,23 +41,18 @@ class ChatSession:
 
         self.messages.append({"role": "user", "content": text})
         ids = chat_ids(self.tok, self.messages)
-        n = min(self.cached_ids.shape[1], ids.shape[1] - 1)
-        common = int((self.cached_ids[0, :n] == ids[0, :n]).cumprod(0).sum()) if n > 0 else 0
-        drop = self.cache.get_seq_length() - common
-        if common == 0:
-            self.reset_cache()
-        elif drop > 0:
-            self.cache.crop(-drop)  # negative: remove that many tokens (accepted by every transformers 5.x)
-        self.last_reused_tokens = common
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
         result: dict[str, Any] = {}
+        lock = self.model._offload_runtime.lock
 
         def run() -> None:
             try:
-                result["out"] = self.model.generate(
-                    ids.to(self.model.device), **{cache_kwarg(self.model): self.cache}, max_new_tokens=max_new_tokens,
-                    streamer=streamer, pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id,
-                    offload_source="chat", **sampling)
+                with lock:  # so that last_generation_stats() is this request's
+                    result["out"] = self.model.generate(
+                        ids.to(self.model.device), max_new_tokens=max_new_tokens, streamer=streamer,
+                        pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id, offload_source="chat",
+                        reuse_prefix=True, **sampling)
+                    result["stats"] = self.model.last_generation_stats()
             except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
                 result["error"] = exc
                 streamer.end()
@@ -83,17 +67,9 @@ class ChatSession:
         worker.join()
         if "error" in result:
             self.messages.pop()
-            self.reset_cache()
             raise result["error"]
-        out = result["out"]
-        new = out.shape[1] - ids.shape[1]
+        new = result["out"].shape[1] - ids.shape[1]
         self.last_tokens_per_second = new / max(time.perf_counter() - start, 1e-9)
-        self.cached_ids = out[:, : self.cache.get_seq_length()].cpu()
+        self.last_reused_tokens = result["stats"].reused_tokens
         # unstripped: the re-rendered history then tokenizes like the generated reply and its KV cache is reused
         self.messages.append({"role": "assistant", "content": "".join(pieces)})
-
-    def reset_cache(self) -> None:
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache()
-        self.cached_ids = torch.zeros((1, 0), dtype=torch.long)

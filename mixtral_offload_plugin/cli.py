@@ -20,12 +20,15 @@ from .errors import MixtralOffloadError
 def add_offload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("offload options")
     g.add_argument("--device", default="auto", help="compute device: auto, cpu, cuda, cuda:N (default: auto)")
-    g.add_argument("--store", default="auto", help="expert store: auto, host (RAM) or disk (default: auto)")
+    g.add_argument("--store", default=None,
+                   help="expert store: auto, host (RAM) or disk (default: auto; the embedded demo model: disk)")
     g.add_argument("--store-dir", default=None, help="folder for the disk store's files (default: a temp folder)")
-    g.add_argument("--experts-per-layer", type=int, default=None, help="cache size k per MoE layer")
+    g.add_argument("--experts-per-layer", type=int, default=None,
+                   help="cache size k per MoE layer (default: the memory plan's; the embedded demo model: half)")
     g.add_argument("--cache-bytes", type=parse_size, default=None, help="one global cache budget, e.g. 2G")
     g.add_argument("--policy", default="lru", help="eviction policy: lru, lfu, lfru or a plugin's (default: lru)")
-    g.add_argument("--prefetch", default="none", help="prefetcher: none or gate (default: none)")
+    g.add_argument("--prefetch", default=None,
+                   help="prefetcher: none or gate (default: none; the embedded demo model: gate)")
     g.add_argument("--prefetch-depth", type=int, default=1, help="layers ahead the gate prefetcher guesses")
     g.add_argument("--prefetch-experts", type=int, default=0, help="experts guessed per layer (0 = top-k)")
     g.add_argument("--expert-bits", type=int, default=16, help="2, 3, 4, 8 (HQQ) or 16 (unquantized)")
@@ -42,11 +45,23 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(a: argparse.Namespace) -> OffloadConfig:
     return OffloadConfig(
-        device=a.device, store=a.store, store_dir=a.store_dir, experts_per_layer=a.experts_per_layer,
-        cache_bytes=a.cache_bytes, policy=a.policy, prefetch=a.prefetch, prefetch_depth=a.prefetch_depth,
+        device=a.device, store=a.store or "auto", store_dir=a.store_dir, experts_per_layer=a.experts_per_layer,
+        cache_bytes=a.cache_bytes, policy=a.policy, prefetch=a.prefetch or "none", prefetch_depth=a.prefetch_depth,
         prefetch_experts=a.prefetch_experts, expert_bits=a.expert_bits, expert_group_size=a.expert_group_size,
         attn_bits=a.attn_bits, attn_group_size=a.attn_group_size, quant_scales=a.quant_scales, dtype=a.dtype,
         context_length=a.context_length, hqq_packing=a.hqq_packing)
+
+
+def offload_config(a: argparse.Namespace) -> OffloadConfig:
+    """The flags' `OffloadConfig`. On the embedded demo model, unless the flags say otherwise: half the experts of each
+    layer cached, the rest read from a disk store, gate prefetch. The demo model fits in memory, so without this a
+    first run would show no offloading at all; real checkpoints get what the memory plan decides."""
+    config = config_from_args(a)
+    if a.model is not None:
+        return config
+    from .demo.engine import demo_config
+
+    return demo_config(model_path(a), config.replace(store=a.store or "disk", prefetch=a.prefetch or "gate"))
 
 
 def model_path(a: argparse.Namespace) -> str:
@@ -73,7 +88,7 @@ def _load(a: argparse.Namespace) -> tuple[Any, Any]:
     from .runtime.loading import load_model
 
     path = model_path(a)
-    model = load_model(path, config_from_args(a))
+    model = load_model(path, offload_config(a))
     tok = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
     return model, tok
 
@@ -82,6 +97,18 @@ def _has_tokenizer(path: str) -> bool:
     from pathlib import Path
 
     return any((Path(path) / n).exists() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+
+
+def cache_line(model: Any) -> str:
+    """How the experts are held, e.g. "4 of 8 experts/layer cached, gate prefetch, disk store"."""
+    rt = model._offload_runtime
+    if rt.resident:
+        return "all experts resident (nothing offloaded)"
+    experts = rt.arch.num_experts(model.config)
+    cache = (f"{rt.plan.experts_per_layer} of {experts} experts/layer cached" if rt.plan.experts_per_layer is not None
+             else f"{rt.plan.global_slots} global slots for {experts} experts/layer")
+    prefetch = f", {rt.config.prefetch} prefetch" if rt.prefetcher is not None else ""
+    return f"{cache}{prefetch}, the rest in the {rt.config.store} store"
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -117,12 +144,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
         recorder.close()
     new = out.shape[1] - ids.shape[1]
     st = model.offload_stats()
-    rt = model._offload_runtime
-    cache = ("all experts resident" if rt.resident else
-             (f"{rt.plan.experts_per_layer} experts/layer cached" if rt.plan.experts_per_layer is not None
-              else f"{rt.plan.global_slots} global slots") + f", {rt.config.store} store")
-    pf = f"; prefetch precision {st.prefetch_precision:.1%}" if rt.prefetcher is not None else ""
-    print(f"\n[{new} tokens in {seconds:.2f} s: {new / seconds:.2f} tok/s; {cache}; "
+    pf = f"; prefetch precision {st.prefetch_precision:.1%}" if model._offload_runtime.prefetcher is not None else ""
+    print(f"\n[{new} tokens in {seconds:.2f} s: {new / seconds:.2f} tok/s; {cache_line(model)}; "
           f"hit rate {st.hit_rate:.1%} ({st.hits}/{st.requests}){pf}; loaded {st.bytes_loaded / 2**20:.1f} MiB; "
           f"peak RSS {peak_rss_mib():.0f} MiB]", file=sys.stderr)
     model.unload()

@@ -24,6 +24,14 @@ def _fail(name: str, value: Any, allowed: str) -> None:
     raise ConfigError(msg)
 
 
+def _dtype_name(value: Any) -> Any:
+    """`torch.bfloat16` (or the string "torch.bfloat16") -> "bfloat16"; anything else unchanged. No torch import:
+    the configuration stays plain JSON and hashable whichever form was given."""
+    if type(value).__module__ == "torch" or isinstance(value, str):
+        return str(value).removeprefix("torch.")
+    return value
+
+
 @dataclass(frozen=True)
 class OffloadConfig:
     """How a mixture-of-experts model is offloaded, cached, prefetched and quantized.
@@ -47,7 +55,8 @@ class OffloadConfig:
         attn_bits: 16 (unquantized) or HQQ 4, 8 for the attention projections.
         attn_group_size: HQQ group size for attention.
         quant_scales: quantize HQQ scales and zeros to 8 bits (about 3 bits/weight for 2-bit/g16 experts).
-        dtype: compute dtype of the trunk and activations; "auto" = the checkpoint's dtype.
+        dtype: compute dtype of the trunk and activations: "float32", "bfloat16", "float16" or the torch dtype
+            itself (`torch.bfloat16`, stored as its name); "auto" = the checkpoint's dtype.
         transfer: "auto" (CUDA: copy stream; CPU: background thread for disk reads, inline copies from RAM),
             "sync" (load on the compute thread), "async" (always a background thread / copy stream).
         verify: check every expert's checksum while loading (offload format), instead of lazily on first use.
@@ -112,8 +121,9 @@ class OffloadConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 8 or value & (value - 1):
                 _fail(name, value, "must be a power of two >= 8 (e.g. 16, 32, 64, 128)")
+        object.__setattr__(self, "dtype", _dtype_name(self.dtype))  # frozen: the one normalisation of a field
         if self.dtype not in DTYPES:
-            _fail("dtype", self.dtype, f"allowed values are {DTYPES}")
+            _fail("dtype", self.dtype, f"allowed values are {DTYPES} or the torch dtypes of the last three")
         if self.transfer not in TRANSFERS:
             _fail("transfer", self.transfer, f"allowed values are {TRANSFERS}")
         if self.max_memory_bytes is not None and (

@@ -101,13 +101,15 @@ class GenerationStats:
     new_tokens: int
     seconds: float
     offload: OffloadStats
-    source: str = "generate"  # which frontend: generate, cli, langchain, demo, webui
+    source: str = "generate"  # which frontend: generate, cli, chat, langchain, demo, webui
+    reused_tokens: int = 0  # prompt tokens whose KV cache was kept from the previous request (not processed again)
 
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens, "seconds": self.seconds,
+        return {"prompt_tokens": self.prompt_tokens, "reused_tokens": self.reused_tokens,
+                "new_tokens": self.new_tokens, "seconds": self.seconds,
                 "tokens_per_second": self.tokens_per_second, "source": self.source,
                 "offload": self.offload.to_dict()}

@@ -72,6 +72,10 @@ def _text(content: Any) -> str:
     return "" if content is None else str(content)
 
 
+def _session(request: Any) -> str:
+    return getattr(request, "session_hash", None) or "default"
+
+
 def _choices(kind: str, current: str) -> list[str]:
     from .. import plugins
 
@@ -121,9 +125,10 @@ def build_app(
             yield "", history, *panels()
             return
         messages = [*history, {"role": "user", "content": message}]
-        stop = threading.Event()
-        key = getattr(request, "session_hash", None) or "default"
-        stops[key] = stop
+        stop = stops.setdefault(_session(request), threading.Event())  # API calls come without `enqueue`
+        if stop.is_set():  # Stop was pressed while this reply waited in the queue
+            yield "", [*messages, {"role": "assistant", "content": "[stopped]"}], *panels()
+            return
         reply: dict[str, str] = {"role": "assistant", "content": ""}
         yield "", [*messages, reply], *panels(generating=True)
         shown = 0.0
@@ -146,23 +151,33 @@ def build_app(
             reply["content"] += f" [error: {exc}]"
             yield "", [*messages, dict(reply)], *panels()
             raise gr.Error(str(exc)) from exc
-        finally:
-            stops.pop(key, None)
         if stop.is_set() and engine.last["tokens"] < engine.last.get("max_new_tokens", int(max_new)):
             reply["content"] += " [stopped]"
         yield "", [*messages, dict(reply)], *panels()
 
+    def enqueue(request: gr.Request) -> None:
+        """Runs (unqueued) when a message is sent, before its reply joins the queue: a Stop pressed from now on
+        also reaches that reply. The session's replies share one event until Stop is pressed."""
+        key = _session(request)
+        if key not in stops or stops[key].is_set():
+            stops[key] = threading.Event()
+
     def stop_generation(request: gr.Request) -> None:
-        event = stops.get(getattr(request, "session_hash", None) or "default")
+        """Stop this session's running reply at its next token, and its replies still waiting in the queue."""
+        event = stops.get(_session(request))
         if event is not None:
             event.set()
+
+    def forget_session(request: gr.Request) -> None:
+        stop_generation(request)
+        stops.pop(_session(request), None)
 
     def clear_chat(request: gr.Request) -> tuple[list[Any], str]:
         stop_generation(request)  # a running reply of this session stops at its next token
         return [], ""
 
     # string annotations (PEP 563) hide gr.Request from Gradio's signature inspection; give it the class itself
-    for fn in (respond, stop_generation, clear_chat):
+    for fn in (respond, enqueue, stop_generation, forget_session, clear_chat):
         fn.__annotations__["request"] = gr.Request
 
     def apply(cache_size: float, policy: str, prefetch: str) -> tuple[str, str, str]:
@@ -243,8 +258,9 @@ def build_app(
             "concurrency_limit": 1,
             "concurrency_id": "model",
         }
-        submit_ev = msg.submit(respond, api_name="chat", **chat_io)
-        send_ev = send.click(respond, api_visibility="undocumented", **chat_io)
+        unqueued = {"queue": False, "api_visibility": "undocumented"}
+        submit_ev = msg.submit(enqueue, None, None, **unqueued).then(respond, api_name="chat", **chat_io)
+        send_ev = send.click(enqueue, None, None, **unqueued).then(respond, api_visibility="undocumented", **chat_io)
         stop.click(stop_generation, None, None, queue=False, api_visibility="undocumented")
         clear.click(
             clear_chat,
@@ -263,6 +279,7 @@ def build_app(
             concurrency_id="model",
         )
         app.load(panels, None, [stats, heatmap], api_visibility="undocumented")
+        app.unload(forget_session)
     app.queue(max_size=64)
     app.offload_engine = engine
     return app

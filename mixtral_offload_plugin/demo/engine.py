@@ -2,7 +2,8 @@
 
 `DemoEngine` owns the model, the tokenizer (the checkpoint's, or a byte-level fallback), the routing window of the
 recent decode tokens and the locks: it loads and reloads the model with a new `OffloadConfig` while no generation
-runs, streams a reply token by token and fits the prompt into the model's context. It knows nothing about Gradio
+runs, streams a reply token by token (reusing the KV cache of the conversation's earlier turns through the
+runtime's prefix cache) and fits the prompt into the model's context. It knows nothing about Gradio
 (see app.py) and only hands its snapshot to the HTML rendering in panel.py.
 """
 
@@ -197,6 +198,8 @@ class DemoEngine:
         def run() -> None:
             try:
                 with self.lock:
+                    if stop.is_set() or closed.is_set():  # stopped while waiting for the model
+                        return
                     if seed is not None and seed >= 0:
                         torch.manual_seed(int(seed))
                     self.last = {
@@ -205,6 +208,7 @@ class DemoEngine:
                         "before": self.model.offload_stats(),
                         "start": time.perf_counter(),
                         "max_new_tokens": max_new_tokens,
+                        "prompt_tokens": int(ids.shape[1]),
                     }
                     self.model.generate(
                         ids.to(self.model.device),
@@ -213,13 +217,17 @@ class DemoEngine:
                         stopping_criteria=StoppingCriteriaList([_Stop()]),
                         pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id or 0,
                         offload_source="demo",
+                        reuse_prefix=True,  # a conversation's earlier turns keep their KV cache
                         **({} if stop_at_eos or self.tok.eos_token_id is None
                            else {"suppress_tokens": [self.tok.eos_token_id]}),
                         **sampling,
                     )
+                    stats = self.model.last_generation_stats()
+                    self.last["reused_tokens"] = stats.reused_tokens if stats is not None else 0
             except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
                 errors.append(exc)
-                streamer.end()
+            finally:
+                streamer.end()  # a second end (generate() ends it too) is harmless: the reader stops at the first
 
         self.replies += 1
         worker = threading.Thread(target=run, daemon=True, name="mixtral-offload-demo")
@@ -230,6 +238,7 @@ class DemoEngine:
                 new.extend(piece)
                 self.last["tokens"] = len(new)
                 self.last["seconds"] = time.perf_counter() - self.last["start"]
+                self.last.setdefault("first_token_seconds", self.last["seconds"])
                 yield self.tok.decode(new, skip_special_tokens=True).rstrip("\ufffd")
         finally:
             closed.set()  # a closed consumer (Stop, disconnect) ends the generation at the next token
@@ -274,6 +283,9 @@ class DemoEngine:
             "tokens": self.last["tokens"],
             "seconds": self.last["seconds"],
             "tokens_per_second": self.last["tokens"] / self.last["seconds"] if self.last["seconds"] else 0.0,
+            "prompt_tokens": self.last.get("prompt_tokens", 0),
+            "reused_tokens": self.last.get("reused_tokens"),  # None until the reply has finished
+            "first_token_seconds": self.last.get("first_token_seconds"),
             "reply": reply,
             "total": total,
             "rss_bytes": rss,

@@ -21,9 +21,14 @@ def stats_html(s: dict[str, Any]) -> str:
     reply, total = s["reply"], s["total"]
     caps = set(s["experts_per_layer"].values())
     k = str(caps.pop()) if len(caps) == 1 else "global pool"
+    reused = s.get("reused_tokens")
+    ttft = s.get("first_token_seconds")
     rows = [
         _row("tokens", "tokens (last reply)", f"{s['tokens']}"),
         _row("tokens_per_second", "tokens/s", f"{s['tokens_per_second']:.1f}"),
+        _row("first_token_seconds", "time to first token", "-" if ttft is None else f"{ttft:.2f} s"),
+        _row("prompt_tokens", "prompt tokens (last reply)", f"{s.get('prompt_tokens', 0)}"),
+        _row("reused_tokens", "of which reused from the KV cache", "-" if reused is None else f"{reused}"),
         _row(
             "hit_rate", "cache hit rate (last reply)", f"{reply.hit_rate:.1%} ({reply.hits}/{reply.requests})"
         ),

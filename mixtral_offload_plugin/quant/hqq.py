@@ -12,7 +12,9 @@ This module knows nothing about stores, caches or files.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -36,17 +38,34 @@ from .kernels import plan_matrix
 
 BITS = (2, 3, 4, 8)
 MATRICES = ("gate_up", "down")
+MIN_GROUP = 8  # the smallest group size OffloadConfig accepts
 
 
-def _check_spec(spec: QuantSpec, shapes: dict[str, tuple[int, int]]) -> None:
+def _check_spec(spec: QuantSpec, shapes: dict[str, tuple[int, int]]) -> QuantSpec:
+    """`spec`, with the group size lowered (and a warning) when it does not divide every matrix's input size."""
     if spec.bits not in BITS:
         msg = f"HQQ supports {BITS} bits, got {spec.bits}; use 16 for unquantized"
         raise ConfigError(msg)
+    group = fitting_group_size(spec.group_size, [k for _, k in shapes.values()])
     for name, (n, k) in shapes.items():
-        if k % spec.group_size or (n * k) % 8:
-            msg = (f"{name} [{n}x{k}] cannot be quantized with group size {spec.group_size}: its input size {k} must "
-                   "be a multiple of the group size; choose a smaller power of two (e.g. 16, 32, 64)")
+        if group < MIN_GROUP or (n * k) % 8:
+            msg = (f"{name} [{n}x{k}] cannot be quantized with group size {spec.group_size} or any smaller power of "
+                   f"two >= {MIN_GROUP}: its input size {k} must be a multiple of one; quantize with 16 bits instead")
             raise ConfigError(msg)
+    if group != spec.group_size:
+        sizes = ", ".join(f"{m} [{n}x{k}]" for m, (n, k) in shapes.items() if k % spec.group_size)
+        warnings.warn(f"group size {spec.group_size} does not divide the input size of {sizes}; using group size "
+                      f"{group}, the largest power of two that divides every input size", UserWarning, stacklevel=3)
+        spec = dataclasses.replace(spec, group_size=group)
+    return spec
+
+
+def fitting_group_size(group_size: int, input_sizes: list[int]) -> int:
+    """The largest power of two <= `group_size` that divides every input size (1 when none above does)."""
+    group = group_size
+    while group > 1 and any(k % group for k in input_sizes):
+        group //= 2
+    return group
 
 
 def choose_form(shape: tuple[int, int], spec: QuantSpec, device: torch.device) -> str:
@@ -91,7 +110,7 @@ def quantize_matrices(weights: dict[str, torch.Tensor], spec: QuantSpec,
                       device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Quantize named [N, K] matrices -> (tensors to pack, layout meta)."""
     shapes = {m: (int(w.shape[0]), int(w.shape[1])) for m, w in weights.items()}
-    _check_spec(spec, shapes)
+    spec = _check_spec(spec, shapes)
     tensors: dict[str, torch.Tensor] = {}
     forms = {}
     for m, w in weights.items():

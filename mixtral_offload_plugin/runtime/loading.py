@@ -244,6 +244,8 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
     free_before = available_bytes(device) if device.type == "cuda" else None  # before the trunk takes its share
 
     ckpt = open_checkpoint(path, config)
+    if hasattr(ckpt, "ignored_settings"):  # settings a stored folder cannot honour
+        _warn_ignored(path, ckpt.ignored_settings(config))
     model_config = load_model_config(path, ckpt.config_dict)
     if "quantization_config" not in ckpt.config_dict:  # the reader understands (and removed) it
         drop_quantization_config(model_config)
@@ -379,6 +381,19 @@ def _expert_kernels(quantizer: Any, layouts: dict[Any, Any], device: torch.devic
     kw = {"per_call": True} if per_call else {}
     kernels = {k: quantizer.expert_kernel(lay, device, **kw) for k, lay in layouts.items()}
     return kernels, max(lay.nbytes + getattr(kernels[k], "workspace_nbytes", 0) for k, lay in layouts.items())
+
+
+def _warn_ignored(path: Path, ignored: list[str]) -> None:
+    """A warning, not an error: the folder is what it is (nothing at load time can turn 2-bit experts into 4-bit
+    ones), and the faces pass one set of options for every model (TextGen's tab defaults to 4 bits), so refusing
+    would make converted folders fail with default settings; the warning says what is used and how to get the rest."""
+    if ignored:
+        import warnings
+
+        msg = (f"{path} is an offload-format folder: it is loaded as stored, so {', '.join(ignored)} is ignored. "
+               "To get that quantization, convert the original checkpoint again with `mixtral-offload convert` and "
+               "those settings; expert_bits=16 (and attn_bits=16) means 'as stored' and silences this warning")
+        warnings.warn(msg, UserWarning, stacklevel=3)
 
 
 def _load_generation_config(model: nn.Module, path: Path) -> None:

@@ -1,8 +1,9 @@
 """The runtime attached to a loaded model, and the mixin that gives the model its offload methods.
 
-`OffloadRuntime` owns the cache, store, loader, prefetcher and kernels of one model, and a re-entrant lock that
-serializes every forward and `generate()` call (one request at a time; concurrent callers queue on the lock and each
-gets exactly what it would get alone). `OffloadedModelMixin` is mixed into the transformers model class at load time.
+`OffloadRuntime` owns the cache, store, loader, prefetcher and kernels of one model, the KV cache kept for prefix
+reuse (`prefix.py`), and a re-entrant lock that serializes every forward and `generate()` call (one request at a
+time; concurrent callers queue on the lock and each gets exactly what it would get alone). `OffloadedModelMixin` is
+mixed into the transformers model class at load time.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from ..errors import ModelUnloadedError
 from ..stats import GenerationStats, OffloadStats
+from .prefix import PrefixCache
 
 
 @dataclass
@@ -36,12 +38,15 @@ class OffloadRuntime:
     lock: threading.RLock = field(default_factory=threading.RLock)
     closed: bool = False
     resident: bool = False
+    prefix: PrefixCache = field(default_factory=PrefixCache)
+    last_generation: GenerationStats | None = None
 
     def close(self) -> None:
         with self.lock:
             if self.closed:
                 return
             self.closed = True
+            self.prefix.clear()
             self.cache.close()
             if self.store is not None:
                 self.store.close()
@@ -58,8 +63,11 @@ def _empty_pinned_cache() -> None:
         empty()
 
 
-def _prompt_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
-    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))  # TextGen passes inputs=
+def _prompt_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))  # TextGen passes inputs=
+
+
+def _prompt_shape(ids: Any) -> tuple[int, int]:
     if isinstance(ids, torch.Tensor) and ids.dim() == 2:
         return ids.shape[0], ids.shape[1]
     return 1, 0
@@ -116,19 +124,40 @@ class OffloadedModelMixin:
                 torch.cuda.empty_cache()
                 _empty_pinned_cache()  # the host store's arenas and staging buffers stay locked in torch's cache
 
-    def generate(self, *args: Any, offload_source: str = "generate", **kwargs: Any) -> Any:
-        """`transformers` generate(), serialized, validated, and reported to `on_generation_finished` observers."""
+    def last_generation_stats(self) -> GenerationStats | None:
+        """What the last `generate()` on this model did (tokens, reused prefix, cache counters).
+
+        Concurrent callers should read it while still holding the runtime's lock (`model._offload_runtime.lock`,
+        re-entrant) around their `generate()` call, or it may describe another caller's request.
+        """
+        return self._runtime_or_raise().last_generation
+
+    def generate(self, *args: Any, offload_source: str = "generate", reuse_prefix: bool = False,
+                 **kwargs: Any) -> Any:
+        """`transformers` generate(), serialized, validated, and reported to `on_generation_finished` observers.
+
+        Args:
+            offload_source: which face asked (reported in `GenerationStats.source`).
+            reuse_prefix: keep this request's KV cache, and reuse the KV cache kept from the last such request for
+                the tokens this prompt shares with it (a conversation one turn later): only the rest is processed.
+                The output is what a fresh generation gives. Used for single, unpadded sequences without a cache of
+                the caller's own; other requests run as usual.
+        """
         from ..plugins import pm
         from .generation import check_generate_kwargs
 
         rt = self._runtime_or_raise()
         check_generate_kwargs(self, args, kwargs)
-        batch, prompt_len = _prompt_shape(args, kwargs)
+        ids = _prompt_ids(args, kwargs)
+        batch, prompt_len = _prompt_shape(ids)
         with rt.lock:
             before = rt.cache.stats()
             start = time.perf_counter()
             try:
-                out = super().generate(*args, **kwargs)
+                if reuse_prefix:
+                    out, reused = rt.prefix.generate(super().generate, self, ids, args, kwargs)
+                else:
+                    out, reused = super().generate(*args, **kwargs), 0
             finally:
                 if not rt.closed:
                     rt.cache.wait_all()  # no load left in flight after an abandoned generation
@@ -136,6 +165,7 @@ class OffloadedModelMixin:
             seqs = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
             new = (seqs.shape[-1] - prompt_len) * batch if isinstance(seqs, torch.Tensor) else 0
             stats = GenerationStats(prompt_len * batch, int(new), seconds, rt.cache.stats().minus(before),
-                                    offload_source)
+                                    offload_source, reused_tokens=reused)
+            rt.last_generation = stats
         pm.hook.on_generation_finished(stats=stats)
         return out

@@ -234,6 +234,23 @@ class OffloadCheckpoint:
             store.attach(key, DiskRecord(rec["path"], rec["offset"], rec["layout"], rec["crc32"]))
         return True
 
+    def ignored_settings(self, config: Any) -> list[str]:
+        """The quantization `config` asks for that this folder does not hold, e.g. "expert_bits=4 (stored: 2)".
+
+        A folder is loaded as stored (its experts are read in place, never quantized again). 16 bits means "as
+        stored" and asks for nothing; attention stored in 16 bits is still quantized at load when asked.
+        """
+        q, out = self.quantization, []
+        for prefix, bits_key, names in (("expert", "expert_bits", ("expert_group_size", "quant_scales")),
+                                        ("attn", "attn_bits", ("attn_group_size",))):
+            asked, stored = getattr(config, bits_key, 16), q.get(bits_key, 16)
+            if asked == 16 or (prefix == "attn" and stored == 16):
+                continue
+            for key in (bits_key, *names):
+                if key in q and getattr(config, key, q[key]) != q[key]:
+                    out.append(f"{key}={getattr(config, key)!r} (stored: {q[key]!r})")
+        return out
+
     def bits_per_expert_weight(self) -> float | None:
         value = self.manifest.get("bits_per_expert_weight")
         return float(value) if value is not None else None

@@ -23,6 +23,8 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "prefetch": True,
     "policy": "lru",
     "autoload_model": "",
+    "auto_select": True,  # pick MixtralOffload for plain folders of a supported MoE family (TextGen: Transformers)
+    "reuse_prefix": True,  # keep the KV cache of the last request for the next one's common prefix (chat turns)
 }
 
 

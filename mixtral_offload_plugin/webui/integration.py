@@ -1,10 +1,12 @@
 """Registering the "MixtralOffload" loader inside a running TextGen (text-generation-webui) process.
 
-Owns: the loader and sampler table entries, the wrap of TextGen's `models.load_model`/`models.unload_model` and
-`models_settings.infer_loader`, the translation of the extension's settings into an `OffloadConfig`, and the optional
-autoload at start-up. It does not know how a model is built (that is the `load_offloaded_model` plugin hook) nor how
-TextGen generates text: the loaded model is a transformers causal LM, so TextGen's own HF generation path drives it.
-TextGen's `modules` package is imported lazily, so this module imports outside TextGen (tests use a stand-in).
+Owns: the loader and sampler table entries, the wrap of TextGen's `models.load_model`/`models.unload_model`,
+`models_settings.infer_loader` and `ui_model_menu.update_truncation_length`, the translation of the extension's
+settings into an `OffloadConfig`, the state a load leaves (a failed one leaves nothing loaded and its error for the
+tab), and the optional autoload at start-up. It does not know how a model is built (that is the
+`load_offloaded_model` plugin hook) nor how TextGen generates text: the loaded model is a transformers causal LM, so
+TextGen's own HF generation path drives it. TextGen's `modules` package is imported lazily, so this module imports
+outside TextGen (tests use a stand-in).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 # The extension's params dict; `register()` keeps the latest one (script.py is re-executed on a UI restart).
 _params: dict[str, Any] = dict(DEFAULT_PARAMS)
+_params_shared: Any = None  # the TextGen `shared` module `_params` belongs to (a UI restart keeps it)
+edited: set[str] = set()  # params keys changed in the tab since start-up (ui.py records them)
+last_error: str | None = None  # why the last load with our loader failed (shown in the tab); None after a success
 
 
 def _textgen() -> SimpleNamespace:
@@ -49,11 +54,19 @@ def _textgen() -> SimpleNamespace:
 
 
 def register(params: dict[str, Any] | None = None) -> None:
-    """Add the "MixtralOffload" loader to TextGen. Idempotent: a second call only refreshes `params` and rebinds."""
-    global _params
-    if params is not None:
-        _params = params
+    """Add the "MixtralOffload" loader to TextGen. Idempotent: a second call only refreshes `params` and rebinds.
+
+    A UI restart runs script.py again with a fresh `params` (defaults plus settings.yaml as read at start-up): the
+    values changed in the tab since then are carried over, so the tab and the next load keep them.
+    """
+    global _params, _params_shared
     tg = _textgen()
+    if params is not None and params is not _params:
+        if _params_shared is tg.shared:
+            params.update({k: _params[k] for k in edited if k in _params})
+        else:
+            edited.clear()
+        _params, _params_shared = params, tg.shared
     tg.loaders.loaders_and_params.setdefault(LOADER, list(ELEMENTS))
     tg.loaders.loaders_samplers.setdefault(LOADER, set(tg.loaders.transformers_samplers()))
     for name in ("get_all_params", "list_all_samplers"):
@@ -64,15 +77,20 @@ def register(params: dict[str, Any] | None = None) -> None:
 
 
 def _patch_textgen(tg: SimpleNamespace) -> None:
-    """Wrap `load_model`, `unload_model` and `infer_loader`; the only monkeypatch of TextGen in this project.
+    """Wrap TextGen's `load_model`, `unload_model`, `infer_loader` and `update_truncation_length`; the only
+    monkeypatch of TextGen in this project.
 
     Why: TextGen has no loader registry. `models.load_model` builds its loader-name -> function dict locally on every
     call, so no third party can add an entry; `unload_model` only frees models of a few hard-coded class names, so our
-    runtime's loader thread and cache would outlive an unload; `infer_loader` knows only the built-in formats. The
-    wraps delegate to the originals for every other loader, and are installed once (a sentinel on `modules.models`).
-    Modules that did `from modules.models import load_model` before we ran (server.py, ui_model_menu, the API)
-    hold the original by name, so they are rebound too.
+    runtime's loader thread and cache would outlive an unload; `infer_loader` knows only the built-in formats (it
+    answers Transformers for a plain Mixtral folder, so picking one in the Model tab would switch the loader away
+    from ours); `update_truncation_length` applies ctx_size only for llama.cpp and ExLlama, so the UI would let
+    prompts outgrow the KV cache our memory plan reserved. The wraps delegate to the originals for every other
+    loader, and are installed once (a sentinel on `modules.models`). Modules that did `from modules.models import
+    load_model` before we ran (server.py, ui_model_menu, the API) hold the original by name, so they are rebound too.
     """
+    from ..errors import MixtralOffloadError
+
     models, models_settings = tg.models, tg.models_settings
     originals = getattr(models, SENTINEL, None)
     if originals is None:
@@ -80,9 +98,18 @@ def _patch_textgen(tg: SimpleNamespace) -> None:
 
         @functools.wraps(orig_load)
         def load_model(model_name: str, loader: str | None = None) -> Any:
+            global last_error
             if _effective_loader(tg, model_name, loader) != LOADER:
                 return orig_load(model_name, loader)
-            return _load_ours(tg, model_name)
+            try:
+                out = _load_ours(tg, model_name)
+            except MixtralOffloadError as exc:  # ours say what to fix: TextGen's status shows format_exc(), so
+                raise _failed(tg, model_name, exc).with_traceback(None) from None  # one line (full one: the log)
+            except Exception as exc:
+                _failed(tg, model_name, exc)
+                raise
+            last_error = None
+            return out
 
         @functools.wraps(orig_unload)
         def unload_model(*args: Any, **kwargs: Any) -> Any:
@@ -94,19 +121,63 @@ def _patch_textgen(tg: SimpleNamespace) -> None:
             path = Path(tg.utils.resolve_model_path(model_name))
             if claims_folder(path):
                 return LOADER
-            return orig_infer(model_name, *args, **kwargs)
+            loader = orig_infer(model_name, *args, **kwargs)
+            if loader == "Transformers" and flag(_params, "auto_select") and supported_folder(path):
+                return LOADER  # GGUF, EXL3, portable builds and quantized checkpoints keep TextGen's answer
+            return loader
 
         originals = {"load_model": (orig_load, load_model), "unload_model": (orig_unload, unload_model),
                      "infer_loader": (orig_infer, infer_loader)}
         models.load_model, models.unload_model = load_model, unload_model
         models_settings.infer_loader = infer_loader
         setattr(models, SENTINEL, originals)
+    _wrap_truncation_length(tg, originals)
     for name, module in list(sys.modules.items()):
         if module is None or not (name in ("__main__", "modules") or name.startswith("modules.")):
             continue
         for attr, (orig, wrapped) in originals.items():
             if getattr(module, attr, None) is orig:
                 setattr(module, attr, wrapped)
+
+
+def _wrap_truncation_length(tg: SimpleNamespace, originals: dict[str, Any]) -> None:
+    """Part of `_patch_textgen`: the UI's truncation length is min(ctx_size, the model's context) for our loader."""
+    menu = sys.modules.get("modules.ui_model_menu")  # UI mode only; never imported here (absent with --nowebui)
+    if menu is None or not hasattr(menu, "update_truncation_length") or "update_truncation_length" in originals:
+        return
+    orig = menu.update_truncation_length
+
+    @functools.wraps(orig)
+    def update_truncation_length(current_length: Any, state: dict[str, Any]) -> Any:
+        if state.get("loader") == LOADER and _is_ours(tg.shared.model):
+            return tg.shared.settings["truncation_length"]  # set by _load_ours
+        return orig(current_length, state)
+
+    menu.update_truncation_length = update_truncation_length
+    originals["update_truncation_length"] = (orig, update_truncation_length)
+
+
+def supported_folder(path: Path) -> bool:
+    """A plain Hugging Face folder of a MoE family we support: safetensors weights, not already quantized."""
+    import json
+
+    from .. import plugins
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config, dict) or config.get("quantization_config") or not any(path.glob("*.safetensors")):
+        return False
+    plugins.load_plugins()
+    families = {t for arch, _ in plugins.registry("architecture").values() for t in arch.model_types}
+    return config.get("model_type") in families
+
+
+def _is_ours(model: Any) -> bool:
+    from ..runtime.model import OffloadedModelMixin
+
+    return isinstance(model, OffloadedModelMixin)
 
 
 def _effective_loader(tg: SimpleNamespace, model_name: str, loader: str | None) -> str | None:
@@ -116,6 +187,17 @@ def _effective_loader(tg: SimpleNamespace, model_name: str, loader: str | None) 
     if getattr(tg.shared.args, "loader", None) is not None:
         return tg.shared.args.loader
     return tg.models_settings.get_model_metadata(model_name).get("loader")
+
+
+def _failed(tg: SimpleNamespace, model_name: str, exc: BaseException) -> BaseException:
+    """A failed load leaves nothing loaded (not the failed name shown as loaded) and its message for the tab."""
+    global last_error
+    shared = tg.shared
+    shared.model = shared.tokenizer = None
+    shared.model_name = "None"
+    last_error = f"{model_name}: {type(exc).__name__}: {exc}"
+    tg.logger.error(f'{LOADER}: could not load "{model_name}"', exc_info=exc)
+    return exc
 
 
 def _load_ours(tg: SimpleNamespace, model_name: str) -> tuple[Any, Any]:
@@ -144,7 +226,24 @@ def _load_ours(tg: SimpleNamespace, model_name: str) -> tuple[Any, Any]:
     tg.logger.info(f'Loaded "{model_name}" in {time.perf_counter() - start:.2f} seconds.')
     tg.logger.info(f'LOADER: "{LOADER}"')
     tg.logger.info(f"CONTEXT LENGTH: {shared.settings['truncation_length']}")
+    tg.logger.info(f"{LOADER}: {describe(model)}")
     return model, tokenizer
+
+
+def describe(model: Any) -> str:
+    """The settings a loaded model runs with, e.g. "expert_bits=4, 2 of 8 experts/layer cached, prefetch=gate, ..."."""
+    rt = model._offload_runtime
+    cfg = rt.config
+    experts = rt.arch.num_experts(model.config)
+    plan = rt.plan
+    if rt.resident:
+        cache = f"all {experts} experts/layer resident"
+    elif getattr(plan, "experts_per_layer", None) is not None:
+        cache = f"{plan.experts_per_layer} of {experts} experts/layer cached"
+    else:
+        cache = f"{getattr(plan, 'global_slots', '?')} global slots for {experts} experts/layer"
+    return (f"expert_bits={cfg.expert_bits}, {cache}, prefetch={cfg.prefetch}, policy={cfg.policy}, "
+            f"store={cfg.store}, device={rt.device}, reuse_prefix={flag(_params, 'reuse_prefix')}")
 
 
 def load_offload_model(model_name: str) -> tuple[Any, Any]:
@@ -158,6 +257,10 @@ def load_offload_model(model_name: str) -> tuple[Any, Any]:
         msg = (f"model folder {path} does not exist: put the checkpoint folder under the model dir "
                f"({getattr(tg.shared.args, 'model_dir', 'user_data/models')}) or give its full path")
         raise CheckpointError(msg)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):  # before minutes of loading, not after
+        msg = (f"{path} has no tokenizer ({' / '.join(TOKENIZER_FILES)}): copy the tokenizer files of the original "
+               "model into this folder")
+        raise CheckpointError(msg)
     config = offload_config(_params, tg.shared.args)
     plugins.load_plugins()
     model = plugins.pm.hook.load_offloaded_model(path=str(path), config=config)
@@ -169,21 +272,35 @@ def load_offload_model(model_name: str) -> tuple[Any, Any]:
     except BaseException:
         model.unload()
         raise
-    # TextGen calls shared.model.generate(**kw); label those calls for on_generation_finished observers.
-    model.generate = functools.partial(model.generate, offload_source="webui")
+    model.generate = _webui_generate(model.generate)
     return model, tokenizer
+
+
+def _webui_generate(generate: Any) -> Any:
+    """TextGen calls shared.model.generate(**kw): label those calls for on_generation_finished observers, and reuse
+    the KV cache of the conversation so far when the `reuse_prefix` setting is on (read at each call)."""
+
+    @functools.wraps(generate)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("offload_source", "webui")
+        kwargs.setdefault("reuse_prefix", flag(_params, "reuse_prefix"))
+        return generate(*args, **kwargs)
+
+    return run
 
 
 def load_tokenizer(path: Path, use_fast: bool = True) -> Any:
     from transformers import AutoTokenizer
 
-    from ..errors import CheckpointError
-
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        msg = (f"{path} has no tokenizer ({' / '.join(TOKENIZER_FILES)}): copy the tokenizer files of the original "
-               "model into this folder")
-        raise CheckpointError(msg)
     return AutoTokenizer.from_pretrained(str(path), use_fast=use_fast, trust_remote_code=False)
+
+
+def flag(params: dict[str, Any], key: str) -> bool:
+    """An on/off setting; settings.yaml or a text field may give it as a string ("false", "off", "0", ...)."""
+    value = params.get(key, DEFAULT_PARAMS[key])
+    if isinstance(value, str):
+        return value.strip().lower() not in ("", "0", "false", "no", "off", "none")
+    return bool(value)
 
 
 def offload_config(params: dict[str, Any], args: Any) -> Any:
@@ -206,9 +323,7 @@ def offload_config(params: dict[str, Any], args: Any) -> Any:
                    "settings.yaml")
             raise ConfigError(msg) from None
 
-    prefetch = params.get("prefetch", DEFAULT_PARAMS["prefetch"])
-    if isinstance(prefetch, str):
-        prefetch = prefetch.strip().lower() not in ("", "0", "false", "no", "off", "none")
+    prefetch = flag(params, "prefetch")
     device = "cpu" if getattr(args, "cpu", False) else "auto"
     on_cpu = device == "cpu" or not torch.cuda.is_available()
     cpu_memory = float(getattr(args, "cpu_memory", 0) or 0)
@@ -228,9 +343,9 @@ def release(model: Any, logger: Any = log) -> None:
     """Free an offloaded model for real: close its runtime (stops the loader thread, frees cache and store)."""
     if model is None:
         return
-    from ..runtime.model import OffloadedModelMixin
-
-    if not isinstance(model, OffloadedModelMixin):
+    if not _is_ours(model) and callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()  # TextGen's "Apply LoRAs" wraps shared.model in a PeftModel
+    if not _is_ours(model):
         return
     runtime = model.__dict__.get("_offload_runtime")
     model.unload()

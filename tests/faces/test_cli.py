@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import torch
 from transformers import MixtralForCausalLM
 
 from mixtral_offload_plugin.cli import main
@@ -28,6 +27,26 @@ def test_generate_streams_the_same_tokens_as_transformers(tiny_mixtral_tok, caps
     squash = lambda text: "".join(text.split())  # noqa: E731 - a word-level tokenizer streams without spaces
     assert squash(captured.out) == squash("w5 w9 w17" + expected)
     assert "tok/s" in captured.err and "hit rate" in captured.err and "peak RSS" in captured.err
+
+
+def test_first_readme_command_shows_offloading_on_the_demo_model(demo_model_path, capsys):
+    """`mixtral-offload generate "..."` with no flags: half the demo model's experts cached, disk store, prefetch."""
+    assert main(["generate", "Once upon a time", "--max-new-tokens", "8", "--seed", "0", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    experts = json.loads((demo_model_path / "config.json").read_text())["num_local_experts"]
+    assert f"{experts // 2} of {experts} experts/layer cached, gate prefetch, the rest in the disk store" in err
+    loaded = float(err.split("loaded ")[1].split(" MiB")[0])
+    assert loaded > 0 and "prefetch precision" in err
+    # every flag still wins: all experts cached means nothing is offloaded
+    assert main(["generate", "Once upon a time", "--max-new-tokens", "2", "--device", "cpu",
+                 "--experts-per-layer", str(experts)]) == 0
+    err = capsys.readouterr().err
+    assert "all experts resident (nothing offloaded)" in err and "loaded 0.0 MiB" in err
+
+
+def test_other_checkpoints_keep_the_memory_plan_defaults(tiny_mixtral_tok, capsys):
+    assert main(["generate", "w5", "--model", str(tiny_mixtral_tok), "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    assert "all experts resident" in capsys.readouterr().err  # a tiny model fits: the plan caches everything
 
 
 def test_generate_as_a_subprocess_and_record_routing(tiny_mixtral_tok, tmp_path):
@@ -77,4 +96,3 @@ def test_chat_session_reuses_the_kv_cache(tiny_mixtral_tok):
         assert tok.decode(fresh[0, ids.shape[1]:], skip_special_tokens=True).strip() == session.messages[-1]["content"].strip()
     finally:
         model.unload()
-    assert torch.is_tensor(session.cached_ids)

@@ -1,8 +1,8 @@
 """The Gradio demo in a real browser (Playwright + headless Debian Chromium) on the embedded demo model.
 
-Types a message, watches the reply stream in and the stats panel and heatmap update, stops a long reply, changes the
-cache size and checks the reloaded model uses it; saves a screenshot (test-artifacts/demo.png; copied to
-docs/demo.png for the README when MIXTRAL_OFFLOAD_UPDATE_DOCS=1, so a test run leaves the checkout clean). Assertions never depend on the quality of the text.
+Types a message, watches the reply stream in and the stats panel and heatmap update, stops a long reply (and one
+waiting in the queue behind it), changes the cache size and checks the reloaded model uses it; saves a screenshot
+(test-artifacts/demo.png; copied to docs/demo.png for the README when MIXTRAL_OFFLOAD_UPDATE_DOCS=1, so a test run leaves the checkout clean). Assertions never depend on the quality of the text.
 """
 
 from __future__ import annotations
@@ -153,6 +153,42 @@ def test_stop_button_ends_a_long_reply(page) -> None:
     page.press("#max-new-tokens input[type=number]", "Enter")
     page.check("#stop-at-eos input[type=checkbox]")
     page.click("#settings")  # fold the settings again (tidier screenshot)
+
+
+def test_stop_also_cancels_a_reply_waiting_in_the_queue(page, demo_url) -> None:
+    """Another user's reply holds the model; ours waits in the queue; Stop must cancel it before it starts."""
+    url, app = demo_url
+    engine = app.offload_engine
+    other = page.context.browser.new_page()  # a second browser window: another Gradio session
+    other.goto(url, wait_until="load")
+    other.wait_for_selector("#stats-panel")
+    n = engine.replies + 1
+    with engine.lock:  # the model is busy: the other user's reply waits for it inside the engine
+        other.fill("#msg textarea", "Tell me everything")
+        other.press("#msg textarea", "Enter")
+        wait_until(lambda: engine.replies == n)  # the other reply occupies the demo's one queue slot
+        with page.expect_request(lambda r: "queue/join" in r.url):  # our reply joins the queue behind it
+            page.fill("#msg textarea", "And then?")
+            page.press("#msg textarea", "Enter")
+        with page.expect_response(lambda r: "run/predict" in r.url):  # the Stop has reached the server
+            page.click("#stop")
+    page.wait_for_function("""() => {
+        const bots = document.querySelectorAll('#chatbot [data-testid="bot"]');
+        return bots.length && bots[bots.length - 1].innerText.trim() === '[stopped]';
+    }""")
+    assert engine.replies == n  # only the other user's reply reached the model
+    other.close()
+    send(page, "Once upon a time")  # our next message is answered again
+    assert int(stat(page, "tokens")) >= 2
+
+
+def wait_until(condition, timeout: float = TIMEOUT_MS / 1000) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the demo"
+        time.sleep(0.05)
 
 
 def test_cache_size_change_takes_effect(page, demo_url, artifacts_dir: Path) -> None:

@@ -265,5 +265,9 @@ def test_chat_usage_and_stream(params: dict[str, Any]) -> None:
     assert reply.response_metadata["finish_reason"] in ("stop", "length")
     chunks = list(chat.stream(messages))
     assert "".join(c.content for c in chunks) == reply.content
-    assert chunks[-1].usage_metadata == usage and chunks[-1].chunk_position == "last"
+    last_usage = dict(chunks[-1].usage_metadata)
+    # the same prompt again: all but its last token come from the kept KV cache
+    assert last_usage.pop("input_token_details") == {"cache_read": usage["input_tokens"] - 1}
+    assert last_usage == {k: v for k, v in usage.items() if k != "input_token_details"}
+    assert chunks[-1].chunk_position == "last"
     assert sum(1 for c in chunks if c.usage_metadata) == 1

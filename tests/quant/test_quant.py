@@ -100,10 +100,36 @@ def test_bits_per_weight_2bit_g16_with_8bit_meta() -> None:
     assert four.layout.meta["bits_per_weight"] == pytest.approx(4.5, abs=0.01)
 
 
-def test_unsupported_group_size_is_a_clear_error() -> None:
+def test_group_size_falls_back_to_one_that_divides_with_a_warning() -> None:
     weights = {"gate_up": torch.randn(64, 48), "down": torch.randn(48, 32)}
-    with pytest.raises(ValueError, match="multiple of the group size"):
+    with pytest.warns(UserWarning, match=r"group size 64 does not divide .*gate_up \[64x48\].*using group size 16"):
+        packed = HqqQuantizer().pack_expert(weights, QuantSpec(4, 64, torch.float32), CPU)
+    assert packed.layout.meta["group_size"] == 16  # the largest power of two dividing 48 and 32
+
+
+def test_impossible_group_size_is_a_clear_error() -> None:
+    weights = {"gate_up": torch.randn(64, 36), "down": torch.randn(36, 32)}
+    with pytest.raises(ValueError, match=r"gate_up \[64x36\] cannot be quantized with group size 64 or any smaller"):
         HqqQuantizer().pack_expert(weights, QuantSpec(4, 64, torch.float32), CPU)
+
+
+def test_load_with_a_group_size_that_does_not_divide_uses_the_fallback(tmp_path: Path) -> None:
+    """intermediate 96: group 64 does not divide the down projection's input, so the model loads with group 32, the
+    same as asking for 32 (identical logits), instead of failing."""
+    from mixtral_offload_plugin.models.synthetic import make_random_mixtral
+
+    path = make_random_mixtral(tmp_path / "m", hidden=128, intermediate=96, layers=2, experts=4, vocab=256, seed=5)
+    base = dict(device="cpu", transfer="sync", expert_bits=4, attn_bits=16)
+    with pytest.warns(UserWarning, match=r"group size 64 does not divide .*down \[128x96\].*using group size 32"):
+        fallback = load_model(path, OffloadConfig(**base, expert_group_size=64))
+    asked = load_model(path, OffloadConfig(**base, expert_group_size=32))
+    try:
+        assert {k.layout.meta["group_size"] for k in fallback._offload_runtime.kernels.values()} == {32}
+        a, b = _greedy(fallback, 4), _greedy(asked, 4)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    finally:
+        fallback.unload()
+        asked.unload()
 
 
 def _reference(path: Path, model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -112,6 +112,22 @@ def test_invalid_options_name_field_and_allowed_values(field, value):
         OffloadConfig(**{field: value})
 
 
+def test_torch_dtypes_are_accepted_and_stored_as_names(tiny_mixtral):
+    cfg = OffloadConfig(device="cpu", dtype=torch.bfloat16)  # what transformers users pass
+    assert cfg.dtype == "bfloat16" and cfg == OffloadConfig(device="cpu", dtype="bfloat16")
+    assert hash(cfg) == hash(OffloadConfig(device="cpu", dtype="bfloat16"))  # still a dict key (model registries)
+    assert json.loads(json.dumps(cfg.to_dict()))["dtype"] == "bfloat16"
+    assert cfg.replace(dtype=torch.float16).dtype == "float16"
+    assert OffloadConfig(dtype="torch.float32").dtype == "float32"
+    with pytest.raises(ConfigError, match="OffloadConfig.dtype='int8' is invalid"):
+        OffloadConfig(dtype=torch.int8)
+    model = load_model(tiny_mixtral, cfg)
+    try:
+        assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    finally:
+        model.unload()
+
+
 def test_bad_generation_requests_fail_clearly_and_runtime_survives(tiny_mixtral):
     model = load_model(tiny_mixtral, OffloadConfig(device="cpu", experts_per_layer=2))
     ids = torch.tensor([[1, 9, 4]])

@@ -76,6 +76,23 @@ def test_offload_format_loads_like_the_hf_checkpoint(converted: tuple[Path, Path
     assert torch.equal(_logits(model), ref)
 
 
+def test_asking_for_other_bits_than_stored_warns_and_loads_as_stored(
+        converted: tuple[Path, Path, OffloadConfig]) -> None:
+    import warnings
+
+    src, dst, cfg = converted
+    ref = _logits(load_model(src, cfg))
+    with pytest.warns(UserWarning, match=r"loaded as stored, so expert_bits=4 \(stored: 2\), expert_group_size=64 "
+                                         r"\(stored: 16\), quant_scales=False \(stored: True\), attn_bits=8 "
+                                         r"\(stored: 4\) is ignored.*mixtral-offload convert"):
+        model = load_model(dst, OffloadConfig(device="cpu", transfer="sync", expert_bits=4, attn_bits=8))
+    assert torch.equal(_logits(model), ref)  # the stored 2-bit experts, not something else
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as stored (16), or the very settings it was converted with: no warning
+        _logits(load_model(dst, OffloadConfig(device="cpu", transfer="sync")))
+        _logits(load_model(dst, cfg))
+
+
 def test_newer_format_version_is_refused(converted: tuple[Path, Path, OffloadConfig], tmp_path: Path) -> None:
     path = _copy(converted, tmp_path)
     _edit_manifest(path, lambda m: m.update(format_version=99))

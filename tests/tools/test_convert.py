@@ -73,11 +73,28 @@ def test_interrupted_conversion_leaves_nothing(src: Path, tmp_path: Path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bad_group_size_names_the_option(src: Path, tmp_path: Path) -> None:
+def test_group_size_that_does_not_divide_falls_back(src: Path, tmp_path: Path) -> None:
+    from mixtral_offload_plugin import load_model
     from mixtral_offload_plugin.config import OffloadConfig
-    from mixtral_offload_plugin.errors import ConfigError
     from mixtral_offload_plugin.tools.convert import convert
 
-    with pytest.raises(ConfigError, match="--attn-group-size"):
-        convert(src, tmp_path / "o", OffloadConfig(expert_bits=16, attn_bits=4, attn_group_size=128))
-    assert list(tmp_path.iterdir()) == []
+    with pytest.warns(UserWarning, match="group size 128 does not divide .*using group size 64"):
+        convert(src, tmp_path / "o", OffloadConfig(expert_bits=4, expert_group_size=128, attn_bits=4,
+                                                   attn_group_size=128))
+    manifest = json.loads((tmp_path / "o" / "mixtral_offload.json").read_text())
+    assert {e["layout"]["meta"]["group_size"] for e in manifest["experts"]} == {64}
+    assert {a["layout"]["meta"]["group_size"] for a in manifest["attention"].values()} == {64}
+    model = load_model(tmp_path / "o", OffloadConfig(device="cpu"))
+    model.unload()
+
+
+def test_impossible_group_size_names_the_option(tmp_path: Path) -> None:
+    from mixtral_offload_plugin.config import OffloadConfig
+    from mixtral_offload_plugin.errors import ConfigError
+    from mixtral_offload_plugin.models.synthetic import make_random_mixtral
+    from mixtral_offload_plugin.tools.convert import convert
+
+    odd = make_random_mixtral(tmp_path / "odd", hidden=64, intermediate=36, layers=1, experts=2, seed=1)
+    with pytest.raises(ConfigError, match="--expert-group-size"):
+        convert(odd, tmp_path / "o", OffloadConfig(expert_bits=4, attn_bits=16))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd"]

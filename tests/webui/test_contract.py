@@ -98,22 +98,53 @@ def test_rebinds_names_imported_before_setup(textgen, monkeypatch):
 
 
 def test_other_loaders_are_untouched(textgen, tmp_path):
-    from modules import models, models_settings, sampler_hijack
+    from modules import models, sampler_hijack
 
     load_extensions()
-    model, tokenizer = models.load_model("tiny-mixtral")  # plain HF folder: TextGen infers Transformers
+    model, tokenizer = models.load_model("tiny-mixtral", loader="Transformers")
     assert type(model).__name__ == "BuiltinModel" and textgen.args.loader == "Transformers"
     model, _ = models.load_model("tiny-mixtral", loader="llama.cpp")
     assert type(model).__name__ == "BuiltinModel" and textgen.args.loader == "llama.cpp"
     assert sampler_hijack.calls == 1  # the original ran (llama.cpp skips the hijack)
 
-    marked = Path(textgen.args.model_dir) / "offload-format"
-    marked.mkdir()
-    (marked / MARKER).write_text("{}")
-    assert models_settings.get_model_metadata("offload-format")["loader"] == LOADER
-    assert models_settings.get_model_metadata("tiny-mixtral")["loader"] == "Transformers"
-    textgen.user_config = {"tiny-mixtral$": {"loader": LOADER}}  # config-user.yaml still overrides
-    assert models_settings.get_model_metadata("tiny-mixtral")["loader"] == LOADER
+
+def _folder(root: Path, name: str, config: dict, weights: str = "model.safetensors") -> None:
+    import json
+
+    (root / name).mkdir()
+    (root / name / "config.json").write_text(json.dumps(config))
+    (root / name / weights).write_bytes(b"")
+
+
+def test_folders_of_supported_families_pick_our_loader(textgen):
+    """TextGen answers Transformers for any plain HF folder; for the MoE families we run, the answer becomes ours
+    (what the Model tab selects when the folder is picked, and what API loads without `args` use)."""
+    from modules import models, models_settings
+
+    root = Path(textgen.args.model_dir)
+    _folder(root, "qwen-moe", {"model_type": "qwen2_moe"})
+    _folder(root, "llama", {"model_type": "llama"})  # not a mixture of experts
+    _folder(root, "gpt-oss", {"model_type": "gpt_oss"})  # a MoE family we cannot run
+    _folder(root, "mixtral-gptq", {"model_type": "mixtral", "quantization_config": {"quant_method": "gptq"}})
+    _folder(root, "mixtral-gguf", {"model_type": "mixtral"}, weights="mixtral.Q4_0.gguf")
+    (root / "offload-format").mkdir()
+    (root / "offload-format" / MARKER).write_text("{}")
+    load_extensions()
+
+    def loader(name: str) -> str | None:
+        return models_settings.get_model_metadata(name)["loader"]
+
+    assert [loader(n) for n in ("tiny-mixtral", "qwen-moe", "offload-format")] == [LOADER] * 3
+    assert [loader(n) for n in ("llama", "gpt-oss", "mixtral-gptq")] == ["Transformers"] * 3
+    assert loader("mixtral-gguf") == "llama.cpp"
+    textgen.user_config = {"tiny-mixtral$": {"loader": "Transformers"}}  # config-user.yaml still wins
+    assert loader("tiny-mixtral") == "Transformers"
+    textgen.user_config = {}
+
+    sys.modules["user_ext_mixtral_offload"].params["auto_select"] = False  # the tab's checkbox, unticked
+    assert loader("tiny-mixtral") == "Transformers" and loader("offload-format") == LOADER
+    model, _ = models.load_model("tiny-mixtral")  # TextGen's order: --loader/Model tab unset, then the metadata
+    assert type(model).__name__ == "BuiltinModel"
 
 
 def test_load_model_reproduces_textgen_side_effects(textgen, tgw_checkpoint):
@@ -264,6 +295,116 @@ def test_autoload_from_setting_and_failure_is_logged(textgen, caplog):
     assert textgen.model is not None and textgen.args.loader == LOADER
 
 
+def _statuses(name: str, loader: str | None = LOADER) -> list[str]:
+    from modules import ui_model_menu
+
+    return list(ui_model_menu.load_model_wrapper(name, loader, autoload=True))
+
+
+def test_failed_load_leaves_nothing_loaded_and_a_short_error(textgen, tgw_checkpoint):
+    import shutil
+
+    from mixtral_offload_plugin.webui import ui
+
+    broken = Path(textgen.args.model_dir) / "broken-mixtral"
+    shutil.copytree(tgw_checkpoint, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 3])
+    load_extensions()
+    assert _statuses("tiny-mixtral")[-1] == "Successfully loaded `tiny-mixtral`."
+
+    status = _statuses("broken-mixtral")[-1]  # what the Model tab shows
+    assert "CheckpointError" in status and "truncated or corrupt" in status
+    assert status.count("File ") <= 2  # TextGen's frame and our wrap's, not the 14 frames down to safetensors
+    assert textgen.model is None and textgen.tokenizer is None and textgen.model_name == "None"
+    assert "broken-mixtral: CheckpointError" in integration.last_error
+    assert "**The last load failed**: broken-mixtral" in ui.cache_report()
+
+    nameless = Path(textgen.args.model_dir) / "no-tokenizer"
+    nameless.mkdir()
+    for f in tgw_checkpoint.iterdir():
+        if f.name.startswith(("config", "model", "generation")):
+            (nameless / f.name).symlink_to(f)
+    seen = []
+
+    class Loaded:
+        @hookimpl
+        def on_model_loaded(self, model, config):
+            seen.append(model)
+
+    observer = Loaded()
+    plugins.pm.register(observer)
+    try:
+        assert "has no tokenizer" in _statuses("no-tokenizer")[-1]
+    finally:
+        plugins.pm.unregister(observer)
+    assert seen == []  # refused before any weight was read
+
+    assert _statuses("tiny-mixtral")[-1] == "Successfully loaded `tiny-mixtral`."
+    assert integration.last_error is None and "**tiny-mixtral** runs with expert_bits=16" in ui.cache_report()
+
+
+def test_truncation_length_follows_ctx_size_for_our_loader(textgen):
+    from modules import ui_model_menu
+
+    load_extensions()
+    textgen.args.ctx_size = 128  # below the model's 256 positions: the KV cache the plan reserves
+    assert _statuses("tiny-mixtral")[-1].startswith("Successfully")
+    state = {"loader": LOADER, "ctx_size": 128}
+    assert ui_model_menu.update_truncation_length(256, state) == 128 == textgen.settings["truncation_length"]
+    assert ui_model_menu.update_truncation_length(256, {"loader": "Transformers", "ctx_size": 128}) == 256
+    assert ui_model_menu.update_truncation_length(256, {"loader": "llama.cpp", "ctx_size": 64}) == 64
+
+
+def test_tab_edits_survive_a_ui_restart(textgen):
+    gr = pytest.importorskip("gradio")
+    from mixtral_offload_plugin.webui import ui
+
+    load_extensions()
+    params = sys.modules["user_ext_mixtral_offload"].params
+    with gr.Blocks() as blocks:
+        widgets = ui.build(params)
+    setter = next(f.fn for f in blocks.fns.values() if list(f.inputs) == [widgets["expert_bits"]])
+    setter(16)  # a page load sets the widget to the live value: not an edit
+    setter(8)  # the user picks 8 bits
+    load_extensions()  # "Apply flags/extensions and restart": script.py runs again with a fresh params dict
+    fresh = sys.modules["user_ext_mixtral_offload"].params
+    assert fresh is not params and fresh["expert_bits"] == 8 and integration._params is fresh
+    assert fresh["experts_per_layer"] == 2  # not edited: settings.yaml's value
+
+
+def test_release_reaches_the_runtime_under_a_lora_wrapper(loaded):
+    runtime = loaded.model._offload_runtime
+
+    class PeftLike:  # what TextGen's "Apply LoRAs" leaves in shared.model
+        def __init__(self, base):
+            self.base = base
+
+        def get_base_model(self):
+            return self.base
+
+    loaded.model = PeftLike(loaded.model)
+    from modules import models
+
+    models.unload_model()
+    assert runtime.closed and loaded.model is None
+
+
+def test_chat_turns_through_textgen_reuse_the_kv_cache(loaded):
+    spy = StatsSpy()
+    plugins.load_plugins()
+    plugins.pm.register(spy)
+    try:
+        first = run("w5 w9 w17")[-1]
+        second = run("w5 w9 w17" + first + " w20 w21")[-1]  # the next turn: the history plus a new message
+        sys.modules["user_ext_mixtral_offload"].params["reuse_prefix"] = False  # the tab's checkbox, unticked
+        again = run("w5 w9 w17" + first + " w20 w21")[-1]
+    finally:
+        plugins.pm.unregister(spy)
+    assert second == again  # the same reply, whether the conversation's KV cache was reused or not
+    assert [s.reused_tokens for s in spy.seen] == [0, 4 + 12 - 1, 0]
+
+
 def test_offload_config_from_params():
     args = types.SimpleNamespace(cpu=True, cpu_memory=2, bf16=True, ctx_size=512)
     cfg = integration.offload_config({"experts_per_layer": "3", "expert_bits": "4", "prefetch": "false",
@@ -290,10 +431,11 @@ def test_ui_tab_writes_params():
     params: dict = {"expert_bits": 16}
     with gr.Blocks() as blocks:
         widgets = ui.build(params)
-    assert set(widgets) >= {"experts_per_layer", "expert_bits", "prefetch", "policy", "autoload_model"}
+    assert set(widgets) >= {"experts_per_layer", "expert_bits", "prefetch", "policy", "autoload_model", "auto_select",
+                            "reuse_prefix"}
     assert params["policy"] == "lru" and params["expert_bits"] == 16  # defaults filled, given values kept
     setters = [f.fn for f in blocks.fns.values() if getattr(f.fn, "__name__", "") == "set_value"]
-    assert len(setters) == 5
+    assert len(setters) == 7
     for fn in setters:
         fn(2)
     assert params["expert_bits"] == 2 and params["experts_per_layer"] == 2

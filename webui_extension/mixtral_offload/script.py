@@ -15,6 +15,8 @@ params = {
     "prefetch": True,  # speculative prefetch from the next layer's router
     "policy": "lru",  # eviction policy: lru, lfu, lfru or a plugin's
     "autoload_model": "",  # model folder to load at start-up (env MIXTRAL_OFFLOAD_MODEL wins)
+    "auto_select": True,  # picking a plain folder of a supported MoE family selects this loader (not Transformers)
+    "reuse_prefix": True,  # a chat turn reuses the KV cache of the conversation so far
 }
 
 
