@@ -21,7 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from . import DEFAULT_PARAMS, ENV_AUTOLOAD, LOADER, MARKER
-from .folders import claims_folder
+from .folders import claims_folder, supported_folder
 
 log = logging.getLogger(__name__)
 
@@ -155,23 +155,6 @@ def _wrap_truncation_length(tg: SimpleNamespace, originals: dict[str, Any]) -> N
 
     menu.update_truncation_length = update_truncation_length
     originals["update_truncation_length"] = (orig, update_truncation_length)
-
-
-def supported_folder(path: Path) -> bool:
-    """A plain Hugging Face folder of a MoE family we support: safetensors weights, not already quantized."""
-    import json
-
-    from .. import plugins
-
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(config, dict) or config.get("quantization_config") or not any(path.glob("*.safetensors")):
-        return False
-    plugins.load_plugins()
-    families = {t for arch, _ in plugins.registry("architecture").values() for t in arch.model_types}
-    return config.get("model_type") in families
 
 
 def _is_ours(model: Any) -> bool:
