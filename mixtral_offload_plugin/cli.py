@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, helptext in (
         ("convert", "tools.convert", "convert a HF checkpoint to the offload format"),
         ("bench", "tools.bench", "side-by-side benchmark of offload configurations and baselines"),
-        ("replay", "tools.replay", "replay a routing trace against cache policies and Belady's optimum"),
+        ("replay", "tools.replay_report", "replay routing traces against cache policies, prefetchers and Belady"),
         ("simulate", "tools.simulate", "predict GPU tokens/s from a routing trace and a device profile"),
         ("demo", "demo.app", "start the Gradio demo"),
     ):

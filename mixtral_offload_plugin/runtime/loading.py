@@ -307,7 +307,7 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
     else:
         loader = make_loader(transfer, store, prepare, device)
     cache = ExpertCache(pools, capacities, slot_nbytes, policy_factory, loader, device,
-                        lambda key: layout_of(key).nbytes)
+                        lambda key: layout_of(key).nbytes, top_k=top_k)
     if resident:
         for key, packed in _expert_stream(ckpt, arch, keys, split[:2], quantizer, spec, device):
             loader_store.item = packed
