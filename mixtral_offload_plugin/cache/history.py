@@ -19,7 +19,7 @@ from typing import Any
 
 from .routing_stats import RoutingStats, routing_stats
 
-THRESHOLD = 0.5  # prefetch an expert when it is predicted at least this likely (docs/benchmarks.md, "history")
+THRESHOLD = 0.4  # prefetch an expert when predictions like this one have come true this often (docs/benchmarks.md)
 
 
 class HistoryPrefetcher:
@@ -40,7 +40,7 @@ class HistoryPrefetcher:
                     proposal: list[list[int]] | None = None) -> None:
         protected = [(layer, e) for e in experts]
         for target in self.ahead[layer]:
-            guess = self.stats.likely(target, self.experts, self.threshold)
+            guess = self.stats.likely(target, self.experts, self.threshold, self.cache.resident(target))
             if guess:
                 self.cache.prefetch(target, guess, protected)
 

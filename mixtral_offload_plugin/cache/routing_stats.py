@@ -31,28 +31,67 @@ from typing import Any
 
 BACKOFF = 2.0  # pseudo-count of the backed-off estimate in a row (Jelinek-Mercer style smoothing)
 ROW_DECAY = 0.5 ** (1 / 256)  # a table row halves its weight every 256 uses of its context
-FREQ_DECAY = 0.5 ** (1 / 32)  # layer frequencies halve every 32 calls of the layer
+FREQ_DECAY = 0.5 ** (1 / 32)  # layer frequencies halve every 32 calls of the layer (the prior)
+RECENT_DECAY = 0.5 ** (1 / 4)  # and recent use, halving every 4 calls (a vote)
+RECENT = 0.5
 NEAREST, FARTHER, TEMPORAL, ADVICE = 1.0, 0.5, 0.5, 1.0  # vote weights (docs/benchmarks.md, "history")
 CLAMP = 1e-3
 BINS, BIN_PRIOR = 10, 4.0  # calibration: predictions in 10 bins of probability, each starting at 4 pseudo-trials
+BIN_DECAY = 0.5 ** (1 / 64)  # a bin halves its weight every 64 predictions scored in it: confidence follows success
 
 
-class _Row:
-    __slots__ = ("counts", "n")
+class _Counts:
+    """Decayed counts of routed experts over `n` observations (each observation weighs 1 when it is made, then
+    `decay` times less at each later one). Stored scaled by 1/`scale`, so an update costs O(routed), not O(experts)."""
 
-    def __init__(self) -> None:
-        self.counts: dict[int, float] = {}
-        self.n = 0.0
+    __slots__ = ("stored", "n_stored", "scale", "decay")
 
-    def add(self, routed: Sequence[int], decay: float) -> None:
-        counts = self.counts
-        if decay != 1.0:
-            for e in counts:
-                counts[e] *= decay
-            self.n *= decay
+    def __init__(self, decay: float) -> None:
+        self.stored: dict[int, float] = {}
+        self.n_stored = 0.0
+        self.scale = 1.0
+        self.decay = decay
+
+    def add(self, routed: Sequence[int], weight: float = 1.0) -> None:
+        self.scale *= self.decay
+        if self.scale < 1e-100:  # fold the scale back in before it underflows
+            self.stored = {e: c * self.scale for e, c in self.stored.items()}
+            self.n_stored *= self.scale
+            self.scale = 1.0
+        inc = weight / self.scale
+        stored = self.stored
         for e in routed:
-            counts[e] = counts.get(e, 0.0) + 1.0
-        self.n += 1.0
+            stored[e] = stored.get(e, 0.0) + inc
+        self.n_stored += 1.0 / self.scale
+
+    @property
+    def n(self) -> float:
+        return self.n_stored * self.scale
+
+    def count(self, e: int) -> float:
+        return self.stored.get(e, 0.0) * self.scale
+
+    def smoothed(self, prior: dict[int, float], strength: float) -> dict[int, float]:
+        """(count + strength x prior) / (n + strength) for every expert of `prior`."""
+        denom = self.n + strength
+        out = {e: strength * p / denom for e, p in prior.items()}
+        f = self.scale / denom
+        for e, c in self.stored.items():
+            if e in out:
+                out[e] += c * f
+        return out
+
+
+class _Freq(_Counts):
+    """Decayed use counts of one layer's experts; `probs` = share of calls routing each (with a uniform prior)."""
+
+    __slots__ = ()
+
+    def probs(self, k: int) -> dict[int, float]:
+        if not self.stored:
+            return {}
+        base = k / len(self.stored)
+        return self.smoothed(dict.fromkeys(self.stored, base), 1.0)
 
 
 class _Table:
@@ -61,30 +100,34 @@ class _Table:
     __slots__ = ("joint", "single")
 
     def __init__(self) -> None:
-        self.joint: dict[tuple[int, ...], _Row] = {}
-        self.single: dict[int, _Row] = {}
+        self.joint: dict[tuple[int, ...], _Counts] = {}
+        self.single: dict[int, _Counts] = {}
 
     def add(self, context: tuple[int, ...], routed: Sequence[int]) -> None:
-        self.joint.setdefault(context, _Row()).add(routed, ROW_DECAY)
+        self.joint.setdefault(context, _Counts(ROW_DECAY)).add(routed)
         for e in context:
-            self.single.setdefault(e, _Row()).add(routed, ROW_DECAY)
+            self.single.setdefault(e, _Counts(ROW_DECAY)).add(routed)
 
     def probs(self, context: tuple[int, ...], prior: dict[int, float]) -> dict[int, float]:
         rows = [r for r in (self.single.get(e) for e in context) if r is not None]
-        if rows:
-            mean = {e: sum((r.counts.get(e, 0.0) + BACKOFF * p) / (r.n + BACKOFF) for r in rows) / len(rows)
-                    for e, p in prior.items()}
-        else:
-            mean = prior
+        mean = prior
+        if rows:  # the mean of the per-expert rows, each smoothed towards the prior (summed sparsely)
+            m = len(rows)
+            a = BACKOFF * sum(1.0 / (r.n + BACKOFF) for r in rows) / m
+            mean = {e: p * a for e, p in prior.items()}
+            for r in rows:
+                f = r.scale / ((r.n + BACKOFF) * m)
+                for e, c in r.stored.items():
+                    if e in mean:
+                        mean[e] += c * f
         joint = self.joint.get(context)
-        if joint is None:
-            return mean
-        return {e: (joint.counts.get(e, 0.0) + BACKOFF * p) / (joint.n + BACKOFF) for e, p in mean.items()}
+        return mean if joint is None else joint.smoothed(mean, BACKOFF)
 
 
-def _logit(p: float) -> float:
-    p = min(max(p, CLAMP), 1.0 - CLAMP)
-    return math.log(p / (1.0 - p))
+def _logits(probs: dict[int, float]) -> dict[int, float]:
+    log, lo, hi = math.log, CLAMP, 1.0 - CLAMP
+    return {e: log(p / (1.0 - p)) if lo < p < hi else log(lo / hi) if p <= lo else log(hi / lo)
+            for e, p in probs.items()}
 
 
 class RoutingStats:
@@ -98,16 +141,18 @@ class RoutingStats:
         self.reach = reach
         self.cross: dict[tuple[int, int], _Table] = {}  # (distance, target layer) -> table
         self.temporal: dict[int, _Table] = {}
-        self.freq: dict[int, dict[int, float]] = {layer: {} for layer in self.layers}
-        self.weight: dict[int, float] = dict.fromkeys(self.layers, 0.0)
+        self.freq = {layer: _Freq(FREQ_DECAY) for layer in self.layers}
+        self.recent = {layer: _Freq(RECENT_DECAY) for layer in self.layers}
         self.cur: dict[int, tuple[int, ...] | None] = {}  # this token's routing per layer (None: several tokens)
         self.prev: dict[int, tuple[int, ...] | None] = {}  # the previous token's
         self._last = len(self.layers)
         self._pred: dict[int, dict[int, float]] = {}
         self._advice: dict[int, list[tuple[int, tuple[int, ...]]]] = {}  # target -> [(depth, ranked guess)]
         self._advice_stats: dict[tuple[int, int], list[float]] = {}  # (depth, rank or -1) -> [hits, trials]
-        self._asked: dict[int, dict[int, dict[int, float]]] = {}  # layer -> calls ahead -> prediction made then
-        self._calibration: dict[int, list[list[float]]] = {}  # calls ahead -> per bin [routed, predicted]
+        # calibration: layer -> (calls ahead, of non-resident experts only) -> the prediction made then; and for
+        # each such kind of prediction, per bin of probability: [routed, predicted] (decayed)
+        self._asked: dict[int, dict[tuple[int, bool], dict[int, float]]] = {}
+        self._calibration: dict[tuple[int, bool], list[list[float]]] = {}
 
     # -- learning --------------------------------------------------------------------------------------------------
     def observe(self, layer: int, experts: Sequence[int]) -> None:
@@ -129,13 +174,9 @@ class RoutingStats:
             before = self.prev.get(layer)
             if before:
                 self.temporal.setdefault(layer, _Table()).add(before, routed)
-        freq = self.freq[layer]
-        for e in freq:
-            freq[e] *= FREQ_DECAY
         w = 1.0 if single else k / len(routed)
-        for e in routed:
-            freq[e] = freq.get(e, 0.0) + w
-        self.weight[layer] = self.weight[layer] * FREQ_DECAY + 1.0
+        self.freq[layer].add(routed, w)
+        self.recent[layer].add(routed, w)
         self.cur[layer] = routed if single else None
         self._pred.clear()
 
@@ -162,17 +203,17 @@ class RoutingStats:
                 s[1] += 1.0
             s = self._advice_stats.setdefault((depth, -1), [0.0, 0.0])  # the experts it did not list
             s[0] += len(set(routed) - set(ranked))
-            s[1] += max(1, len(self.freq[layer]) - len(ranked))
+            s[1] += max(1, len(self.freq[layer].stored) - len(ranked))
 
     def _score_predictions(self, layer: int, routed: tuple[int, ...], single: bool) -> None:
-        for ahead, probs in self._asked.pop(layer, {}).items():
+        for kind, probs in self._asked.pop(layer, {}).items():
             if not single:
                 continue
-            bins = self._calibration.setdefault(ahead, [[0.0, 0.0] for _ in range(BINS)])
+            bins = self._calibration.setdefault(kind, [[0.0, 0.0] for _ in range(BINS)])
             for e, p in probs.items():
                 b = bins[min(int(p * BINS), BINS - 1)]
-                b[0] += e in routed
-                b[1] += 1.0
+                b[0] = b[0] * BIN_DECAY + (e in routed)
+                b[1] = b[1] * BIN_DECAY + 1.0
 
     # -- predicting ------------------------------------------------------------------------------------------------
     def predict(self, layer: int) -> dict[int, float]:
@@ -182,30 +223,25 @@ class RoutingStats:
         got = self._pred.get(layer)
         if got is None:
             got = self._pred[layer] = self._predict(layer)
-            self._asked.setdefault(layer, {})[self.calls_until(layer)] = got
+            self._asked.setdefault(layer, {})[self.calls_until(layer), False] = got
         return got
 
-    def calibrated(self, layer: int, p: float) -> float:
-        """How often an expert predicted `p` likely, as many calls ahead as `layer` is now, was then routed."""
-        bins = self._calibration.get(self.calls_until(layer))
+    def calibrated(self, layer: int, p: float, cold: bool = False) -> float:
+        """How often an expert predicted `p` likely, as many calls ahead as `layer` is now (and, with `cold`, not
+        resident then), was then routed. Cold experts are less likely than their prediction says when routing is
+        sticky: the cache already holds what was used recently, so a confident miss is often stale."""
+        bins = self._calibration.get((self.calls_until(layer), cold))
         if bins is None:
             return p
         routed, predicted = bins[min(int(p * BINS), BINS - 1)]
         return (routed + BIN_PRIOR * p) / (predicted + BIN_PRIOR)
 
-    def _prior(self, layer: int) -> dict[int, float]:
-        freq, w = self.freq[layer], self.weight[layer]
-        if not freq:
-            return {}
-        k = self.top_k or self._k_seen or 1
-        base = k / len(freq)
-        return {e: (f + base) / (w + 1.0) for e, f in freq.items()}
-
     def _predict(self, layer: int) -> dict[int, float]:
-        prior = self._prior(layer)
+        k = self.top_k or self._k_seen or 1
+        prior = self.freq[layer].probs(k)
         if not prior:
             return prior
-        votes: list[tuple[float, dict[int, float]]] = []
+        votes: list[tuple[float, dict[int, float]]] = [(RECENT, self.recent[layer].probs(k))]
         table = self.temporal.get(layer)
         context = self.cur.get(layer) if layer in self.cur else self.prev.get(layer)
         if table is not None and context:
@@ -222,12 +258,13 @@ class RoutingStats:
             votes += self._advice_votes(layer, prior)
         if not votes:
             return prior
-        out = {}
-        for e, p in prior.items():
-            base = _logit(p)
-            z = base + sum(w * (_logit(v[e]) - base) for w, v in votes)
-            out[e] = 1.0 / (1.0 + math.exp(-z))
-        return out
+        base = _logits(prior)
+        z = {e: (1.0 - sum(w for w, _ in votes)) * b for e, b in base.items()}
+        for w, v in votes:  # log-odds: prior + sum of weight x (vote - prior)
+            for e, x in _logits(v).items():
+                z[e] += w * x
+        exp = math.exp
+        return {e: 1.0 / (1.0 + exp(-x)) for e, x in z.items()}
 
     def _advice_votes(self, layer: int, prior: dict[int, float]) -> list[tuple[float, dict[int, float]]]:
         votes = []
@@ -240,12 +277,22 @@ class RoutingStats:
             votes.append((ADVICE, {e: rate(position.get(e, -1), p) for e, p in prior.items()}))
         return votes
 
-    def likely(self, layer: int, limit: int, threshold: float) -> list[int]:
+    def likely(self, layer: int, limit: int, threshold: float, resident: set[int] | None = None) -> list[int]:
         """Up to `limit` experts of `layer`, most probable first, whose calibrated probability is at least
-        `threshold` (predictions this confident have been right at least that often so far)."""
+        `threshold` (predictions this confident have been right at least that often so far). With the `resident`
+        experts of the layer: only experts more likely than the least likely resident one outside the answer (a
+        prefetch that would evict a likelier expert loses more than it gains)."""
         probs = self.predict(layer)
-        ranked = sorted(probs, key=lambda e: (-probs[e], e))[:limit]
-        return [e for e in ranked if self.calibrated(layer, probs[e]) >= threshold]
+        cold = resident is not None
+        if cold:
+            self._asked[layer][self.calls_until(layer), True] = {e: p for e, p in probs.items() if e not in resident}
+        ranked = [e for e in sorted(probs, key=lambda e: (-probs[e], e))[:limit]
+                  if self.calibrated(layer, probs[e], cold and e not in resident) >= threshold]
+        others = [probs.get(e, 0.0) for e in resident or () if e not in ranked]
+        if others:
+            floor = min(others)
+            ranked = [e for e in ranked if probs[e] > floor]
+        return ranked
 
     def calls_until(self, layer: int) -> int:
         """Layer calls from now until `layer`'s next call (1 = the next call)."""

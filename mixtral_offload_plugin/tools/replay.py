@@ -49,7 +49,8 @@ class Counts:
 
     @staticmethod
     def _sum(d: dict[_Key, int], layer: int | None, phase: str | None) -> int:
-        return sum(v for (lay, ph), v in d.items() if (layer is None or lay == layer) and (phase is None or ph == phase))
+        return sum(v for (lay, ph), v in d.items()
+                   if (layer is None or lay == layer) and (phase is None or ph == phase))
 
     def total(self, layer: int | None = None, phase: str | None = None) -> tuple[int, int]:
         return self._sum(self.hits, layer, phase), self._sum(self.misses, layer, phase)
@@ -260,7 +261,7 @@ def belady(events: Sequence[Route | Guess], *, k: int | None = None, global_slot
     return counts
 
 
-# -- recorded guesses ----------------------------------------------------------------------------------------------------
+# -- recorded guesses --------------------------------------------------------------------------------------------------
 def guess_quality(events: Sequence[Route | Guess]) -> dict[tuple[int, str], dict[str, float]]:
     """Precision and recall of recorded guesses against the guessed layer's actual experts, per (depth, phase)."""
     layers = trace_shape(events)[0]
@@ -282,7 +283,7 @@ def guess_quality(events: Sequence[Route | Guess]) -> dict[tuple[int, str], dict
                   "guesses": a[3]} for key, a in sorted(acc.items())}
 
 
-# -- sweeps -------------------------------------------------------------------------------------------------------------
+# -- sweeps ------------------------------------------------------------------------------------------------------------
 def policy_factories(names: Sequence[str]) -> dict[str, Callable[[], Any]]:
     """name -> policy factory from the plugin registry (the classes the live cache uses)."""
     from .. import plugins

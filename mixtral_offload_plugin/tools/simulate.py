@@ -204,9 +204,10 @@ def _trace_routing(args: argparse.Namespace, k: int) -> Routing:
         return routing_from_trace(args.trace, k)
     prefetch = args.prefetch
     if prefetch == "auto":
-        from .trace import load_events
+        from .trace import Guess, load_events
 
-        prefetch = "gate+history" if any(e.__class__.__name__ == "Guess" for e in load_events(args.trace)) else "history"
+        has_guesses = any(isinstance(e, Guess) for e in load_events(args.trace))
+        prefetch = "gate+history" if has_guesses else "history"
     return routing_from_trace(args.trace, k, args.policy, prefetch)
 
 

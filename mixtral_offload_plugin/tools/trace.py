@@ -129,7 +129,8 @@ def load_events(paths: str | Sequence[str]) -> list[Route | Guess]:
         try:
             records = read_trace(path)
         except FileNotFoundError:
-            msg = f"trace file {path} does not exist; record one with `mixtral-offload generate --record-routing {path}`"
+            msg = (f"trace file {path} does not exist; record one with "
+                   f"`mixtral-offload generate --record-routing {path}`")
             raise ValueError(msg) from None
         except json.JSONDecodeError as exc:
             msg = f"trace file {path} is not JSON lines ({exc}); it must be written by --record-routing"

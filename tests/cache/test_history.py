@@ -57,12 +57,12 @@ def test_prefill_calls_only_add_frequencies() -> None:
     stats.observe(0, [0, 1, 2, 3, 4, 5])  # six experts: several tokens
     stats.observe(1, [1, 2, 3, 4, 5, 6, 7])
     assert stats.cross == {} and stats.temporal == {}  # no transitions learned from sets
-    assert stats.freq[0][0] == pytest.approx(2 / 6)  # one token's worth of evidence, spread over the set
+    assert stats.freq[0].count(0) == pytest.approx(2 / 6)  # one token's worth of evidence, spread over the set
     assert stats.cur == {0: None, 1: None}
     stats.observe(0, [2, 3])  # the first decode token: nothing conditions on the prefill's sets
     stats.observe(1, [4, 5])
     assert stats.temporal == {} and list(stats.cross) == [(1, 1)]
-    assert stats.freq[1][4] == pytest.approx(2 / 7 * 0.5 ** (1 / 32) + 1)
+    assert stats.freq[1].count(4) == pytest.approx(2 / 7 * 0.5 ** (1 / 32) + 1)
 
 
 def test_top_k_unknown_is_learned_from_the_smallest_call() -> None:
@@ -119,21 +119,26 @@ def test_history_prefetch_never_evicts_the_current_layers_experts() -> None:
 
 
 def test_gate_votes_count_by_their_track_record() -> None:
-    def run(gate_right: bool) -> tuple[float, int, int, int]:
+    def run(gate_right: bool) -> tuple[float, int, int]:
         cache = ReplayCache([0, 1], LRUPolicy, k=2, global_slots=None, top_k=1)
         pf = GateHistoryPrefetcher(cache, None, depth=1, experts=1)
         rng = random.Random(0)
-        for _ in range(60):
+        followed = asked = 0
+        for t in range(80):
             e0, e1 = rng.randrange(4), rng.randrange(4)  # no pattern in the routing: only the gate can know
+            gate = e1 if gate_right else (e1 + 1) % 4
             cache.request(0, [e0])
-            pf.after_route(0, None, [e0], [[e1 if gate_right else (e1 + 1) % 4]])
+            cold = gate not in cache.resident(1)
+            pf.after_route(0, None, [e0], [[gate]])
+            if t >= 40 and cold:  # later on: is the gate's guess loaded when it is not cached yet?
+                asked += 1
+                followed += gate in cache.resident(1)
             cache.request(1, [e1])
             pf.after_route(1, None, [e1], [])
         hits, trials = pf.stats._advice_stats[1, 0]
-        c = cache.counts
-        return hits / trials, c.prefetched[1, "decode"], c.prefetch_used[1, "decode"], c.misses[1, "decode"]
+        return hits / trials, followed, asked
 
-    rate, loads, used, misses = run(True)
-    assert rate == 1.0 and loads == used and misses <= 8  # followed once it proved right (a few tokens)
-    rate, loads, used, misses = run(False)
-    assert rate == 0.0 and loads <= 8 and misses >= 20  # always wrong: hardly ever followed
+    rate, followed, asked = run(True)
+    assert rate == 1.0 and asked > 10 and followed >= 0.9 * asked  # always right so far: followed
+    rate, followed, asked = run(False)
+    assert rate == 0.0 and followed <= asked // 10  # one that has always been wrong hardly ever

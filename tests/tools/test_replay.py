@@ -151,6 +151,15 @@ def test_replay_command(tmp_path, capsys) -> None:
     assert data["per_layer_k"]["belady"]["4"]["decode"]["hit_rate"] >= data["per_layer_k"]["lru"]["4"]["decode"]["hit_rate"]
     assert main(["replay", str(tmp_path / "missing.jsonl")]) == 2
     assert main(["replay", str(path), "--policies", "nope"]) == 2
+    # the history rows and what every row moves; several traces play through one cache
+    assert "history+history" in out and "loads/tok" in out and "lru+gate" not in out  # no recorded guesses
+    assert main(["replay", str(path), str(path), "--sizes", "2,4", "--policies", "lru,history,belady",
+                 "--json", str(tmp_path / "two.json")]) == 0
+    two = json.loads((tmp_path / "two.json").read_text())["per_layer_k"]
+    assert two["lru"]["4"]["tokens"]["decode"] == 2 * data["per_layer_k"]["lru"]["4"]["tokens"]["decode"]
+    assert two["history+history"]["4"]["decode_per_token"]["prefetch_per_token"] >= 0
+    assert main(["replay", str(path), "--prefetch", "gate"]) == 2  # needs recorded guesses
+    assert main(["replay", str(path), "--prefetch", "oracle"]) == 2
 
 
 def test_generate_record_routing_replays_to_its_printed_counts(demo_model_path, tmp_path, capsys) -> None:
