@@ -24,10 +24,12 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--store-dir", default=None, help="folder for the disk store's files (default: a temp folder)")
     g.add_argument("--experts-per-layer", type=int, default=None, help="cache size k per MoE layer")
     g.add_argument("--cache-bytes", type=parse_size, default=None, help="one global cache budget, e.g. 2G")
-    g.add_argument("--policy", default="lru", help="eviction policy: lru, lfu, lfru or a plugin's (default: lru)")
-    g.add_argument("--prefetch", default="none", help="prefetcher: none or gate (default: none)")
-    g.add_argument("--prefetch-depth", type=int, default=1, help="layers ahead the gate prefetcher guesses")
-    g.add_argument("--prefetch-experts", type=int, default=0, help="experts guessed per layer (0 = top-k)")
+    g.add_argument("--policy", default="history",
+                   help="eviction policy: history, lru, lfu, lfru or a plugin's (default: history)")
+    g.add_argument("--prefetch", default="gate+history",
+                   help="prefetcher: gate+history, history, gate, none or a plugin's (default: gate+history)")
+    g.add_argument("--prefetch-depth", type=int, default=1, help="layers ahead the prefetcher guesses")
+    g.add_argument("--prefetch-experts", type=int, default=0, help="experts prefetched at most per layer (0 = top-k)")
     g.add_argument("--expert-bits", type=int, default=16, help="2, 3, 4, 8 (HQQ) or 16 (unquantized)")
     g.add_argument("--expert-group-size", type=int, default=64, help="HQQ group size of experts")
     g.add_argument("--attn-bits", type=int, default=16, help="4, 8 (HQQ) or 16 (unquantized)")

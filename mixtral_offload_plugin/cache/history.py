@@ -2,10 +2,12 @@
 
 `HistoryPrefetcher` asks the cache's `RoutingStats` (shared with the "history" eviction policy) which experts the
 next `depth` layers are likely to route for the current token, given what it routed at the earlier layers and what
-the previous tokens routed, and prefetches those at least `threshold` likely (at most `experts` per layer). After the
-last layer it looks ahead into the next token's first layers. It needs no hidden state, so trace replay evaluates it
-on any trace. `GateHistoryPrefetcher` adds the gate prefetcher's ranked guesses as one more vote, weighted by how
-often each depth and rank has been right so far. Loads never evict what the current layer uses.
+the previous tokens routed, and prefetches the uncached ones (at most `experts` per layer) whose calibrated
+probability is at least `threshold` and that are likelier than every cached expert of that layer a load could evict.
+After the last layer it looks ahead into the next token's first layers. It needs no hidden state, so trace replay
+evaluates it on any trace. `GateHistoryPrefetcher` (the default, "gate+history") adds the gate prefetcher's ranked
+guesses as one more vote, weighted by how often each depth and rank has been right so far; a gate that guesses badly
+(random-weight routers) is soon outvoted. Loads never evict what the current layer uses.
 
 Prefetcher protocol: `after_route(layer, hidden_states, experts, proposal=None)` once per MoE layer call after
 routing; optional `propose(layer, hidden_states)` before the layer's host sync (device work only), whose result comes
@@ -24,7 +26,7 @@ THRESHOLD = 0.4  # prefetch an expert when predictions like this one have come t
 
 class HistoryPrefetcher:
     """Prefetches the experts the routing statistics predict for the next `depth` layers (wrapping to the next
-    token), up to `experts` per layer and only those at least `threshold` likely."""
+    token), up to `experts` per layer and only those whose calibrated probability is at least `threshold`."""
 
     def __init__(self, cache: Any, depth: int, experts: int, threshold: float = THRESHOLD) -> None:
         self.cache = cache

@@ -5,20 +5,26 @@ predicts, for any layer, the probability that each expert is among those the lay
 
 - for a layer the current token has not reached yet: from the experts this token chose at the nearest earlier layers
   (cross-layer tables: layer L's choice predicts layer L+1's and L+2's), the previous token's choice at that layer (a
-  temporal table) and the layer's decayed frequencies (the sequence's favourites);
-- for a layer the token has passed: for the next token (temporal table and frequencies).
+  temporal table), the layer's recent use (halving every 4 calls), optionally an outside guesser's ranked guesses
+  (`advise`: the gate prefetcher), and the layer's decayed frequencies (the prior: the sequence's favourites);
+- for a layer the token has passed: for the next token (temporal table, recent use, frequencies).
 
 A table row counts, for one context (a token's exact set of experts at the source layer), how often each expert was
-routed; a context seen rarely backs off to the mean of one row per expert of the set, which backs off to the
-frequencies. The sources are combined as a naive-Bayes vote in log-odds, each counting by its weight. An outside guesser
-(the gate prefetcher) can add its ranked guesses (`advise`); their reliability per depth and rank is learned online.
-Rows decay, so the statistics follow the sequence. There is no training step and nothing stored from other models.
+routed; a context seen rarely backs off to the mean of one row per expert of the set, which backs off to the prior.
+The votes are combined naive-Bayes style in log-odds, each counting by its weight; an outside guesser's vote is its
+hit rate so far at that depth and rank. Rows decay, so the statistics follow the sequence. There is no training
+step and nothing stored from other models.
+
+Naive-Bayes votes are overconfident, and an expert that is not cached although predicted likely is often a stale
+guess (the cache holds what was used recently), so every prediction is scored when its layer routes, per bin of
+probability, separately for experts that were not cached when asked: `likely()` (what the prefetcher loads) compares
+its threshold with how often such predictions came true, not with the raw probability.
 
 A call that routes more than `top_k` experts is several tokens (a prefill, or a batch): it only adds to the
 frequencies, each expert weighted `top_k / len(experts)` (one token's worth of evidence), and it breaks the chains:
-no transitions are learned from or into it and no prediction conditions on it.
+no transitions are learned from or into it, no prediction conditions on it and no prediction is scored against it.
 
-The history prefetcher and the "history" eviction policy share one instance per cache (`routing_stats(cache)`);
+The history prefetchers and the "history" eviction policy share one instance per cache (`routing_stats(cache)`);
 replay builds its own per replayed cache, so the same code gives the same decisions. This module knows nothing about
 tensors, slots or models.
 """
@@ -283,12 +289,12 @@ class RoutingStats:
         experts of the layer: only experts more likely than the least likely resident one outside the answer (a
         prefetch that would evict a likelier expert loses more than it gains)."""
         probs = self.predict(layer)
-        cold = resident is not None
-        if cold:
-            self._asked[layer][self.calls_until(layer), True] = {e: p for e, p in probs.items() if e not in resident}
+        cached = resident if resident is not None else set()
+        if resident is not None:  # score these predictions of uncached experts on their own
+            self._asked[layer][self.calls_until(layer), True] = {e: p for e, p in probs.items() if e not in cached}
         ranked = [e for e in sorted(probs, key=lambda e: (-probs[e], e))[:limit]
-                  if self.calibrated(layer, probs[e], cold and e not in resident) >= threshold]
-        others = [probs.get(e, 0.0) for e in resident or () if e not in ranked]
+                  if self.calibrated(layer, probs[e], resident is not None and e not in cached) >= threshold]
+        others = [probs.get(e, 0.0) for e in cached if e not in ranked]
         if others:
             floor = min(others)
             ranked = [e for e in ranked if probs[e] > floor]

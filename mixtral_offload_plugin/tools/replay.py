@@ -26,7 +26,7 @@ from ..cache.expert_cache import SlotPool, attach_policies
 from .trace import PHASES, Guess, Route, load_events, parse_records, routes_of, trace_shape, trace_top_k
 
 __all__ = ["PHASES", "PREFETCHERS", "Counts", "Guess", "ReplayCache", "Route", "belady", "guess_quality",
-           "load_events", "parse_records", "replay_policy", "routes_of", "sweep", "trace_shape"]
+           "load_events", "parse_records", "replay_policy", "routes_of", "sweep", "sweep_each", "trace_shape"]
 
 PREFETCHERS = ("none", "gate", "history", "gate+history")
 _Key = tuple[int, str]  # (layer, phase)
@@ -70,6 +70,15 @@ class Counts:
     @property
     def prefetch_hits(self) -> int:
         return self._sum(self.prefetch_used, None, None)
+
+    def __add__(self, other: Counts) -> Counts:
+        out = Counts()
+        for name in ("hits", "misses", "prefetched", "prefetch_used", "tokens"):
+            target = getattr(out, name)
+            for c in (self, other):
+                for key, v in getattr(c, name).items():
+                    target[key] += v
+        return out
 
     def summary(self, phase: str = "decode") -> dict[str, float]:
         """Per token of `phase`: misses, prefetch loads, all loads; prefetch precision (used / loaded) and recall
@@ -322,3 +331,14 @@ def sweep(events: Sequence[Route | Guess], names: Sequence[str], sizes: Sequence
     if "belady" in names:
         out["belady"] = {s: belady(events, **kw(s)) for s in sizes}
     return out
+
+
+def sweep_each(traces: Sequence[Sequence[Route | Guess]], *args: Any, **kwargs: Any) -> dict[str, dict[int, Counts]]:
+    """`sweep` of each trace alone (a fresh cache and fresh statistics each, as separate processes), summed."""
+    total: dict[str, dict[int, Counts]] = {}
+    for events in traces:
+        for name, by_size in sweep(events, *args, **kwargs).items():
+            row = total.setdefault(name, {})
+            for s, c in by_size.items():
+                row[s] = row[s] + c if s in row else c
+    return total

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from .replay import PHASES, PREFETCHERS, Counts, guess_quality, policy_factories, recorded_depth, sweep
+from .replay import PHASES, PREFETCHERS, Counts, guess_quality, policy_factories, recorded_depth, sweep, sweep_each
 from .trace import Guess, load_events, routes_of, trace_names, trace_shape
 
 
@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also replay one global pool of L*k slots for each k")
     p.add_argument("--layer-detail", type=int, default=None, metavar="K",
                    help="per-layer hit rates and loads per token at this k (default: E/2)")
+    p.add_argument("--each", action="store_true",
+                   help="replay each trace alone from an empty cache (as separate processes) and sum the counts")
     p.add_argument("--no-prefetch", action="store_true", help="replay without prefetch (same as --prefetch none)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every number as JSON")
 
@@ -96,6 +98,23 @@ def _prefetchers(arg: str, no_prefetch: bool, has_guesses: bool) -> list[str]:
     return names
 
 
+def _sweeper(args: argparse.Namespace, events: Any, kw: dict[str, Any]) -> Callable[..., dict[str, dict[int, Counts]]]:
+    """sweep(names, sizes, ...) over the traces played in sequence, or each alone (--each) with the counts summed."""
+    if args.each and len(args.trace) > 1:
+        traces = [load_events(t) for t in args.trace]
+        return lambda *a, **k: sweep_each(traces, *a, **kw, **k)
+    return lambda *a, **k: sweep(events, *a, **kw, **k)
+
+
+def _detail(results: dict[str, dict[int, Counts]], layers: Sequence[int], k: int) -> list[str]:
+    out = [f"\nper-layer decode hit rate at k={k}:", "  row                     " +
+           "".join(f"L{layer:<7}" for layer in layers)]
+    for name, by_size in results.items():
+        c = by_size[k]
+        out.append(f"  {name:<24}" + "".join(f"{c.hit_rate(layer, 'decode'):<8.1%}" for layer in layers))
+    return out + loads_table(results, k)
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         events = load_events(args.trace)
@@ -108,28 +127,24 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"mixtral-offload replay: error: {exc}", file=sys.stderr)
         return 2
-    kw = {"prefetch": prefetch, "depth": args.prefetch_depth, "experts": args.prefetch_experts}
+    run = _sweeper(args, events, {"prefetch": prefetch, "depth": args.prefetch_depth,
+                                  "experts": args.prefetch_experts})
     routes = routes_of(events)
-    n_dec = sum(1 for r in routes if r.phase == "decode")
     depth = args.prefetch_depth or recorded_depth(events) or 1
-    print(f"trace {trace_names(args.trace)}: {len(routes)} layer calls ({n_dec} decode) over {len(layers)} MoE layers, "
-          f"{n_experts} experts; gate guesses: {'yes' if has_guesses else 'no'}; prefetch depth {depth}")
-    per_layer = sweep(events, names, sizes, **kw)
+    each = " (each alone, counts summed)" if args.each and len(args.trace) > 1 else ""
+    print(f"trace {trace_names(args.trace)}{each}: {len(routes)} layer calls "
+          f"({sum(r.phase == 'decode' for r in routes)} decode) over {len(layers)} MoE layers, {n_experts} experts; "
+          f"gate guesses: {'yes' if has_guesses else 'no'}; prefetch depth {depth}")
+    per_layer = run(names, sizes)
     out: list[str] = []
     for phase in ("decode", "prefill", None):
         out += _fmt_table(f"\nhit rate, {phase or 'all'} requests, k slots per layer:", per_layer, sizes, phase)
     detail_k = args.layer_detail or max(1, n_experts // 2)
-    detail = per_layer if detail_k in sizes else sweep(events, names, [detail_k], **kw)
-    out.append(f"\nper-layer decode hit rate at k={detail_k}:")
-    out.append("  row                     " + "".join(f"L{layer:<7}" for layer in layers))
-    for name, by_size in detail.items():
-        c = by_size[detail_k]
-        out.append(f"  {name:<24}" + "".join(f"{c.hit_rate(layer, 'decode'):<8.1%}" for layer in layers))
-    out += loads_table(detail, detail_k)
+    out += _detail(per_layer if detail_k in sizes else run(names, [detail_k]), layers, detail_k)
     glob = None
     if args.global_budgets:
         budgets = [len(layers) * s for s in sizes]
-        glob = sweep(events, names, budgets, scope="global", **kw)
+        glob = run(names, budgets, scope="global")
         out += _fmt_table("\nhit rate, decode requests, one global pool of N slots:", glob, budgets, "decode", "N")
     quality = guess_quality(events) if has_guesses else {}
     if quality:
@@ -139,7 +154,8 @@ def main(args: argparse.Namespace) -> int:
                        f"({q['guesses']} guesses)")
     print("\n".join(out))
     if args.json:
-        data = {"trace": args.trace, "layers": layers, "experts": n_experts, "sizes": sizes, "prefetch_depth": depth,
+        data = {"trace": args.trace, "each": bool(each), "layers": layers, "experts": n_experts, "sizes": sizes,
+                "prefetch_depth": depth,
                 "per_layer_k": {n: {str(s): _counts_json(c) for s, c in v.items()} for n, v in per_layer.items()},
                 "global": {n: {str(s): _counts_json(c) for s, c in v.items()} for n, v in (glob or {}).items()},
                 "guesses": {f"depth{d}/{ph}": q for (d, ph), q in quality.items()}}

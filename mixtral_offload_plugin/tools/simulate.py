@@ -115,11 +115,12 @@ class Routing:
     ours_loads: float = 0.0
 
 
-def routing_from_trace(path: str | list[str], k8: int, policy: str | None = None,
-                       prefetch: str = "none") -> Routing:
+def routing_from_trace(path: str | list[str], k8: int, policy: str | None = None, prefetch: str = "none",
+                       depth: int | None = None) -> Routing:
     """Replay the trace's decode requests with LRU (and LRU + the recorded gate guesses, the paper's prefetch) at k
     scaled to its experts; with `policy`, also that policy with `prefetch` ("none", "gate", "history",
-    "gate+history"; a prefetch load issued during decode counts, used or not)."""
+    "gate+history"; a prefetch load issued during decode counts, used or not). `depth`: layers ahead the prefetchers
+    guess (default: the recorded guesses' depth, else 1)."""
     from ..cache.policies import LRUPolicy
     from .replay import load_events, policy_factories, replay_policy, routes_of, trace_shape
     from .trace import trace_names
@@ -140,7 +141,7 @@ def routing_from_trace(path: str | list[str], k8: int, policy: str | None = None
                 sum(v for (_, ph), v in counts.prefetched.items() if ph == "decode") * scale)
 
     lru = replay_policy(events, LRUPolicy, k=k)
-    pf = replay_policy(events, LRUPolicy, k=k, prefetch=True)
+    pf = replay_policy(events, LRUPolicy, k=k, prefetch=True, depth=depth)
     has_guesses = pf.prefetch_loads > 0
     lru_m = rates(lru)[0]
     pf_m, loads = rates(pf) if has_guesses else (lru_m, 0.0)
@@ -148,7 +149,7 @@ def routing_from_trace(path: str | list[str], k8: int, policy: str | None = None
               (f", LRU + gate {pf.hit_rate(phase='decode'):.1%}" if has_guesses else ", no gate guesses"))
     if policy is None:
         return Routing(lru_m, pf_m, loads, source + ")")
-    ours = replay_policy(events, policy_factories([policy])[policy], k=k, prefetch=prefetch)
+    ours = replay_policy(events, policy_factories([policy])[policy], k=k, prefetch=prefetch, depth=depth)
     label = policy if prefetch == "none" else f"{policy} + {prefetch}"
     return Routing(lru_m, pf_m, loads, source + f", {label} {ours.hit_rate(phase='decode'):.1%})", label,
                    *rates(ours))
@@ -185,6 +186,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", default="auto",
                    help="prefetcher of that row: none, gate, history or gate+history (default 'auto': gate+history "
                         "when the trace has recorded gate guesses, else history)")
+    p.add_argument("--prefetch-depth", type=int, default=None,
+                   help="layers ahead the prefetchers guess (default: the recorded guesses' depth, else 1)")
     p.add_argument("--profile", default="all", choices=[*PROFILES, "custom", "all"], help="device (default: all)")
     p.add_argument("--expert-bits", type=int, choices=(2, 3), default=None, help="2 or 3 (default: both)")
     p.add_argument("--lru-hit-rate", type=float, default=None,
@@ -201,14 +204,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _trace_routing(args: argparse.Namespace, k: int) -> Routing:
     if args.policy == "none":
-        return routing_from_trace(args.trace, k)
+        return routing_from_trace(args.trace, k, depth=args.prefetch_depth)
     prefetch = args.prefetch
     if prefetch == "auto":
         from .trace import Guess, load_events
 
         has_guesses = any(isinstance(e, Guess) for e in load_events(args.trace))
         prefetch = "gate+history" if has_guesses else "history"
-    return routing_from_trace(args.trace, k, args.policy, prefetch)
+    return routing_from_trace(args.trace, k, args.policy, prefetch, args.prefetch_depth)
 
 
 def _print_table(out: dict[str, Any], profiles: dict[str, Profile], ours: str) -> None:
