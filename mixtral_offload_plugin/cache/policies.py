@@ -1,4 +1,5 @@
-"""Eviction policies for the expert cache: LRU (default), LFU, LFRU (recency-weighted frequency) and History.
+"""Eviction policies for the expert cache: History (the default: the routing statistics' expected next use), LRU, LFU
+and LFRU (recency-weighted frequency).
 
 A policy only ranks keys; it never touches weights. One policy instance serves one slot pool. The live cache and
 `mixtral-offload replay` drive the same classes, so a replayed trace reproduces the live cache's counts exactly.
