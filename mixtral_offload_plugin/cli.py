@@ -26,11 +26,12 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--experts-per-layer", type=int, default=None,
                    help="cache size k per MoE layer (default: the memory plan's; the embedded demo model: half)")
     g.add_argument("--cache-bytes", type=parse_size, default=None, help="one global cache budget, e.g. 2G")
-    g.add_argument("--policy", default="lru", help="eviction policy: lru, lfu, lfru or a plugin's (default: lru)")
+    g.add_argument("--policy", default=None,
+                   help="eviction policy: history, lru, lfu, lfru or a plugin's (default: history)")
     g.add_argument("--prefetch", default=None,
-                   help="prefetcher: none or gate (default: none; the embedded demo model: gate)")
-    g.add_argument("--prefetch-depth", type=int, default=1, help="layers ahead the gate prefetcher guesses")
-    g.add_argument("--prefetch-experts", type=int, default=0, help="experts guessed per layer (0 = top-k)")
+                   help="prefetcher: gate+history, history, gate, none or a plugin's (default: gate+history)")
+    g.add_argument("--prefetch-depth", type=int, default=1, help="layers ahead the prefetcher guesses")
+    g.add_argument("--prefetch-experts", type=int, default=0, help="experts prefetched at most per layer (0 = top-k)")
     g.add_argument("--expert-bits", type=int, default=16, help="2, 3, 4, 8 (HQQ) or 16 (unquantized)")
     g.add_argument("--expert-group-size", type=int, default=64, help="HQQ group size of experts")
     g.add_argument("--attn-bits", type=int, default=16, help="4, 8 (HQQ) or 16 (unquantized)")
@@ -44,24 +45,27 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(a: argparse.Namespace) -> OffloadConfig:
+    """The flags' `OffloadConfig`; a flag left unset (None) keeps `OffloadConfig`'s default."""
+    chosen = {"store": a.store, "policy": a.policy, "prefetch": a.prefetch}
     return OffloadConfig(
-        device=a.device, store=a.store or "auto", store_dir=a.store_dir, experts_per_layer=a.experts_per_layer,
-        cache_bytes=a.cache_bytes, policy=a.policy, prefetch=a.prefetch or "none", prefetch_depth=a.prefetch_depth,
+        device=a.device, store_dir=a.store_dir, experts_per_layer=a.experts_per_layer,
+        cache_bytes=a.cache_bytes, prefetch_depth=a.prefetch_depth,
         prefetch_experts=a.prefetch_experts, expert_bits=a.expert_bits, expert_group_size=a.expert_group_size,
         attn_bits=a.attn_bits, attn_group_size=a.attn_group_size, quant_scales=a.quant_scales, dtype=a.dtype,
-        context_length=a.context_length, hqq_packing=a.hqq_packing)
+        context_length=a.context_length, hqq_packing=a.hqq_packing,
+        **{k: v for k, v in chosen.items() if v is not None})
 
 
 def offload_config(a: argparse.Namespace) -> OffloadConfig:
     """The flags' `OffloadConfig`. On the embedded demo model, unless the flags say otherwise: half the experts of each
-    layer cached, the rest read from a disk store, gate prefetch. The demo model fits in memory, so without this a
-    first run would show no offloading at all; real checkpoints get what the memory plan decides."""
+    layer cached, the rest read from a disk store (with the default prefetch). The demo model fits in memory, so
+    without this a first run would show no offloading at all; real checkpoints get what the memory plan decides."""
     config = config_from_args(a)
     if a.model is not None:
         return config
     from .demo.engine import demo_config
 
-    return demo_config(model_path(a), config.replace(store=a.store or "disk", prefetch=a.prefetch or "gate"))
+    return demo_config(model_path(a), config.replace(store=a.store or "disk"))
 
 
 def model_path(a: argparse.Namespace) -> str:
@@ -265,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, helptext in (
         ("convert", "tools.convert", "convert a HF checkpoint to the offload format"),
         ("bench", "tools.bench", "side-by-side benchmark of offload configurations and baselines"),
-        ("replay", "tools.replay", "replay a routing trace against cache policies and Belady's optimum"),
+        ("replay", "tools.replay_report", "replay routing traces against cache policies, prefetchers and Belady"),
         ("simulate", "tools.simulate", "predict GPU tokens/s from a routing trace and a device profile"),
         ("demo", "demo.app", "start the Gradio demo"),
     ):

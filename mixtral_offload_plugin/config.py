@@ -46,10 +46,13 @@ class OffloadConfig:
         experts_per_layer: cache size k per MoE layer (1..num_experts). Exclusive with `cache_bytes`.
         cache_bytes: one global cache budget in bytes shared by all layers. Exclusive with `experts_per_layer`.
             Neither given: every expert is cached (resident) when it fits, else the largest cache that fits.
-        policy: eviction policy name ("lru", "lfu", "lfru", or a plugin's).
-        prefetch: "none" or "gate" (apply the next layers' routers to the current hidden state), or a plugin's.
-        prefetch_depth: how many layers ahead the gate prefetcher guesses (1..4).
-        prefetch_experts: how many experts it starts loading per guessed layer (0 = the model's top-k).
+        policy: eviction policy name: "history" (default: evict the expert the model's own recent routing expects
+            last), "lru", "lfu", "lfru", or a plugin's.
+        prefetch: "gate+history" (default: the next layers' routers applied to the current hidden state and the
+            routing history so far vote; load the experts whose calibrated probability is at least 0.4), "history"
+            (the routing history alone), "gate" (the routers' top guesses, always), "none", or a plugin's.
+        prefetch_depth: how many layers ahead the prefetcher guesses (1..4).
+        prefetch_experts: how many experts it loads at most per guessed layer (0 = the model's top-k).
         expert_bits: 16 (unquantized) or HQQ 2, 3, 4, 8.
         expert_group_size: HQQ group size for experts.
         attn_bits: 16 (unquantized) or HQQ 4, 8 for the attention projections.
@@ -73,8 +76,8 @@ class OffloadConfig:
     store_dir: str | None = None
     experts_per_layer: int | None = None
     cache_bytes: int | None = None
-    policy: str = "lru"
-    prefetch: str = "none"
+    policy: str = "history"
+    prefetch: str = "gate+history"
     prefetch_depth: int = 1
     prefetch_experts: int = 0
     expert_bits: int = 16

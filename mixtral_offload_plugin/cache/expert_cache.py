@@ -60,6 +60,14 @@ class SlotPool:
             self.policy.on_remove(key)
 
 
+def attach_policies(cache: Any) -> None:
+    """Give each pool's policy that wants it the cache (`attach(cache)`), to obtain state shared per cache."""
+    for pool in cache.pools.values():
+        attach = getattr(pool.policy, "attach", None)
+        if attach is not None:
+            attach(cache)
+
+
 class ExpertCache:
     """Slots for the experts of every MoE layer, per-layer pools or one global pool.
 
@@ -69,20 +77,25 @@ class ExpertCache:
         policy_factory: makes one eviction policy per pool.
         loader: starts and waits for loads.
         nbytes_of: key -> bytes a load moves.
+        top_k: experts each token routes per layer, when known (lets routing statistics tell one token's routing
+            from a prefill's).
     """
 
     def __init__(self, pools: dict[int, int], capacities: dict[int, int], slot_nbytes: dict[int, int],
                  policy_factory: Callable[[], EvictionPolicy], loader: SyncLoader, device: torch.device,
-                 nbytes_of: Callable[[Key], int]) -> None:
+                 nbytes_of: Callable[[Key], int], top_k: int | None = None) -> None:
         self.pool_of = dict(pools)
+        self.top_k = top_k
+        self.listeners: list[Callable[[int, Sequence[int]], None]] = []  # routing observers (traces, statistics)
+        self.shared: dict[str, Any] = {}  # per-cache state a policy and a prefetcher share (routing statistics)
         self.pools = {pid: SlotPool(cap, policy_factory()) for pid, cap in capacities.items()}
+        attach_policies(self)
         self.buffers = {pid: torch.empty((cap, slot_nbytes[pid]), dtype=torch.uint8, device=device)
                         for pid, cap in capacities.items()}
         self.slots = {pid: [Slot(i, self.buffers[pid][i]) for i in range(cap)] for pid, cap in capacities.items()}
         self.loader = loader
         self.nbytes_of = nbytes_of
         self.counters = {layer: LayerCounters() for layer in pools}
-        self.listeners: list[Callable[[int, Sequence[int]], None]] = []  # routing observers (traces)
 
     # -- demand path -----------------------------------------------------------------------------------------
     def request(self, layer: int, experts: Sequence[int], record: bool = True) -> list[Slot | None]:

@@ -1,8 +1,11 @@
-"""Eviction policies for the expert cache: LRU (default), LFU and LFRU (recency-weighted frequency).
+"""Eviction policies for the expert cache: History (the default: the routing statistics' expected next use), LRU, LFU
+and LFRU (recency-weighted frequency).
 
 A policy only ranks keys; it never touches weights. One policy instance serves one slot pool. The live cache and
 `mixtral-offload replay` drive the same classes, so a replayed trace reproduces the live cache's counts exactly.
-Keys are opaque hashables (the cache uses `(layer, expert)`).
+Keys are opaque hashables (the cache uses `(layer, expert)`). A policy may also have `attach(cache)`, called once
+before any other call, to obtain per-cache state it shares with a prefetcher (`HistoryPolicy` uses it for the
+cache's `RoutingStats`).
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
-from typing import Protocol
+from typing import Any, Protocol
+
+from .routing_stats import RoutingStats, routing_stats
 
 
 class EvictionPolicy(Protocol):
@@ -88,3 +93,37 @@ class LFUPolicy(LFRUPolicy):
 
     def __init__(self) -> None:
         super().__init__(half_life=math.inf)
+
+
+class HistoryPolicy:
+    """Evicts the expert the cache's routing statistics expect to be routed last; LRU among equals.
+
+    The expected wait of an expert is the number of layer calls until its layer's next call plus, the less likely the
+    expert is to be routed there, more rounds (`RoutingStats.expected_wait`): within one layer's pool it evicts the
+    least likely expert of the next call (for the next token, or for this token when a prefetch into a later layer
+    evicts). Needs `(layer, expert)` keys. Without `attach` it is plain LRU.
+    """
+
+    def __init__(self) -> None:
+        self._lru = LRUPolicy()
+        self.stats: RoutingStats | None = None
+
+    def attach(self, cache: Any) -> None:
+        self.stats = routing_stats(cache)
+
+    def on_insert(self, key: Hashable) -> None:
+        self._lru.on_insert(key)
+
+    def on_access(self, key: Hashable) -> None:
+        self._lru.on_access(key)
+
+    def on_remove(self, key: Hashable) -> None:
+        self._lru.on_remove(key)
+
+    def victim(self, candidates: Iterable[Hashable]) -> Hashable:
+        if self.stats is None:
+            return self._lru.victim(candidates)
+        allowed = set(candidates)
+        age = {key: i for i, key in enumerate(k for k in self._lru._order if k in allowed)}  # 0 = least recent
+        wait = self.stats.expected_wait
+        return max(allowed, key=lambda k: (wait(k), -age.get(k, -1)))  # type: ignore[arg-type]

@@ -29,12 +29,21 @@ class GatePrefetcher:
         self.listeners: list[Callable[[int, int, list[int]], None]] = []  # (from layer, guessed layer, guesses)
 
     @torch.no_grad()
-    def after_route(self, layer: int, hidden: torch.Tensor, experts: Sequence[int]) -> None:
+    def propose(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The top guesses for the layers ahead, best first, on the device: [d, experts] int64 (no host sync)."""
+        ahead = self.ahead[layer]
+        if not ahead:
+            return None
+        scores = torch.stack([self.arch.router_scores(self.blocks[nxt], hidden).sum(dim=0) for nxt in ahead])  # [d, E]
+        return scores.topk(min(self.experts, scores.shape[-1]), dim=-1).indices
+
+    @torch.no_grad()
+    def after_route(self, layer: int, hidden: torch.Tensor, experts: Sequence[int],
+                    proposal: list[list[int]] | None = None) -> None:
         ahead = self.ahead[layer]
         if not ahead:
             return
-        scores = torch.stack([self.arch.router_scores(self.blocks[nxt], hidden).sum(dim=0) for nxt in ahead])  # [d, E]
-        guesses = scores.topk(min(self.experts, scores.shape[-1]), dim=-1).indices.tolist()  # one sync for all d
+        guesses = proposal if proposal is not None else self.propose(layer, hidden).tolist()  # one sync for all d
         protected = [(layer, e) for e in experts]
         for nxt, guess in zip(ahead, guesses, strict=True):
             for listener in self.listeners:

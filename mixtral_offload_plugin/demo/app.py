@@ -294,7 +294,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="initial max new tokens per reply")
     add_offload_args(parser)
-    parser.set_defaults(prefetch="gate")
     parser.epilog = (
         "Without --experts-per-layer/--cache-bytes the cache holds half the experts of each layer."
     )

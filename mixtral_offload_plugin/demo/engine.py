@@ -77,9 +77,9 @@ def num_experts_of(path: str | Path) -> int | None:
 
 
 def demo_config(path: str | Path, base: OffloadConfig | None = None) -> OffloadConfig:
-    """`base` (default: a fresh config with gate prefetch), with a cache of half the experts when no size is given,
-    so that even a model that fits shows real offloading (misses, loads, prefetch)."""
-    base = base or OffloadConfig(prefetch="gate")
+    """`base` (default: `OffloadConfig()`: history policy, gate+history prefetch), with a cache of half the experts
+    when no size is given, so that even a model that fits shows real offloading (misses, loads, prefetch)."""
+    base = base or OffloadConfig()
     n = num_experts_of(path)
     if base.experts_per_layer is None and base.cache_bytes is None and n:
         base = base.replace(experts_per_layer=max(1, n // 2))

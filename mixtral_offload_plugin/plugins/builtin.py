@@ -11,11 +11,12 @@ from .hookspecs import Register, hookimpl
 
 @hookimpl
 def register_cache_policies(register: Register) -> None:
-    from ..cache.policies import LFRUPolicy, LFUPolicy, LRUPolicy
+    from ..cache.policies import HistoryPolicy, LFRUPolicy, LFUPolicy, LRUPolicy
 
     register("lru", LRUPolicy)
     register("lfu", LFUPolicy)
     register("lfru", LFRUPolicy)
+    register("history", HistoryPolicy)
 
 
 @hookimpl
@@ -55,10 +56,13 @@ def register_quantizers(register: Register) -> None:
 
 @hookimpl
 def register_prefetchers(register: Register) -> None:
+    from ..cache.history import gate_history_prefetcher, history_prefetcher
     from ..cache.prefetch import gate_prefetcher
 
     register("none", lambda cache, arch, blocks, config: None)
     register("gate", gate_prefetcher)
+    register("history", history_prefetcher)
+    register("gate+history", gate_history_prefetcher)
 
 
 @hookimpl

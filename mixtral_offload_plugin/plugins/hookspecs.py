@@ -25,8 +25,10 @@ def register_cache_policies(register: Register) -> None:
 
     :param register: call ``register(name, factory)``; ``factory()`` returns a new object with
         ``on_insert(key)``, ``on_access(key)``, ``on_remove(key)`` and ``victim(candidates) -> key``
-        (see ``mixtral_offload_plugin.cache.policies.EvictionPolicy``). One instance is made per slot pool.
-        Selected with ``OffloadConfig(policy=name)``.
+        (see ``mixtral_offload_plugin.cache.policies.EvictionPolicy``), and optionally ``attach(cache)``, called
+        once first, to share per-cache state such as ``cache.routing_stats.routing_stats(cache)``. One instance is
+        made per slot pool. Selected with ``OffloadConfig(policy=name)``; built-ins "history" (default), "lru",
+        "lfu", "lfru".
     """
 
 
@@ -56,8 +58,11 @@ def register_prefetchers(register: Register) -> None:
     """Register speculative prefetchers.
 
     :param register: call ``register(name, factory)``; ``factory(cache, arch, blocks, config)`` returns an object
-        with ``after_route(layer, hidden_states, experts)`` (called once per MoE layer call, after routing) or None.
-        Selected with ``OffloadConfig(prefetch=name)``; built-ins "none" and "gate".
+        with ``after_route(layer, hidden_states, experts, proposal=None)`` (called once per MoE layer call, after
+        routing; ``experts`` are the distinct experts routed, as ints) and optionally
+        ``propose(layer, hidden_states) -> Tensor | None`` (called before the layer's host sync, device work only;
+        its content comes back as nested lists in ``proposal``), or None. Selected with
+        ``OffloadConfig(prefetch=name)``; built-ins "gate+history" (default), "history", "gate" and "none".
     """
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import plugins
 from ..cache.expert_cache import ExpertCache
+from ..cache.policies import LRUPolicy
 from ..cache.transfer import make_loader
 from ..config import OffloadConfig
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
@@ -352,8 +353,10 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
         loader = make_loader("sync", loader_store, prepare, device)
     else:
         loader = make_loader(transfer, store, prepare, device)
+    if resident:  # every expert has a slot and nothing is ever evicted: keep no policy state (no statistics)
+        policy_factory = LRUPolicy
     cache = ExpertCache(pools, capacities, slot_nbytes, policy_factory, loader, device,
-                        lambda key: layout_of(key).nbytes)
+                        lambda key: layout_of(key).nbytes, top_k=top_k)
     if resident:
         for key, packed in _expert_stream(ckpt, arch, keys, split[:2], quantizer, spec, device):
             loader_store.item = packed

@@ -256,7 +256,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="build (once, cached) a random-weight model: mid = hidden 1024, intermediate 3584, 8 layers, "
                         "8 experts top-2, vocab 32000, bf16; tiny = a 2-layer smoke-test model")
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
-                   help="comma-separated configurations: resident, host-kN, disk-kN[-cold][-prefetch], "
+                   help="comma-separated configurations: resident, host-kN and disk-kN[-cold] (LRU, no prefetch; "
+                        "-prefetch: LRU + gate prefetch; -default: OffloadConfig's default policy and prefetch), "
                         "transformers-bf16, transformers-fp32, accelerate-disk[-warm]; add :key=value overrides "
                         "(OffloadConfig fields, cold, limit), e.g. disk-k4-cold-prefetch:prefetch_depth=2 "
                         "(default: %(default)s)")

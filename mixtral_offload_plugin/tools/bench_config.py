@@ -1,5 +1,5 @@
-"""`mixtral-offload bench` configurations and models: the presets (`resident`, `host-kN`, `disk-kN[-cold][-prefetch]`,
-transformers and accelerate baselines) with `:key=value` overrides, the synthetic models, and the checkpoint sizes the
+"""`mixtral-offload bench` configurations and models: the presets (`resident`, `host-kN`,
+`disk-kN[-cold][-prefetch|-default]`, transformers and accelerate baselines) with `:key=value` overrides, the synthetic models, and the checkpoint sizes the
 memory budget is computed from (read from safetensors headers or the offload manifest; no weight is loaded).
 
 Only the standard library at top level; knows nothing about processes, interleaving or the table (bench.py).
@@ -24,8 +24,12 @@ SYNTHETIC = {  # make_random_mixtral arguments
     "tiny": {"hidden": 64, "intermediate": 128, "layers": 2, "experts": 4, "top_k": 2, "heads": 4,
              "kv_heads": 2, "vocab": 128, "context": 256, "dtype": "float32", "std": 0.2},
 }
-DEFAULT_CONFIGS = "transformers-bf16,resident,host-k4,disk-k4-cold,disk-k4-cold-prefetch"
-_OURS_RE = re.compile(r"^(host|disk)-k(\d+)(-cold)?(-prefetch)?$")
+DEFAULT_CONFIGS = "transformers-bf16,resident,host-k4,disk-k4-cold,disk-k4-cold-prefetch,disk-k4-cold-default"
+_OURS_RE = re.compile(r"^(host|disk)-k(\d+)(-cold)?(-prefetch|-default)?$")
+# the cache presets pin their policy and prefetcher (LRU alone; LRU + gate prefetch), so a row means what it meant
+# when the tables were measured; "-default" takes OffloadConfig's defaults (history policy, gate+history prefetch)
+_PRESET_CACHE = {None: {"policy": "lru", "prefetch": "none"}, "-prefetch": {"policy": "lru", "prefetch": "gate"},
+                 "-default": {}}
 _BENCH_KEYS = {"engine", "cold", "limit", "dtype_hf", "device"}
 _BUDGETED = ("half",)
 # `--memory-limit half` adds this to the runtime, trunk and half the experts: activations, KV cache, allocator slack
@@ -62,7 +66,7 @@ def _coerce(value: str) -> Any:
 
 
 def parse_config(spec: str) -> BenchConfig:
-    """`preset[:key=value...]`: presets resident, host-kN, disk-kN[-cold][-prefetch], transformers-bf16,
+    """`preset[:key=value...]`: presets resident, host-kN, disk-kN[-cold][-prefetch|-default], transformers-bf16,
     transformers-fp32, accelerate-disk; keys are OffloadConfig fields plus cold, limit and device (any engine)."""
     name, *parts = spec.split(":")
     overrides: list[str] = []
@@ -75,9 +79,7 @@ def parse_config(spec: str) -> BenchConfig:
     if name == "resident":
         cfg = BenchConfig(spec, "ours", {"store": "auto"})
     elif m:
-        offload = {"store": m[1], "experts_per_layer": int(m[2])}
-        if m[4]:
-            offload["prefetch"] = "gate"
+        offload = {"store": m[1], "experts_per_layer": int(m[2]), **_PRESET_CACHE[m[4]]}
         cfg = BenchConfig(spec, "ours", offload, cold=bool(m[3]), limited=m[1] == "disk")
     elif name in ("transformers-bf16", "transformers-fp32", "transformers"):
         dtype = {"transformers-bf16": "bfloat16", "transformers-fp32": "float32"}.get(name, "auto")
@@ -85,7 +87,7 @@ def parse_config(spec: str) -> BenchConfig:
     elif name in ("accelerate-disk", "accelerate-disk-warm"):
         cfg = BenchConfig(spec, "accelerate", cold=name == "accelerate-disk", limited=True)
     else:
-        msg = (f"unknown bench configuration {name!r}: use resident, host-kN, disk-kN[-cold][-prefetch], "
+        msg = (f"unknown bench configuration {name!r}: use resident, host-kN, disk-kN[-cold][-prefetch|-default], "
                "transformers-bf16, transformers-fp32, accelerate-disk or accelerate-disk-warm, "
                "optionally followed by :key=value overrides (OffloadConfig fields, cold, limit)")
         raise ValueError(msg)

@@ -1,66 +1,59 @@
-"""`mixtral-offload replay`: replay a routing trace against cache policies and Belady's optimum.
+"""Trace replay: drive the live cache's policies and prefetchers, and Belady's optimum, over a routing trace.
 
-A trace (see `trace.py`) lists, for every MoE layer call, the distinct experts routed. Replay drives the live cache's
-own bookkeeping (`cache.SlotPool`) with the live cache's own policy classes, in the order `ExpertCache.request` and
-`OffloadedExperts.forward` use, so a trace recorded without prefetch replays to exactly the live hit and miss counts.
-Belady's optimum (MIN: keep the experts needed soonest) is computed offline on the same requests and bounds every
-policy from above. When the trace carries the gate prefetcher's guesses, replay scores them (precision and recall per
-depth) and can also replay a policy with those guesses prefetched (as `ExpertCache.prefetch` does, assuming every
-load finishes before the next layer asks; the live cache may still be loading, so this is an upper estimate).
-This module knows nothing about tensors, stores or models.
+A trace (see `trace.py`) lists, for every MoE layer call, the distinct experts routed. `ReplayCache` offers the part
+of `ExpertCache` that policies and prefetchers use (`request`, `prefetch`, `resident`, `listeners`, `shared`) on the
+live cache's own bookkeeping (`cache.SlotPool`), and replay calls it in the order `OffloadedExperts.forward` does
+(request, then the prefetcher's `after_route`, then the experts that found no slot), with the live policy and
+prefetcher classes. So a trace replays to exactly the live hit and miss counts whenever every load finishes before
+the next layer asks (always with `transfer="sync"`; with asynchronous loads the live cache may still be loading, so
+prefetch rows are then an upper estimate).
+
+Prefetchers: "gate" prefetches the gate guesses recorded in the trace; "history" runs the routing-history prefetcher
+on the routing itself (it needs no hidden state, so any trace works); "gate+history" lets both vote. Belady's MIN
+(keep the experts needed soonest) is the optimum of demand-only caching on the same requests: it bounds every row
+without prefetch from above; a prefetching row can pass it by loading more. Every row counts loads (demand misses +
+prefetches): a prefetch that is never used still costs a transfer. This module knows nothing about tensors or models.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..cache.expert_cache import SlotPool
+from ..cache.expert_cache import SlotPool, attach_policies
+from .trace import PHASES, Guess, Route, load_events, parse_records, routes_of, trace_shape, trace_top_k
 
-PHASES = ("prefill", "decode")
+__all__ = ["PHASES", "PREFETCHERS", "Counts", "Guess", "ReplayCache", "Route", "belady", "guess_quality",
+           "load_events", "parse_records", "replay_policy", "routes_of", "sweep", "sweep_each", "trace_shape"]
 
-
-@dataclass(frozen=True)
-class Route:
-    """One MoE layer call: the distinct experts `layer` routed for the tokens of one forward."""
-
-    layer: int
-    experts: tuple[int, ...]
-    phase: str
-    seq: int = 0
-    pos: int = 0
+PREFETCHERS = ("none", "gate", "history", "gate+history")
+_Key = tuple[int, str]  # (layer, phase)
 
 
-@dataclass(frozen=True)
-class Guess:
-    """The prefetcher's guess, made at layer `layer`, of the experts of layer `target`."""
-
-    layer: int
-    target: int
-    experts: tuple[int, ...]
-    seq: int = 0
-    pos: int = 0
+def _count() -> defaultdict[_Key, int]:
+    return defaultdict(int)
 
 
 @dataclass
 class Counts:
-    """Hits and misses of one replay, per layer and phase (misses include a reload after a forced drop)."""
+    """What one replay did, per (layer, phase): hits, demand misses (a reload after a forced drop counts), prefetch
+    loads (by the phase of the call that issued them) and prefetched experts used; `tokens` = forwards per phase."""
 
-    hits: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
-    misses: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
-    prefetch_loads: int = 0
-    prefetch_hits: int = 0
+    hits: dict[_Key, int] = field(default_factory=_count)
+    misses: dict[_Key, int] = field(default_factory=_count)
+    prefetched: dict[_Key, int] = field(default_factory=_count)
+    prefetch_used: dict[_Key, int] = field(default_factory=_count)
+    tokens: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    @staticmethod
+    def _sum(d: dict[_Key, int], layer: int | None, phase: str | None) -> int:
+        return sum(v for (lay, ph), v in d.items()
+                   if (layer is None or lay == layer) and (phase is None or ph == phase))
 
     def total(self, layer: int | None = None, phase: str | None = None) -> tuple[int, int]:
-        def keep(key: tuple[int, str]) -> bool:
-            return (layer is None or key[0] == layer) and (phase is None or key[1] == phase)
-
-        return (sum(v for k, v in self.hits.items() if keep(k)), sum(v for k, v in self.misses.items() if keep(k)))
+        return self._sum(self.hits, layer, phase), self._sum(self.misses, layer, phase)
 
     def hit_rate(self, layer: int | None = None, phase: str | None = None) -> float:
         h, m = self.total(layer, phase)
@@ -70,70 +63,42 @@ class Counts:
         layers = sorted({k[0] for k in self.hits} | {k[0] for k in self.misses})
         return {layer: self.total(layer) for layer in layers}
 
+    @property
+    def prefetch_loads(self) -> int:
+        return self._sum(self.prefetched, None, None)
 
-# -- reading traces --------------------------------------------------------------------------------------------------
-def parse_records(records: Iterable[dict[str, Any]]) -> list[Route | Guess]:
-    """Trace records (dicts as `trace.read_trace` returns them) -> events in file order."""
-    events: list[Route | Guess] = []
-    for i, r in enumerate(records):
-        try:
-            if "guess_for" in r:
-                events.append(Guess(int(r["layer"]), int(r["guess_for"]), tuple(int(e) for e in r["guess"]),
-                                    int(r.get("seq", 0)), int(r.get("pos", 0))))
-            else:
-                phase = r.get("phase", "decode")
-                if phase not in PHASES:
-                    msg = f"phase {phase!r} is not one of {PHASES}"
-                    raise ValueError(msg)
-                events.append(Route(int(r["layer"]), tuple(int(e) for e in r["experts"]), phase,
-                                    int(r.get("seq", 0)), int(r.get("pos", 0))))
-        except (KeyError, TypeError, ValueError) as exc:
-            msg = (f"trace record {i + 1} is not a routing record ({exc}): expected "
-                   '{"layer", "experts", "phase"} or {"layer", "guess_for", "guess"}; '
-                   "record traces with `mixtral-offload generate --record-routing FILE`")
-            raise ValueError(msg) from None
-    return events
+    @property
+    def prefetch_hits(self) -> int:
+        return self._sum(self.prefetch_used, None, None)
 
+    def __add__(self, other: Counts) -> Counts:
+        out = Counts()
+        for name in ("hits", "misses", "prefetched", "prefetch_used", "tokens"):
+            target = getattr(out, name)
+            for c in (self, other):
+                for key, v in getattr(c, name).items():
+                    target[key] += v
+        return out
 
-def load_events(path: str) -> list[Route | Guess]:
-    from .trace import read_trace
-
-    try:
-        records = read_trace(path)
-    except FileNotFoundError:
-        msg = f"trace file {path} does not exist; record one with `mixtral-offload generate --record-routing {path}`"
-        raise ValueError(msg) from None
-    except json.JSONDecodeError as exc:
-        msg = f"trace file {path} is not JSON lines ({exc}); it must be written by --record-routing"
-        raise ValueError(msg) from None
-    events = parse_records(records)
-    if not any(isinstance(e, Route) for e in events):
-        msg = f"trace file {path} has no routing records"
-        raise ValueError(msg)
-    return events
+    def summary(self, phase: str = "decode") -> dict[str, float]:
+        """Per token of `phase`: misses, prefetch loads, all loads; prefetch precision (used / loaded) and recall
+        (prefetched experts used / (those + demand misses): the share of non-resident experts prefetch brought)."""
+        tokens = max(1, self.tokens.get(phase, 0))
+        misses = self._sum(self.misses, None, phase)
+        loads = self._sum(self.prefetched, None, phase)
+        used = self._sum(self.prefetch_used, None, phase)
+        return {"hit_rate": self.hit_rate(phase=phase), "misses_per_token": misses / tokens,
+                "prefetch_per_token": loads / tokens, "loads_per_token": (misses + loads) / tokens,
+                "prefetch_precision": used / loads if loads else 0.0,
+                "prefetch_recall": used / (used + misses) if used + misses else 0.0}
 
 
-def routes_of(events: Sequence[Route | Guess]) -> list[Route]:
-    return [e for e in events if isinstance(e, Route)]
-
-
-def trace_shape(events: Sequence[Route | Guess]) -> tuple[list[int], int]:
-    """(sorted MoE layer indices, number of experts seen + 1 bound) of a trace."""
-    routes = routes_of(events)
-    layers = sorted({r.layer for r in routes})
-    experts = 1 + max(max(r.experts, default=0) for r in routes)
-    for g in events:
-        if isinstance(g, Guess) and g.experts:
-            experts = max(experts, 1 + max(g.experts))
-    return layers, experts
-
-
-# -- replaying a policy ------------------------------------------------------------------------------------------------
-class _Pools:
-    """SlotPools exactly as ExpertCache builds them: one per layer (k slots) or one global pool."""
+class ReplayCache:
+    """SlotPools exactly as ExpertCache builds them (one per layer with k slots, or one global pool), with the
+    interface policies and prefetchers use; every load is assumed finished before the next request."""
 
     def __init__(self, layers: Sequence[int], policy_factory: Callable[[], Any], k: int | None,
-                 global_slots: int | None) -> None:
+                 global_slots: int | None, top_k: int | None = None) -> None:
         if (k is None) == (global_slots is None):
             msg = "give exactly one of k (per-layer slots) or global_slots"
             raise ValueError(msg)
@@ -141,79 +106,128 @@ class _Pools:
             self.pool_of = {layer: layer for layer in layers}
             self.pools = {layer: SlotPool(k, policy_factory()) for layer in layers}
         else:
-            self.pool_of = {layer: 0 for layer in layers}
-            self.pools = {0: SlotPool(int(global_slots), policy_factory())}
+            self.pool_of = dict.fromkeys(layers, 0)
+            self.pools = {0: SlotPool(int(global_slots), policy_factory())}  # type: ignore[arg-type]
+        self.top_k = top_k
+        self.listeners: list[Callable[[int, Sequence[int]], None]] = []
+        self.shared: dict[str, Any] = {}
+        self.counts = Counts()
+        self.phase = "decode"
         self.fresh: set[Hashable] = set()  # prefetched and not used yet
+        attach_policies(self)
 
-    def pool(self, layer: int) -> SlotPool:
-        return self.pools[self.pool_of[layer]]
+    def _admit(self, key: tuple[int, int], protected: Iterable[Hashable]) -> bool:
+        placed = self.pools[self.pool_of[key[0]]].admit(key, protected)
+        if placed is None:
+            return False
+        self.fresh.discard(placed[1])
+        return True
 
-    def request(self, layer: int, experts: Sequence[int], phase: str, counts: Counts) -> list[int]:
+    def request(self, layer: int, experts: Sequence[int], record: bool = True) -> list[int]:
         """ExpertCache.request: returns the experts that found no slot (requested again one by one)."""
-        pool = self.pool(layer)
+        if record:
+            for listener in self.listeners:
+                listener(layer, experts)
+        pool, c = self.pools[self.pool_of[layer]], self.counts
         protected = [(layer, e) for e in experts]
         left = []
         for key in protected:
             if pool.lookup(key) is not None:
-                counts.hits[layer, phase] += 1
+                c.hits[layer, self.phase] += 1
                 if key in self.fresh:
-                    counts.prefetch_hits += 1
+                    c.prefetch_used[layer, self.phase] += 1
                 pool.policy.on_access(key)
+            elif self._admit(key, protected):
+                c.misses[layer, self.phase] += 1
             else:
-                placed = pool.admit(key, protected)
-                if placed is None:
-                    left.append(key[1])
-                    continue
-                self.fresh.discard(placed[1])
-                counts.misses[layer, phase] += 1
+                left.append(key[1])
+                continue
             self.fresh.discard(key)
         return left
 
-    def prefetch(self, layer: int, target: int, experts: Sequence[int], protected: Sequence[int],
-                 counts: Counts) -> None:
-        """ExpertCache.prefetch, with every earlier load assumed finished."""
-        pool = self.pool(target)
-        keep = {(layer, e) for e in protected} | {(target, e) for e in experts}
+    def prefetch(self, layer: int, experts: Sequence[int], protected: Iterable[tuple[int, int]] = ()) -> int:
+        """ExpertCache.prefetch: never evicts `protected` or the other guesses."""
+        pool = self.pools[self.pool_of[layer]]
+        keep = set(protected) | {(layer, e) for e in experts}
+        started = 0
         for e in experts:
-            key = (target, e)
+            key = (layer, e)
             if pool.lookup(key) is not None:
                 continue
-            placed = pool.admit(key, keep)
-            if placed is None:
+            if not self._admit(key, keep):
                 break
-            self.fresh.discard(placed[1])
             self.fresh.add(key)
-            counts.prefetch_loads += 1
+            self.counts.prefetched[layer, self.phase] += 1
+            started += 1
+        return started
+
+    def resident(self, layer: int) -> set[int]:
+        return {k[1] for k in self.pools[self.pool_of[layer]].where if k[0] == layer}
+
+
+def _prefetcher(name: str, cache: ReplayCache, layers: Sequence[int], depth: int, experts: int) -> Any:
+    if name not in PREFETCHERS:
+        msg = f"unknown prefetcher {name!r}; replay knows {PREFETCHERS}"
+        raise ValueError(msg)
+    if name == "gate":
+        from ..cache.prefetch import GatePrefetcher
+
+        return GatePrefetcher(cache, None, dict.fromkeys(layers), depth, experts)
+    from ..cache.history import GateHistoryPrefetcher, HistoryPrefetcher
+
+    if name == "history":
+        return HistoryPrefetcher(cache, depth, experts)
+    if name == "gate+history":
+        return GateHistoryPrefetcher(cache, None, depth, experts)
+    return None
+
+
+def recorded_depth(events: Sequence[Route | Guess]) -> int | None:
+    """How many layers ahead the recorded gate guesses reach (None: the trace has no guesses)."""
+    layers = trace_shape(events)[0]
+    rank = {layer: i for i, layer in enumerate(layers)}
+    depths = [rank[g.target] - rank[g.layer] for g in events if isinstance(g, Guess)]
+    return max(depths) if depths else None
 
 
 def replay_policy(events: Sequence[Route | Guess], policy_factory: Callable[[], Any], *, k: int | None = None,
-                  global_slots: int | None = None, prefetch: bool = False,
-                  layers: Sequence[int] | None = None) -> Counts:
-    """Replay `events` through SlotPools ranked by `policy_factory()` policies; returns the counts.
-
-    With `prefetch`, each recorded guess is loaded right after its layer's request, as the live gate prefetcher does.
-    """
+                  global_slots: int | None = None, prefetch: bool | str = False, layers: Sequence[int] | None = None,
+                  depth: int | None = None, experts: int | None = None) -> Counts:
+    """Replay `events` through the policy (and prefetcher, `PREFETCHERS`; True = "gate") at `k` slots per layer or
+    `global_slots` in all; `depth`/`experts` as OffloadConfig's prefetch_depth/prefetch_experts (defaults: the
+    recorded guesses' depth, else 1; the trace's top-k). Recorded guesses are cut to `experts`, as the live gate's."""
     layers = list(layers) if layers is not None else trace_shape(events)[0]
-    pools = _Pools(layers, policy_factory, k, global_slots)
-    counts = Counts()
-    pending: tuple[Route, list[int]] | None = None
+    top_k = trace_top_k(events)
+    name = {True: "gate", False: "none"}.get(prefetch, prefetch) if isinstance(prefetch, bool) else prefetch
+    depth = depth or recorded_depth(events) or 1
+    experts = experts or top_k or 1
+    cache = ReplayCache(layers, policy_factory, k, global_slots, top_k)
+    pf = _prefetcher(name, cache, layers, depth, experts)
+    ahead = {layer: layers[i + 1: i + 1 + depth] for i, layer in enumerate(layers)}
+    pending: tuple[Route, list[int], dict[int, tuple[int, ...]]] | None = None
 
-    def finish() -> None:  # the experts that did not fit are requested one at a time after the layer's compute
-        if pending is not None:
-            route, left = pending
-            for e in left:
-                pools.request(route.layer, [e], route.phase, counts)
+    def finish() -> None:  # the prefetcher runs, then the experts that did not fit are requested one at a time
+        if pending is None:
+            return
+        route, left, guessed = pending
+        cache.phase = route.phase
+        if pf is not None:
+            proposal = [list(guessed.get(t, ()))[:experts] for t in ahead[route.layer]] if "gate" in name else None
+            pf.after_route(route.layer, None, route.experts, proposal)
+        for e in left:
+            cache.request(route.layer, [e], record=False)
 
-    last: Route | None = None
     for ev in events:
         if isinstance(ev, Route):
             finish()
-            left = pools.request(ev.layer, ev.experts, ev.phase, counts)
-            pending, last = (ev, left), ev
-        elif prefetch and last is not None and ev.layer == last.layer:
-            pools.prefetch(ev.layer, ev.target, ev.experts, last.experts, counts)
+            cache.phase = ev.phase
+            if ev.layer == layers[0]:
+                cache.counts.tokens[ev.phase] += 1
+            pending = (ev, cache.request(ev.layer, ev.experts), {})
+        elif pending is not None and ev.layer == pending[0].layer:
+            pending[2][ev.target] = ev.experts
     finish()
-    return counts
+    return cache.counts
 
 
 # -- Belady's optimum --------------------------------------------------------------------------------------------------
@@ -226,20 +240,20 @@ def belady(events: Sequence[Route | Guess], *, k: int | None = None, global_slot
         msg = "give exactly one of k (per-layer slots) or global_slots"
         raise ValueError(msg)
     group = (lambda r: r.layer) if k is not None else (lambda r: 0)
-    capacity = k if k is not None else int(global_slots)
-    # next use of each key after call i, computed backwards
-    next_use: list[dict[tuple[int, int], int]] = [{} for _ in routes]
+    capacity = k if k is not None else int(global_slots)  # type: ignore[arg-type]
+    next_use: list[dict[tuple[int, int], int]] = [{} for _ in routes]  # index of each key's next use after call i
     upcoming: dict[tuple[int, int], int] = {}
     for i in range(len(routes) - 1, -1, -1):
         keys = [(routes[i].layer, e) for e in routes[i].experts]
         next_use[i] = {key: upcoming.get(key, len(routes) + 1) for key in keys}
         for key in keys:
             upcoming[key] = i
-    # next_use[i][key] = the index of the next call after i using key; extend to resident keys lazily
     resident: dict[Any, set[tuple[int, int]]] = defaultdict(set)
     nxt: dict[tuple[int, int], int] = {}  # for every key ever used: index of its next use after the current call
     counts = Counts()
+    first = min((r.layer for r in routes), default=0)
     for i, r in enumerate(routes):
+        counts.tokens[r.phase] += r.layer == first
         res = resident[group(r)]
         keys = [(r.layer, e) for e in r.experts]
         for key in keys:
@@ -256,7 +270,7 @@ def belady(events: Sequence[Route | Guess], *, k: int | None = None, global_slot
     return counts
 
 
-# -- prefetch guesses ----------------------------------------------------------------------------------------------------
+# -- recorded guesses --------------------------------------------------------------------------------------------------
 def guess_quality(events: Sequence[Route | Guess]) -> dict[tuple[int, str], dict[str, float]]:
     """Precision and recall of recorded guesses against the guessed layer's actual experts, per (depth, phase)."""
     layers = trace_shape(events)[0]
@@ -278,7 +292,7 @@ def guess_quality(events: Sequence[Route | Guess]) -> dict[tuple[int, str], dict
                   "guesses": a[3]} for key, a in sorted(acc.items())}
 
 
-# -- the command -----------------------------------------------------------------------------------------------------
+# -- sweeps ------------------------------------------------------------------------------------------------------------
 def policy_factories(names: Sequence[str]) -> dict[str, Callable[[], Any]]:
     """name -> policy factory from the plugin registry (the classes the live cache uses)."""
     from .. import plugins
@@ -296,93 +310,35 @@ def policy_factories(names: Sequence[str]) -> dict[str, Callable[[], Any]]:
 
 
 def sweep(events: Sequence[Route | Guess], names: Sequence[str], sizes: Sequence[int], *, scope: str = "layer",
-          prefetch: bool = False) -> dict[str, dict[int, Counts]]:
-    """Counts for each policy (and 'belady') at each size: k per layer (scope "layer") or total slots ("global")."""
+          prefetch: bool | Sequence[str] = False, depth: int | None = None,
+          experts: int | None = None) -> dict[str, dict[int, Counts]]:
+    """Counts for each policy (and 'belady') at each size: k per layer (scope "layer") or total slots ("global").
+
+    Rows are named "policy" without prefetch and "policy+prefetcher" with each of `prefetch` (True = "gate",
+    named "policy+prefetch" as before).
+    """
     layers = trace_shape(events)[0]
     kw = (lambda s: {"k": s}) if scope == "layer" else (lambda s: {"global_slots": s})
+    if isinstance(prefetch, bool):
+        prefetchers = {"none": "", "gate": "+prefetch"} if prefetch else {"none": ""}
+    else:
+        prefetchers = {p: "" if p == "none" else "+" + p for p in prefetch}
     out: dict[str, dict[int, Counts]] = {}
     for name, factory in policy_factories(names).items():
-        out[name] = {s: replay_policy(events, factory, layers=layers, **kw(s)) for s in sizes}
-        if prefetch:
-            out[name + "+prefetch"] = {s: replay_policy(events, factory, layers=layers, prefetch=True, **kw(s))
-                                       for s in sizes}
+        for pf, suffix in prefetchers.items():
+            out[name + suffix] = {s: replay_policy(events, factory, layers=layers, prefetch=pf, depth=depth,
+                                                   experts=experts, **kw(s)) for s in sizes}
     if "belady" in names:
         out["belady"] = {s: belady(events, **kw(s)) for s in sizes}
     return out
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("trace", help="routing trace (JSON lines) from --record-routing")
-    p.add_argument("--policies", default="lru,lfu,lfru,belady",
-                   help="comma-separated policy names (any registered policy, plus 'belady'); default: %(default)s")
-    p.add_argument("--sizes", default=None, help="cache sizes k per layer, e.g. 1,2,4 (default: 1..E-1)")
-    p.add_argument("--global", dest="global_budgets", action="store_true",
-                   help="also replay one global pool of L*k slots for each k")
-    p.add_argument("--layer-detail", type=int, default=None, metavar="K",
-                   help="print hit rates per layer at this k (default: E/2)")
-    p.add_argument("--no-prefetch", action="store_true", help="do not replay the recorded guesses as prefetches")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write every number as JSON")
-
-
-def _fmt_table(title: str, results: dict[str, dict[int, Counts]], sizes: Sequence[int], phase: str | None,
-               label: str = "k") -> list[str]:
-    lines = [title, "  policy            " + "".join(f"{label}={s:<6}" for s in sizes)]
-    for name, by_size in results.items():
-        lines.append(f"  {name:<18}" + "".join(f"{by_size[s].hit_rate(phase=phase):<8.1%}" for s in sizes))
-    return lines
-
-
-def _counts_json(c: Counts) -> dict[str, Any]:
-    return {ph: {"hits": c.total(phase=ph)[0], "misses": c.total(phase=ph)[1], "hit_rate": c.hit_rate(phase=ph)}
-            for ph in PHASES} | {"all": {"hits": c.total()[0], "misses": c.total()[1], "hit_rate": c.hit_rate()},
-                                 "per_layer": {str(k): list(v) for k, v in c.per_layer().items()},
-                                 "prefetch_loads": c.prefetch_loads, "prefetch_hits": c.prefetch_hits}
-
-
-def main(args: argparse.Namespace) -> int:
-    try:
-        events = load_events(args.trace)
-        layers, n_experts = trace_shape(events)
-        names = [n.strip() for n in args.policies.split(",") if n.strip()]
-        sizes = ([int(s) for s in args.sizes.split(",")] if args.sizes else list(range(1, max(2, n_experts))))
-        policy_factories(names)
-    except ValueError as exc:
-        print(f"mixtral-offload replay: error: {exc}", file=sys.stderr)
-        return 2
-    has_guesses = any(isinstance(e, Guess) for e in events)
-    prefetch = has_guesses and not args.no_prefetch
-    routes = routes_of(events)
-    n_dec = sum(1 for r in routes if r.phase == "decode")
-    print(f"trace {args.trace}: {len(routes)} layer calls ({n_dec} decode) over {len(layers)} MoE layers, "
-          f"{n_experts} experts; guesses: {'yes' if has_guesses else 'no'}")
-    per_layer = sweep(events, names, sizes, prefetch=prefetch)
-    out: list[str] = []
-    for phase in ("decode", "prefill", None):
-        out += _fmt_table(f"\nhit rate, {phase or 'all'} requests, k slots per layer:", per_layer, sizes, phase)
-    detail_k = args.layer_detail or max(1, n_experts // 2)
-    detail = per_layer if detail_k in sizes else sweep(events, names, [detail_k], prefetch=prefetch)
-    out.append(f"\nper-layer decode hit rate at k={detail_k}:")
-    out.append("  policy            " + "".join(f"L{layer:<7}" for layer in layers))
-    for name, by_size in detail.items():
-        c = by_size[detail_k]
-        out.append(f"  {name:<18}" + "".join(f"{c.hit_rate(layer, 'decode'):<8.1%}" for layer in layers))
-    glob = None
-    if args.global_budgets:
-        budgets = [len(layers) * s for s in sizes]
-        glob = sweep(events, names, budgets, scope="global", prefetch=prefetch)
-        out += _fmt_table("\nhit rate, decode requests, one global pool of N slots:", glob, budgets, "decode", "N")
-    quality = guess_quality(events) if has_guesses else {}
-    if quality:
-        out.append("\nprefetch guesses vs the guessed layer's actual experts:")
-        for (depth, phase), q in quality.items():
-            out.append(f"  depth {depth} {phase:<8} precision {q['precision']:.1%}  recall {q['recall']:.1%}  "
-                       f"({q['guesses']} guesses)")
-    print("\n".join(out))
-    if args.json:
-        data = {"trace": args.trace, "layers": layers, "experts": n_experts, "sizes": sizes,
-                "per_layer_k": {n: {str(s): _counts_json(c) for s, c in v.items()} for n, v in per_layer.items()},
-                "global": {n: {str(s): _counts_json(c) for s, c in v.items()} for n, v in (glob or {}).items()},
-                "guesses": {f"depth{d}/{ph}": q for (d, ph), q in quality.items()}}
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-    return 0
+def sweep_each(traces: Sequence[Sequence[Route | Guess]], *args: Any, **kwargs: Any) -> dict[str, dict[int, Counts]]:
+    """`sweep` of each trace alone (a fresh cache and fresh statistics each, as separate processes), summed."""
+    total: dict[str, dict[int, Counts]] = {}
+    for events in traces:
+        for name, by_size in sweep(events, *args, **kwargs).items():
+            row = total.setdefault(name, {})
+            for s, c in by_size.items():
+                row[s] = row[s] + c if s in row else c
+    return total

@@ -103,37 +103,56 @@ def _weights_s(p: Profile, bits: int) -> float:
 
 @dataclass(frozen=True)
 class Routing:
-    """Per decode token and layer: experts missed by LRU, missed despite prefetch, and prefetched loads."""
+    """Per decode token and layer: experts missed by LRU, missed despite prefetch, and prefetched loads; `ours_*` the
+    same for another policy and prefetcher (`ours` names them; empty: no such row)."""
 
     lru_misses: float
     prefetch_misses: float
     prefetch_loads: float
     source: str
+    ours: str = ""
+    ours_misses: float = 0.0
+    ours_loads: float = 0.0
 
 
-def routing_from_trace(path: str, k8: int) -> Routing:
-    """Replay the trace's decode requests with LRU (and LRU + the recorded guesses) at k scaled to its experts."""
+def routing_from_trace(path: str | list[str], k8: int, policy: str | None = None, prefetch: str = "none",
+                       depth: int | None = None) -> Routing:
+    """Replay the trace's decode requests with LRU (and LRU + the recorded gate guesses, the paper's prefetch) at k
+    scaled to its experts; with `policy`, also that policy with `prefetch` ("none", "gate", "history",
+    "gate+history"; a prefetch load issued during decode counts, used or not). `depth`: layers ahead the prefetchers
+    guess (default: the recorded guesses' depth, else 1)."""
     from ..cache.policies import LRUPolicy
-    from .replay import load_events, replay_policy, routes_of, trace_shape
+    from .replay import load_events, policy_factories, replay_policy, routes_of, trace_shape
+    from .trace import trace_names
 
     events = load_events(path)
+    name = trace_names(path)
     _, n_experts = trace_shape(events)
     k = max(1, round(k8 * n_experts / EXPERTS))
     decode_calls = sum(1 for r in routes_of(events) if r.phase == "decode")
     if decode_calls == 0:
-        msg = f"trace {path} has no decode records; record a generation of a few tokens"
+        msg = f"trace {name} has no decode records; record a generation of a few tokens"
         raise ValueError(msg)
-    lru = replay_policy(events, LRUPolicy, k=k)
     top_k = max(len(r.experts) for r in routes_of(events) if r.phase == "decode")
-    scale = TOP_K / top_k  # misses are per routed expert; Mixtral routes 2 per token
-    lru_m = lru.total(phase="decode")[1] / decode_calls * scale
-    pf = replay_policy(events, LRUPolicy, k=k, prefetch=True)
+    scale = TOP_K / top_k / decode_calls  # misses are per routed expert; Mixtral routes 2 per token
+
+    def rates(counts: Any) -> tuple[float, float]:
+        return (counts.total(phase="decode")[1] * scale,
+                sum(v for (_, ph), v in counts.prefetched.items() if ph == "decode") * scale)
+
+    lru = replay_policy(events, LRUPolicy, k=k)
+    pf = replay_policy(events, LRUPolicy, k=k, prefetch=True, depth=depth)
     has_guesses = pf.prefetch_loads > 0
-    pf_m = pf.total(phase="decode")[1] / decode_calls * scale if has_guesses else lru_m
-    loads = pf.prefetch_loads / decode_calls * scale if has_guesses else 0.0
-    return Routing(lru_m, pf_m, loads, f"trace {path} (E={n_experts}, k={k}; LRU decode hit rate "
-                                        f"{lru.hit_rate(phase='decode'):.1%}" +
-                   (f", with prefetch {pf.hit_rate(phase='decode'):.1%})" if has_guesses else ", no guesses)"))
+    lru_m = rates(lru)[0]
+    pf_m, loads = rates(pf) if has_guesses else (lru_m, 0.0)
+    source = (f"trace {name} (E={n_experts}, k={k}; decode hit rate LRU {lru.hit_rate(phase='decode'):.1%}" +
+              (f", LRU + gate {pf.hit_rate(phase='decode'):.1%}" if has_guesses else ", no gate guesses"))
+    if policy is None:
+        return Routing(lru_m, pf_m, loads, source + ")")
+    ours = replay_policy(events, policy_factories([policy])[policy], k=k, prefetch=prefetch, depth=depth)
+    label = policy if prefetch == "none" else f"{policy} + {prefetch}"
+    return Routing(lru_m, pf_m, loads, source + f", {label} {ours.hit_rate(phase='decode'):.1%})", label,
+                   *rates(ours))
 
 
 def routing_from_rates(lru_hit: float, recall: float) -> Routing:
@@ -144,7 +163,7 @@ def routing_from_rates(lru_hit: float, recall: float) -> Routing:
 
 
 def predict(p: Profile, bits: int, r: Routing, k: int) -> dict[str, float]:
-    """Tokens/s of the four Table 2 configurations."""
+    """Tokens/s of the four Table 2 configurations (and "ours" when the routing has that row)."""
     eb, link = EXPERT_BYTES[bits], p.pcie_gbs * 1e9
     compute = _weights_s(p, bits) + p.overhead_ms / 1e3
     per_layer = {
@@ -154,11 +173,21 @@ def predict(p: Profile, bits: int, r: Routing, k: int) -> dict[str, float]:
         # same GPU budget as the cache: k/E of the experts stay resident, the other layers' experts all move
         "naive": compute + EXPERTS * (1 - k / EXPERTS) * eb / link,
     }
+    if r.ours:
+        per_layer["ours"] = max(compute, r.ours_loads * eb / link) + r.ours_misses * eb / link
     return {name: 1.0 / (LAYERS * s) for name, s in per_layer.items()}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("trace", nargs="?", default=None, help="routing trace from --record-routing (decode records used)")
+    p.add_argument("trace", nargs="*", default=None,
+                   help="routing trace(s) from --record-routing (decode records used; several play in sequence)")
+    p.add_argument("--policy", default="history",
+                   help="with a trace: also predict this policy (default: %(default)s; 'none': only the paper's rows)")
+    p.add_argument("--prefetch", default="auto",
+                   help="prefetcher of that row: none, gate, history or gate+history (default 'auto': gate+history "
+                        "when the trace has recorded gate guesses, else history)")
+    p.add_argument("--prefetch-depth", type=int, default=None,
+                   help="layers ahead the prefetchers guess (default: the recorded guesses' depth, else 1)")
     p.add_argument("--profile", default="all", choices=[*PROFILES, "custom", "all"], help="device (default: all)")
     p.add_argument("--expert-bits", type=int, choices=(2, 3), default=None, help="2 or 3 (default: both)")
     p.add_argument("--lru-hit-rate", type=float, default=None,
@@ -173,7 +202,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, metavar="FILE")
 
 
+def _trace_routing(args: argparse.Namespace, k: int) -> Routing:
+    if args.policy == "none":
+        return routing_from_trace(args.trace, k, depth=args.prefetch_depth)
+    prefetch = args.prefetch
+    if prefetch == "auto":
+        from .trace import Guess, load_events
+
+        has_guesses = any(isinstance(e, Guess) for e in load_events(args.trace))
+        prefetch = "gate+history" if has_guesses else "history"
+    return routing_from_trace(args.trace, k, args.policy, prefetch, args.prefetch_depth)
+
+
+def _print_table(out: dict[str, Any], profiles: dict[str, Profile], ours: str) -> None:
+    rows = [*ROWS, ("ours", ours)] if ours else list(ROWS)
+    print(f"\n{'device':<16} {'bits':>4}  " + "  ".join(f"{label:>24}" for _, label in rows))
+    print(f"{'':<16} {'':>4}  " + "  ".join(f"{'predicted / paper':>24}" for _ in rows))
+    for key, cell in out.items():
+        name, bits = key.split("/")
+        parts = []
+        for n, _ in rows:
+            paper = cell["paper"].get(n)
+            parts.append(f"{cell['pred'][n]:>11.3f} / {paper if paper is not None else '-':>10}")
+        print(f"{profiles[name].name:<16} {bits:>4}  " + "  ".join(f"{s:>24}" for s in parts))
+
+
 def main(args: argparse.Namespace) -> int:
+    if not args.trace:
+        args.trace = None
     if args.trace is None and args.lru_hit_rate is None:
         print("mixtral-offload simulate: error: give a trace file or --lru-hit-rate", file=sys.stderr)
         return 2
@@ -193,7 +249,7 @@ def main(args: argparse.Namespace) -> int:
         for key, prof in profiles.items():
             if prof.k not in routing_cache:
                 routing_cache[prof.k] = (routing_from_rates(args.lru_hit_rate, args.prefetch_recall)
-                                         if args.lru_hit_rate is not None else routing_from_trace(args.trace, prof.k))
+                                         if args.lru_hit_rate is not None else _trace_routing(args, prof.k))
             r = routing_cache[prof.k]
             for bits in bits_list:
                 out[f"{key}/{bits}"] = {"pred": predict(prof, bits, r, prof.k),
@@ -203,16 +259,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     for k_, r in routing_cache.items():
         print(f"k={k_}: {r.source}; per token and layer: LRU misses {r.lru_misses:.2f}, "
-              f"misses left with prefetch {r.prefetch_misses:.2f}, prefetched loads {r.prefetch_loads:.2f}")
-    print(f"\n{'device':<16} {'bits':>4}  " + "  ".join(f"{label:>24}" for _, label in ROWS))
-    print(f"{'':<16} {'':>4}  " + "  ".join(f"{'predicted / paper':>24}" for _ in ROWS))
-    for key, cell in out.items():
-        name, bits = key.split("/")
-        parts = []
-        for n, _ in ROWS:
-            paper = cell["paper"][n]
-            parts.append(f"{cell['pred'][n]:>11.3f} / {paper if paper is not None else '-':>10}")
-        print(f"{profiles[name].name:<16} {bits:>4}  " + "  ".join(f"{s:>24}" for s in parts))
+              f"misses left with prefetch {r.prefetch_misses:.2f}, prefetched loads {r.prefetch_loads:.2f}" +
+              (f"; {r.ours}: misses {r.ours_misses:.2f}, prefetched loads {r.ours_loads:.2f}" if r.ours else ""))
+    _print_table(out, profiles, next(iter(routing_cache.values())).ours)
     print("\ntok/s, Mixtral-8x7B, batch 1. Constants and their sources: mixtral_offload_plugin/tools/simulate.py; "
           "per-layer overhead fitted on the 2-bit no-cache row (that cell matches by construction).")
     if args.json:

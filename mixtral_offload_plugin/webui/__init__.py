@@ -21,7 +21,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "experts_per_layer": 0,  # 0 = automatic: every expert cached when it fits, else the largest cache that fits
     "expert_bits": 4,
     "prefetch": True,
-    "policy": "lru",
+    "policy": "history",
     "autoload_model": "",
     "auto_select": True,  # pick MixtralOffload for plain folders of a supported MoE family (TextGen: Transformers)
     "reuse_prefix": True,  # keep the KV cache of the last request for the next one's common prefix (chat turns)

@@ -314,7 +314,7 @@ def offload_config(params: dict[str, Any], args: Any) -> Any:
         device=device,
         experts_per_layer=integer("experts_per_layer") or None,
         expert_bits=integer("expert_bits"),
-        prefetch="gate" if prefetch else "none",
+        prefetch="gate+history" if prefetch else "none",
         policy=str(params.get("policy") or DEFAULT_PARAMS["policy"]),
         dtype="bfloat16" if getattr(args, "bf16", False) else "auto",
         context_length=int(getattr(args, "ctx_size", 0) or DEFAULT_CONTEXT),

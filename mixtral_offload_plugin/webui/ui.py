@@ -97,10 +97,10 @@ def build(params: dict[str, Any]) -> dict[str, Any]:
         }
     with gr.Row():
         widgets["prefetch"] = gr.Checkbox(value=lambda: bool(params["prefetch"]),
-                                          label="Speculative prefetch (gate lookahead)",
+                                          label="Speculative prefetch (routers + routing history)",
                                           elem_id="mixtral-offload-prefetch")
         widgets["policy"] = gr.Dropdown(policies, value=lambda: params["policy"] if params["policy"] in policies
-                                        else "lru", label="Eviction policy", elem_id="mixtral-offload-policy")
+                                        else "history", label="Eviction policy", elem_id="mixtral-offload-policy")
     with gr.Row():
         widgets["auto_select"] = gr.Checkbox(
             value=lambda: bool(params["auto_select"]), elem_id="mixtral-offload-auto-select",

@@ -95,7 +95,7 @@ def test_counters_add_up_through_the_model(tiny_mixtral_8e, tmp_path):
     from mixtral_offload_plugin import OffloadConfig, load_model
     from mixtral_offload_plugin.tools.trace import RoutingRecorder, read_trace
 
-    model = load_model(tiny_mixtral_8e, OffloadConfig(device="cpu", experts_per_layer=3, store="host"))
+    model = load_model(tiny_mixtral_8e, OffloadConfig(device="cpu", experts_per_layer=3, store="host", prefetch="none"))
     try:
         model.reset_offload_stats()
         rec = RoutingRecorder(model, tmp_path / "trace.jsonl")

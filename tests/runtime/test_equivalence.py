@@ -25,6 +25,11 @@ def _greedy(model, ids, n, **kw):
 CONFIGS = [
     pytest.param(dict(store=store, experts_per_layer=k, prefetch=prefetch), id=f"{store}-k{k}-{prefetch}")
     for store in ("host", "disk") for k in (1, 4) for prefetch in ("none", "gate")
+] + [  # the routing-history policy and prefetchers (k=2 of 4 leaves them room to evict and prefetch)
+    pytest.param(dict(store=store, experts_per_layer=k, policy="history", prefetch=prefetch, prefetch_depth=depth),
+                 id=f"{store}-k{k}-history-{prefetch}-d{depth}")
+    for store, k, prefetch, depth in (("host", 1, "history", 1), ("disk", 2, "history", 2),
+                                      ("host", 2, "gate+history", 1), ("disk", 1, "gate+history", 2))
 ]
 
 
@@ -47,6 +52,8 @@ def test_logits_and_greedy_tokens_match_transformers(tiny_mixtral, reference, op
         assert st.requests > 0
         if options["experts_per_layer"] == 1:
             assert st.misses > 0 and st.bytes_loaded > 0
+        if options.get("policy") == "history":  # the prefetcher really moved experts while the outputs stayed exact
+            assert st.prefetch_issued > 0
     finally:
         model.unload()
 

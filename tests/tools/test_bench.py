@@ -12,8 +12,11 @@ from mixtral_offload_plugin.tools.bench import parse_config
 def test_parse_config_presets_and_overrides() -> None:
     c = parse_config("disk-k4-cold-prefetch:prefetch_depth=2")
     assert (c.engine, c.cold, c.limited) == ("ours", True, True)
-    assert c.offload == {"store": "disk", "experts_per_layer": 4, "prefetch": "gate", "prefetch_depth": 2}
-    assert parse_config("host-k2").offload == {"store": "host", "experts_per_layer": 2}
+    assert c.offload == {"store": "disk", "experts_per_layer": 4, "policy": "lru", "prefetch": "gate",
+                         "prefetch_depth": 2}
+    assert parse_config("host-k2").offload == {"store": "host", "experts_per_layer": 2, "policy": "lru",
+                                               "prefetch": "none"}
+    assert parse_config("disk-k2-default").offload == {"store": "disk", "experts_per_layer": 2}
     assert parse_config("transformers-fp32").dtype == "float32"
     assert parse_config("accelerate-disk").limited
     with pytest.raises(ValueError, match="unknown bench configuration 'fast'"):

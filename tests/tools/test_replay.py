@@ -103,31 +103,35 @@ def test_bad_records_are_named() -> None:
         parse_records([{"layer": 0, "experts": [1], "phase": "decode"}, {"layer": 0}])
 
 
-@pytest.mark.parametrize("prefetch", ["none", "gate"])
-def test_live_trace_replays_to_the_live_counts(tiny_mixtral_8e, tmp_path, prefetch: str) -> None:
-    """With synchronous loads nothing is in flight, so even prefetch replays exactly."""
+@pytest.mark.parametrize(("policy", "prefetch"), [("lru", "none"), ("lru", "gate"), ("history", "none"),
+                                                  ("lru", "history"), ("history", "history"),
+                                                  ("history", "gate+history")])
+def test_live_trace_replays_to_the_live_counts(tiny_mixtral_8e, tmp_path, policy: str, prefetch: str) -> None:
+    """With synchronous loads nothing is in flight, so even prefetch replays exactly: hits, misses and loads."""
     from mixtral_offload_plugin import OffloadConfig, load_model
-    from mixtral_offload_plugin.tools.replay import load_events
+    from mixtral_offload_plugin.tools.replay import load_events, policy_factories
     from mixtral_offload_plugin.tools.trace import RoutingRecorder
 
-    cfg = OffloadConfig(device="cpu", store="host", experts_per_layer=2, prefetch=prefetch, transfer="sync",
-                        prefetch_depth=2 if prefetch == "gate" else 1)
+    cfg = OffloadConfig(device="cpu", store="host", experts_per_layer=2, policy=policy, prefetch=prefetch,
+                        transfer="sync", prefetch_depth=1 if prefetch == "none" else 2)
     model = load_model(tiny_mixtral_8e, cfg)
     path = tmp_path / "trace.jsonl"
     rec = RoutingRecorder(model, path)
     torch.manual_seed(0)
-    for n in (9, 3):
+    for n, sample in ((9, False), (3, False), (5, True)):
         ids = torch.randint(3, 128, (1, n))
-        model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+        model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=sample, pad_token_id=0)
     rec.close()
     live = model.offload_stats()
     model.unload()
     events = load_events(str(path))
-    c = replay_policy(events, LRUPolicy, k=2, prefetch=prefetch == "gate")
+    c = replay_policy(events, policy_factories([policy])[policy], k=2, prefetch=prefetch, depth=cfg.prefetch_depth)
     assert {layer: (s.hits, s.misses) for layer, s in live.layers.items()} == c.per_layer()
     assert live.requests > 0 and 0 < live.hits < live.requests
-    if prefetch == "gate":
-        assert c.prefetch_hits == live.prefetch_hits
+    assert c.prefetch_hits == live.prefetch_hits and c.prefetch_loads == live.prefetch_issued
+    if prefetch != "none":
+        assert live.prefetch_issued > 0
+    if "gate" in prefetch:
         assert {d for d, _ in guess_quality(events)} == {1, 2}
     assert belady(events, k=2).total()[0] >= live.hits
 
@@ -147,3 +151,29 @@ def test_replay_command(tmp_path, capsys) -> None:
     assert data["per_layer_k"]["belady"]["4"]["decode"]["hit_rate"] >= data["per_layer_k"]["lru"]["4"]["decode"]["hit_rate"]
     assert main(["replay", str(tmp_path / "missing.jsonl")]) == 2
     assert main(["replay", str(path), "--policies", "nope"]) == 2
+    # the history rows and what every row moves; several traces play through one cache
+    assert "history+history" in out and "loads/tok" in out and "lru+gate" not in out  # no recorded guesses
+    assert main(["replay", str(path), str(path), "--sizes", "2,4", "--policies", "lru,history,belady",
+                 "--json", str(tmp_path / "two.json")]) == 0
+    two = json.loads((tmp_path / "two.json").read_text())["per_layer_k"]
+    assert two["lru"]["4"]["tokens"]["decode"] == 2 * data["per_layer_k"]["lru"]["4"]["tokens"]["decode"]
+    assert two["history+history"]["4"]["decode_per_token"]["prefetch_per_token"] >= 0
+    assert main(["replay", str(path), "--prefetch", "gate"]) == 2  # needs recorded guesses
+    assert main(["replay", str(path), "--prefetch", "oracle"]) == 2
+
+
+def test_generate_record_routing_replays_to_its_printed_counts(demo_model_path, tmp_path, capsys) -> None:
+    """The acceptance check as a user runs it: `generate --record-routing` on the demo model, then replay."""
+    import re
+
+    from mixtral_offload_plugin.cli import main
+    from mixtral_offload_plugin.cache.policies import HistoryPolicy
+    from mixtral_offload_plugin.tools.replay import load_events
+
+    path = tmp_path / "demo.jsonl"
+    assert main(["generate", "A friend in need", "--max-new-tokens", "24", "--temperature", "0", "--device", "cpu",
+                 "--store", "host", "--experts-per-layer", "4", "--policy", "history", "--prefetch", "gate+history",
+                 "--prefetch-depth", "2", "--record-routing", str(path)]) == 0
+    hits, requests = map(int, re.search(r"hit rate [\d.]+% \((\d+)/(\d+)\)", capsys.readouterr().err).groups())
+    c = replay_policy(load_events(str(path)), HistoryPolicy, k=4, prefetch="gate+history", depth=2)
+    assert c.total() == (hits, requests - hits)

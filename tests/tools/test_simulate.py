@@ -50,4 +50,26 @@ def test_trace_drives_the_rates(tmp_path, capsys) -> None:
     assert main(["simulate", str(path), "--profile", "a100", "--expert-bits", "2", "--json", str(tmp_path / "o.json")]) == 0
     assert "A100" in capsys.readouterr().out
     assert main(["simulate"]) == 2
+
+
+
+def test_history_row_counts_its_prefetch_loads(tmp_path, capsys) -> None:
+    import random
+
+    from mixtral_offload_plugin.cli import main
+
+    rng = random.Random(0)
+    recs = []
+    for _ in range(200):  # layer 1 routes a fixed function of layer 0's pair: the history prefetcher learns it
+        pair = sorted(rng.sample(range(8), 2))
+        recs += [{"layer": 0, "experts": pair, "phase": "decode", "tokens": 1},
+                 {"layer": 1, "experts": sorted((e + 3) % 8 for e in pair), "phase": "decode", "tokens": 1}]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs))
+    r = routing_from_trace(str(path), 4, "history", "history")
+    assert r.ours == "history + history" and r.ours_misses < 0.6 * r.lru_misses and r.ours_loads > 0
+    pred = predict(PROFILES["t4"], 2, r, 4)
+    assert pred["ours"] > pred["lru"]
+    assert main(["simulate", str(path), "--profile", "t4", "--expert-bits", "2"]) == 0
+    assert "history + history" in capsys.readouterr().out
     assert main(["simulate", str(tmp_path / "missing.jsonl")]) == 2
