@@ -34,7 +34,7 @@ def test_first_readme_command_shows_offloading_on_the_demo_model(demo_model_path
     assert main(["generate", "Once upon a time", "--max-new-tokens", "8", "--seed", "0", "--device", "cpu"]) == 0
     err = capsys.readouterr().err
     experts = json.loads((demo_model_path / "config.json").read_text())["num_local_experts"]
-    assert f"{experts // 2} of {experts} experts/layer cached, gate prefetch, the rest in the disk store" in err
+    assert f"{experts // 2} of {experts} experts/layer cached, gate+history prefetch, the rest in the disk store" in err
     loaded = float(err.split("loaded ")[1].split(" MiB")[0])
     assert loaded > 0 and "prefetch precision" in err
     # every flag still wins: all experts cached means nothing is offloaded

@@ -36,7 +36,7 @@ def test_generate_command(mo_demo, capsys: pytest.CaptureFixture) -> None:
     assert code == 0
     out = capsys.readouterr()
     assert squash(out.out) == squash(PROMPT + reference_continuation(mo_demo, 10))
-    assert "1 of 4 experts/layer cached, the rest in the disk store" in out.err
+    assert "1 of 4 experts/layer cached, gate+history prefetch, the rest in the disk store" in out.err
 
 
 def test_langchain_llm_and_chat(mo_demo) -> None:

@@ -168,7 +168,7 @@ def test_load_model_reproduces_textgen_side_effects(textgen, tgw_checkpoint):
 
     model = textgen.model
     cfg = model.offload_config
-    assert (cfg.experts_per_layer, cfg.expert_bits, cfg.prefetch, cfg.policy) == (2, 16, "gate", "lru")
+    assert (cfg.experts_per_layer, cfg.expert_bits, cfg.prefetch, cfg.policy) == (2, 16, "gate+history", "lru")
     assert cfg.context_length == 8192 and model.device == torch.device("cpu")
     assert textgen.tokenizer.eos_token_id == 2
     ids = torch.tensor([[1, 5, 9, 17, 33]])
@@ -412,7 +412,7 @@ def test_offload_config_from_params():
     assert (cfg.device, cfg.experts_per_layer, cfg.expert_bits, cfg.prefetch, cfg.policy) == ("cpu", 3, 4, "none", "lfu")
     assert (cfg.dtype, cfg.context_length, cfg.max_memory_bytes) == ("bfloat16", 512, 2 << 30)
     auto = integration.offload_config({"experts_per_layer": 0}, types.SimpleNamespace(ctx_size=0))
-    assert auto.experts_per_layer is None and auto.context_length == 8192 and auto.prefetch == "gate"
+    assert auto.experts_per_layer is None and auto.context_length == 8192 and auto.prefetch == "gate+history"
     with pytest.raises(ConfigError, match="mixtral_offload-expert_bits='four'"):
         integration.offload_config({"expert_bits": "four"}, args)
     with pytest.raises(ConfigError, match="expert_bits"):
@@ -433,7 +433,7 @@ def test_ui_tab_writes_params():
         widgets = ui.build(params)
     assert set(widgets) >= {"experts_per_layer", "expert_bits", "prefetch", "policy", "autoload_model", "auto_select",
                             "reuse_prefix"}
-    assert params["policy"] == "lru" and params["expert_bits"] == 16  # defaults filled, given values kept
+    assert params["policy"] == "history" and params["expert_bits"] == 16  # defaults filled, given values kept
     setters = [f.fn for f in blocks.fns.values() if getattr(f.fn, "__name__", "") == "set_value"]
     assert len(setters) == 7
     for fn in setters:
