@@ -115,7 +115,7 @@ class Worker:
 def _summary(cfg: BenchConfig, load: dict[str, Any] | None, reps: list[dict[str, Any]], final: dict[str, Any] | None,
              memory: str, group_peak: int | None, error: str | None) -> dict[str, Any]:
     row: dict[str, Any] = {"config": cfg.label, "engine": cfg.engine, "offload": cfg.offload, "dtype": cfg.dtype,
-                           "cold": cfg.cold, "memory": memory, "repeats": reps, "error": error}
+                           "cold": cfg.cold, "memory": memory, "repeats": reps, "error": error, "model": cfg.model}
     if load:
         row["load_seconds"] = load.get("load_seconds")
         row["resolved"] = load.get("resolved")
@@ -225,8 +225,11 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                     "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "threads": args.threads,
                     "weight_budget": weight_budget, "trace": _trace_path(args.record_routing, cfg, n_ours),
                     "scratch": str(log_dir / f"scratch-{i}"), "record_tokens": max(8, args.check_tokens or 0)}
+            if cfg.model:
+                spec["model"] = cfg.model
             if cfg.engine == "llamacpp":
-                spec.update(gguf=str(ggufs[cfg.dtype].path), gguf_vocab=ggufs[cfg.dtype].vocab)
+                made = ggufs[Path(spec["model"]), cfg.dtype]
+                spec.update(gguf=str(made.path), gguf_vocab=made.vocab)
             bar.set_postfix_str(f"loading {cfg.label}")
             w = Worker(cfg, spec, group, log_dir)
             workers.append((w, memory, group))
@@ -271,19 +274,19 @@ def _with_reference(configs: list[BenchConfig], check_tokens: int | None) -> lis
     return configs
 
 
-def _prepare_llamacpp(configs: list[BenchConfig], path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """GGUF files for the llamacpp rows (converted once, cached under --cache-dir); {} when there are none."""
-    qtypes = [c.dtype for c in configs if c.engine == "llamacpp"]
-    if not qtypes:
+def _prepare_llamacpp(configs: list[BenchConfig], path: Path, args: argparse.Namespace) -> dict[Any, Any]:
+    """GGUF files for the llamacpp rows, by (checkpoint, type) (converted once, cached under --cache-dir)."""
+    wanted = [(Path(c.model) if c.model else path, c.dtype) for c in configs if c.engine == "llamacpp"]
+    if not wanted:
         return {}
-    from .bench_config import _cache_root
     from .bench_llamacpp import prepare
 
     def say(text: str) -> None:
         if not args.quiet:
             print(text, file=sys.stderr)
 
-    return prepare(qtypes, path, Path(args.cache_dir or _cache_root()), args.llamacpp_converter, args.threads, say)
+    cache = Path(args.cache_dir) if args.cache_dir else None
+    return prepare(wanted, cache, args.llamacpp_converter, args.threads, say)
 
 
 def _split_configs(text: str) -> list[str]:
@@ -300,7 +303,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "transformers-bf16, transformers-fp32, accelerate-disk[-warm], llamacpp-TYPE (TYPE: f16, "
                         "bf16, f32, q8_0, q4_0, q4_k_m, ...; needs llama-cpp-python, see "
                         "scripts/build_llama_cpp.sh); add :key=value overrides "
-                        "(OffloadConfig fields, cold, limit), e.g. disk-k4-cold-prefetch:prefetch_depth=2 "
+                        "(OffloadConfig fields, cold, limit; model=PATH: this row's checkpoint instead of --model, "
+                        "e.g. a folder made by convert; name=LABEL), e.g. disk-k4-cold-prefetch:prefetch_depth=2 "
                         "(default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (default: 3)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per repeat (default: 64)")
@@ -342,6 +346,10 @@ def _validate(args: argparse.Namespace) -> None:
     if args.bandwidth:
         parse_size(args.bandwidth)
     configs = [parse_config(s) for s in _split_configs(args.configs)]
+    for c in configs:
+        if c.model and not (Path(c.model) / "config.json").is_file():
+            msg = f"{c.label}: model={c.model} has no config.json; give a checkpoint folder"
+            raise ValueError(msg)
     if any(c.engine == "llamacpp" for c in configs):
         find_converter(args.llamacpp_converter)  # llama-cpp-python and its converter are there
 

@@ -46,6 +46,7 @@ class BenchConfig:
     dtype: str = "auto"  # torch dtype name, or the GGUF type of a llamacpp row (f16, q8_0, q4_0, ...)
     cold: bool = False
     limited: bool = False  # runs inside --memory-limit (configurations meant to fit the budget)
+    model: str | None = None  # `model=PATH`: this row's checkpoint instead of --model (e.g. a converted folder)
 
 
 def _coerce(value: str) -> Any:
@@ -64,7 +65,8 @@ def _coerce(value: str) -> Any:
 
 def parse_config(spec: str) -> BenchConfig:
     """`preset[:key=value...]`: presets resident, host-kN, disk-kN[-cold][-prefetch], transformers-bf16,
-    transformers-fp32, accelerate-disk, llamacpp-TYPE; keys are OffloadConfig fields plus cold and limit."""
+    transformers-fp32, accelerate-disk, llamacpp-TYPE; keys are OffloadConfig fields plus cold, limit, model (this
+    row's checkpoint folder) and name (its label in the table)."""
     name, *overrides = spec.split(":")
     m = _OURS_RE.match(name)
     if name == "resident":
@@ -88,7 +90,7 @@ def parse_config(spec: str) -> BenchConfig:
     else:
         msg = (f"unknown bench configuration {name!r}: use resident, host-kN, disk-kN[-cold][-prefetch], "
                "transformers-bf16, transformers-fp32, accelerate-disk, accelerate-disk-warm or llamacpp-TYPE, "
-               "optionally followed by :key=value overrides (OffloadConfig fields, cold, limit)")
+               "optionally followed by :key=value overrides (OffloadConfig fields, cold, limit, model, name)")
         raise ValueError(msg)
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -97,6 +99,10 @@ def parse_config(spec: str) -> BenchConfig:
             raise ValueError(msg)
         if key == "cold":
             cfg.cold = bool(_coerce(value))
+        elif key == "model":
+            cfg.model = value
+        elif key == "name":
+            cfg.label = value
         elif key == "limit":
             cfg.limited = bool(_coerce(value))
         elif key == "dtype" and cfg.engine not in ("ours", "llamacpp"):

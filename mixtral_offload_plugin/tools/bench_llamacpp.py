@@ -12,6 +12,8 @@ Knows nothing about the table, interleaving or other engines.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -20,14 +22,21 @@ from .bandwidth import WeightBytes, active_weight_bytes
 from .gguf import GgufFile, ensure_gguf, find_converter, read_gguf
 
 
-def prepare(qtypes: Iterable[str], checkpoint: Path, cache_root: Path, converter: str | None, threads: int | None,
-            say: Callable[[str], None] = print) -> dict[str, GgufFile]:
-    """GGUF file per requested type (cached; see gguf.py). Raises BackendUnavailableError with the install hint."""
-    types = sorted(set(qtypes))
-    if not types:
+def default_cache_root() -> Path:
+    """Where GGUF files are cached without --cache-dir: the same default as bench's synthetic models."""
+    return Path(os.environ.get("MIXTRAL_OFFLOAD_CACHE", Path(tempfile.gettempdir()) / "mixtral-offload"))
+
+
+def prepare(wanted: Iterable[tuple[Path, str]], cache_root: Path | None, converter: str | None,
+            threads: int | None, say: Callable[[str], None] = print) -> dict[tuple[Path, str], GgufFile]:
+    """The GGUF file of each (checkpoint, type) pair (cached; see gguf.py). Raises BackendUnavailableError with
+    the install hint when llama-cpp-python or its converter is missing."""
+    pairs = sorted(set(wanted))
+    if not pairs:
         return {}
     where = find_converter(converter)
-    return {t: ensure_gguf(checkpoint, t, cache_root, where, threads, say) for t in types}
+    root = cache_root or default_cache_root()
+    return {(ckpt, t): ensure_gguf(ckpt, t, root, where, threads, say) for ckpt, t in pairs}
 
 
 class _Config:

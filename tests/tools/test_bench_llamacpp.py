@@ -41,6 +41,25 @@ def test_parse_llamacpp_configs() -> None:
         parse_config("llamacpp-f16:experts_per_layer=2")
     with pytest.raises(ValueError, match="unknown bench configuration 'llamacpp'.*llamacpp-TYPE"):
         parse_config("llamacpp")
+    named = parse_config("resident:model=/data/mid-4bit:name=ours-4bit")
+    assert (named.label, named.model, named.offload) == ("ours-4bit", "/data/mid-4bit", {"store": "auto"})
+
+
+def test_a_row_can_use_another_checkpoint(tiny_mixtral: Path, tiny_mixtral_fused: Path, tmp_path: Path,
+                                          capsys) -> None:
+    """`model=PATH` gives one row its own folder (e.g. made by convert); the others use --model."""
+    from mixtral_offload_plugin.cli import main
+
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", str(tiny_mixtral), "--repeats", "1", "--new-tokens", "4", "--prompt-tokens", "3",
+               "--threads", "1", "--quiet", "--json", str(out),
+               "--configs", f"transformers-fp32,resident:model={tiny_mixtral_fused}:name=fused-names"])
+    assert rc == 0, capsys.readouterr()
+    rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["fused-names"]["model"] == str(tiny_mixtral_fused) and rows["transformers-fp32"]["model"] is None
+    assert rows["fused-names"]["agree"] == 4  # the same weights saved under the other names
+    assert main(["bench", "--configs", f"resident:model={tmp_path}", "--quiet"]) == 2
+    assert "has no config.json" in capsys.readouterr().err
 
 
 def test_bench_without_llama_cpp_python_says_how_to_install(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
