@@ -247,7 +247,7 @@ def ensure_gguf(checkpoint: Path, qtype: str, cache_root: Path, converter: Path,
     folder, ident = cache_folder(checkpoint, cache_root)
     folder.mkdir(parents=True, exist_ok=True)
     record_path = folder / "source.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {
+    record: dict[str, Any] = json.loads(record_path.read_text()) if record_path.is_file() else {
         "checkpoint": str(checkpoint.resolve()), "content_sha256": ident, "vocab": {}}
     base_type = qtype if qtype in FLOAT_TYPES else "f16"
     base = folder / f"llama.cpp-{version}-{base_type}.gguf"
