@@ -12,9 +12,12 @@ Design (why the numbers are honest):
 - "cold" configurations drop their weight files (our disk store, or accelerate's offload folder and the checkpoint
   it maps) from the page cache before every repeat; inside a memory group the files also cannot stay cached.
 - Without a writable memory cgroup, the limit falls back to page-cache eviction only and the table says so.
-Baselines: transformers `MixtralForCausalLM` dense (bf16, fp32) and accelerate's offloading (`device_map="auto"`,
+Baselines: transformers `MixtralForCausalLM` dense (bf16, fp32), accelerate's offloading (`device_map="auto"`,
 `max_memory` = the RAM budget our offloaded configuration uses for weights, the rest of the layers on "disk" in a
-temporary offload folder): the "naive offloading" row of the mixtral-offloading paper.
+temporary offload folder): the "naive offloading" row of the mixtral-offloading paper, and llama.cpp (llama-cpp-python)
+on GGUF files made from the same checkpoint by llama.cpp's own converter and quantizer (bench_llamacpp.py, gguf.py).
+Rows are compared with the transformers row's tokens and, with `--bandwidth`, with the memory-bandwidth bound
+(bench_compare.py, bandwidth.py).
 This module owns the worker processes (their handle, `Worker`), the interleaving and the table; the configurations
 and model sizes are bench_config.py, the measurement inside a worker bench_worker.py (started as a separate process,
 never imported from here), the memory group cgroups.py. It imports only the standard library (and those modules) at
@@ -35,6 +38,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..errors import MixtralOffloadError
+from .bandwidth import measure_in_child
+from .bench_compare import annotate, extra_columns, failed_checks
 from .bench_config import (
     _BUDGETED,
     DEFAULT_CONFIGS,
@@ -46,6 +52,7 @@ from .bench_config import (
     resolve_model,
 )
 from .cgroups import CGROUP_ROOT, MemoryGroup
+from .gguf import find_converter
 
 __all__ = [  # the configurations' and the memory group's names stay importable from here
     "CGROUP_ROOT", "DEFAULT_CONFIGS", "SYNTHETIC", "WORKING_MEMORY", "BenchConfig", "MemoryGroup", "Worker",
@@ -108,10 +115,12 @@ class Worker:
 def _summary(cfg: BenchConfig, load: dict[str, Any] | None, reps: list[dict[str, Any]], final: dict[str, Any] | None,
              memory: str, group_peak: int | None, error: str | None) -> dict[str, Any]:
     row: dict[str, Any] = {"config": cfg.label, "engine": cfg.engine, "offload": cfg.offload, "dtype": cfg.dtype,
-                           "device": cfg.device, "cold": cfg.cold, "memory": memory, "repeats": reps, "error": error}
+                           "device": cfg.device, "cold": cfg.cold, "memory": memory, "repeats": reps, "error": error,
+                           "model": cfg.model}
     if load:
         row["load_seconds"] = load.get("load_seconds")
         row["resolved"] = load.get("resolved")
+        row["weight_bytes"] = load.get("weight_bytes")
     tps = [r["decode_tps"] for r in reps]
     if tps:
         row["decode_tps"] = {"median": statistics.median(tps), "min": min(tps), "max": max(tps)}
@@ -135,11 +144,12 @@ def _mib(n: float | None) -> str:
     return f"{n / 2**20:.0f}" if n >= 10 * 2**20 or n == 0 else f"{n / 2**20:.2f}"
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+def format_table(rows: list[dict[str, Any]], with_bound: bool = False) -> str:
+    extra_head, extra = extra_columns(rows, with_bound)
     head = (f"{'config':<28} {'tok/s med':>9} {'min':>6} {'max':>6} {'TTFT s':>7} {'RSS MiB':>8} {'hit':>6} "
-            f"{'pf prec':>7} {'pf rec':>7} {'load MiB/tok':>12} {'disk MiB/tok':>12}  memory")
+            f"{'pf prec':>7} {'pf rec':>7} {'load MiB/tok':>12} {'disk MiB/tok':>12}{extra_head}  memory")
     lines = [head, "-" * len(head)]
-    for r in rows:
+    for r, cells in zip(rows, extra, strict=True):
         if "decode_tps" not in r:
             lines.append(f"{r['config']:<28} FAILED: {(r.get('error') or '').splitlines()[0]}  {r['memory']}")
             continue
@@ -151,7 +161,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{r['config']:<28} {t['median']:>9.2f} {t['min']:>6.2f} {t['max']:>6.2f} {r['ttft_s']:>7.3f} "
                      f"{_mib(r['peak_rss_bytes']):>8} {pct(r['hit_rate']):>6} {pct(r['prefetch_precision']):>7} "
                      f"{pct(r['prefetch_recall']):>7} {_mib(r['loaded_bytes_per_token']):>12} "
-                     f"{_mib(r['disk_bytes_per_token']):>12}  {r['memory']}")
+                     f"{_mib(r['disk_bytes_per_token']):>12}{cells}  {r['memory']}")
     return "\n".join(lines)
 
 
@@ -177,14 +187,17 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
 
     from ..config import parse_size
 
-    configs = [parse_config(s) for s in _split_configs(args.configs)]
+    configs = _with_reference([parse_config(s) for s in _split_configs(args.configs)], args.check_tokens)
     path = resolve_model(args)
     trunk, expert_bytes, n_experts = checkpoint_bytes(path)
+    ggufs = _prepare_llamacpp(configs, path, args)
     log_dir = Path(tempfile.mkdtemp(prefix="mixtral-bench-"))
     meta: dict[str, Any] = {"model": str(path), "trunk_bytes": trunk, "expert_bytes_total": expert_bytes,
                             "experts": n_experts, "repeats": args.repeats, "new_tokens": args.new_tokens,
                             "prompt_tokens": args.prompt_tokens, "threads": args.threads, "logs": str(log_dir),
                             "loadavg_before": os.getloadavg()}
+    if args.bandwidth:
+        meta["bandwidth_before"] = measure_in_child(parse_size(args.bandwidth), args.threads)["bytes_per_second"]
     limit = None
     if args.memory_limit:
         if args.memory_limit in _BUDGETED:
@@ -215,7 +228,12 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                     "cold": cfg.cold or (limit is not None and cfg.limited and not (group and group.ok)),
                     "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "threads": args.threads,
                     "weight_budget": weight_budget, "trace": _trace_path(args.record_routing, cfg, n_ours),
-                    "scratch": str(log_dir / f"scratch-{i}")}
+                    "scratch": str(log_dir / f"scratch-{i}"), "record_tokens": max(8, args.check_tokens or 0)}
+            if cfg.model:
+                spec["model"] = cfg.model
+            if cfg.engine == "llamacpp":
+                made = ggufs[Path(spec["model"]), cfg.dtype]
+                spec.update(gguf=str(made.path), gguf_vocab=made.vocab)
             bar.set_postfix_str(f"loading {cfg.label}")
             w = Worker(cfg, spec, group, log_dir)
             workers.append((w, memory, group))
@@ -240,10 +258,39 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
             shutil.rmtree(log_dir / f"scratch-{i}", ignore_errors=True)  # also when the worker was killed
         bar.close()
     meta["loadavg_after"] = os.getloadavg()
+    if args.bandwidth:
+        meta["bandwidth_after"] = measure_in_child(parse_size(args.bandwidth), args.threads)["bytes_per_second"]
+        meta["bandwidth"] = max(meta["bandwidth_before"], meta["bandwidth_after"])
+    ref = annotate(rows, meta.get("bandwidth"), args.check_tokens or 8)
+    meta["reference"] = ref["config"] if ref else None
+    if args.check_tokens:
+        meta["check_failures"] = failed_checks(rows, ref)
     if all(r["error"] is None for r in rows):
         shutil.rmtree(log_dir, ignore_errors=True)
         meta["logs"] = None
     return rows, meta
+
+
+def _with_reference(configs: list[BenchConfig], check_tokens: int | None) -> list[BenchConfig]:
+    """`--check-tokens` compares with transformers fp32: add that row when it is not there."""
+    if check_tokens and not any(c.engine == "transformers" and c.dtype == "float32" for c in configs):
+        configs = [*configs, parse_config("transformers-fp32")]
+    return configs
+
+
+def _prepare_llamacpp(configs: list[BenchConfig], path: Path, args: argparse.Namespace) -> dict[Any, Any]:
+    """GGUF files for the llamacpp rows, by (checkpoint, type) (converted once, cached under --cache-dir)."""
+    wanted = [(Path(c.model) if c.model else path, c.dtype) for c in configs if c.engine == "llamacpp"]
+    if not wanted:
+        return {}
+    from .bench_llamacpp import prepare
+
+    def say(text: str) -> None:
+        if not args.quiet:
+            print(text, file=sys.stderr)
+
+    cache = Path(args.cache_dir) if args.cache_dir else None
+    return prepare(wanted, cache, args.llamacpp_converter, args.threads, say)
 
 
 def _split_configs(text: str) -> list[str]:
@@ -258,8 +305,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help="comma-separated configurations: resident, host-kN and disk-kN[-cold] (LRU, no prefetch; "
                         "-prefetch: LRU + gate prefetch; -default: OffloadConfig's default policy and prefetch), "
-                        "transformers-bf16, transformers-fp32, accelerate-disk[-warm]; add :key=value overrides "
-                        "(OffloadConfig fields, cold, limit), e.g. disk-k4-cold-prefetch:prefetch_depth=2 "
+                        "transformers-bf16, transformers-fp32, accelerate-disk[-warm], llamacpp-TYPE (TYPE: f16, "
+                        "bf16, f32, q8_0, q4_0, q4_k_m, ...; needs llama-cpp-python, see "
+                        "scripts/build_llama_cpp.sh); add :key=value overrides "
+                        "(OffloadConfig fields, cold, limit, device; model=PATH: this row's checkpoint instead of "
+                        "--model, e.g. a folder made by convert; name=LABEL), e.g. disk-k4-cold-prefetch:prefetch_depth=2 "
                         "(default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (default: 3)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per repeat (default: 64)")
@@ -270,20 +320,61 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(e.g. 1.5G), or 'half' = worker runtime + 256 MiB working memory + trunk + half the experts")
     p.add_argument("--record-routing", default=None, metavar="FILE",
                    help="record our configurations' routing (and prefetch guesses) as JSON lines")
-    p.add_argument("--cache-dir", default=None, help="where --synthetic models are built (default: temp dir)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where --synthetic models and the llama.cpp rows' GGUF files are cached (default: "
+                        "$MIXTRAL_OFFLOAD_CACHE or <temp dir>/mixtral-offload)")
+    p.add_argument("--llamacpp-converter", default=None, metavar="DIR",
+                   help="llama.cpp's converter folder (convert_hf_to_gguf.py + gguf-py/) for the llamacpp rows "
+                        "(default: $MIXTRAL_OFFLOAD_LLAMACPP_CONVERTER, else where scripts/build_llama_cpp.sh put it)")
+    p.add_argument("--bandwidth", nargs="?", const="1G", default=None, metavar="SIZE",
+                   help="measure memory bandwidth (a sum over a SIZE tensor, default 1G, before and after the runs, "
+                        "same threads) and show each row's weight MiB read per token, bound tok/s = bandwidth / "
+                        "those bytes, and %% of that bound")
+    p.add_argument("--check-tokens", type=int, nargs="?", const=8, default=None, metavar="N",
+                   help="compare every row's first N (default 8) greedy tokens with transformers fp32 (added if "
+                        "absent); exit 1 if a llama.cpp F32/F16/BF16 row disagrees (quantized rows only report)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every number as JSON")
     p.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a tty")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _validate(args: argparse.Namespace) -> None:
+    """Every option error before anything is built or started."""
+    from ..config import parse_size
+
+    if args.repeats < 1 or args.new_tokens < 2 or args.prompt_tokens < 1:
+        msg = "--repeats must be >= 1, --new-tokens >= 2 and --prompt-tokens >= 1"
+        raise ValueError(msg)
+    if args.check_tokens is not None and args.check_tokens < 1:
+        msg = "--check-tokens N needs N >= 1"
+        raise ValueError(msg)
+    if args.bandwidth:
+        parse_size(args.bandwidth)
+    configs = [parse_config(s) for s in _split_configs(args.configs)]
+    for c in configs:
+        if c.model and not (Path(c.model) / "config.json").is_file():
+            msg = f"{c.label}: model={c.model} has no config.json; give a checkpoint folder"
+            raise ValueError(msg)
+    if any(c.engine == "llamacpp" for c in configs):
+        find_converter(args.llamacpp_converter)  # llama-cpp-python and its converter are there
+
+
+def _print_notes(meta: dict[str, Any]) -> None:
+    if "bandwidth" in meta:
+        gbs = {k: meta[k] / 1e9 for k in ("bandwidth", "bandwidth_before", "bandwidth_after")}
+        print(f"memory bandwidth {gbs['bandwidth']:.1f} GB/s (best of {gbs['bandwidth_before']:.1f} before and "
+              f"{gbs['bandwidth_after']:.1f} after); bound tok/s = bandwidth / weight bytes read per token")
+    if meta.get("reference"):
+        print(f"agree = how many of the first generated tokens equal {meta['reference']}'s")
+    for line in meta.get("check_failures", []):
+        print(f"check-tokens: {line}")
+
+
 def main(args: argparse.Namespace) -> int:
     try:
-        if args.repeats < 1 or args.new_tokens < 2 or args.prompt_tokens < 1:
-            msg = "--repeats must be >= 1, --new-tokens >= 2 and --prompt-tokens >= 1"
-            raise ValueError(msg)
-        [parse_config(s) for s in _split_configs(args.configs)]
+        _validate(args)
         rows, meta = run(args)
-    except ValueError as exc:
+    except (ValueError, MixtralOffloadError) as exc:
         print(f"mixtral-offload bench: error: {exc}", file=sys.stderr)
         return 2
     print(f"model {meta['model']}: {meta['experts']} experts, trunk {_mib(meta['trunk_bytes'])} MiB, experts "
@@ -293,8 +384,9 @@ def main(args: argparse.Namespace) -> int:
     if "memory_limit_bytes" in meta:
         print(f"memory limit {meta['memory_limit_bytes'] / 2**30:.2f} GiB" +
               (f" ({meta['memory_limit_rule']})" if "memory_limit_rule" in meta else ""))
-    print(format_table(rows))
+    print(format_table(rows, with_bound=bool(args.bandwidth)))
+    _print_notes(meta)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2, default=str)
-    return 0 if all(r.get("error") is None for r in rows) else 1
+    return 0 if all(r.get("error") is None for r in rows) and not meta.get("check_failures") else 1

@@ -1,6 +1,7 @@
 """`mixtral-offload bench` configurations and models: the presets (`resident`, `host-kN`,
-`disk-kN[-cold][-prefetch|-default]`, transformers and accelerate baselines) with `:key=value` overrides, the synthetic models, and the checkpoint sizes the
-memory budget is computed from (read from safetensors headers or the offload manifest; no weight is loaded).
+`disk-kN[-cold][-prefetch|-default]`, transformers, accelerate and llama.cpp baselines) with `:key=value` overrides,
+the synthetic models, and the checkpoint sizes the memory budget is computed from (read from safetensors headers or
+the offload manifest; no weight is loaded).
 
 Only the standard library at top level; knows nothing about processes, interleaving or the table (bench.py).
 """
@@ -17,6 +18,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .gguf import TYPES as LLAMACPP_TYPES
 
 SYNTHETIC = {  # make_random_mixtral arguments
     "mid": {"hidden": 1024, "intermediate": 3584, "layers": 8, "experts": 8, "top_k": 2, "heads": 8,
@@ -43,12 +46,13 @@ class BenchConfig:
     """One row of the table: which engine, its settings, and whether the memory limit applies to it."""
 
     label: str
-    engine: str  # ours | transformers | accelerate
+    engine: str  # ours | transformers | accelerate | llamacpp
     offload: dict[str, Any] = field(default_factory=dict)  # OffloadConfig fields (ours)
-    dtype: str = "auto"
+    dtype: str = "auto"  # torch dtype name, or the GGUF type of a llamacpp row (f16, q8_0, q4_0, ...)
     cold: bool = False
     limited: bool = False  # runs inside --memory-limit (configurations meant to fit the budget)
     device: str = "cpu"  # compute device of every engine ("cpu", "cuda", "cuda:N")
+    model: str | None = None  # `model=PATH`: this row's checkpoint instead of --model (e.g. a converted folder)
 
 
 def _coerce(value: str) -> Any:
@@ -67,7 +71,8 @@ def _coerce(value: str) -> Any:
 
 def parse_config(spec: str) -> BenchConfig:
     """`preset[:key=value...]`: presets resident, host-kN, disk-kN[-cold][-prefetch|-default], transformers-bf16,
-    transformers-fp32, accelerate-disk; keys are OffloadConfig fields plus cold, limit and device (any engine)."""
+    transformers-fp32, accelerate-disk, llamacpp-TYPE; keys are OffloadConfig fields plus cold, limit, device (any
+    engine), model (this row's checkpoint folder) and name (its label in the table)."""
     name, *parts = spec.split(":")
     overrides: list[str] = []
     for part in parts:  # `device=cuda:1` contains the separator
@@ -86,10 +91,16 @@ def parse_config(spec: str) -> BenchConfig:
         cfg = BenchConfig(spec, "transformers", dtype=dtype)
     elif name in ("accelerate-disk", "accelerate-disk-warm"):
         cfg = BenchConfig(spec, "accelerate", cold=name == "accelerate-disk", limited=True)
+    elif name.startswith("llamacpp-"):
+        qtype = name.removeprefix("llamacpp-").lower()
+        if qtype not in LLAMACPP_TYPES:
+            msg = f"unknown llama.cpp type {qtype!r} in {spec!r}: use llamacpp-TYPE, TYPE one of {LLAMACPP_TYPES}"
+            raise ValueError(msg)
+        cfg = BenchConfig(spec, "llamacpp", dtype=qtype)
     else:
         msg = (f"unknown bench configuration {name!r}: use resident, host-kN, disk-kN[-cold][-prefetch|-default], "
-               "transformers-bf16, transformers-fp32, accelerate-disk or accelerate-disk-warm, "
-               "optionally followed by :key=value overrides (OffloadConfig fields, cold, limit)")
+               "transformers-bf16, transformers-fp32, accelerate-disk, accelerate-disk-warm or llamacpp-TYPE, "
+               "optionally followed by :key=value overrides (OffloadConfig fields, cold, limit, device, model, name)")
         raise ValueError(msg)
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -98,6 +109,10 @@ def parse_config(spec: str) -> BenchConfig:
             raise ValueError(msg)
         if key == "cold":
             cfg.cold = bool(_coerce(value))
+        elif key == "model":
+            cfg.model = value
+        elif key == "name":
+            cfg.label = value
         elif key == "limit":
             cfg.limited = bool(_coerce(value))
         elif key == "device":
@@ -107,7 +122,7 @@ def parse_config(spec: str) -> BenchConfig:
             if cfg.engine == "accelerate" and value != "cpu":
                 msg = f"{name!r} offloads to the CPU's disk and runs on the CPU only; drop :device={value}"
                 raise ValueError(msg)
-        elif key == "dtype" and cfg.engine != "ours":
+        elif key == "dtype" and cfg.engine not in ("ours", "llamacpp"):
             cfg.dtype = value
         elif cfg.engine == "ours":
             cfg.offload[key] = _coerce(value)

@@ -2,9 +2,10 @@
 
 The parent (`bench.Worker`) starts `python -m mixtral_offload_plugin.tools.bench_worker --worker SPEC`, optionally
 inside a memory group, and exchanges one JSON line per command over a pipe. `worker_main` (child side) loads the model with
-its engine (ours, transformers dense, or accelerate offloading), warms it up, and for each "run" decodes the prompt
-greedily and reports time to first token, decode tokens/s, peak RSS, disk reads and, for our engine, cache and
-prefetch counters. It knows nothing about the other configurations, the interleaving or the table (bench.py).
+its engine (ours, transformers dense, accelerate offloading, or llama.cpp through bench_llamacpp.py), warms it up,
+reports the weight bytes each decoded token reads (bandwidth.py), and for each "run" decodes the prompt greedily and
+reports time to first token, decode tokens/s, peak RSS, disk reads and, for our engine, cache and prefetch counters.
+It knows nothing about the other configurations, the interleaving or the table (bench.py).
 Only the standard library is imported at top level; torch and transformers are imported in the child.
 """
 
@@ -92,6 +93,10 @@ def _load(spec: dict[str, Any], scratch: Path) -> tuple[Any, list[Path], dict[st
     import torch
 
     path = Path(spec["model"])
+    if spec["engine"] == "llamacpp":
+        from .bench_llamacpp import load
+
+        return load(spec)
     device = spec.get("device", "cpu")
     if spec["engine"] == "ours":
         from ..config import OffloadConfig
@@ -120,6 +125,29 @@ def _load(spec: dict[str, Any], scratch: Path) -> tuple[Any, list[Path], dict[st
     on_disk = sorted(k for k, v in device_map.items() if v == "disk")
     files = list(offload_dir.rglob("*")) + list(path.glob("*.safetensors"))
     return model, [f for f in files if f.is_file()], {"modules_on_disk": on_disk}
+
+
+def _weight_bytes(model: Any) -> dict[str, int] | None:
+    """Weight bytes read per decoded token (bandwidth.py): GGUF sizes for llama.cpp; parameters and buffers (meta ones
+    too: accelerate's offloaded layers) plus, for ours, every packed expert's size from the cache."""
+    from .bandwidth import active_weight_bytes
+
+    if hasattr(model, "weight_bytes"):
+        return model.weight_bytes().to_dict()
+    from ..errors import MixtralOffloadError
+    from ..runtime.loading import find_architecture
+
+    cfg = model.config.get_text_config()
+    try:
+        arch = find_architecture(cfg)
+    except MixtralOffloadError:  # a family we do not know: no bound for this row
+        return None
+    tensors = [(n, t.numel() * t.element_size()) for n, t in (*model.named_parameters(), *model.named_buffers())]
+    rt = model.__dict__.get("_offload_runtime")
+    if rt is not None:
+        tensors += [(f"model.layers.{layer}.mlp.experts.{e}", rt.cache.nbytes_of((layer, e)))
+                    for layer, block in rt.blocks.items() for e in range(block.experts.num_experts)]
+    return active_weight_bytes(tensors, arch.top_k(cfg), arch.num_experts(cfg)).to_dict()
 
 
 def worker_main(spec: dict[str, Any]) -> int:
@@ -155,7 +183,7 @@ def worker_main(spec: dict[str, Any]) -> int:
                 from .trace import RoutingRecorder
 
                 recorder = RoutingRecorder(model, spec["trace"])
-        send({"load_seconds": load_seconds, "resolved": resolved,
+        send({"load_seconds": load_seconds, "resolved": resolved, "weight_bytes": _weight_bytes(model),
               "rss_after_load_bytes": _peak_rss()})
         for line in sys.stdin:
             if line.strip() != "run":
@@ -183,7 +211,7 @@ def worker_main(spec: dict[str, Any]) -> int:
             res: dict[str, Any] = {
                 "new_tokens": new, "seconds": end - start, "ttft_s": first - start,
                 "decode_tps": (new - 1) / (end - first) if new > 1 and end > first else 0.0,
-                "tokens": seqs[0, ids.shape[1]:].tolist()[:8],
+                "tokens": seqs[0, ids.shape[1]:].tolist()[:int(spec.get("record_tokens") or 8)],
                 "disk_bytes_per_token": (disk1 - disk0) / new if disk0 is not None and disk1 is not None else None,
                 "peak_rss_bytes": _peak_rss(), "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None}
             if ours:
