@@ -1,5 +1,13 @@
 """Speculative prefetch: guess the next layers' experts from the current hidden state and start loading them.
 
+The protocol (what `OffloadedExperts` calls, once per MoE layer call):
+
+- `propose(layer, hidden_states) -> Tensor | None` (optional): device-side work before the layer's host sync; returns
+  an int64 tensor of guesses (for example `[depth, n]`) or None, and must not sync the host itself;
+- `after_route(layer, hidden_states, experts, proposal=...)`: after the layer's one host transfer, which carried the
+  routed `experts` and the proposal together; `proposal` is the proposal as nested Python lists (its shape) or None.
+  A prefetcher without `propose` is called as `after_route(layer, hidden_states, experts)` and pays its own syncs.
+
 `GatePrefetcher` applies the routers of the next `depth` MoE layers to the hidden state entering the current layer's
 experts (the residual stream changes slowly between layers, so the guess is often right) and asks the cache to load
 its top guesses. Loads never evict what the current layer uses. Guesses can be observed (traces record them).
@@ -29,14 +37,23 @@ class GatePrefetcher:
         self.listeners: list[Callable[[int, int, list[int]], None]] = []  # (from layer, guessed layer, guesses)
 
     @torch.no_grad()
-    def after_route(self, layer: int, hidden: torch.Tensor, experts: Sequence[int]) -> None:
+    def propose(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Top guesses [d, n] for the `d` layers after `layer` (device tensor; no host sync)."""
         ahead = self.ahead[layer]
         if not ahead:
-            return
+            return None
         scores = torch.stack([self.arch.router_scores(self.blocks[nxt], hidden).sum(dim=0) for nxt in ahead])  # [d, E]
-        guesses = scores.topk(min(self.experts, scores.shape[-1]), dim=-1).indices.tolist()  # one sync for all d
+        return scores.topk(min(self.experts, scores.shape[-1]), dim=-1).indices
+
+    def after_route(self, layer: int, hidden: torch.Tensor, experts: Sequence[int],
+                    proposal: list[list[int]] | None = None) -> None:
+        if proposal is None:  # called without the proposal (not through the one-transfer path)
+            guessed = self.propose(layer, hidden)
+            if guessed is None:
+                return
+            proposal = guessed.tolist()
         protected = [(layer, e) for e in experts]
-        for nxt, guess in zip(ahead, guesses, strict=True):
+        for nxt, guess in zip(self.ahead[layer], proposal, strict=True):
             for listener in self.listeners:
                 listener(layer, nxt, guess)
             self.cache.prefetch(nxt, guess, protected)

@@ -85,6 +85,10 @@ class SyncLoader:
         if slot.error is not None:
             raise slot.error
 
+    def ready(self, slot: Slot) -> bool:
+        """Non-blocking: whether `wait(slot)` would return at once."""
+        return slot.done.is_set()
+
     def close(self) -> None:
         pass
 
