@@ -1,9 +1,11 @@
 """Which kernel computes a stored matrix on a device: `plan_matrix` picks a `MatrixPlan`, whose `prepare` builds the
 kernel once per slot load (filling a per-slot workspace when the kernel wants one, for example 2/3-bit planes expanded
-into int4pack form).
+into int4pack form for torch's kernel).
 
-The byte forms and their exact math are `formats.py`; the kernels themselves `cpu.py` and `cuda.py`. This module
-knows nothing about experts, caches or files.
+On CPU our native kernels (`native.py`) read every int4pack and bit-plane form in place (no workspace: a slot costs its
+packed bytes); without a C compiler, torch's int4 kernel runs them, with the 2/3-bit forms expanded into a workspace at
+slot load. The byte forms and their exact math are `formats.py`; the kernels themselves `cpu.py`, `native.py` and
+`cuda.py`. This module knows nothing about experts, caches or files.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 
 from ..storage.packing import ALIGN, align_up
+from . import native
 from .cpu import DenseMatmul, Int4Matmul, Pad16Int4Matmul, _scratch
 from .cuda import DequantMatmul
 from .formats import (
@@ -32,7 +35,8 @@ from .formats import (
 class MatrixPlan:
     """How one stored matrix is computed on one device.
 
-    kind: "int4" (CPU int4 kernel reads the stored int4pack form), "int4-lut16" (CPU, group 16: the same for the
+    kind: "native-int4" / "native-lut" (CPU, our kernels reading the int4pack form / the 2/3-bit planes in place,
+    8-bit scales included), "int4" (CPU int4 kernel reads the stored int4pack form), "int4-lut16" (CPU, group 16: the same for the
     matrix padded to group 32 with zero activations), "int4-lut" (CPU: 2/3-bit planes stored in
     int4pack nibble order, expanded into the workspace by a table lookup at slot load), "int4-unpack" (CPU: 2/3-bit values unpacked into
     int4pack form in the workspace at slot load), "dense" (dequantized into the workspace at slot load in `dtype`),
@@ -74,8 +78,25 @@ class MatrixPlan:
         padded = pad16_unpack(real, n, k, workspace[: n * k])
         return Pad16Int4Matmul(padded.view(n, k), _lut_sz(self, views, workspace[align_up(n * k, ALIGN):]))
 
+    def _prepare_native(self, views: dict[str, torch.Tensor]) -> Any:
+        n, k = self.shape
+        lib, p = native.library(), self.prefix
+        if lib is None:
+            msg = "the native kernel library is gone (MIXTRAL_OFFLOAD_NATIVE changed after loading?); reload the model"
+            raise RuntimeError(msg)
+        if self.kind == "native-int4":
+            return native.QuantMatrix(lib, n, k, self.group_size, q=views[f"{p}.q"], planes=False, sz=views[f"{p}.sz"])
+        plane = "p" if f"{p}.plo" in views else ""
+        meta8 = (tuple(views[f"{p}.{t}"] for t in ("scale_q", "scale_mm", "zero_q", "zero_mm"))
+                 if f"{p}.scale_q" in views else None)
+        return native.QuantMatrix(lib, n, k, self.group_size, q=views[f"{p}.{plane}lo"], planes=True,
+                                  hi=views.get(f"{p}.{plane}hi"), sz=views.get(f"{p}.sz"), meta8=meta8,
+                                  offset=int4_offset(self.bits))
+
     def prepare(self, views: dict[str, torch.Tensor], workspace: torch.Tensor | None) -> Any:
         n, k = self.shape
+        if self.kind.startswith("native"):
+            return self._prepare_native(views)
         if self.kind == "int4":
             return Int4Matmul(views[f"{self.prefix}.q"], views[f"{self.prefix}.sz"], self.group_size)
         if self.kind == "dequant":
@@ -114,13 +135,20 @@ def plan_matrix(prefix: str, form: str, shape: tuple[int, int], bits: int, group
                 dtype: torch.dtype, device: torch.device, sz_dtype: torch.dtype | None = None) -> MatrixPlan:
     """Pick the fastest exact way to compute a stored matrix on `device` (see `MatrixPlan.kind`).
 
-    CPU: int4pack form -> the int4 kernel in place; 2/3-bit with an int4-compatible group size -> unpacked into
+    CPU: int4pack and 2/3-bit plane forms -> our native kernels in place when they are built (see `native.py`);
+    otherwise int4pack form -> the int4 kernel in place; 2/3-bit with an int4-compatible group size -> unpacked into
     int4pack form at slot load (exact: values 0..7 are valid int4 values, zero_t = (8 - z) s); anything else
     (2/3-bit group 16, 8-bit) -> dequantized once per slot load into a dense workspace, then `F.linear`.
     """
     act = torch.float32 if dtype == torch.float32 else torch.bfloat16
     if device.type != "cpu":
         return MatrixPlan(prefix, "dequant", shape, bits, group_size, dtype)
+    if form in ("int4pack", "int4lut", "int4lut16") and native.library() is not None:
+        # a portable (no SIMD) build reads the 2/3-bit planes in place to keep slots small, but torch's int4 kernel is
+        # faster on plain int4pack (tests force the portable build to check its sums)
+        if form != "int4pack" or native.simd_level() > 0 or native._override_impl == "portable":
+            kind = "native-int4" if form == "int4pack" else "native-lut"
+            return MatrixPlan(prefix, kind, shape, bits, group_size, sz_dtype or act)
     if form == "int4pack":
         return MatrixPlan(prefix, "int4", shape, bits, group_size, sz_dtype or act)
     if form == "int4lut":
