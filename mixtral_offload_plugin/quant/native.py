@@ -181,6 +181,25 @@ class QuantMatrix:
         return y if y.dtype == dtype else y.to(dtype)
 
 
+DENSE_MAX_TOKENS = 4  # up to here our bf16 kernel beats torch's (2x at one token, parity at 8: measured)
+
+
+def dense_library(weight: torch.Tensor) -> Any:
+    """The library to run `dense_bf16` on for this weight (bf16, contiguous, CPU, SIMD build), else None."""
+    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or not weight.is_contiguous():
+        return None
+    lib = library()
+    return lib if lib is not None and (lib.mo_simd() > 0 or _override_impl == "portable") else None
+
+
+def linear(lib: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`F.linear(x, weight)` (x [..., K]): on our bf16 kernel for a few bf16 rows when `lib` (see `dense_library`)."""
+    rows = x.numel() // weight.shape[1] if x.numel() else 0
+    if lib is None or x.dtype != torch.bfloat16 or not 0 < rows <= DENSE_MAX_TOKENS:
+        return torch.nn.functional.linear(x, weight)
+    return dense_bf16(lib, weight, x.reshape(rows, -1)).view(*x.shape[:-1], weight.shape[0])
+
+
 def dense_bf16(lib: Any, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """y = x @ weight.T for a bf16 weight [N, K] (contiguous) and bf16 x [M, K]; float32 sums, bf16 result."""
     xs = x.contiguous()

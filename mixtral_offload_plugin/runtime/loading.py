@@ -253,6 +253,10 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
         from ..quant.attention import quantize_attention
 
         trunk_bytes = quantize_attention(model, config, dtype, device)
+    if device.type == "cpu":
+        from ..quant.linear import accelerate_linears
+
+        accelerate_linears(model)  # bf16 lm_head and 16-bit projections on our kernel (when it is built)
 
     keys = [(layer, e) for layer in sorted(blocks) for e in range(num_experts)]
     qname = getattr(ckpt, "quantizer_name", None) or ("none" if config.expert_bits == 16 else "hqq")

@@ -1,0 +1,41 @@
+"""The resident trunk's bf16 linears on CPU (lm_head, 16-bit attention projections) computed by our native kernel for
+a few tokens at a time: torch's bf16 matrix-vector product reads its weights at about half the memory speed ours
+reaches (measured in `native.py`'s notes and docs/benchmarks.md). Same parameters, same module type (a subclass of
+`nn.Linear`); more tokens, other dtypes and other devices go through `nn.Linear.forward` unchanged.
+This module knows nothing about experts or caches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import native
+
+
+class NativeLinear(nn.Linear):
+    """`nn.Linear` whose bf16 forward for up to `native.DENSE_MAX_TOKENS` rows runs on our kernel."""
+
+    _native: Any = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._native is None:
+            return super().forward(x)
+        y = native.linear(self._native, x, self.weight)
+        return y + self.bias if self.bias is not None else y
+
+
+def accelerate_linears(model: nn.Module) -> int:
+    """Turn every bf16 CPU `nn.Linear` of `model` into a `NativeLinear` when our kernels are built; returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) is not nn.Linear or module.weight.is_meta:
+            continue
+        lib = native.dense_library(module.weight)
+        if lib is not None:
+            module.__class__ = NativeLinear
+            module._native = lib
+            count += 1
+    return count
