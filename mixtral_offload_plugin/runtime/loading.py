@@ -253,6 +253,10 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
         from ..quant.attention import quantize_attention
 
         trunk_bytes = quantize_attention(model, config, dtype, device)
+    if config.head_bits < 16:
+        from ..quant.linear import quantize_head
+
+        trunk_bytes = quantize_head(model, config, dtype, device)
     if device.type == "cpu":
         from ..quant.linear import accelerate_linears
 

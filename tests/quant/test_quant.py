@@ -137,6 +137,8 @@ def _reference(path: Path, model: torch.nn.Module, dtype: torch.dtype) -> torch.
                 mod = getattr(ours, name)
                 if isinstance(mod, QuantizedLinear):
                     getattr(ref_layer.self_attn, name).weight.copy_(mod.dequantized_weight())
+        if isinstance(model.lm_head, QuantizedLinear):
+            ref.lm_head.weight.copy_(model.lm_head.dequantized_weight())
     return ref
 
 
@@ -208,3 +210,22 @@ def test_packed_views_round_trip() -> None:
     assert views["gate_up.lo"].numel() == 128 * 64 * 2 // 8
     assert views["gate_up.hi"].numel() == 128 * 64 // 8
     assert packed.layout.meta["forms"]["gate_up"] == "int4lut"
+
+
+def test_quantized_head_matches_dequantized_reference(quant_model: Path, kernel_impl: str) -> None:
+    """head_bits=4: lm_head is an HQQ 4-bit matrix; generation equals transformers holding its dequantized weights."""
+    from mixtral_offload_plugin.quant.hqq import QuantizedLinear
+
+    cfg = OffloadConfig(device="cpu", transfer="sync", expert_bits=4, attn_bits=4, head_bits=4, attn_group_size=64)
+    model = load_model(quant_model, cfg)
+    assert isinstance(model.lm_head, QuantizedLinear)
+    assert model.lm_head.plan.kind == expected_kind("int4", kernel_impl)
+    ref = _reference(quant_model, model, torch.float32)
+    seq, logits = _greedy(model, 16)
+    ref_seq, ref_logits = _greedy(ref, 16)
+    assert torch.equal(seq, ref_seq)
+    assert ((logits - ref_logits).abs().amax(dim=-1) / ref_logits.abs().amax(dim=-1)).max().item() < 1e-3
+    plain = load_model(quant_model, cfg.replace(head_bits=16))
+    assert not torch.allclose(_greedy(plain, 1)[1], logits[:1], rtol=1e-4, atol=1e-5)  # the head really is quantized
+    model.unload()
+    plain.unload()
