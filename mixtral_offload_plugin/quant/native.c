@@ -19,6 +19,7 @@
  * c = -z * s (8-bit meta), dot_g = sum over the group of q * x.
  */
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -79,8 +80,8 @@ static void *tl_grow(void **buf, size_t *cap, size_t nbytes) {
     return *buf;
 }
 
-static __thread void *tl_x, *tl_tile;
-static __thread size_t tl_x_cap, tl_tile_cap;
+static __thread void *tl_x, *tl_tile, *tl_h;
+static __thread size_t tl_x_cap, tl_tile_cap, tl_h_cap;
 
 static inline void meta_at(const mo_qmat *m, int64_t row, int64_t g, float *s, float *c) {
     int64_t G = m->k / m->gs;
@@ -578,6 +579,54 @@ static inline float row_bf16(const uint16_t *w, const uint16_t *xt, int64_t k) {
     float s = 0.0f;
     for (int64_t c = 0; c < k; c++) s += bf16_to_f32(w[c]) * bf16_to_f32(xt[c]);
     return s;
+}
+
+/* -- one expert's MLP: down(silu(gate) * up) with [gate; up] = gate_up x ----------------------------------------- */
+#ifdef MO_AVX512
+static inline __m512 exp512(__m512 x) { /* exp to about 2 ulp: 2^n * p(r), |r| <= ln2 / 2 */
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.98756912e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.39819994e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.33345205e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.16657962e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66666657e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.00000001e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* a[t][i] = silu(h[t][i]) * h[t][I + i], packed to [tokens][I] in place (h is [tokens][2I]) */
+static void silu_mul(float *h, int64_t tokens, int64_t inter) {
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *g = h + t * 2 * inter, *u = g + inter;
+        float *a = h + t * inter;
+        int64_t i = 0;
+#ifdef MO_AVX512
+        for (; i + 16 <= inter; i += 16) {
+            __m512 gv = _mm512_loadu_ps(g + i);
+            __m512 sg = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+            _mm512_storeu_ps(a + i, _mm512_mul_ps(sg, _mm512_loadu_ps(u + i)));
+        }
+#endif
+        for (; i < inter; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}
+
+/* y [tokens][H] = down(silu(gate) * up) for one token batch x [tokens][H]; float32 between the two matrices. */
+int mo_expert_silu(const mo_qmat *gate_up, const mo_qmat *down, const void *x, int x_bf16, void *y, int y_bf16,
+                   int64_t tokens, int nthreads) {
+    int64_t inter = down->k;
+    if (gate_up->n != 2 * inter) return -2;
+    float *h = (float *)tl_grow(&tl_h, &tl_h_cap, (size_t)(tokens * 2 * inter) * sizeof(float));
+    if (h == NULL) return -1;
+    int rc = mo_quant_mm(gate_up, x, x_bf16, h, 0, tokens, nthreads);
+    if (rc) return rc;
+    silu_mul(h, tokens, inter);
+    return mo_quant_mm(down, h, 0, y, y_bf16, tokens, nthreads);
 }
 
 /* y [tokens][N] = x [tokens][K] W^T for bfloat16 W [N][K] (row-major) and bfloat16 x; float32 sums. Rows are taken
