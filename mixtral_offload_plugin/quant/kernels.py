@@ -87,11 +87,12 @@ class MatrixPlan:
         if self.kind == "native-int4":
             return native.QuantMatrix(lib, n, k, self.group_size, q=views[f"{p}.q"], planes=False, sz=views[f"{p}.sz"])
         plane = "p" if f"{p}.plo" in views else ""
-        meta8 = (tuple(views[f"{p}.{t}"] for t in ("scale_q", "scale_mm", "zero_q", "zero_mm"))
-                 if f"{p}.scale_q" in views else None)
+        blocks = "b" if f"{p}.scale_qb" in views else ""  # 8-bit meta in the kernel's order (or row-major)
+        names = (f"scale_q{blocks}", f"scale_mm{blocks}", f"zero_q{blocks}", f"zero_mm{blocks}")
+        meta8 = tuple(views[f"{p}.{t}"] for t in names) if f"{p}.{names[0]}" in views else None
         return native.QuantMatrix(lib, n, k, self.group_size, q=views[f"{p}.{plane}lo"], planes=True,
                                   hi=views.get(f"{p}.{plane}hi"), sz=views.get(f"{p}.sz"), meta8=meta8,
-                                  offset=int4_offset(self.bits))
+                                  meta_blocks=bool(blocks), offset=int4_offset(self.bits))
 
     def prepare(self, views: dict[str, torch.Tensor], workspace: torch.Tensor | None) -> Any:
         n, k = self.shape

@@ -14,7 +14,8 @@
  *    bits of q, 4 per byte, bits 2i..2i+1 of byte m holding nibble 4m+i) and for 3 bits a 1-bit plane (bit i of byte m
  *    holding the third bit of nibble 8m+i). With sz: w = (q + offset - 8) * s + zero_t; with 8-bit meta (meta 1):
  *    w = (q - z) * s, s = sq * step + min and z likewise, (min, step) per `meta_group` consecutive entries of the
- *    [N][G] arrays.
+ *    [N][G] arrays. Meta 2: the same 8-bit values stored per block of 64 rows and group in decode order (see below;
+ *    the N % 64 last rows as [G][r]), one (min, step) per two consecutive (block, group) entries.
  * Every form is computed as y = sum over groups g of s * dot_g + c * sum_g(x), c = zero_t + (offset - 8) * s (sz) or
  * c = -z * s (8-bit meta), dot_g = sum over the group of q * x.
  */
@@ -99,6 +100,21 @@ static inline void meta_at(const mo_qmat *m, int64_t row, int64_t g, float *s, f
         }
         *s = sv;
         *c = zt + (float)(m->offset - 8) * sv;
+    } else if (m->meta == 2) {
+        int64_t nb = m->n / 64, pos, mg;
+        if (row < nb * 64) {
+            int r = (int)(row % 64); /* decode position of row r: the inverse of row_of */
+            pos = (row / 64 * G + g) * 64 + 16 * ((r >= 32) + 2 * (r & 1)) + ((r & 31) >> 1);
+            mg = (row / 64 * G + g) >> 1;
+        } else {
+            int64_t r = m->n - nb * 64;
+            pos = nb * G * 64 + g * r + (row - nb * 64);
+            mg = (nb * G + g) >> 1;
+        }
+        float sv = (float)m->sq[pos] * m->smm[2 * mg + 1] + m->smm[2 * mg];
+        float z = (float)m->zq[pos] * m->zmm[2 * mg + 1] + m->zmm[2 * mg];
+        *s = sv;
+        *c = -z * sv;
     } else {
         int64_t f = row * G + g, mg = f / m->meta_group;
         float sv = (float)m->sq[f] * m->smm[2 * mg + 1] + m->smm[2 * mg];
@@ -280,14 +296,27 @@ static inline int row_of(int form, int p) {
     return 2 * t + (i & 1) * 32 + (i >> 1);
 }
 
-/* (s, c) of every group for the 64 rows of block b, in decode order: tile[g * 128 + p] = s, [g * 128 + 64 + p] = c */
-static void build_tile(const mo_qmat *m, int64_t b, float *tile) {
+/* the (s, zero_t) pairs of block b for groups [g0, g1): one [G][N][2] row each, far apart in memory */
+static inline void prefetch_sz(const mo_qmat *m, int64_t b, int64_t g0, int64_t g1) {
+    int64_t row_bytes = m->sz_bf16 ? 256 : 512;
+    for (int64_t g = g0; g < g1; g++) {
+        const char *p = (const char *)m->sz + (g * m->n + b * 64) * (row_bytes / 64);
+        for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+    }
+}
+
+/* (s, c) of groups [g0, g1) for the 64 rows of block b, in decode order: tile[(g - g0) * 128 + p] = s,
+ * [(g - g0) * 128 + 64 + p] = c. Built TILE_GROUPS groups at a time, just before they are used (stays in L1). */
+#define TILE_GROUPS 16
+static void build_tile(const mo_qmat *m, int64_t b, int64_t g0, int64_t g1, float *tile) {
     int64_t G = m->k / m->gs, n0 = b * 64;
     if (m->meta == 0) {
         __m512 shift = _mm512_set1_ps((float)(m->offset - 8));
         __m512i even = idx16(0, 2), odd = idx16(1, 2);
-        for (int64_t g = 0; g < G; g++) {
+        prefetch_sz(m, b, g1, g1 + TILE_GROUPS < G ? g1 + TILE_GROUPS : G); /* sz rows are N apart: no HW prefetch */
+        for (int64_t g = g0; g < g1; g++) {
             __m512 s[4], zt[4];
+            float *out = tile + (g - g0) * 128;
             if (m->sz_bf16) {
                 const uint16_t *p = (const uint16_t *)m->sz + (g * m->n + n0) * 2;
                 for (int i = 0; i < 4; i++) {
@@ -311,22 +340,27 @@ static void build_tile(const mo_qmat *m, int64_t b, float *tile) {
                 for (int i = 0; i < 4; i++) s[i] = ns[i], zt[i] = nz[i];
             }
             for (int i = 0; i < 4; i++) {
-                _mm512_storeu_ps(tile + g * 128 + 16 * i, s[i]);
-                _mm512_storeu_ps(tile + g * 128 + 64 + 16 * i, _mm512_fmadd_ps(shift, s[i], zt[i]));
+                _mm512_storeu_ps(out + 16 * i, s[i]);
+                _mm512_storeu_ps(out + 64 + 16 * i, _mm512_fmadd_ps(shift, s[i], zt[i]));
             }
         }
         return;
     }
-    if (G % 16 || m->meta_group % 16) { /* odd shapes: one value at a time */
-        for (int64_t g = 0; g < G; g++)
-            for (int p = 0; p < 64; p++) meta_at(m, n0 + row_of(m->form, p), g, tile + g * 128 + p, tile + g * 128 + 64 + p);
+    if (G % 16 || m->meta_group % 16 || g1 - g0 != 16) { /* odd shapes: one value at a time */
+        for (int64_t g = g0; g < g1; g++)
+            for (int p = 0; p < 64; p++) {
+                float *out = tile + (g - g0) * 128 + p;
+                meta_at(m, n0 + row_of(m->form, p), g, out, out + 64);
+            }
         return;
     }
-    for (int i = 0; i < 4; i++) {          /* 16 rows of one decode vector ... */
-        for (int64_t g0 = 0; g0 < G; g0 += 16) { /* ... times 16 groups, then transposed */
+    int shift = m->meta_group == 128 ? 7 : -1; /* a 64-bit division per row costs more than the row itself */
+    for (int i = 0; i < 4; i++) { /* 16 rows of one decode vector times 16 groups, then transposed */
+        {
             __m512 s[16], c[16];
             for (int t = 0; t < 16; t++) {
-                int64_t f = (n0 + row_of(m->form, 16 * i + t)) * G + g0, mg = f / m->meta_group;
+                int64_t f = (n0 + row_of(m->form, 16 * i + t)) * G + g0;
+                int64_t mg = shift >= 0 ? f >> shift : f / m->meta_group;
                 __m512 sq = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(m->sq + f))));
                 __m512 zq = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(m->zq + f))));
                 s[t] = _mm512_add_ps(_mm512_mul_ps(sq, _mm512_set1_ps(m->smm[2 * mg + 1])), _mm512_set1_ps(m->smm[2 * mg]));
@@ -336,8 +370,8 @@ static void build_tile(const mo_qmat *m, int64_t b, float *tile) {
             transpose16(s);
             transpose16(c);
             for (int j = 0; j < 16; j++) {
-                _mm512_storeu_ps(tile + (g0 + j) * 128 + 16 * i, s[j]);
-                _mm512_storeu_ps(tile + (g0 + j) * 128 + 64 + 16 * i, c[j]);
+                _mm512_storeu_ps(tile + j * 128 + 16 * i, s[j]);
+                _mm512_storeu_ps(tile + j * 128 + 64 + 16 * i, c[j]);
             }
         }
     }
@@ -345,10 +379,21 @@ static void build_tile(const mo_qmat *m, int64_t b, float *tile) {
 
 /* (s, c) of group g for decode vector i of block b: from the tile, or (tile NULL: int4pack with bf16 sz, natural row
  * order) straight from sz */
-static inline void group_sc(const mo_qmat *m, const float *tile, int64_t b, int64_t g, int i, __m512 *s, __m512 *c) {
+static inline void group_sc(const mo_qmat *m, const float *tile, int64_t b, int64_t g, int64_t G, int i, __m512 *s,
+                            __m512 *c) {
+    if (m->meta == 2) { /* 8-bit values already in decode order: 16 bytes per vector, one (min, step) per group */
+        int64_t at = b * G + g, mg = at >> 1;
+        __m512 sq = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(m->sq + at * 64 + 16 * i))));
+        __m512 zq = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(m->zq + at * 64 + 16 * i))));
+        *s = _mm512_fmadd_ps(sq, _mm512_set1_ps(m->smm[2 * mg + 1]), _mm512_set1_ps(m->smm[2 * mg]));
+        __m512 z = _mm512_fmadd_ps(zq, _mm512_set1_ps(m->zmm[2 * mg + 1]), _mm512_set1_ps(m->zmm[2 * mg]));
+        *c = _mm512_fnmadd_ps(z, *s, _mm512_setzero_ps());
+        return;
+    }
     if (tile != NULL) {
-        *s = _mm512_loadu_ps(tile + g * 128 + 16 * i);
-        *c = _mm512_loadu_ps(tile + g * 128 + 64 + 16 * i);
+        const float *at = tile + (g % TILE_GROUPS) * 128;
+        *s = _mm512_loadu_ps(at + 16 * i);
+        *c = _mm512_loadu_ps(at + 64 + 16 * i);
         return;
     }
     __m512i pr = _mm512_loadu_si512((const void *)((const uint16_t *)m->sz + (g * m->n + b * 64 + 16 * i) * 2));
@@ -384,7 +429,7 @@ static inline void store_block(const mo_qmat *m, void *y, int y_bf16, int64_t t,
 
 /* one block, tokens t0 .. t0 + MC - 1 */
 #define MO_BLOCK(MC)                                                                                                 \
-    static void block_##MC(const mo_qmat *m, const float *tile, const float *x, const float *sx, void *y, int y_bf16, \
+    static void block_##MC(const mo_qmat *m, float *tile, const float *x, const float *sx, void *y, int y_bf16, \
                            int64_t b, int64_t t0) {                                                                  \
         int64_t G = m->k / m->gs, gs = m->gs, k = m->k, col_bytes = m->form == 0 ? 32 : 16;                          \
         int64_t pf_mask = 64 / col_bytes - 1;                                                                        \
@@ -394,6 +439,10 @@ static inline void store_block(const mo_qmat *m, void *y, int y_bf16, int64_t t,
             for (int i = 0; i < 4; i++) acc[t][i] = _mm512_setzero_ps();                                             \
         for (int64_t g = 0; g < G; g++) {                                                                            \
             __m512 d[MC][4];                                                                                         \
+            if (tile != NULL && g % TILE_GROUPS == 0)                                                                \
+                build_tile(m, b, g, g + TILE_GROUPS < G ? g + TILE_GROUPS : G, tile);                                \
+            else if (tile == NULL && g + 4 < G)                                                                      \
+                prefetch_sz(m, b, g + 4, g + 5);                                                                     \
             for (int t = 0; t < MC; t++)                                                                             \
                 for (int i = 0; i < 4; i++) d[t][i] = _mm512_setzero_ps();                                           \
             for (int64_t c = g * gs; c < (g + 1) * gs; c++) {                                                        \
@@ -407,7 +456,7 @@ static inline void store_block(const mo_qmat *m, void *y, int y_bf16, int64_t t,
             }                                                                                                        \
             for (int i = 0; i < 4; i++) {                                                                            \
                 __m512 s, cc;                                                                                        \
-                group_sc(m, tile, b, g, i, &s, &cc);                                                                 \
+                group_sc(m, tile, b, g, G, i, &s, &cc);                                                                   \
                 for (int t = 0; t < MC; t++)                                                                         \
                     acc[t][i] = _mm512_fmadd_ps(s, d[t][i], _mm512_fmadd_ps(cc, _mm512_set1_ps(sx[(t0 + t) * G + g]), \
                                                                             acc[t][i]));                            \
@@ -418,39 +467,76 @@ static inline void store_block(const mo_qmat *m, void *y, int y_bf16, int64_t t,
 MO_BLOCK(1)
 MO_BLOCK(2)
 
-#ifdef __AVX512BF16__
-/* 2-bit planes with bf16 activations: two columns at once as bf16 pairs (small integers are exact in bf16; the products
- * are exact and summed in float32 by the bf16 dot-product instruction). Word lanes of the decoded vectors pair byte t of
- * column c with byte t of column c + 1, so dword lane t keeps the row order of the float path. */
-static inline void decode2_bf16(const uint8_t *p, __m512i w[4]) {
-    const __m512i il = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                                        21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __m512i lut = _mm512_set_epi16(0x4040, 0x4000, 0x3f80, 0, 0x4040, 0x4000, 0x3f80, 0, 0x4040, 0x4000, 0x3f80,
-                                         0, 0x4040, 0x4000, 0x3f80, 0, 0x4040, 0x4000, 0x3f80, 0, 0x4040, 0x4000,
-                                         0x3f80, 0, 0x4040, 0x4000, 0x3f80, 0, 0x4040, 0x4000, 0x3f80, 0);
-    __m512i v = _mm512_permutexvar_epi16(il, _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p)));
-    w[0] = _mm512_permutexvar_epi16(v, lut); /* the table index is the low 5 bits: bf16 of (field & 3) */
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+/* bf16 activations: two columns at once as bf16 pairs (small integers are exact in bf16; the bf16 dot-product
+ * instruction sums the exact products in float32). Word lanes of the decoded vectors pair a row's weight in column c
+ * with its weight in column c + 1, so dword lane t keeps the row order of the float path. Integers become bf16 by one
+ * table lookup (vpermw reads the low 5 bits of each word: the tables repeat every 4 or 16 entries). */
+static const uint16_t lut_bf16[32] = {0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+                                      0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170,
+                                      0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+                                      0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+static const uint16_t lut2_bf16[32] = {0, 0x3f80, 0x4000, 0x4040, 0, 0x3f80, 0x4000, 0x4040, 0, 0x3f80, 0x4000,
+                                       0x4040, 0, 0x3f80, 0x4000, 0x4040, 0, 0x3f80, 0x4000, 0x4040, 0, 0x3f80,
+                                       0x4000, 0x4040, 0, 0x3f80, 0x4000, 0x4040, 0, 0x3f80, 0x4000, 0x4040};
+/* byte gathers: word i holds (column c, column c + 1) bytes of the same row; `pair16` for int4pack (bytes i and 32 + i
+ * of the 64 loaded, rows half `h`), `pair_planes` for 2-bit planes (bytes i and 16 + i of the 32 loaded) */
+static uint8_t pair16[2][64], pair_planes[64];
+__attribute__((constructor)) static void init_pairs(void) { /* at library load */
+    for (int i = 0; i < 16; i++)
+        for (int h = 0; h < 2; h++) {
+            pair16[h][4 * i] = pair16[h][4 * i + 1] = (uint8_t)(16 * h + i);
+            pair16[h][4 * i + 2] = pair16[h][4 * i + 3] = (uint8_t)(32 + 16 * h + i);
+        }
+    for (int i = 0; i < 16; i++) {
+        pair_planes[4 * i] = pair_planes[4 * i + 1] = (uint8_t)i;
+        pair_planes[4 * i + 2] = pair_planes[4 * i + 3] = (uint8_t)(16 + i);
+    }
+}
+
+static inline void decode2_bf16(const mo_qmat *m, const uint8_t *p, __m512i w[4]) {
+    if (m->form == 0) { /* 64 bytes: columns c and c + 1 of int4pack */
+        const __m512i lut = _mm512_loadu_si512((const void *)lut_bf16);
+        __m512i v = _mm512_loadu_si512((const void *)p);
+        __m512i z0 = _mm512_permutexvar_epi8(_mm512_loadu_si512((const void *)pair16[0]), v);
+        __m512i z1 = _mm512_permutexvar_epi8(_mm512_loadu_si512((const void *)pair16[1]), v);
+        w[0] = _mm512_permutexvar_epi16(z0, lut);                          /* rows 0-15: low nibbles */
+        w[1] = _mm512_permutexvar_epi16(z1, lut);                          /* rows 16-31 */
+        w[2] = _mm512_permutexvar_epi16(_mm512_srli_epi16(z0, 4), lut);    /* rows 32-47: high nibbles */
+        w[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(z1, 4), lut);    /* rows 48-63 */
+        return;
+    }
+    const __m512i lut = _mm512_loadu_si512((const void *)lut2_bf16);
+    __m512i v = _mm512_permutexvar_epi8(_mm512_loadu_si512((const void *)pair_planes),
+                                        _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)));
+    w[0] = _mm512_permutexvar_epi16(v, lut);
     w[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 2), lut);
     w[2] = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
     w[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 6), lut);
 }
 
 #define MO_BLOCK_BF16(MC)                                                                                            \
-    static void block_bf16_##MC(const mo_qmat *m, const float *tile, const uint16_t *xb, const float *sx, void *y,  \
+    static void block_bf16_##MC(const mo_qmat *m, float *tile, const uint16_t *xb, const float *sx, void *y,  \
                                 int y_bf16, int64_t b, int64_t t0) {                                                 \
-        int64_t G = m->k / m->gs, gs = m->gs, k = m->k;                                                              \
-        const uint8_t *base = m->q + b * k * 16;                                                                     \
+        int64_t G = m->k / m->gs, gs = m->gs, k = m->k, col_bytes = m->form == 0 ? 32 : 16;                          \
+        const uint8_t *base = m->q + b * k * col_bytes;                                                              \
+        int64_t pf_mask = 64 / col_bytes - 1;                                                                        \
         __m512 acc[MC][4];                                                                                           \
         for (int t = 0; t < MC; t++)                                                                                 \
             for (int i = 0; i < 4; i++) acc[t][i] = _mm512_setzero_ps();                                             \
         for (int64_t g = 0; g < G; g++) {                                                                            \
             __m512 d[MC][4];                                                                                         \
+            if (tile != NULL && g % TILE_GROUPS == 0)                                                                \
+                build_tile(m, b, g, g + TILE_GROUPS < G ? g + TILE_GROUPS : G, tile);                                \
+            else if (tile == NULL && g + 4 < G)                                                                      \
+                prefetch_sz(m, b, g + 4, g + 5);                                                                     \
             for (int t = 0; t < MC; t++)                                                                             \
                 for (int i = 0; i < 4; i++) d[t][i] = _mm512_setzero_ps();                                           \
             for (int64_t c = g * gs; c < (g + 1) * gs; c += 2) {                                                     \
                 __m512i w[4];                                                                                        \
-                if ((c & 3) == 0) _mm_prefetch((const char *)(base + c * 16 + MO_PREFETCH), _MM_HINT_T0);            \
-                decode2_bf16(base + c * 16, w);                                                                      \
+                if (((c >> 1) & (pf_mask >> 1)) == 0)                                                                \
+                    _mm_prefetch((const char *)(base + c * col_bytes + MO_PREFETCH), _MM_HINT_T0);                   \
+                decode2_bf16(m, base + c * col_bytes, w);                                                            \
                 for (int t = 0; t < MC; t++) {                                                                       \
                     uint32_t pair;                                                                                   \
                     memcpy(&pair, xb + (t0 + t) * k + c, 4);                                                         \
@@ -460,7 +546,7 @@ static inline void decode2_bf16(const uint8_t *p, __m512i w[4]) {
             }                                                                                                        \
             for (int i = 0; i < 4; i++) {                                                                            \
                 __m512 s, cc;                                                                                        \
-                group_sc(m, tile, b, g, i, &s, &cc);                                                                 \
+                group_sc(m, tile, b, g, G, i, &s, &cc);                                                                   \
                 for (int t = 0; t < MC; t++)                                                                         \
                     acc[t][i] = _mm512_fmadd_ps(s, d[t][i], _mm512_fmadd_ps(cc, _mm512_set1_ps(sx[(t0 + t) * G + g]), \
                                                                             acc[t][i]));                            \
@@ -470,8 +556,8 @@ static inline void decode2_bf16(const uint8_t *p, __m512i w[4]) {
     }
 MO_BLOCK_BF16(1)
 MO_BLOCK_BF16(2)
-#define MO_HAVE_BF16_PLANES 1
-#endif /* __AVX512BF16__ */
+#define MO_HAVE_BF16_PAIRS 1
+#endif /* __AVX512BF16__ && __AVX512VBMI__ */
 #endif /* MO_AVX512 */
 
 /* x (bfloat16 or float32, [tokens][K]) -> float32 copy followed by the group sums [tokens][G], in scratch */
@@ -506,17 +592,16 @@ int mo_quant_mm(const mo_qmat *m, const void *x, int x_bf16, void *y, int y_bf16
             continue;
         }
         float *tile = NULL;
-        if (m->form != 0 || m->meta != 0 || !m->sz_bf16) { /* int4pack with bf16 sz reads sz directly */
-            tile = (float *)tl_grow(&tl_tile, &tl_tile_cap, (size_t)G * 128 * sizeof(float));
+        if (m->meta == 1 || (m->meta == 0 && (m->form != 0 || !m->sz_bf16))) { /* else (s, c) are read directly */
+            tile = (float *)tl_grow(&tl_tile, &tl_tile_cap, (size_t)TILE_GROUPS * 128 * sizeof(float));
             if (tile == NULL) {
                 failed = 1;
                 continue;
             }
-            build_tile(m, b, tile);
         }
         int64_t t = 0;
-#ifdef MO_HAVE_BF16_PLANES
-        if (x_bf16 && m->form == 1 && m->hi == NULL) {
+#ifdef MO_HAVE_BF16_PAIRS
+        if (x_bf16 && m->hi == NULL) {
             for (; t + 2 <= tokens; t += 2) block_bf16_2(m, tile, (const uint16_t *)x, sx, y, y_bf16, b, t);
             for (; t < tokens; t++) block_bf16_1(m, tile, (const uint16_t *)x, sx, y, y_bf16, b, t);
         }

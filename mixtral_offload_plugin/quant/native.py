@@ -154,15 +154,17 @@ class QuantMatrix:
 
     def __init__(self, lib: Any, n: int, k: int, group_size: int, *, q: torch.Tensor, planes: bool,
                  hi: torch.Tensor | None = None, sz: torch.Tensor | None = None,
-                 meta8: tuple[torch.Tensor, ...] | None = None, offset: int = 0) -> None:
+                 meta8: tuple[torch.Tensor, ...] | None = None, meta_blocks: bool = False, offset: int = 0) -> None:
         """q: int4pack bytes (`planes=False`) or the 2-bit plane (+ `hi`, the 1-bit plane of 3-bit values); scales as
-        `sz` [G, N, 2] (values stored + `offset`) or `meta8` = (scale_q, scale_mm, zero_q, zero_mm)."""
+        `sz` [G, N, 2] (values stored + `offset`) or `meta8` = (scale_q, scale_mm, zero_q, zero_mm), row-major [N, G]
+        or, with `meta_blocks`, in the kernel's block order (`formats.quantize_meta_blocks`)."""
         self.lib, self.n, self.k = lib, n, k
         self.keep = [t for t in (q, hi, sz, *(meta8 or ())) if t is not None]
         mat = QuantMat(q=_ptr(q), hi=_ptr(hi), n=n, k=k, gs=group_size, form=int(planes), offset=offset)
         if meta8 is not None:
             sq, smm, zq, zmm = meta8
-            mat.sq, mat.smm, mat.zq, mat.zmm, mat.meta = sq.data_ptr(), smm.data_ptr(), zq.data_ptr(), zmm.data_ptr(), 1
+            mat.sq, mat.smm, mat.zq, mat.zmm = sq.data_ptr(), smm.data_ptr(), zq.data_ptr(), zmm.data_ptr()
+            mat.meta = 2 if meta_blocks else 1
             mat.meta_group = sq.numel() // smm.shape[0]
         else:
             assert sz is not None and sz.dtype in (torch.bfloat16, torch.float32)

@@ -156,3 +156,32 @@ def test_fused_expert_mlp_equals_dequantized_reference(impl, bits, group, quant_
         assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < TOL[dtype]
         unfused = kernel(state, x, lambda t: torch.nn.functional.silu(t))  # not recognised as SiLU: two calls
         assert ((unfused.double() - ref).abs().max() / ref.abs().max()).item() < 3 * TOL[dtype]
+
+
+@pytest.mark.parametrize("n", [64, 208, 16])
+def test_block_ordered_meta_round_trip(n):
+    """8-bit scales in the kernels' block order: every value within half a quantization step of the original."""
+    from mixtral_offload_plugin.quant.formats import dequantize_meta_blocks, quantize_meta_blocks
+
+    v = torch.rand(n, 12, generator=torch.Generator().manual_seed(n)) * 3 + 0.5
+    q, mm = quantize_meta_blocks(v)
+    assert q.dtype == torch.uint8 and q.numel() == v.numel()
+    err = (dequantize_meta_blocks(q, mm, n) - v).abs()
+    assert (err <= mm[:, 1].max() / 2 + 1e-6).all()
+
+
+def test_row_major_8bit_meta_from_older_files_still_runs(impl):
+    """Folders converted before the block-ordered meta (scale_q/zero_q row-major) compute the same matrix."""
+    from mixtral_offload_plugin.quant.formats import lut_pack, pad16_pack, quantize_meta
+
+    n, k = 208, 160
+    q, s, z = _rtn(torch.randn(n, k, generator=torch.Generator().manual_seed(9)) * 0.05, 2, 16)
+    sq, smm = quantize_meta(s)
+    zq, zmm = quantize_meta(z)
+    views = {f"m.p{name}": t for name, t in lut_pack(pad16_pack(q, 2), 2).items()}
+    views |= {"m.scale_q": sq, "m.scale_mm": smm, "m.zero_q": zq, "m.zero_mm": zmm}
+    fn = plan_matrix("m", "int4lut16", (n, k), 2, 16, torch.bfloat16, CPU).prepare(views, None)
+    ref_w = dequantize(views, "m", (n, k), 2, 16)
+    x = torch.randn(3, k).to(torch.bfloat16)
+    ref = x.double() @ ref_w.double().t()
+    assert ((fn(x).double() - ref).abs().max() / ref.abs().max()).item() < TOL[torch.bfloat16]
