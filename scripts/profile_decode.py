@@ -9,7 +9,7 @@ around it (logits processors, sampling, stopping criteria, cache bookkeeping) = 
 Part 2 (torch.profiler over the same decode, regions marked by the same hooks): for each region, the aten ops with
 the most self time and the time left to Python (region time - its ops' time). The profiler inflates short ops; read
 its numbers as shares inside a region, part 1's as the absolute split. Prefill is excluded from both.
-Our native kernels are ctypes calls, not aten ops: part 2 marks them as `native::quant_mm` and `native::dense_bf16`.
+Our native kernels are ctypes calls, not aten ops: part 2 marks them `native::quant_mm`, `native::expert_silu`, `native::dense_bf16`.
 `--clock cpu` times with the calling thread's CPU time instead of wall time (with `--threads 1` on a busy machine,
 that is the time the work would take on a quiet one).
 """
@@ -157,10 +157,14 @@ def _marked(fn: Any, name: str) -> Any:
 def part2(model: Any, ids: torch.Tensor, new: int, top: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    from mixtral_offload_plugin.quant import native
-
     timers = Timers(model, mark=True)
-    patched = {(native.QuantMatrix, "__call__"): native.QuantMatrix.__call__, (native, "dense_bf16"): native.dense_bf16}
+    try:
+        from mixtral_offload_plugin.quant import native
+    except ImportError:  # a checkout from before the native kernels
+        patched = {}
+    else:
+        patched = {(native.QuantMatrix, "__call__"): native.QuantMatrix.__call__,
+                   (native, "dense_bf16"): native.dense_bf16, (native, "expert_silu"): native.expert_silu}
     for (owner, attr), fn in patched.items():
         setattr(owner, attr, _marked(fn, f"native::{'quant_mm' if attr == '__call__' else attr}"))
     try:

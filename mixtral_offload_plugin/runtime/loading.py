@@ -261,6 +261,9 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
         from ..quant.linear import accelerate_linears
 
         accelerate_linears(model)  # bf16 lm_head and 16-bit projections on our kernel (when it is built)
+        from .routers import routers_without_onednn
+
+        routers_without_onednn(blocks)
 
     keys = [(layer, e) for layer in sorted(blocks) for e in range(num_experts)]
     qname = getattr(ckpt, "quantizer_name", None) or ("none" if config.expert_bits == 16 else "hqq")

@@ -109,7 +109,8 @@ def test_no_compiler_falls_back_and_says_so(monkeypatch, tmp_path, caplog):
 
 
 def test_bf16_model_runs_trunk_and_experts_on_native_kernels(impl, tiny_mixtral):
-    """A 16-bit bf16 model: lm_head and experts on our bf16 kernel, logits within bf16 rounding of transformers'."""
+    """A 16-bit bf16 model: lm_head and experts on our bf16 kernel, routers without oneDNN, logits within bf16
+    rounding of transformers'."""
     from transformers import MixtralForCausalLM
 
     from mixtral_offload_plugin import OffloadConfig, load_model
@@ -119,12 +120,16 @@ def test_bf16_model_runs_trunk_and_experts_on_native_kernels(impl, tiny_mixtral)
     ref = MixtralForCausalLM.from_pretrained(tiny_mixtral, dtype=torch.float32).eval()
     try:
         assert isinstance(model.lm_head, NativeLinear) and model.lm_head._native is not None
+        router = model.model.layers[0].mlp.gate
+        theirs_cls = type(ref.model.layers[0].mlp.gate)
+        assert type(router) is not theirs_cls and isinstance(router, theirs_cls)
         ids = torch.tensor([[1, 17, 42, 99, 5]])
         with torch.no_grad():
             ours = torch.stack([model(ids[:, : i + 1]).logits[0, -1].float() for i in range(ids.shape[1])])
             theirs = ref(ids).logits[0].float()
         rel = ((ours - theirs).norm() / theirs.norm()).item()
         assert rel < 3e-2  # bf16 weights and activations against the float32 model
+        assert torch.backends.mkldnn.enabled  # the routers (run without oneDNN) restored it
     finally:
         model.unload()
 
