@@ -36,11 +36,11 @@ class MatrixPlan:
     """How one stored matrix is computed on one device.
 
     kind: "native-int4" / "native-lut" (CPU, our kernels reading the int4pack form / the 2/3-bit planes in place,
-    8-bit scales included), "int4" (CPU int4 kernel reads the stored int4pack form), "int4-lut16" (CPU, group 16: the same for the
-    matrix padded to group 32 with zero activations), "int4-lut" (CPU: 2/3-bit planes stored in
-    int4pack nibble order, expanded into the workspace by a table lookup at slot load), "int4-unpack" (CPU: 2/3-bit values unpacked into
-    int4pack form in the workspace at slot load), "dense" (dequantized into the workspace at slot load in `dtype`),
-    "dequant" (dequantized on every call; CUDA).
+    8-bit scales included), "int4" (CPU int4 kernel reads the stored int4pack form), "int4-lut16" (CPU, group 16:
+    the same for the matrix padded to group 32 with zero activations), "int4-lut" (CPU: 2/3-bit planes stored in
+    int4pack nibble order, expanded into the workspace by a table lookup at slot load), "int4-unpack" (CPU: 2/3-bit
+    values unpacked into int4pack form in the workspace at slot load), "dense" (dequantized into the workspace at slot
+    load in `dtype`), "dequant" (dequantized on every call; CUDA).
     """
 
     prefix: str

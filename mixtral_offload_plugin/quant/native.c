@@ -81,8 +81,12 @@ static void *tl_grow(void **buf, size_t *cap, size_t nbytes) {
     return *buf;
 }
 
-static __thread void *tl_x, *tl_tile, *tl_h;
-static __thread size_t tl_x_cap, tl_tile_cap, tl_h_cap;
+static __thread void *tl_x, *tl_h;
+static __thread size_t tl_x_cap, tl_h_cap;
+#ifdef MO_AVX512
+static __thread void *tl_tile;
+static __thread size_t tl_tile_cap;
+#endif
 
 static inline void meta_at(const mo_qmat *m, int64_t row, int64_t g, float *s, float *c) {
     int64_t G = m->k / m->gs;
@@ -172,6 +176,7 @@ static void rows_generic(const mo_qmat *m, const float *x, const float *sx, void
     }
 }
 
+#ifndef MO_AVX512
 /* -- portable: one block of 64 rows, natural row order, one token at a time ------------------------------------ */
 static void decode_col_portable(const mo_qmat *m, int64_t b, int64_t col, float w[64]) {
     if (m->form == 0) {
@@ -212,6 +217,7 @@ static void block_portable(const mo_qmat *m, const float *x, const float *sx, vo
         for (int j = 0; j < 64; j++) store_row(y, y_bf16, t * m->n + b * 64 + j, acc[j]);
     }
 }
+#endif /* !MO_AVX512 */
 
 #ifdef MO_AVX512
 #ifndef MO_PREFETCH
@@ -251,6 +257,14 @@ static inline void decode_col(const mo_qmat *m, int64_t b, int64_t col, __m512 w
     w[1] = _mm512_cvtepi32_ps(v1);
     w[2] = _mm512_cvtepi32_ps(v2);
     w[3] = _mm512_cvtepi32_ps(v3);
+}
+
+static inline __m512 u8x16_ps(const uint8_t *p) { /* 16 bytes -> 16 floats */
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
+static inline __m512 affine(__m512 q, const float *mm) { /* q * step + min for one (min, step) pair */
+    return _mm512_fmadd_ps(q, _mm512_set1_ps(mm[1]), _mm512_set1_ps(mm[0]));
 }
 
 static inline __m512i idx16(int a0, int step) {
@@ -361,11 +375,8 @@ static void build_tile(const mo_qmat *m, int64_t b, int64_t g0, int64_t g1, floa
             for (int t = 0; t < 16; t++) {
                 int64_t f = (n0 + row_of(m->form, 16 * i + t)) * G + g0;
                 int64_t mg = shift >= 0 ? f >> shift : f / m->meta_group;
-                __m512 sq = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(m->sq + f))));
-                __m512 zq = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(m->zq + f))));
-                s[t] = _mm512_add_ps(_mm512_mul_ps(sq, _mm512_set1_ps(m->smm[2 * mg + 1])), _mm512_set1_ps(m->smm[2 * mg]));
-                __m512 z = _mm512_add_ps(_mm512_mul_ps(zq, _mm512_set1_ps(m->zmm[2 * mg + 1])), _mm512_set1_ps(m->zmm[2 * mg]));
-                c[t] = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, s[t]));
+                s[t] = affine(u8x16_ps(m->sq + f), m->smm + 2 * mg);
+                c[t] = _mm512_fnmadd_ps(affine(u8x16_ps(m->zq + f), m->zmm + 2 * mg), s[t], _mm512_setzero_ps());
             }
             transpose16(s);
             transpose16(c);
@@ -383,11 +394,8 @@ static inline void group_sc(const mo_qmat *m, const float *tile, int64_t b, int6
                             __m512 *c) {
     if (m->meta == 2) { /* 8-bit values already in decode order: 16 bytes per vector, one (min, step) per group */
         int64_t at = b * G + g, mg = at >> 1;
-        __m512 sq = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(m->sq + at * 64 + 16 * i))));
-        __m512 zq = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(m->zq + at * 64 + 16 * i))));
-        *s = _mm512_fmadd_ps(sq, _mm512_set1_ps(m->smm[2 * mg + 1]), _mm512_set1_ps(m->smm[2 * mg]));
-        __m512 z = _mm512_fmadd_ps(zq, _mm512_set1_ps(m->zmm[2 * mg + 1]), _mm512_set1_ps(m->zmm[2 * mg]));
-        *c = _mm512_fnmadd_ps(z, *s, _mm512_setzero_ps());
+        *s = affine(u8x16_ps(m->sq + at * 64 + 16 * i), m->smm + 2 * mg);
+        *c = _mm512_fnmadd_ps(affine(u8x16_ps(m->zq + at * 64 + 16 * i), m->zmm + 2 * mg), *s, _mm512_setzero_ps());
         return;
     }
     if (tile != NULL) {
@@ -416,11 +424,11 @@ static inline void store_block(const mo_qmat *m, void *y, int y_bf16, int64_t t,
     }
     int64_t at = t * m->n + b * 64;
     for (int i = 0; i < 4; i++) {
-        if (y_bf16) {
+        if (y_bf16) { /* round to nearest even, as f32_to_bf16 (finite values) */
             __m512i u = _mm512_castps_si512(out[i]);
-            __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
-                                                             _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-            _mm256_storeu_si256((__m256i *)((uint16_t *)y + at + 16 * i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+            __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+            __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
+            _mm256_storeu_si256((__m256i *)((uint16_t *)y + at + 16 * i), _mm512_cvtepi32_epi16(r));
         } else {
             _mm512_storeu_ps((float *)y + at + 16 * i, out[i]);
         }
@@ -456,7 +464,7 @@ static inline void store_block(const mo_qmat *m, void *y, int y_bf16, int64_t t,
             }                                                                                                        \
             for (int i = 0; i < 4; i++) {                                                                            \
                 __m512 s, cc;                                                                                        \
-                group_sc(m, tile, b, g, G, i, &s, &cc);                                                                   \
+                group_sc(m, tile, b, g, G, i, &s, &cc);                                                             \
                 for (int t = 0; t < MC; t++)                                                                         \
                     acc[t][i] = _mm512_fmadd_ps(s, d[t][i], _mm512_fmadd_ps(cc, _mm512_set1_ps(sx[(t0 + t) * G + g]), \
                                                                             acc[t][i]));                            \
@@ -546,7 +554,7 @@ static inline void decode2_bf16(const mo_qmat *m, const uint8_t *p, __m512i w[4]
             }                                                                                                        \
             for (int i = 0; i < 4; i++) {                                                                            \
                 __m512 s, cc;                                                                                        \
-                group_sc(m, tile, b, g, G, i, &s, &cc);                                                                   \
+                group_sc(m, tile, b, g, G, i, &s, &cc);                                                             \
                 for (int t = 0; t < MC; t++)                                                                         \
                     acc[t][i] = _mm512_fmadd_ps(s, d[t][i], _mm512_fmadd_ps(cc, _mm512_set1_ps(sx[(t0 + t) * G + g]), \
                                                                             acc[t][i]));                            \
@@ -582,7 +590,7 @@ int mo_quant_mm(const mo_qmat *m, const void *x, int x_bf16, void *y, int y_bf16
     float *xf = load_x(x, x_bf16, tokens, m->k, m->gs);
     if (xf == NULL) return -1;
     const float *sx = xf + tokens * m->k;
-    int64_t nb = m->n / 64, G = m->k / m->gs;
+    int64_t nb = m->n / 64;
     int failed = 0;
 #ifdef MO_AVX512
     #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : failed)
@@ -610,7 +618,6 @@ int mo_quant_mm(const mo_qmat *m, const void *x, int x_bf16, void *y, int y_bf16
         for (; t < tokens; t++) block_1(m, tile, xf, sx, y, y_bf16, b, t);
     }
 #else
-    (void)G;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t b = 0; b <= nb; b++) {
         if (b == nb)
@@ -628,8 +635,9 @@ static inline __m512 dot_bf16(__m512 a, __m512i w, __m512i x) {
     return _mm512_dpbf16_ps(a, (__m512bh)w, (__m512bh)x);
 #else
     __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
-    a = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), a);
-    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(w, hi)), _mm512_castsi512_ps(_mm512_and_si512(x, hi)), a);
+    __m512 wl = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), xl = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    __m512 wh = _mm512_castsi512_ps(_mm512_and_si512(w, hi)), xh = _mm512_castsi512_ps(_mm512_and_si512(x, hi));
+    return _mm512_fmadd_ps(wh, xh, _mm512_fmadd_ps(wl, xl, a));
 #endif
 }
 
@@ -693,7 +701,8 @@ static void silu_mul(float *h, int64_t tokens, int64_t inter) {
 #ifdef MO_AVX512
         for (; i + 16 <= inter; i += 16) {
             __m512 gv = _mm512_loadu_ps(g + i);
-            __m512 sg = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+            __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            __m512 sg = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
             _mm512_storeu_ps(a + i, _mm512_mul_ps(sg, _mm512_loadu_ps(u + i)));
         }
 #endif
@@ -722,8 +731,8 @@ int mo_dense_bf16(const uint16_t *w, const uint16_t *x, void *y, int y_bf16, int
     for (int64_t r = 0; r < n; r += 4) {
         for (int64_t t = 0; t < tokens; t++) {
             const uint16_t *xt = x + t * k;
-            float out[4];
 #ifdef MO_AVX512
+            float out[4];
             if (r + 4 <= n) {
                 rows4_bf16(w + r * k, xt, k, out);
                 for (int i = 0; i < 4; i++) store_row(y, y_bf16, t * n + r + i, out[i]);

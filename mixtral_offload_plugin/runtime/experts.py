@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+_NO_PROPOSE = object()  # the prefetcher has no `propose`: call `after_route` the old way
+
 
 class OffloadedExperts(nn.Module):
     """Experts of one MoE layer, served by the runtime's cache. Holds no parameters."""
@@ -39,31 +41,38 @@ class OffloadedExperts(nn.Module):
 
             msg = "this model was unloaded; load it again with load_model()"
             raise ModelUnloadedError(msg)
-        pf = rt.prefetcher
-        propose = getattr(pf, "propose", None) if pf is not None else None
-        proposal = propose(self.layer_idx, hidden_states) if propose is not None else None
-        single = hidden_states.shape[0] == 1
-        # the routed set: one token's k choices, or per-expert counts (fixed size) for several tokens
-        routed = top_k_index.view(-1) if single else torch.bincount(top_k_index.view(-1), minlength=self.num_experts)
-        if proposal is None:
-            host = routed.tolist()  # the one host sync of this layer
-            guesses = None
-        else:
-            host = torch.cat([routed, proposal.reshape(-1).to(routed.dtype)]).tolist()  # the one host sync
-            guesses = _nest(host[routed.numel():], tuple(proposal.shape))
-        head = host[:routed.numel()]
-        experts = sorted(set(head)) if single else [e for e, n in enumerate(head) if n]
-        if single and len(experts) < len(head):  # a router that repeats an expert for one token: count it
-            single, head = False, [head.count(e) for e in range(self.num_experts)]
+        single, head, experts, guesses = self._route(rt, hidden_states, top_k_index)  # the layer's one host sync
         slots = rt.cache.request(self.layer_idx, experts)
+        pf = rt.prefetcher
         if pf is not None:
-            if propose is not None:
+            if guesses is not _NO_PROPOSE:
                 pf.after_route(self.layer_idx, hidden_states, experts, proposal=guesses)
             else:  # a prefetcher written before `propose` existed (it does its own transfer)
                 pf.after_route(self.layer_idx, hidden_states, experts)
         if single:
             return self._one_token(rt, hidden_states, head, top_k_weights, experts, slots)
         return self._tokens(rt, hidden_states, top_k_index, top_k_weights, experts, head, slots)
+
+    def _route(self, rt: Any, hidden: torch.Tensor,
+               top_k_index: torch.Tensor) -> tuple[bool, list[int], list[int], Any]:
+        """One host transfer: the routing (one token's k experts, or per-expert counts for several tokens: fixed size)
+        and the prefetcher's device-side proposal together. Returns (one token?, its routing or the counts, experts,
+        the proposal as nested lists / None / `_NO_PROPOSE` when the prefetcher has no `propose`)."""
+        propose = getattr(rt.prefetcher, "propose", None) if rt.prefetcher is not None else None
+        proposal = propose(self.layer_idx, hidden) if propose is not None else None
+        single = hidden.shape[0] == 1
+        routed = top_k_index.view(-1) if single else torch.bincount(top_k_index.view(-1), minlength=self.num_experts)
+        if proposal is None:
+            host = routed.tolist()
+            guesses = None if propose is not None else _NO_PROPOSE
+        else:
+            host = torch.cat([routed, proposal.reshape(-1).to(routed.dtype)]).tolist()
+            guesses = _nest(host[routed.numel():], tuple(proposal.shape))
+        head = host[:routed.numel()]
+        experts = sorted(set(head)) if single else [e for e, n in enumerate(head) if n]
+        if single and len(experts) < len(head):  # a router that repeats an expert for one token: count it
+            return False, [head.count(e) for e in range(self.num_experts)], experts, guesses
+        return single, head, experts, guesses
 
     def _order(self, rt: Any, slots: list[Any]) -> list[int]:
         """Compute order: ready slots first (computed while misses load), then loading ones, then experts that did not
