@@ -177,7 +177,11 @@ static void rows_generic(const mo_qmat *m, const float *x, const float *sx, void
 }
 
 #ifndef MO_AVX512
-/* -- portable: one block of 64 rows, natural row order, one token at a time ------------------------------------ */
+/* -- portable: one block of 64 rows in decode order (see row_of), plain loops the compiler vectorizes ------------ */
+static inline int row_of_portable(int form, int p) {
+    return form == 0 ? p : 2 * (p & 15) + ((p >> 4) & 1) * 32 + (p >> 5);
+}
+
 static void decode_col_portable(const mo_qmat *m, int64_t b, int64_t col, float w[64]) {
     if (m->form == 0) {
         const uint8_t *p = m->q + (b * m->k + col) * 32;
@@ -188,33 +192,41 @@ static void decode_col_portable(const mo_qmat *m, int64_t b, int64_t col, float 
         return;
     }
     const uint8_t *p = m->q + (b * m->k + col) * 16, *h = m->hi ? m->hi + (b * m->k + col) * 8 : NULL;
-    for (int nib = 0; nib < 64; nib++) { /* nibble 4t + s of the column holds row 2t + (s & 1) * 32 + (s >> 1) */
-        int t = nib >> 2, sh = nib & 3;
-        int v = (p[t] >> (2 * sh)) & 3;
-        if (h) v |= ((h[nib >> 3] >> (nib & 7)) & 1) << 2;
-        w[2 * t + (sh & 1) * 32 + (sh >> 1)] = (float)v;
-    }
+    for (int i = 0; i < 4; i++)
+        for (int t = 0; t < 16; t++) { /* plane byte t, field i: nibble 4t + i */
+            int v = (p[t] >> (2 * i)) & 3;
+            if (h) v |= ((h[t >> 1] >> (4 * (t & 1) + i)) & 1) << 2;
+            w[16 * i + t] = (float)v;
+        }
 }
 
 static void block_portable(const mo_qmat *m, const float *x, const float *sx, void *y, int y_bf16, int64_t b,
                            int64_t tokens) {
     int64_t G = m->k / m->gs;
+    float s[64], c[64], w[64];
     for (int64_t t = 0; t < tokens; t++) {
-        float acc[64] = {0.0f}, w[64];
+        float acc[64] = {0.0f};
         for (int64_t g = 0; g < G; g++) {
             float d[64] = {0.0f};
-            for (int64_t c = g * m->gs; c < (g + 1) * m->gs; c++) {
-                decode_col_portable(m, b, c, w);
-                float xc = x[t * m->k + c];
-                for (int j = 0; j < 64; j++) d[j] += w[j] * xc;
+            for (int64_t col = g * m->gs; col < (g + 1) * m->gs; col++) {
+                decode_col_portable(m, b, col, w);
+                float xc = x[t * m->k + col];
+                for (int p = 0; p < 64; p++) d[p] += w[p] * xc;
             }
-            for (int j = 0; j < 64; j++) {
-                float s, cc;
-                meta_at(m, b * 64 + j, g, &s, &cc);
-                acc[j] += s * d[j] + cc * sx[t * G + g];
+            if (m->meta == 2) { /* 8-bit scales already in decode order */
+                const uint8_t *sq = m->sq + (b * G + g) * 64, *zq = m->zq + (b * G + g) * 64;
+                const float *smm = m->smm + ((b * G + g) >> 1) * 2, *zmm = m->zmm + ((b * G + g) >> 1) * 2;
+                for (int p = 0; p < 64; p++) {
+                    s[p] = (float)sq[p] * smm[1] + smm[0];
+                    c[p] = -((float)zq[p] * zmm[1] + zmm[0]) * s[p];
+                }
+            } else {
+                for (int p = 0; p < 64; p++) meta_at(m, b * 64 + row_of_portable(m->form, p), g, s + p, c + p);
             }
+            float xs = sx[t * G + g];
+            for (int p = 0; p < 64; p++) acc[p] += s[p] * d[p] + c[p] * xs;
         }
-        for (int j = 0; j < 64; j++) store_row(y, y_bf16, t * m->n + b * 64 + j, acc[j]);
+        for (int p = 0; p < 64; p++) store_row(y, y_bf16, t * m->n + b * 64 + row_of_portable(m->form, p), acc[p]);
     }
 }
 #endif /* !MO_AVX512 */
