@@ -36,6 +36,8 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--expert-group-size", type=int, default=64, help="HQQ group size of experts")
     g.add_argument("--attn-bits", type=int, default=16, help="4, 8 (HQQ) or 16 (unquantized)")
     g.add_argument("--attn-group-size", type=int, default=64, help="HQQ group size of attention")
+    g.add_argument("--head-bits", type=int, default=16,
+                   help="lm_head: 4, 8 (HQQ, group --attn-group-size, quantized at load) or 16 (default)")
     g.add_argument("--quant-scales", action="store_true", help="quantize HQQ scales/zeros to 8 bits")
     g.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
     g.add_argument("--context-length", type=int, default=4096, help="KV cache tokens reserved by the memory plan")
@@ -51,8 +53,8 @@ def config_from_args(a: argparse.Namespace) -> OffloadConfig:
         device=a.device, store_dir=a.store_dir, experts_per_layer=a.experts_per_layer,
         cache_bytes=a.cache_bytes, prefetch_depth=a.prefetch_depth,
         prefetch_experts=a.prefetch_experts, expert_bits=a.expert_bits, expert_group_size=a.expert_group_size,
-        attn_bits=a.attn_bits, attn_group_size=a.attn_group_size, quant_scales=a.quant_scales, dtype=a.dtype,
-        context_length=a.context_length, hqq_packing=a.hqq_packing,
+        attn_bits=a.attn_bits, attn_group_size=a.attn_group_size, head_bits=a.head_bits,
+        quant_scales=a.quant_scales, dtype=a.dtype, context_length=a.context_length, hqq_packing=a.hqq_packing,
         **{k: v for k, v in chosen.items() if v is not None})
 
 

@@ -14,6 +14,7 @@ from .errors import ConfigError
 
 EXPERT_BITS = (2, 3, 4, 8, 16)
 ATTN_BITS = (4, 8, 16)
+HEAD_BITS = (4, 8, 16)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRANSFERS = ("auto", "sync", "async")
 HQQ_PACKINGS = ("auto", "interleaved", "planar")
@@ -57,6 +58,10 @@ class OffloadConfig:
         expert_group_size: HQQ group size for experts.
         attn_bits: 16 (unquantized) or HQQ 4, 8 for the attention projections.
         attn_group_size: HQQ group size for attention.
+        head_bits: 16 (unquantized, default) or HQQ 4, 8 for the output projection (lm_head), quantized at load
+            with group `attn_group_size`. At 4 bits it reads a quarter of the bytes per token (on CPU the head is a
+            large share of them when the model has few layers); 8 bits saves memory traffic only on kernels that
+            read 8-bit weights (none on CPU yet).
         quant_scales: quantize HQQ scales and zeros to 8 bits (about 3 bits/weight for 2-bit/g16 experts).
         dtype: compute dtype of the trunk and activations: "float32", "bfloat16", "float16" or the torch dtype
             itself (`torch.bfloat16`, stored as its name); "auto" = the checkpoint's dtype.
@@ -84,6 +89,7 @@ class OffloadConfig:
     expert_group_size: int = 64
     attn_bits: int = 16
     attn_group_size: int = 64
+    head_bits: int = 16
     quant_scales: bool = False
     dtype: str = "auto"
     transfer: str = "auto"
@@ -120,6 +126,8 @@ class OffloadConfig:
             _fail("expert_bits", self.expert_bits, f"allowed values are {EXPERT_BITS} (16 = unquantized)")
         if self.attn_bits not in ATTN_BITS:
             _fail("attn_bits", self.attn_bits, f"allowed values are {ATTN_BITS} (16 = unquantized)")
+        if self.head_bits not in HEAD_BITS:
+            _fail("head_bits", self.head_bits, f"allowed values are {HEAD_BITS} (16 = unquantized)")
         for name in ("expert_group_size", "attn_group_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 8 or value & (value - 1):

@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-SETTINGS = [  # name, expert bits, expert group, attention bits, 8-bit scales
-    ("16-bit", 16, 64, 16, False),
-    ("experts 4 / attn 4 (g64)", 4, 64, 4, False),
-    ("experts 3 / attn 4 (g32)", 3, 32, 4, False),
-    ("experts 2 / attn 4 (g32)", 2, 32, 4, False),
-    ("experts 2 / attn 4 (g16, 8-bit scales)", 2, 16, 4, True),
+SETTINGS = [  # name, expert bits, expert group, attention bits, 8-bit scales, lm_head bits
+    ("16-bit", 16, 64, 16, False, 16),
+    ("experts 4 / attn 4 (g64)", 4, 64, 4, False, 16),
+    ("experts 4 / attn 4 / head 4 (g64)", 4, 64, 4, False, 4),
+    ("experts 3 / attn 4 (g32)", 3, 32, 4, False, 16),
+    ("experts 2 / attn 4 (g32)", 2, 32, 4, False, 16),
+    ("experts 2 / attn 4 (g16, 8-bit scales)", 2, 16, 4, True, 16),
+    ("experts 2 / attn 4 / head 4 (g16, 8-bit scales)", 2, 16, 4, True, 4),
 ]
 
 
@@ -48,10 +50,10 @@ def main() -> int:
     x = torch.stack([ids[i * 256:(i + 1) * 256] for i in range(n)])
     y = torch.stack([ids[i * 256 + 1:(i + 1) * 256 + 1] for i in range(n)])
     results = {}
-    for name, eb, eg, ab, qs in SETTINGS:
+    for name, eb, eg, ab, qs, hb in SETTINGS:
         start = time.perf_counter()
         model = load_model(path, OffloadConfig(device="cpu", dtype="float32", expert_bits=eb, expert_group_size=eg,
-                                               attn_bits=ab, attn_group_size=64, quant_scales=qs))
+                                               attn_bits=ab, attn_group_size=64, quant_scales=qs, head_bits=hb))
         nll = 0.0
         with torch.no_grad():
             for i in range(0, n, 8):
@@ -62,7 +64,7 @@ def main() -> int:
         model.unload()
         results[name] = {"perplexity": round(math.exp(nll / y.numel()), 2), "bits_per_expert_weight": bits,
                          "seconds": round(time.perf_counter() - start, 1)}
-        print(f"{name:42s} ppl {results[name]['perplexity']:8.2f}  bits/weight {bits}", flush=True)
+        print(f"{name:50s} ppl {results[name]['perplexity']:8.2f}  bits/weight {bits}", flush=True)
     print(f"({n} windows x 256 tokens of held-out fortunes)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -140,6 +140,10 @@ class ExpertCache:
             raise
         return slot.state
 
+    def is_ready(self, slot: Slot) -> bool:
+        """Whether `slot`'s load has finished (a non-blocking query; `wait` would return at once)."""
+        return self.loader.ready(slot)
+
     def fetch(self, layer: int, experts: Sequence[int]) -> list[Any]:
         """`request` then `wait` for each: the kernel states of `experts`, in order."""
         states = []

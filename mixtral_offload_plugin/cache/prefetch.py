@@ -1,5 +1,13 @@
 """Speculative prefetch: guess the next layers' experts from the current hidden state and start loading them.
 
+The protocol (what `OffloadedExperts` calls, once per MoE layer call):
+
+- `propose(layer, hidden_states) -> Tensor | None` (optional): device-side work before the layer's host sync; returns
+  an int64 tensor of guesses (for example `[depth, n]`) or None, and must not sync the host itself;
+- `after_route(layer, hidden_states, experts, proposal=...)`: after the layer's one host transfer, which carried the
+  routed `experts` and the proposal together; `proposal` is the proposal as nested Python lists (its shape) or None.
+  A prefetcher without `propose` is called as `after_route(layer, hidden_states, experts)` and pays its own syncs.
+
 `GatePrefetcher` applies the routers of the next `depth` MoE layers to the hidden state entering the current layer's
 experts (the residual stream changes slowly between layers, so the guess is often right) and asks the cache to load
 its top guesses. Loads never evict what the current layer uses. Guesses can be observed (traces record them).
@@ -30,7 +38,7 @@ class GatePrefetcher:
 
     @torch.no_grad()
     def propose(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
-        """The top guesses for the layers ahead, best first, on the device: [d, experts] int64 (no host sync)."""
+        """Top guesses [d, n] for the `d` layers after `layer` (device tensor; no host sync)."""
         ahead = self.ahead[layer]
         if not ahead:
             return None
@@ -40,12 +48,13 @@ class GatePrefetcher:
     @torch.no_grad()
     def after_route(self, layer: int, hidden: torch.Tensor, experts: Sequence[int],
                     proposal: list[list[int]] | None = None) -> None:
-        ahead = self.ahead[layer]
-        if not ahead:
-            return
-        guesses = proposal if proposal is not None else self.propose(layer, hidden).tolist()  # one sync for all d
+        if proposal is None:  # called without the proposal (not through the one-transfer path)
+            guessed = self.propose(layer, hidden)
+            if guessed is None:
+                return
+            proposal = guessed.tolist()
         protected = [(layer, e) for e in experts]
-        for nxt, guess in zip(ahead, guesses, strict=True):
+        for nxt, guess in zip(self.ahead[layer], proposal, strict=True):
             for listener in self.listeners:
                 listener(layer, nxt, guess)
             self.cache.prefetch(nxt, guess, protected)

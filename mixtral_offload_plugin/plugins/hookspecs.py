@@ -57,12 +57,14 @@ def register_quantizers(register: Register) -> None:
 def register_prefetchers(register: Register) -> None:
     """Register speculative prefetchers.
 
-    :param register: call ``register(name, factory)``; ``factory(cache, arch, blocks, config)`` returns an object
-        with ``after_route(layer, hidden_states, experts, proposal=None)`` (called once per MoE layer call, after
-        routing; ``experts`` are the distinct experts routed, as ints) and optionally
-        ``propose(layer, hidden_states) -> Tensor | None`` (called before the layer's host sync, device work only;
-        its content comes back as nested lists in ``proposal``), or None. Selected with
-        ``OffloadConfig(prefetch=name)``; built-ins "gate+history" (default), "history", "gate" and "none".
+    :param register: call ``register(name, factory)``; ``factory(cache, arch, blocks, config)`` returns a prefetcher
+        or None. Once per MoE layer call, the layer calls the prefetcher's optional
+        ``propose(layer, hidden_states) -> Tensor | None`` (device-side guesses, e.g. int64 ``[depth, n]``; must not
+        sync the host), makes one host transfer carrying both the routed experts and the proposal, then calls
+        ``after_route(layer, hidden_states, experts, proposal=...)`` with the proposal as nested lists (or None).
+        A prefetcher without ``propose`` is called as ``after_route(layer, hidden_states, experts)``.
+        Selected with ``OffloadConfig(prefetch=name)``; built-ins "gate+history" (default),
+        "history", "gate" and "none".
     """
 
 

@@ -53,16 +53,24 @@ class Quantizer(Protocol):
 
 
 class DenseKernel:
-    """Unquantized expert: gate/up projection, activation, down projection (same ops as transformers)."""
+    """Unquantized expert: gate/up projection, activation, down projection (same ops as transformers; bf16 experts on
+    CPU run a few tokens on our native kernel, float32 sums)."""
 
-    def prepare(self, views: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return views["gate_up"], views["down"]
+    def prepare(self, views: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        from . import native
 
-    def __call__(self, state: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
+        return views["gate_up"], views["down"], native.dense_library(views["gate_up"])
+
+    def __call__(self, state: tuple[torch.Tensor, torch.Tensor, Any], x: torch.Tensor,
                  act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        gate_up, down = state  # [2I, H], [H, I]
-        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each
-        return F.linear(act_fn(gate) * up, down)  # [n, H]
+        gate_up, down, lib = state  # [2I, H], [H, I], native library or None
+        if lib is None:
+            gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each
+            return F.linear(act_fn(gate) * up, down)  # [n, H]
+        from .native import linear
+
+        gate, up = linear(lib, x, gate_up).chunk(2, dim=-1)
+        return linear(lib, act_fn(gate) * up, down)
 
 
 class NoQuantizer:

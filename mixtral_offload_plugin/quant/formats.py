@@ -126,6 +126,58 @@ def dequantize_meta(q: torch.Tensor, mm: torch.Tensor) -> torch.Tensor:
     return (grp * mm[:, 1:2] + mm[:, 0:1]).view(q.shape)
 
 
+@functools.cache
+def plane_row_order(n: int) -> torch.Tensor:
+    """Rows in the order the CPU kernels decode a 2/3-bit plane: per block of 64 rows 2t, 2t+32, 2t+1, 2t+33 for
+    t = 0..15 (the four values of a plane byte), then the N % 64 last rows in order."""
+    p = torch.arange(64)
+    within = 2 * (p % 16) + (p // 16 % 2) * 32 + p // 32
+    full = (torch.arange(n // 64)[:, None] * 64 + within).reshape(-1)
+    return torch.cat([full, torch.arange(n // 64 * 64, n)])
+
+
+def _block_entries(n: int, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the kernel order of an [N, G] meta array: the position in it of every value (as a permutation of the flat
+    row-major index) and the entry (block and group, then tail group) each position belongs to."""
+    nb, r = n // 64, n % 64
+    flat = torch.arange(n * g).view(n, g)
+    parts, entries = [], []
+    if nb:
+        parts.append(flat[plane_row_order(n)[: nb * 64]].view(nb, 64, g).transpose(1, 2).reshape(-1))
+        entries.append(torch.arange(nb * g).repeat_interleave(64))
+    if r:
+        parts.append(flat[nb * 64:].t().reshape(-1))
+        entries.append((nb * g + torch.arange(g)).repeat_interleave(r))
+    return torch.cat(parts), torch.cat(entries)
+
+
+def quantize_meta_blocks(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit min/step quantization of scales or zeros [N, G] in the planes' kernel order: (uint8 [N*G] holding, per
+    block of 64 rows and group (then per group of the N % 64 last rows), the rows in `plane_row_order`; float32
+    [entries/2, 2], one (min, step) per two consecutive entries: 128 values for full blocks, as `quantize_meta`)."""
+    n, g = v.shape
+    order, entry = _block_entries(n, g)
+    vals = v.float().reshape(-1)[order]
+    pair = entry // 2
+    pairs = int(pair[-1]) + 1
+    lo = torch.full((pairs,), float("inf")).scatter_reduce(0, pair, vals, "amin")
+    hi = torch.full((pairs,), float("-inf")).scatter_reduce(0, pair, vals, "amax")
+    step = (hi - lo) / 255
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    q = ((vals - lo[pair]) / step[pair]).round_().clamp_(0, 255).to(torch.uint8)
+    return q, torch.stack([lo, step], dim=1)
+
+
+def dequantize_meta_blocks(q: torch.Tensor, mm: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `quantize_meta_blocks`: float32 [N, G]."""
+    g = q.numel() // n
+    order, entry = _block_entries(n, g)
+    pair = entry // 2
+    out = torch.empty(n * g)
+    out[order] = q.float() * mm[pair, 1] + mm[pair, 0]
+    return out.view(n, g)
+
+
 # -- one matrix: quantize, store, dequantize ---------------------------------------------------------------------
 def hqq_quantize(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """HQQ (optimized, axis=1) -> q uint8 [N, K], scale [N, K/g] float32, zero [N, K/g] float32 (on the CPU).
@@ -209,9 +261,17 @@ def int4_scale_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype
     return torch.stack([s, (8 - offset - z) * s], dim=-1).transpose(0, 1).contiguous().to(dtype)
 
 
+def _block_meta(prefix: str, scale: torch.Tensor, zero: torch.Tensor) -> dict[str, torch.Tensor]:
+    """8-bit scales and zeros quantized in the CPU kernels' block order (`quantize_meta_blocks`)."""
+    bq, bmm = quantize_meta_blocks(scale)
+    zbq, zbmm = quantize_meta_blocks(zero)
+    return {f"{prefix}.scale_qb": bq, f"{prefix}.scale_mmb": bmm, f"{prefix}.zero_qb": zbq, f"{prefix}.zero_mmb": zbmm}
+
+
 def store_matrix(prefix: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                  group_size: int, form: str, meta_dtype: torch.dtype, quant_scales: bool) -> dict[str, torch.Tensor]:
     """The tensors of one matrix in `form` ("int4pack" or "bitpack"), names prefixed by `prefix.`."""
+    scale_raw, zero_raw = scale, zero
     if quant_scales:  # both forms honour the 8-bit meta: it changes the values the kernel uses
         sq, smm = quantize_meta(scale)
         zq, zmm = quantize_meta(zero)
@@ -226,15 +286,16 @@ def store_matrix(prefix: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous() + offset, 2)
             planes = {f"{prefix}.{name}": t for name, t in lut_pack(packed, bits).items()}
-        if quant_scales:  # keep the 8-bit scales and zeros; the kernel's [G, N, 2] form is built at slot load
-            return planes | {f"{prefix}.scale_q": sq, f"{prefix}.scale_mm": smm,
-                             f"{prefix}.zero_q": zq, f"{prefix}.zero_mm": zmm}
+        if quant_scales:  # 8-bit scales and zeros in the kernel's row order, one (min, step) per 64 rows and group
+            return planes | _block_meta(prefix, scale_raw, zero_raw)
         return planes | {f"{prefix}.sz": int4_scale_zeros(scale, zero, act, offset)}
     if form == "int4pack":
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
         return {f"{prefix}.q": packed, f"{prefix}.sz": int4_scale_zeros(scale, zero, act)}
     out = {f"{prefix}.q": bitpack(q, bits)}
-    if quant_scales:
+    if quant_scales and bits in (2, 3):  # the 8-bit meta the CPU's planes store: the same weights on every device
+        out.update(_block_meta(prefix, scale_raw, zero_raw))
+    elif quant_scales:
         out.update({f"{prefix}.scale_q": sq, f"{prefix}.scale_mm": smm,
                     f"{prefix}.zero_q": zq, f"{prefix}.zero_mm": zmm})
     else:
@@ -279,6 +340,10 @@ def matrix_meta(views: dict[str, torch.Tensor], prefix: str, shape: tuple[int, i
     if f"{prefix}.scale_q" in views:
         return (dequantize_meta(views[f"{prefix}.scale_q"], views[f"{prefix}.scale_mm"]),
                 dequantize_meta(views[f"{prefix}.zero_q"], views[f"{prefix}.zero_mm"]))
+    if f"{prefix}.scale_qb" in views:
+        n = shape[0]
+        return (dequantize_meta_blocks(views[f"{prefix}.scale_qb"].cpu(), views[f"{prefix}.scale_mmb"].cpu(), n),
+                dequantize_meta_blocks(views[f"{prefix}.zero_qb"].cpu(), views[f"{prefix}.zero_mmb"].cpu(), n))
     return views[f"{prefix}.scale"].float(), views[f"{prefix}.zero"].float()
 
 
@@ -340,13 +405,14 @@ def to_bitpack(views: dict[str, torch.Tensor], prefix: str, shape: tuple[int, in
         out[f"{prefix}.szt"] = views[f"{prefix}.sz"].clone()
     else:
         names = ("szt",) if f"{prefix}.szt" in views else (
-            ("scale_q", "scale_mm", "zero_q", "zero_mm") if f"{prefix}.scale_q" in views else ("scale", "zero"))
+            ("scale_q", "scale_mm", "zero_q", "zero_mm") if f"{prefix}.scale_q" in views else
+            ("scale_qb", "scale_mmb", "zero_qb", "zero_mmb") if f"{prefix}.scale_qb" in views else ("scale", "zero"))
         out.update({f"{prefix}.{name}": views[f"{prefix}.{name}"].clone() for name in names})
     return out
 
 
-def _meta_rows(views: dict[str, torch.Tensor], prefix: str, bits: int, r0: int,
-               r1: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def _meta_rows(views: dict[str, torch.Tensor], prefix: str, bits: int, r0: int, r1: int,
+               n: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(scale, zero-or-zero_t, zero_t?) float32 [rows, G] of rows r0..r1, computed exactly as `dequantize` does."""
     if f"{prefix}.szt" in views:
         szt = views[f"{prefix}.szt"][:, r0:r1].float()
@@ -358,6 +424,10 @@ def _meta_rows(views: dict[str, torch.Tensor], prefix: str, bits: int, r0: int,
             return (q[r0:r1].reshape(-1).float() * mm[idx, 1] + mm[idx, 0]).view(r1 - r0, q.shape[1])
         return (rows(views[f"{prefix}.scale_q"], views[f"{prefix}.scale_mm"]),
                 rows(views[f"{prefix}.zero_q"], views[f"{prefix}.zero_mm"]), False)
+    if f"{prefix}.scale_qb" in views:  # 8-bit meta in the CPU kernels' block order: expanded whole (small), then cut
+        s, z = matrix_meta(views, prefix, (n, 0))
+        device = views[f"{prefix}.scale_qb"].device
+        return s[r0:r1].to(device), z[r0:r1].to(device), False
     return views[f"{prefix}.scale"][r0:r1].float(), views[f"{prefix}.zero"][r0:r1].float(), False
 
 
@@ -376,7 +446,7 @@ def dequantize_into(views: dict[str, torch.Tensor], prefix: str, shape: tuple[in
         r1 = min(n, r0 + step)
         b0, b1 = packed_numel(r0 * k, bits), packed_numel(r1 * k, bits)
         q = bitunpack(packed[b0:b1], bits, (r1 - r0) * k).float().view(r1 - r0, g, group_size)
-        s, z, zero_t = _meta_rows(views, prefix, bits, r0, r1)
+        s, z, zero_t = _meta_rows(views, prefix, bits, r0, r1, n)
         if zero_t:
             w = (q - (1 << (bits - 1))) * s[..., None] + z[..., None]
         else:

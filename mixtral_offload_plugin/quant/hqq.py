@@ -32,7 +32,7 @@ from ..storage.packing import (
     pack,
     unpack_views,
 )
-from . import QuantSpec
+from . import QuantSpec, native
 from .formats import CPU_FORMS, dequantize, hqq_quantize, int4_ok, int4_pad16_ok, store_matrix, to_bitpack
 from .kernels import plan_matrix
 
@@ -187,8 +187,11 @@ class HqqExpertKernel:
 
     def __call__(self, state: dict[str, Any], x: torch.Tensor,
                  act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        gate, up = state["gate_up"](x).chunk(2, dim=-1)  # [n, I] each
-        return state["down"](act_fn(gate) * up)  # [n, H]
+        gate_up, down = state["gate_up"], state["down"]
+        if type(gate_up) is native.QuantMatrix and type(down) is native.QuantMatrix and native.is_silu(act_fn):
+            return native.expert_silu(gate_up, down, x)  # one native call for the whole MLP
+        gate, up = gate_up(x).chunk(2, dim=-1)  # [n, I] each
+        return down(act_fn(gate) * up)  # [n, H]
 
 
 class QuantizedLinear(nn.Module):

@@ -192,7 +192,8 @@ class Axis0ExpertKernel:
         i, h = self.specs["w1"]["shape"]
         gate_up = ws[: self.gate_up_nbytes].view(self.dtype).view(2 * i, h)  # [2I, H]
         down = ws[self.down_offset:self.workspace_nbytes].view(self.dtype)[: h * i].view(h, i)  # [H, I]
-        return self._gate_up(views, gate_up), dequantize_into(views, "w2", self.specs["w2"], down)
+        return DenseKernel().prepare({"gate_up": self._gate_up(views, gate_up),
+                                      "down": dequantize_into(views, "w2", self.specs["w2"], down)})
 
     def __call__(self, state: Any, x: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         xd = x.to(self.dtype)  # a no-op when the dtypes agree

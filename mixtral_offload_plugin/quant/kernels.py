@@ -1,9 +1,11 @@
 """Which kernel computes a stored matrix on a device: `plan_matrix` picks a `MatrixPlan`, whose `prepare` builds the
 kernel once per slot load (filling a per-slot workspace when the kernel wants one, for example 2/3-bit planes expanded
-into int4pack form).
+into int4pack form for torch's kernel).
 
-The byte forms and their exact math are `formats.py`; the kernels themselves `cpu.py` and `cuda.py`. This module
-knows nothing about experts, caches or files.
+On CPU our native kernels (`native.py`) read every int4pack and bit-plane form in place (no workspace: a slot costs its
+packed bytes); without a C compiler, torch's int4 kernel runs them, with the 2/3-bit forms expanded into a workspace at
+slot load. The byte forms and their exact math are `formats.py`; the kernels themselves `cpu.py`, `native.py` and
+`cuda.py`. This module knows nothing about experts, caches or files.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 
 from ..storage.packing import ALIGN, align_up
+from . import native
 from .cpu import DenseMatmul, Int4Matmul, Pad16Int4Matmul, _scratch
 from .formats import (
     dequantize,
@@ -31,11 +34,12 @@ from .formats import (
 class MatrixPlan:
     """How one stored matrix is computed on one device.
 
-    kind: "int4" (CPU int4 kernel reads the stored int4pack form), "int4-lut16" (CPU, group 16: the same for the
-    matrix padded to group 32 with zero activations), "int4-lut" (CPU: 2/3-bit planes stored in
-    int4pack nibble order, expanded into the workspace by a table lookup at slot load), "int4-unpack" (CPU: 2/3-bit values unpacked into
-    int4pack form in the workspace at slot load), "dense" (dequantized into the workspace at slot load in `dtype`).
-    CUDA devices get a `cuda.CudaMatrixPlan` instead (same surface).
+    kind: "native-int4" / "native-lut" (CPU, our kernels reading the int4pack form / the 2/3-bit planes in place,
+    8-bit scales included), "int4" (CPU int4 kernel reads the stored int4pack form), "int4-lut16" (CPU, group 16:
+    the same for the matrix padded to group 32 with zero activations), "int4-lut" (CPU: 2/3-bit planes stored in
+    int4pack nibble order, expanded into the workspace by a table lookup at slot load), "int4-unpack" (CPU: 2/3-bit
+    values unpacked into int4pack form in the workspace at slot load), "dense" (dequantized into the workspace at slot
+    load in `dtype`). CUDA devices get a `cuda.CudaMatrixPlan` instead (same surface).
     """
 
     prefix: str
@@ -73,8 +77,26 @@ class MatrixPlan:
         padded = pad16_unpack(real, n, k, workspace[: n * k])
         return Pad16Int4Matmul(padded.view(n, k), _lut_sz(self, views, workspace[align_up(n * k, ALIGN):]))
 
+    def _prepare_native(self, views: dict[str, torch.Tensor]) -> Any:
+        n, k = self.shape
+        lib, p = native.library(), self.prefix
+        if lib is None:
+            msg = "the native kernel library is gone (MIXTRAL_OFFLOAD_NATIVE changed after loading?); reload the model"
+            raise RuntimeError(msg)
+        if self.kind == "native-int4":
+            return native.QuantMatrix(lib, n, k, self.group_size, q=views[f"{p}.q"], planes=False, sz=views[f"{p}.sz"])
+        plane = "p" if f"{p}.plo" in views else ""
+        blocks = "b" if f"{p}.scale_qb" in views else ""  # 8-bit meta in the kernel's order (or row-major)
+        names = (f"scale_q{blocks}", f"scale_mm{blocks}", f"zero_q{blocks}", f"zero_mm{blocks}")
+        meta8 = tuple(views[f"{p}.{t}"] for t in names) if f"{p}.{names[0]}" in views else None
+        return native.QuantMatrix(lib, n, k, self.group_size, q=views[f"{p}.{plane}lo"], planes=True,
+                                  hi=views.get(f"{p}.{plane}hi"), sz=views.get(f"{p}.sz"), meta8=meta8,
+                                  meta_blocks=bool(blocks), offset=int4_offset(self.bits))
+
     def prepare(self, views: dict[str, torch.Tensor], workspace: torch.Tensor | None) -> Any:
         n, k = self.shape
+        if self.kind.startswith("native"):
+            return self._prepare_native(views)
         if self.kind == "int4":
             return Int4Matmul(views[f"{self.prefix}.q"], views[f"{self.prefix}.sz"], self.group_size)
         assert workspace is not None and workspace.numel() >= self.workspace_nbytes, "slot lacks its workspace"
@@ -111,7 +133,8 @@ def plan_matrix(prefix: str, form: str, shape: tuple[int, int], bits: int, group
                 dtype: torch.dtype, device: torch.device, sz_dtype: torch.dtype | None = None) -> Any:
     """Pick the fastest exact way to compute a stored matrix on `device` (see `MatrixPlan.kind`).
 
-    CPU: int4pack form -> the int4 kernel in place; 2/3-bit with an int4-compatible group size -> unpacked into
+    CPU: int4pack and 2/3-bit plane forms -> our native kernels in place when they are built (see `native.py`);
+    otherwise int4pack form -> the int4 kernel in place; 2/3-bit with an int4-compatible group size -> unpacked into
     int4pack form at slot load (exact: values 0..7 are valid int4 values, zero_t = (8 - z) s); anything else
     (2/3-bit group 16, 8-bit) -> dequantized once per slot load into a dense workspace, then `F.linear`.
     """
@@ -120,6 +143,12 @@ def plan_matrix(prefix: str, form: str, shape: tuple[int, int], bits: int, group
         from .cuda import plan_cuda_matrix
 
         return plan_cuda_matrix(prefix, shape, bits, group_size, dtype)
+    if form in ("int4pack", "int4lut", "int4lut16") and native.library() is not None:
+        # the portable build (CPUs without AVX-512) is 2-3x slower than torch's int4 kernel, even on padded group-16
+        # matrices (measured with an AVX2 build): there torch's path runs; tests force the portable build for its sums
+        if native.simd_level() > 0 or native._override_impl == "portable":
+            kind = "native-int4" if form == "int4pack" else "native-lut"
+            return MatrixPlan(prefix, kind, shape, bits, group_size, sz_dtype or act)
     if form == "int4pack":
         return MatrixPlan(prefix, "int4", shape, bits, group_size, sz_dtype or act)
     if form == "int4lut":

@@ -1,9 +1,11 @@
 """`OffloadedExperts`: the drop-in replacement for a transformers MoE block's `experts` module.
 
 Same contract as transformers 5.x (`forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`),
-but the weights come from cache slots: one host sync per layer to learn which experts are routed, misses start
-loading, the prefetcher guesses the next layers, and each expert is computed as soon as its slot is ready.
-Outputs are summed in expert order, so results do not depend on what was cached or prefetched.
+but the weights come from cache slots. Per layer call there is exactly one host transfer: it carries the routed
+experts (the routing itself for one token, per-expert counts for more) and the prefetcher's device-side proposal
+together. Then misses start loading, the prefetcher acts on its guesses, and each expert is computed as soon as its
+slot is ready (resident ones first). Outputs are summed in expert order, so results do not depend on what was cached
+or prefetched. One decoded token (T = 1) takes a path that builds no index tensors at all.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+_NO_PROPOSE = object()  # the prefetcher has no `propose`: call `after_route` the old way
 
 
 class OffloadedExperts(nn.Module):
@@ -37,24 +41,94 @@ class OffloadedExperts(nn.Module):
 
             msg = "this model was unloaded; load it again with load_model()"
             raise ModelUnloadedError(msg)
-        experts = torch.unique(top_k_index).tolist()  # the one host sync of this layer
+        single, head, experts, guesses = self._route(rt, hidden_states, top_k_index)  # the layer's one host sync
         slots = rt.cache.request(self.layer_idx, experts)
-        if rt.prefetcher is not None:
-            rt.prefetcher.after_route(self.layer_idx, hidden_states, experts)
+        pf = rt.prefetcher
+        if pf is not None:
+            if guesses is not _NO_PROPOSE:
+                pf.after_route(self.layer_idx, hidden_states, experts, proposal=guesses)
+            else:  # a prefetcher written before `propose` existed (it does its own transfer)
+                pf.after_route(self.layer_idx, hidden_states, experts)
+        if single:
+            return self._one_token(rt, hidden_states, head, top_k_weights, experts, slots)
+        return self._tokens(rt, hidden_states, top_k_index, top_k_weights, experts, head, slots)
+
+    def _route(self, rt: Any, hidden: torch.Tensor,
+               top_k_index: torch.Tensor) -> tuple[bool, list[int], list[int], Any]:
+        """One host transfer: the routing (one token's k experts, or per-expert counts for several tokens: fixed size)
+        and the prefetcher's device-side proposal together. Returns (one token?, its routing or the counts, experts,
+        the proposal as nested lists / None / `_NO_PROPOSE` when the prefetcher has no `propose`)."""
+        propose = getattr(rt.prefetcher, "propose", None) if rt.prefetcher is not None else None
+        proposal = propose(self.layer_idx, hidden) if propose is not None else None
+        single = hidden.shape[0] == 1
+        routed = top_k_index.view(-1) if single else torch.bincount(top_k_index.view(-1), minlength=self.num_experts)
+        if proposal is None:
+            host = routed.tolist()
+            guesses = None if propose is not None else _NO_PROPOSE
+        else:
+            host = torch.cat([routed, proposal.reshape(-1).to(routed.dtype)]).tolist()
+            guesses = _nest(host[routed.numel():], tuple(proposal.shape))
+        head = host[:routed.numel()]
+        experts = sorted(set(head)) if single else [e for e, n in enumerate(head) if n]
+        if single and len(experts) < len(head):  # a router that repeats an expert for one token: count it
+            return False, [head.count(e) for e in range(self.num_experts)], experts, guesses
+        return single, head, experts, guesses
+
+    def _order(self, rt: Any, slots: list[Any]) -> list[int]:
+        """Compute order: ready slots first (computed while misses load), then loading ones, then experts that did not
+        fit (a cache smaller than this layer's routed set: requested one by one at the end)."""
+        def rank(i: int) -> int:
+            return 2 if slots[i] is None else int(not rt.cache.is_ready(slots[i]))
+
+        return sorted(range(len(slots)), key=rank)
+
+    def _state(self, rt: Any, expert: int, slot: Any) -> Any:
+        if slot is None:
+            slot = rt.cache.request(self.layer_idx, [expert], record=False)[0]
+        return rt.cache.wait(slot)
+
+    def _one_token(self, rt: Any, hidden: torch.Tensor, routed: list[int], weights: torch.Tensor,
+                   experts: list[int], slots: list[Any]) -> torch.Tensor:
+        """T = 1: each expert sees the whole (one-row) input; its weight is a view of `weights`; no index tensors."""
         outputs: list[torch.Tensor | None] = [None] * len(experts)
-        rows: list[torch.Tensor | None] = [None] * len(experts)
-        per_token = top_k_index.t()  # [k, T]
-        # compute what is resident first while misses load, then the rest as they arrive; experts that did not fit
-        # (a cache smaller than this layer's routed set) are requested one by one at the end
-        order = sorted(range(len(experts)), key=lambda i: 2 if slots[i] is None else int(not slots[i].done.is_set()))
-        for i in order:
-            slot = slots[i] if slots[i] is not None else rt.cache.request(self.layer_idx, [experts[i]], record=False)[0]
-            state = rt.cache.wait(slot)
-            pos, token_idx = torch.where(per_token == experts[i])
-            y = rt.kernels[self.layer_idx, experts[i]](state, hidden_states[token_idx], self.act_fn)  # [n, H]
-            outputs[i] = y * top_k_weights[token_idx, pos, None]
-            rows[i] = token_idx
-        final = torch.zeros_like(hidden_states)
-        for token_idx, out in zip(rows, outputs, strict=True):  # expert order: independent of cache state
-            final.index_add_(0, token_idx, out.to(final.dtype))
+        for i in self._order(rt, slots):
+            e = experts[i]
+            j = routed.index(e)
+            y = rt.kernels[self.layer_idx, e](self._state(rt, e, slots[i]), hidden, self.act_fn)  # [1, H]
+            outputs[i] = y * weights[:, j:j + 1]
+        final = outputs[0].to(hidden.dtype)  # expert order: the same sum whatever was cached
+        for out in outputs[1:]:
+            final = final + out.to(hidden.dtype)
         return final
+
+    def _tokens(self, rt: Any, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                experts: list[int], counts: list[int], slots: list[Any]) -> torch.Tensor:
+        """T > 1: one stable sort groups the (token, rank) pairs by expert; the host counts give each group's range."""
+        k = top_k_index.shape[1]
+        order = torch.sort(top_k_index.view(-1), stable=True).indices  # [T*k], grouped by expert
+        starts, acc = {}, 0
+        for e, n in enumerate(counts):
+            starts[e] = acc
+            acc += n
+        flat_w = top_k_weights.reshape(-1)
+        outputs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(experts)
+        for i in self._order(rt, slots):
+            e = experts[i]
+            rows = order[starts[e]:starts[e] + counts[e]]  # positions in [T*k]
+            token_idx = rows // k
+            y = rt.kernels[self.layer_idx, e](self._state(rt, e, slots[i]), hidden.index_select(0, token_idx),
+                                              self.act_fn)  # [n, H]
+            outputs[i] = (token_idx, y * flat_w.index_select(0, rows)[:, None])
+        final = torch.zeros_like(hidden)
+        for out in outputs:  # expert order: independent of cache state
+            assert out is not None
+            final.index_add_(0, out[0], out[1].to(final.dtype))
+        return final
+
+
+def _nest(flat: list[int], shape: tuple[int, ...]) -> Any:
+    """A flat list back into nested lists of `shape` (what `Tensor.tolist()` would have given)."""
+    if len(shape) <= 1:
+        return flat
+    step = len(flat) // shape[0]
+    return [_nest(flat[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])]

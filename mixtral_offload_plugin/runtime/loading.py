@@ -271,6 +271,17 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
         trunk_bytes = quantize_attention(model, config, dtype, device)
         if device.type == "cuda":  # the float projections just freed stay in torch's cache, unseen by mem_get_info
             torch.cuda.empty_cache()
+    if config.head_bits < 16:
+        from ..quant.linear import quantize_head
+
+        trunk_bytes = quantize_head(model, config, dtype, device)
+    if device.type == "cpu":
+        from ..quant.linear import accelerate_linears
+
+        accelerate_linears(model)  # bf16 lm_head and 16-bit projections on our kernel (when it is built)
+        from .routers import routers_without_onednn
+
+        routers_without_onednn(blocks)
 
     keys = [(layer, e) for layer in sorted(blocks) for e in range(num_experts)]
     qname = getattr(ckpt, "quantizer_name", None) or ("none" if config.expert_bits == 16 else "hqq")

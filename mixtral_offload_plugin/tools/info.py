@@ -24,14 +24,15 @@ def expert_bytes_estimate(model_config: Any, bits: int, group: int, dtype_bytes:
     return weights * bits // 8 + 2 * (weights // group) * meta_bytes
 
 
-def _workspace(ckpt: Any, layout: Any, device: torch.device) -> int:
+def _workspace(ckpt: Any, layout: Any, device: torch.device) -> tuple[int, str]:
     """Bytes a slot needs beyond the packed expert as stored (a kernel that expands the expert at load time; on
-    another device than the one it was packed for, the repacked form's size difference too)."""
+    another device than the one it was packed for, the repacked form's size difference too), and the kernels."""
     name = getattr(ckpt, "quantizer_name", None) or ("none" if layout.format == "dense" else "hqq")
     quantizer = plugins.create("quantizer", name)
     on_device = quantizer.layout_for(layout, device) if hasattr(quantizer, "layout_for") else layout
     kernel = quantizer.expert_kernel(on_device, device)
-    return on_device.nbytes - layout.nbytes + int(getattr(kernel, "workspace_nbytes", 0))
+    kinds = sorted(set(getattr(kernel, "kinds", {"dense": "dense"}).values()))
+    return on_device.nbytes - layout.nbytes + int(getattr(kernel, "workspace_nbytes", 0)), ", ".join(kinds)
 
 
 def describe_checkpoint(path: str | Path, config: OffloadConfig) -> dict[str, Any]:
@@ -58,11 +59,16 @@ def describe_checkpoint(path: str | Path, config: OffloadConfig) -> dict[str, An
     from ..runtime.loading import resolve_device
 
     device = resolve_device(config.device)
+    slot_note = ""
     if hasattr(ckpt, "expert_layouts"):  # offload format: the manifest knows the exact sizes
         keys = [(layer, e) for layer in arch.moe_layers(mc) for e in range(experts)]
         layouts = ckpt.expert_layouts(keys)
         total_experts = sum(lay.nbytes for lay in layouts.values())
-        ebytes = max(lay.nbytes + _workspace(ckpt, lay, device) for lay in layouts.values())
+        first = next(iter(layouts.values()))
+        workspace, kernels = _workspace(ckpt, first, device)
+        ebytes = max(lay.nbytes + _workspace(ckpt, lay, device)[0] for lay in layouts.values())
+        slot_note = (f"{fmt(ebytes)} = packed expert {fmt(first.nbytes)} + kernel workspace {fmt(workspace)} "
+                     f"(kernels: {kernels})")
         trunk_file = path / "trunk.safetensors"
         trunk = trunk_file.stat().st_size if trunk_file.exists() else trunk
     if hasattr(ckpt, "resident_trunk_bytes"):  # stored quantized, held dequantized
@@ -81,7 +87,7 @@ def describe_checkpoint(path: str | Path, config: OffloadConfig) -> dict[str, An
         "hidden_size": mc.hidden_size, "intermediate_size": mc.intermediate_size, "dtype": str(dtype),
         "files_on_disk": fmt(total_params_bytes), "expert_bits": bits,
         "bytes_per_expert": fmt(total_experts / max(moe_layers * experts, 1)),
-        "bytes_per_cache_slot": fmt(ebytes), "all_experts": fmt(total_experts), "trunk": fmt(trunk),
+        "bytes_per_cache_slot": slot_note or fmt(ebytes), "all_experts": fmt(total_experts), "trunk": fmt(trunk),
         "kv_cache": f"{fmt(kv)} for {config.context_length} tokens",
         "plan": plan.describe(),
         "plan_cache": (f"{plan.experts_per_layer} experts/layer" if plan.experts_per_layer is not None

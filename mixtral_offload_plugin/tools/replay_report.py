@@ -14,7 +14,16 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .replay import PHASES, PREFETCHERS, Counts, guess_quality, policy_factories, recorded_depth, sweep, sweep_each
+from .replay import (
+    PHASES,
+    PREFETCHERS,
+    Counts,
+    guess_quality,
+    policy_factories,
+    recorded_depth,
+    sweep,
+    sweep_each,
+)
 from .trace import Guess, load_events, routes_of, trace_names, trace_shape
 
 

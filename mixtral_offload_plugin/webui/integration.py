@@ -20,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from . import DEFAULT_PARAMS, ENV_AUTOLOAD, LOADER, MARKER
+from . import DEFAULT_PARAMS, ENV_AUTOLOAD, LOADER
 from .folders import claims_folder, supported_folder
 
 log = logging.getLogger(__name__)

@@ -25,6 +25,12 @@ pytest.importorskip("hqq")
 from mixtral_offload_plugin.quant.hqq import HqqQuantizer  # noqa: E402
 
 CPU = torch.device("cpu")
+NATIVE_KINDS = {"int4": "native-int4", "int4-lut": "native-lut", "int4-lut16": "native-lut"}
+
+
+def expected_kind(kind: str, impl: str) -> str:
+    """The plan kind torch's path uses, translated to our native kernels' (`kernel_impl` fixture)."""
+    return kind if impl == "torch" else NATIVE_KINDS.get(kind, kind)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +70,10 @@ def test_meta_quantization_is_close() -> None:
                                                      (2, 16, "int4-lut16"), (3, 16, "int4-lut16"),
                                                      (8, 64, "dense")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matrix_kernels_match_dequantized_weights(bits: int, group: int, kind: str, dtype: torch.dtype) -> None:
-    """Every CPU plan (int4-unpack: 2/3-bit stored bit-packed, as an older file may hold) equals the exact weights."""
+def test_matrix_kernels_match_dequantized_weights(bits: int, group: int, kind: str, dtype: torch.dtype,
+                                                  kernel_impl: str) -> None:
+    """Every CPU plan (int4-unpack: 2/3-bit stored bit-packed, as an older file may hold) equals the exact weights,
+    on torch's kernels and on ours."""
     torch.manual_seed(0)
     w = torch.randn(96, 128) * 0.05
     from mixtral_offload_plugin.quant.formats import dequantize, hqq_quantize
@@ -76,7 +84,7 @@ def test_matrix_kernels_match_dequantized_weights(bits: int, group: int, kind: s
     form = "bitpack" if kind == "int4-unpack" else choose_form((96, 128), spec, CPU)
     views = store_matrix("m", q, s, z, bits, group, form, dtype, quant_scales=False)
     plan = plan_matrix("m", form, (96, 128), bits, group, dtype, CPU)
-    assert plan.kind == kind
+    assert plan.kind == expected_kind(kind, kernel_impl)
     ref_w = dequantize(views, "m", (96, 128), bits, group)
     assert (ref_w - w).abs().mean() < {2: 0.5, 3: 0.3, 4: 0.15, 8: 0.02}[bits] * w.abs().mean()  # quantizes w
     fn = plan.prepare(views, torch.zeros(plan.workspace_nbytes, dtype=torch.uint8))
@@ -155,6 +163,8 @@ def _reference(path: Path, model: torch.nn.Module, dtype: torch.dtype) -> torch.
                 mod = getattr(ours, name)
                 if isinstance(mod, QuantizedLinear):
                     getattr(ref_layer.self_attn, name).weight.copy_(mod.dequantized_weight())
+        if isinstance(model.lm_head, QuantizedLinear):
+            ref.lm_head.weight.copy_(model.lm_head.dequantized_weight())
     return ref
 
 
@@ -168,13 +178,14 @@ def _greedy(model: torch.nn.Module, steps: int = 32) -> tuple[torch.Tensor, torc
 @pytest.mark.parametrize(("expert_bits", "expert_group", "attn_bits", "kinds"), [
     (2, 16, 4, {"int4-lut16"}), (3, 32, 4, {"int4-lut"}), (4, 64, 4, {"int4"}), (4, 64, 16, {"int4"})])
 def test_quantized_generation_matches_dequantized_reference(quant_model: Path, expert_bits: int, expert_group: int,
-                                                            attn_bits: int, kinds: set[str]) -> None:
+                                                            attn_bits: int, kinds: set[str], kernel_impl: str) -> None:
     cfg = OffloadConfig(device="cpu", transfer="sync", expert_bits=expert_bits, expert_group_size=expert_group,
                         attn_bits=attn_bits, attn_group_size=64, quant_scales=expert_bits == 2)
     model = load_model(quant_model, cfg)
     rt = model._offload_runtime
     assert rt.resident
-    assert {k for kern in rt.kernels.values() for k in kern.kinds.values()} == kinds
+    assert {k for kern in rt.kernels.values() for k in kern.kinds.values()} == {expected_kind(k, kernel_impl)
+                                                                             for k in kinds}
     ref = _reference(quant_model, model, torch.float32)
     seq, logits = _greedy(model)
     ref_seq, ref_logits = _greedy(ref)
@@ -225,3 +236,22 @@ def test_packed_views_round_trip() -> None:
     assert views["gate_up.lo"].numel() == 128 * 64 * 2 // 8
     assert views["gate_up.hi"].numel() == 128 * 64 // 8
     assert packed.layout.meta["forms"]["gate_up"] == "int4lut"
+
+
+def test_quantized_head_matches_dequantized_reference(quant_model: Path, kernel_impl: str) -> None:
+    """head_bits=4: lm_head is an HQQ 4-bit matrix; generation equals transformers holding its dequantized weights."""
+    from mixtral_offload_plugin.quant.hqq import QuantizedLinear
+
+    cfg = OffloadConfig(device="cpu", transfer="sync", expert_bits=4, attn_bits=4, head_bits=4, attn_group_size=64)
+    model = load_model(quant_model, cfg)
+    assert isinstance(model.lm_head, QuantizedLinear)
+    assert model.lm_head.plan.kind == expected_kind("int4", kernel_impl)
+    ref = _reference(quant_model, model, torch.float32)
+    seq, logits = _greedy(model, 16)
+    ref_seq, ref_logits = _greedy(ref, 16)
+    assert torch.equal(seq, ref_seq)
+    assert ((logits - ref_logits).abs().amax(dim=-1) / ref_logits.abs().amax(dim=-1)).max().item() < 1e-3
+    plain = load_model(quant_model, cfg.replace(head_bits=16))
+    assert not torch.allclose(_greedy(plain, 1)[1], logits[:1], rtol=1e-4, atol=1e-5)  # the head really is quantized
+    model.unload()
+    plain.unload()

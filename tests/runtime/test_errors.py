@@ -105,8 +105,9 @@ def test_unknown_names(tiny_mixtral, field, value, match):
         load_model(tiny_mixtral, OffloadConfig(device="cpu", **{field: value}))
 
 
-@pytest.mark.parametrize("field,value", [("expert_bits", 5), ("attn_bits", 2), ("device", "tpu"),
-                                         ("expert_group_size", 12), ("dtype", "int8"), ("prefetch_depth", 0)])
+@pytest.mark.parametrize("field,value", [("expert_bits", 5), ("attn_bits", 2), ("head_bits", 3),
+                                         ("device", "tpu"), ("expert_group_size", 12), ("dtype", "int8"),
+                                         ("prefetch_depth", 0)])
 def test_invalid_options_name_field_and_allowed_values(field, value):
     with pytest.raises(ConfigError, match=f"OffloadConfig.{field}={value!r} is invalid"):
         OffloadConfig(**{field: value})

@@ -166,8 +166,8 @@ def test_generate_record_routing_replays_to_its_printed_counts(demo_model_path, 
     """The acceptance check as a user runs it: `generate --record-routing` on the demo model, then replay."""
     import re
 
-    from mixtral_offload_plugin.cli import main
     from mixtral_offload_plugin.cache.policies import HistoryPolicy
+    from mixtral_offload_plugin.cli import main
     from mixtral_offload_plugin.tools.replay import load_events
 
     path = tmp_path / "demo.jsonl"

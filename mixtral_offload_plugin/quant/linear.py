@@ -1,0 +1,64 @@
+"""The resident trunk's linears beyond attention: the output projection (lm_head) quantized on request
+(`OffloadConfig.head_bits`), and bf16 linears on CPU (lm_head, 16-bit attention projections) computed by our native
+kernel for a few tokens at a time: torch's bf16 matrix-vector product reads its weights at about half the memory speed
+ours reaches (docs/benchmarks.md). Same parameters, same module type (a subclass of `nn.Linear`); more tokens, other
+dtypes and other devices go through `nn.Linear.forward` unchanged. This module knows nothing about experts or caches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import QuantSpec, native
+
+
+class NativeLinear(nn.Linear):
+    """`nn.Linear` whose bf16 forward for up to `native.DENSE_MAX_TOKENS` rows runs on our kernel."""
+
+    _native: Any = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._native is None:
+            return super().forward(x)
+        y = native.linear(self._native, x, self.weight)
+        return y + self.bias if self.bias is not None else y
+
+
+def accelerate_linears(model: nn.Module) -> int:
+    """Turn every bf16 CPU `nn.Linear` of `model` into a `NativeLinear` when our kernels are built; returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) is not nn.Linear or module.weight.is_meta:
+            continue
+        lib = native.dense_library(module.weight)
+        if lib is not None:
+            module.__class__ = NativeLinear
+            module._native = lib
+            count += 1
+    return count
+
+
+def quantize_head(model: nn.Module, config: Any, dtype: torch.dtype, device: torch.device) -> int:
+    """Replace the output projection by an HQQ `config.head_bits` one (group `config.attn_group_size`); returns the
+    trunk's bytes. A head tied to the input embeddings gets its own quantized copy (the embeddings stay 16-bit)."""
+    from ..errors import ConfigError
+    from .attention import module_bytes
+    from .hqq import HqqQuantizer, QuantizedLinear
+
+    head = model.get_output_embeddings()
+    if isinstance(head, QuantizedLinear):
+        return module_bytes(model)
+    if not isinstance(head, nn.Linear):
+        msg = f"the output projection is a {type(head).__name__}, not an nn.Linear; it cannot be quantized (head_bits)"
+        raise ConfigError(msg)
+    spec = QuantSpec(config.head_bits, config.attn_group_size, dtype, False)
+    try:
+        quantized = HqqQuantizer().quantize_linear(head, spec, device)
+    except ValueError as exc:
+        msg = f"cannot quantize lm_head: {exc} (head_bits={config.head_bits}, attn_group_size={config.attn_group_size})"
+        raise ConfigError(msg) from None
+    model.set_output_embeddings(quantized)
+    return module_bytes(model)
