@@ -286,7 +286,7 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
     keys = [(layer, e) for layer in sorted(blocks) for e in range(num_experts)]
     qname = getattr(ckpt, "quantizer_name", None) or ("none" if config.expert_bits == 16 else "hqq")
     quantizer = plugins.create("quantizer", qname)
-    spec = QuantSpec(config.expert_bits, config.expert_group_size, dtype, config.quant_scales)
+    spec = QuantSpec(config.expert_bits, config.expert_group_size, dtype, config.quant_scales, config.quant_method)
     layouts = ckpt.expert_layouts(keys) if hasattr(ckpt, "expert_layouts") else None
     repacked = False
     if layouts is not None and hasattr(quantizer, "layout_for"):  # packed for another device: repacked at load
