@@ -1,4 +1,4 @@
-"""The `mixtral-offload` command: generate, chat, info, plugins, convert, bench, replay, simulate, demo.
+"""The `mixtral-offload` command: generate, chat, info, plugins, convert, synth, bench, replay, simulate, demo.
 
 Each subcommand translates flags into an `OffloadConfig` and calls the public API; heavy modules are imported only by
 the subcommand that needs them.
@@ -270,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, module, helptext in (
         ("convert", "tools.convert", "convert a HF checkpoint to the offload format"),
+        ("synth", "tools.synth", "write a seeded random model of a named shape (e.g. mixtral-8x7b), plain or offload"),
         ("bench", "tools.bench", "side-by-side benchmark of offload configurations and baselines"),
         ("replay", "tools.replay_report", "replay routing traces against cache policies, prefetchers and Belady"),
         ("simulate", "tools.simulate", "predict GPU tokens/s from a routing trace and a device profile"),

@@ -44,7 +44,6 @@ from .bench_compare import annotate, extra_columns, failed_checks
 from .bench_config import (
     _BUDGETED,
     DEFAULT_CONFIGS,
-    SYNTHETIC,
     WORKING_MEMORY,
     BenchConfig,
     checkpoint_bytes,
@@ -55,7 +54,7 @@ from .cgroups import CGROUP_ROOT, MemoryGroup
 from .gguf import find_converter
 
 __all__ = [  # the configurations' and the memory group's names stay importable from here
-    "CGROUP_ROOT", "DEFAULT_CONFIGS", "SYNTHETIC", "WORKING_MEMORY", "BenchConfig", "MemoryGroup", "Worker",
+    "CGROUP_ROOT", "DEFAULT_CONFIGS", "WORKING_MEMORY", "BenchConfig", "MemoryGroup", "Worker",
     "add_arguments", "checkpoint_bytes", "format_table", "main", "measure_runtime_baseline", "parse_config",
     "resolve_model", "run",
 ]
@@ -299,9 +298,12 @@ def _split_configs(text: str) -> list[str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded demo model)")
-    p.add_argument("--synthetic", choices=sorted(SYNTHETIC), default=None,
-                   help="build (once, cached) a random-weight model: mid = hidden 1024, intermediate 3584, 8 layers, "
-                        "8 experts top-2, vocab 32000, bf16; tiny = a 2-layer smoke-test model")
+    p.add_argument("--synthetic", default=None, metavar="SPEC",
+                   help="build (once, in --cache-dir) and benchmark a seeded random model: NAME[:key=value,...] with "
+                        "NAME mixtral-8x7b (real shapes; offload format, 2-bit g16 experts + 4-bit attention), "
+                        "mixtral-8x22b, mid (hidden 1024, 8 layers, 8 experts, vocab 32000, bf16) or tiny, and "
+                        "overrides of the shape, seed and format, e.g. mixtral-8x7b:layers=2, "
+                        "mid:format=offload,expert_bits=4,expert_group_size=64 (see `mixtral-offload synth --help`)")
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help="comma-separated configurations: resident, host-kN and disk-kN[-cold] (LRU, no prefetch; "
                         "-prefetch: LRU + gate prefetch; -default: OffloadConfig's default policy and prefetch), "
@@ -321,8 +323,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--record-routing", default=None, metavar="FILE",
                    help="record our configurations' routing (and prefetch guesses) as JSON lines")
     p.add_argument("--cache-dir", default=None,
-                   help="where --synthetic models and the llama.cpp rows' GGUF files are cached (default: "
-                        "$MIXTRAL_OFFLOAD_CACHE or <temp dir>/mixtral-offload)")
+                   help="where --synthetic models are built and kept, and the llama.cpp rows' GGUF files cached "
+                        "(default: $MIXTRAL_OFFLOAD_CACHE or <temp dir>/mixtral-offload)")
     p.add_argument("--llamacpp-converter", default=None, metavar="DIR",
                    help="llama.cpp's converter folder (convert_hf_to_gguf.py + gguf-py/) for the llamacpp rows "
                         "(default: $MIXTRAL_OFFLOAD_LLAMACPP_CONVERTER, else where scripts/build_llama_cpp.sh put it)")

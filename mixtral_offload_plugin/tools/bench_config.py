@@ -1,7 +1,7 @@
 """`mixtral-offload bench` configurations and models: the presets (`resident`, `host-kN`,
 `disk-kN[-cold][-prefetch|-default]`, transformers, accelerate and llama.cpp baselines) with `:key=value` overrides,
-the synthetic models, and the checkpoint sizes the memory budget is computed from (read from safetensors headers or
-the offload manifest; no weight is loaded).
+the model (a folder, or a synthetic spec built once into the cache directory by tools/synth.py), and the checkpoint
+sizes the memory budget is computed from (read from safetensors headers or the offload manifest; no weight is loaded).
 
 Only the standard library at top level; knows nothing about processes, interleaving or the table (bench.py).
 """
@@ -10,23 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .gguf import TYPES as LLAMACPP_TYPES
 
-SYNTHETIC = {  # make_random_mixtral arguments
-    "mid": {"hidden": 1024, "intermediate": 3584, "layers": 8, "experts": 8, "top_k": 2, "heads": 8,
-            "kv_heads": 2, "vocab": 32000, "context": 4096, "dtype": "bfloat16", "std": 0.02},
-    "tiny": {"hidden": 64, "intermediate": 128, "layers": 2, "experts": 4, "top_k": 2, "heads": 4,
-             "kv_heads": 2, "vocab": 128, "context": 256, "dtype": "float32", "std": 0.2},
-}
 DEFAULT_CONFIGS = "transformers-bf16,resident,host-k4,disk-k4-cold,disk-k4-cold-prefetch,disk-k4-cold-default"
 _OURS_RE = re.compile(r"^(host|disk)-k(\d+)(-cold)?(-prefetch|-default)?$")
 # the cache presets pin their policy and prefetcher (LRU alone; LRU + gate prefetch), so a row means what it meant
@@ -137,10 +128,6 @@ def parse_config(spec: str) -> BenchConfig:
 
 
 # -- model and budget ------------------------------------------------------------------------------------------------
-def _cache_root() -> Path:
-    return Path(os.environ.get("MIXTRAL_OFFLOAD_CACHE", Path(tempfile.gettempdir()) / "mixtral-offload"))
-
-
 def resolve_model(args: argparse.Namespace) -> Path:
     if args.model and args.synthetic:
         msg = "give either --model or --synthetic, not both"
@@ -152,19 +139,10 @@ def resolve_model(args: argparse.Namespace) -> Path:
             raise ValueError(msg)
         return path
     if args.synthetic:
-        spec = dict(SYNTHETIC[args.synthetic])
-        out = Path(args.cache_dir or _cache_root()) / f"bench-{args.synthetic}"
-        if not (out / "config.json").exists():
-            import torch
+        from ..models.synthetic import parse_spec
+        from .synth import ensure_synthetic
 
-            from ..models.synthetic import make_random_mixtral
-
-            spec["dtype"] = getattr(torch, spec["dtype"])
-            tmp = out.with_name(out.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            make_random_mixtral(tmp, seed=0, **spec)
-            tmp.rename(out)
-        return out
+        return ensure_synthetic(parse_spec(args.synthetic), args.cache_dir)
     from ..models.demo_model import default_model_path
 
     return default_model_path()

@@ -1,0 +1,144 @@
+"""Writing the offload format from a source of weights: a Hugging Face checkpoint or a synthetic model.
+
+`write_offload(source, out, config)` is the one writer behind `mixtral-offload convert`, `mixtral-offload synth` and
+the conversion cache: it writes config.json, quantizes the attention projections into the trunk, then streams the
+experts one at a time (read or generated, quantized, packed, appended to their layer's file) with a progress bar and
+ETA, and writes the manifest last (`storage.offload_format.OffloadWriter`). Memory: about one expert plus the trunk.
+A source has `name`, `config_dict`, `trunk_items()` (checkpoint name, tensor), `expert(layer, e)`, `moe_layers()`,
+`files()` (files copied as they are: tokenizer, generation config) and `close()`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import plugins
+from ..errors import ConfigError
+from ..models.architectures import read_expert
+from ..quant import QuantSpec
+from ..storage.hf_checkpoint import HFCheckpoint
+from ..storage.offload_format import OffloadWriter
+from .loading import check_model_config, find_architecture, load_model_config, resolve_dtype
+
+COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                "chat_template.json")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class CheckpointSource:
+    """The weights of a Hugging Face checkpoint folder (experts read one at a time, never mapped)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.name = self.path.name
+        self.ckpt = HFCheckpoint(self.path)
+        self.config_dict = self.ckpt.config_dict
+        self._arch: Any = None
+
+    def bind(self, arch: Any, model_config: Any) -> None:
+        self._arch, self._config = arch, model_config
+        self._per_expert, self._fused, self._trunk = arch.split_keys(self.ckpt.keys())
+
+    def trunk_items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in self._trunk:
+            yield key, self.ckpt.get(key)
+
+    def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        return read_expert(self.ckpt, layer, expert, self._per_expert, self._fused)
+
+    def moe_layers(self) -> list[int]:
+        return list(self._arch.moe_layers(self._config))
+
+    def files(self) -> list[Path]:
+        return [self.path / n for n in COPIED_FILES if (self.path / n).is_file()]
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
+def _attention_packed(name: str, t: torch.Tensor, quantizer: Any, spec: QuantSpec, config: Any) -> Any:
+    linear = nn.Linear(t.shape[1], t.shape[0], bias=False)
+    linear.weight = nn.Parameter(t.to(spec.dtype), requires_grad=False)
+    try:
+        return quantizer.pack_linear(linear, spec, torch.device("cpu"))
+    except ValueError as exc:
+        msg = f"cannot quantize {name}: {exc} (--attn-group-size {config.attn_group_size})"
+        raise ConfigError(msg) from None
+
+
+def _write_trunk(source: Any, writer: OffloadWriter, arch: Any, config: Any, dtype: torch.dtype) -> None:
+    """Trunk tensors in `dtype` under their checkpoint names; attention projections packed when attn_bits < 16."""
+    trunk, attention = {}, {}
+    quantizer = plugins.create("quantizer", "hqq") if config.attn_bits < 16 else None
+    spec = QuantSpec(config.attn_bits, config.attn_group_size, dtype, False, config.quant_method)
+    for key, t in source.trunk_items():
+        proj = arch.trunk_name(key).removesuffix(".weight")
+        if quantizer is not None and key.endswith(".weight") and ".self_attn." in key and \
+                proj.rsplit(".", 1)[-1] in ATTENTION:
+            attention[proj] = _attention_packed(proj, t, quantizer, spec, config)
+            continue
+        trunk[key] = t.to(dtype) if t.is_floating_point() else t
+    writer.write_trunk(trunk, attention)
+
+
+def write_offload(source: Any, out: Path, config: Any, *, desc: str = "converting experts") -> dict[str, Any]:
+    """Write `source` into the (empty, existing) folder `out` in the offload format with `config`'s quantization
+    settings (expert/attention bits and group sizes, quant_scales, quant_method, dtype). Returns a summary."""
+    from tqdm.auto import tqdm
+
+    plugins.load_plugins()
+    out = Path(out)
+    config_dict = dict(source.config_dict)
+    (out / "config.json").write_text(json.dumps(config_dict, indent=2))  # transformers reads the config from here
+    model_config = load_model_config(out, config_dict)
+    arch = find_architecture(model_config)
+    check_model_config(model_config, arch, out)
+    dtype = resolve_dtype(config, model_config)
+    config_dict["dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(config_dict, indent=2))
+    if hasattr(source, "bind"):
+        source.bind(arch, model_config)
+    qname = "none" if config.expert_bits == 16 else "hqq"
+    quantizer = plugins.create("quantizer", qname)
+    spec = QuantSpec(config.expert_bits, config.expert_group_size, dtype, config.quant_scales, config.quant_method)
+    writer = OffloadWriter(out)
+    try:
+        _write_trunk(source, writer, arch, config, dtype)
+        layers, n_experts = source.moe_layers(), arch.num_experts(model_config)
+        n_weights = 0
+        bar = tqdm(total=len(layers) * n_experts, desc=desc, unit="expert", smoothing=0.1,
+                   disable=os.environ.get("MIXTRAL_OFFLOAD_QUIET") == "1")
+        for layer in layers:
+            for e in range(n_experts):
+                weights = source.expert(layer, e)
+                try:
+                    packed = quantizer.pack_expert(weights, spec, torch.device("cpu"))
+                except ValueError as exc:
+                    msg = f"cannot quantize layer {layer} expert {e}: {exc} (--expert-group-size {spec.group_size})"
+                    raise ConfigError(msg) from None
+                writer.add_expert(layer, e, packed)
+                n_weights += sum(w.numel() for w in weights.values())
+                del weights, packed
+                bar.update(1)
+        bar.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        source.close()
+    for path in source.files():
+        shutil.copy2(path, out / path.name)
+    quantization = {"quantizer": qname, "expert_bits": spec.bits, "expert_group_size": spec.group_size,
+                    "quant_scales": bool(spec.quant_scales), "attn_bits": config.attn_bits,
+                    "attn_group_size": config.attn_group_size, "dtype": config_dict["dtype"],
+                    "method": config.quant_method}
+    return writer.finish({"architecture": arch.name, "source": source.name, "quantization": quantization}, n_weights)
