@@ -242,7 +242,7 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
     plugins.resolve("prefetcher", config.prefetch)
     plugins.resolve("store", config.store if config.store != "auto" else "host")
     device = resolve_device(config.device)
-    free_before = available_bytes(device) if device.type == "cuda" else None  # before the trunk takes its share
+    free_before = available_bytes(device)  # before the trunk takes its share: the plan counts the trunk once
 
     ckpt = open_checkpoint(path, config)
     if hasattr(ckpt, "ignored_settings"):  # settings a stored folder cannot honour
@@ -315,7 +315,7 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
     def plan_for(nbytes: int) -> Any:
         return make_plan(config, device=device, layers=len(blocks), experts=num_experts, top_k=top_k,
                          expert_bytes=nbytes, total_expert_bytes=total_expert_bytes, trunk_bytes=trunk_bytes,
-                         kv=kv, store_in_ram=store_name in ("host", "auto"), available=free_before, overhead=overhead)
+                         kv=kv, store_in_ram=store_name == "host", available=free_before, overhead=overhead)
 
     if device.type == "cuda" and getattr(quantizer, "per_call_kernels", False):
         small_kernels, small_bytes = _expert_kernels(quantizer, layouts, device, per_call=True)

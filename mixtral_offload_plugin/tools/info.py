@@ -76,7 +76,7 @@ def describe_checkpoint(path: str | Path, config: OffloadConfig) -> dict[str, An
     plan = make_plan(config,
                      device=device, layers=moe_layers, experts=experts, top_k=top_k, expert_bytes=ebytes,
                      total_expert_bytes=total_experts, trunk_bytes=trunk, kv=kv,
-                     store_in_ram=config.store in ("host", "auto"))
+                     store_in_ram=config.store == "host")
     quantization = ckpt.describe() if hasattr(ckpt, "describe") else None
     ckpt.close()
     return {
