@@ -30,7 +30,7 @@ def _v1(root: Path, limit: int, usage: int, stat: dict[str, int]) -> Path:
 
 
 @pytest.fixture
-def fake_cgroup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+def fake_cgroup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(memory, "CGROUP_FS", tmp_path)
 
     def make(proc: Path) -> None:
@@ -39,7 +39,7 @@ def fake_cgroup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN20
     return make
 
 
-def test_v1_limit_usage_and_page_cache(tmp_path: Path, fake_cgroup) -> None:  # noqa: ANN001
+def test_v1_limit_usage_and_page_cache(tmp_path: Path, fake_cgroup) -> None:
     stat = {"total_inactive_file": 3 * GiB, "total_active_file": 1 * GiB, "total_mapped_file": GiB // 2,
             "total_dirty": GiB // 4, "hierarchical_memory_limit": 12 * GiB}
     fake_cgroup(_v1(tmp_path, 1 << 63, 10 * GiB, stat))
@@ -48,12 +48,12 @@ def test_v1_limit_usage_and_page_cache(tmp_path: Path, fake_cgroup) -> None:  # 
     assert memory.available_bytes(torch.device("cpu")) <= int(5.25 * GiB)
 
 
-def test_v1_without_a_limit_is_none(tmp_path: Path, fake_cgroup) -> None:  # noqa: ANN001
+def test_v1_without_a_limit_is_none(tmp_path: Path, fake_cgroup) -> None:
     fake_cgroup(_v1(tmp_path, 9223372036854771712, GiB, {"hierarchical_memory_limit": 9223372036854771712}))
     assert memory.cgroup_free_bytes() is None
 
 
-def test_v2_tightest_ancestor(tmp_path: Path, fake_cgroup) -> None:  # noqa: ANN001
+def test_v2_tightest_ancestor(tmp_path: Path, fake_cgroup) -> None:
     outer, inner = tmp_path / "user.slice", tmp_path / "user.slice" / "app"
     inner.mkdir(parents=True)
     for group, limit, current in ((outer, str(8 * GiB), 7 * GiB), (inner, "max", 6 * GiB)):
@@ -66,7 +66,7 @@ def test_v2_tightest_ancestor(tmp_path: Path, fake_cgroup) -> None:  # noqa: ANN
     assert memory.cgroup_free_bytes() == 8 * GiB - 7 * GiB + GiB
 
 
-def test_plan_sizes_the_cache_from_the_cgroup(tmp_path: Path, fake_cgroup, tiny_mixtral_8e: Path) -> None:  # noqa: ANN001
+def test_plan_sizes_the_cache_from_the_cgroup(tmp_path: Path, fake_cgroup, tiny_mixtral_8e: Path) -> None:
     """A limit that holds the trunk and about half the experts: the plan picks a smaller cache, on the disk store;
     a limit below the trunk is refused with the numbers."""
     probe = load_model(tiny_mixtral_8e, OffloadConfig(device="cpu", transfer="sync"))
