@@ -302,6 +302,8 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
     kernels, expert_bytes = _expert_kernels(quantizer, layouts, device, per_call=False)
 
     store_name = config.store
+    # a mapped store (`mmap`): kernels compute from the mapped files, no cache slots (cache/mapped.py)
+    mapped = store_name != "auto" and getattr(plugins.resolve("store", store_name)[0], "mapped", False)
     el = torch.empty((), dtype=dtype).element_size()
     kv = kv_bytes(model_config, config.context_length, el, config.batch_size)
     overhead = 0
@@ -317,7 +319,10 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
                          expert_bytes=nbytes, total_expert_bytes=total_expert_bytes, trunk_bytes=trunk_bytes,
                          kv=kv, store_in_ram=store_name == "host", available=free_before, overhead=overhead)
 
-    if device.type == "cuda" and getattr(quantizer, "per_call_kernels", False):
+    if mapped:
+        plan = _mapped_plan(config, device, len(blocks), num_experts, top_k,
+                            {k: getattr(kernels[k], "workspace_nbytes", 0) for k in keys}, trunk_bytes, kv, free_before)
+    elif device.type == "cuda" and getattr(quantizer, "per_call_kernels", False):
         small_kernels, small_bytes = _expert_kernels(quantizer, layouts, device, per_call=True)
         small, plan = choose_cuda_slots(plan_for, expert_bytes, small_bytes, config, len(blocks), top_k)
         if small:
@@ -366,15 +371,17 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
         loader = make_loader(transfer, store, prepare, device)
     if resident:  # every expert has a slot and nothing is ever evicted: keep no policy state (no statistics)
         policy_factory = LRUPolicy
-    cache = ExpertCache(pools, capacities, slot_nbytes, policy_factory, loader, device,
-                        lambda key: layout_of(key).nbytes, top_k=top_k)
+    cache = _mapped_cache(store, sorted(blocks), layout_of, kernels, workspace) if mapped else \
+        ExpertCache(pools, capacities, slot_nbytes, policy_factory, loader, device, lambda key: layout_of(key).nbytes,
+                    top_k=top_k)
     if resident:
         for key, packed in _expert_stream(ckpt, arch, keys, split[:2], quantizer, spec, device):
             loader_store.item = packed
             cache.preload([key])
         loader.store = None
         cache.reset_stats()
-    prefetcher = plugins.create("prefetcher", config.prefetch, cache, arch, blocks, config)
+    # a mapped store has no cache to prefetch into: its prefetch setting does not apply
+    prefetcher = None if mapped else plugins.create("prefetcher", config.prefetch, cache, arch, blocks, config)
     runtime = OffloadRuntime(config, arch, device, cache, store, prefetcher if not resident else None, kernels,
                              blocks, plan, str(path), resident=resident)
     for block in blocks.values():
@@ -421,6 +428,34 @@ def _load_generation_config(model: nn.Module, path: Path) -> None:
             log.warning("ignoring unreadable generation_config.json in %s: %s", path, exc)
     else:
         model.generation_config = GenerationConfig.from_model_config(model.config)
+
+
+def _mapped_plan(config: OffloadConfig, device: torch.device, layers: int, experts: int, top_k: int,
+                 workspace: dict[Any, int], trunk_bytes: int, kv: int, available: int | None) -> Any:
+    from .memory import mapped_plan
+
+    if device.type != "cpu":
+        msg = (f"store={config.store!r} maps the expert files and computes from the mapped pages on the CPU: there is "
+               f"no cache to copy experts to a device from; use it with device='cpu' (got device={config.device!r})")
+        raise ConfigError(msg)
+    return mapped_plan(config, device=device, layers=layers, experts=experts, top_k=top_k,
+                       workspace=max(workspace.values()), trunk_bytes=trunk_bytes, kv=kv, available=available)
+
+
+def _mapped_cache(store: Any, layers: list[int], layout_of: Any, kernels: dict[Any, Any],
+                  workspace: dict[Any, int]) -> Any:
+    """Kernel states built from the store's mapped views just before each expert is computed (one shared
+    workspace for kernels that expand an expert first)."""
+    from ..cache.mapped import MappedExperts
+
+    def prepare(key: tuple[int, int], data: torch.Tensor, ws: torch.Tensor) -> Any:
+        views = unpack_views(data, layout_of(key))
+        if workspace[key]:
+            views["workspace"] = ws[:workspace[key]]
+        return kernels[key].prepare(views)
+
+    return MappedExperts(layers, store.host_tensor, prepare, max(workspace.values()),
+                         getattr(store, "missing_bytes", None))
 
 
 class _OneShotStore:

@@ -158,6 +158,10 @@ class MemoryPlan:
         cache = (f"{self.experts_per_layer} experts/layer" if self.experts_per_layer is not None
                  else f"{self.global_slots} slots shared by all layers")
         extra = f" + activations and temporaries {fmt(self.overhead_bytes)}" if self.overhead_bytes else ""
+        if self.slots == 0:  # a mapped store: experts are computed from the page cache
+            return (f"trunk {fmt(self.trunk_bytes)} + one kernel workspace {fmt(self.expert_bytes)} + KV "
+                    f"{fmt(self.kv_bytes)} = {fmt(self.needed + self.expert_bytes)} needed (no expert cache: the page "
+                    f"cache holds the mapped experts), {fmt(self.available)} available on {self.device}")
         return (f"trunk {fmt(self.trunk_bytes)} + cache {fmt(self.cache_bytes)} ({cache} x {fmt(self.expert_bytes)})"
                 f" + KV {fmt(self.kv_bytes)} + store in RAM {fmt(self.store_ram_bytes)}{extra} = {fmt(self.needed)}"
                 f" needed, {fmt(self.available)} available on {self.device}")
@@ -296,3 +300,19 @@ def _nearest(plan: Any, p: MemoryPlan, avail: int, layers: int, experts: int) ->
         if plan(k, None).needed <= avail * SAFETY:
             return f"Nearest setting that fits: experts_per_layer={k} (or lower expert_bits, or store='disk')."
     return "Even one expert per layer does not fit: use lower expert_bits/attn_bits, a shorter context_length, or store='disk'."
+
+
+def mapped_plan(config: Any, *, device: torch.device, layers: int, experts: int, top_k: int, workspace: int,
+                trunk_bytes: int, kv: int, available: int | None = None) -> MemoryPlan:
+    """The plan of a store that maps the expert files (no cache slots: the page cache holds what the kernel keeps).
+
+    Needs the trunk, the KV cache and one shared kernel workspace; what is left of the memory is the page cache's.
+    `available`: free memory measured before the trunk was loaded (default: now).
+    """
+    avail = config.max_memory_bytes or (available if available is not None else available_bytes(device))
+    p = MemoryPlan(str(device), layers, experts, top_k, workspace, trunk_bytes, kv, 0, None, 0, avail)
+    if p.needed + workspace > avail:
+        msg = (f"the configuration does not fit: {p.describe()}. Even with no expert in memory: use lower attn_bits "
+               "or a shorter context_length")
+        raise MemoryPlanError(msg)
+    return p
