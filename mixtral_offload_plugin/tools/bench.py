@@ -118,6 +118,7 @@ def _summary(cfg: BenchConfig, load: dict[str, Any] | None, reps: list[dict[str,
                            "model": cfg.model}
     if load:
         row["load_seconds"] = load.get("load_seconds")
+        row["load_peak_rss_bytes"] = load.get("load_peak_rss_bytes")
         row["resolved"] = load.get("resolved")
         row["weight_bytes"] = load.get("weight_bytes")
     tps = [r["decode_tps"] for r in reps]
@@ -125,7 +126,7 @@ def _summary(cfg: BenchConfig, load: dict[str, Any] | None, reps: list[dict[str,
         row["decode_tps"] = {"median": statistics.median(tps), "min": min(tps), "max": max(tps)}
         row["ttft_s"] = statistics.median(r["ttft_s"] for r in reps)
         for key in ("hit_rate", "prefetch_precision", "prefetch_recall", "loaded_bytes_per_token",
-                    "disk_bytes_per_token"):
+                    "disk_bytes_per_token", "must_read_bytes_per_token"):
             vals = [r[key] for r in reps if r.get(key) is not None]
             row[key] = statistics.median(vals) if vals else None
         row["new_tokens"] = reps[0]["new_tokens"]
@@ -145,8 +146,9 @@ def _mib(n: float | None) -> str:
 
 def format_table(rows: list[dict[str, Any]], with_bound: bool = False) -> str:
     extra_head, extra = extra_columns(rows, with_bound)
-    head = (f"{'config':<28} {'tok/s med':>9} {'min':>6} {'max':>6} {'TTFT s':>7} {'RSS MiB':>8} {'hit':>6} "
-            f"{'pf prec':>7} {'pf rec':>7} {'load MiB/tok':>12} {'disk MiB/tok':>12}{extra_head}  memory")
+    head = (f"{'config':<28} {'tok/s med':>9} {'min':>6} {'max':>6} {'TTFT s':>7} {'load s':>7} {'load RSS':>8} "
+            f"{'RSS MiB':>8} {'cg peak':>8} {'hit':>6} {'pf prec':>7} {'pf rec':>7} {'load MiB/tok':>12} "
+            f"{'disk MiB/tok':>12}{extra_head}  memory")
     lines = [head, "-" * len(head)]
     for r, cells in zip(rows, extra, strict=True):
         if "decode_tps" not in r:
@@ -157,11 +159,51 @@ def format_table(rows: list[dict[str, Any]], with_bound: bool = False) -> str:
         def pct(v: float | None) -> str:
             return "-" if v is None else f"{v:.1%}"
 
+        bound = r.get("bound_tps")
+        load_s = r.get("load_seconds")
         lines.append(f"{r['config']:<28} {t['median']:>9.2f} {t['min']:>6.2f} {t['max']:>6.2f} {r['ttft_s']:>7.3f} "
-                     f"{_mib(r['peak_rss_bytes']):>8} {pct(r['hit_rate']):>6} {pct(r['prefetch_precision']):>7} "
+                     f"{'-' if load_s is None else f'{load_s:.1f}':>7} {_mib(r.get('load_peak_rss_bytes')):>8} "
+                     f"{_mib(r['peak_rss_bytes']):>8} {_mib(r.get('cgroup_peak_bytes')):>8} "
+                     f"{pct(r['hit_rate']):>6} {pct(r['prefetch_precision']):>7} "
                      f"{pct(r['prefetch_recall']):>7} {_mib(r['loaded_bytes_per_token']):>12} "
                      f"{_mib(r['disk_bytes_per_token']):>12}{cells}  {r['memory']}")
     return "\n".join(lines)
+
+
+def add_bounds(rows: list[dict[str, Any]], rate: float | None, compute_s: float | None) -> None:
+    """Each offloaded row's tok/s bound: the bytes it had to read per token at its miss rate, at the disk's measured
+    cold read rate, plus compute at the resident speed (see tools/disk_rate.py)."""
+    from .disk_rate import tokens_per_second_bound
+
+    for r in rows:
+        must = r.get("must_read_bytes_per_token")
+        if rate and must is not None and "decode_tps" in r:
+            r["bound_tps"] = tokens_per_second_bound(must, rate, compute_s)
+
+
+def resident_compute_seconds(rows: list[dict[str, Any]]) -> float | None:
+    """Seconds per decoded token of the `resident` row (every expert in memory), if the run has one."""
+    for r in rows:
+        if r["config"] == "resident" and "decode_tps" in r and r.get("hit_rate") == 1.0:
+            return 1.0 / r["decode_tps"]["median"]
+    return None
+
+
+def measure_disk_rate(path: Path, limit: int | None, log_dir: Path) -> dict[str, Any]:
+    """The cold sequential read rate of the model's expert files (or its safetensors), read in a worker process
+    inside a memory group of `limit` bytes when one is given."""
+    files = sorted(path.glob("experts-*.bin")) or sorted(path.glob("*.safetensors"))
+    group = MemoryGroup(f"mixtral-bench-{os.getpid()}-disk", limit) if limit is not None else None
+    try:
+        out = subprocess.run(  # noqa: S603 - our own module
+            [sys.executable, "-m", "mixtral_offload_plugin.tools.disk_rate", *map(str, files)], capture_output=True,
+            text=True, check=True, preexec_fn=group.enter if group is not None and group.ok else None)
+    finally:
+        if group is not None:
+            group.remove()
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["memory"] = "cgroup" if group is not None and group.ok else "unlimited"
+    return result
 
 
 def _trace_path(base: str | None, cfg: BenchConfig, n_ours: int) -> str | None:
@@ -207,6 +249,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         else:
             limit = parse_size(args.memory_limit)
         meta["memory_limit_bytes"] = limit
+    if args.bound and any(c.offload.get("store") in ("disk", "mmap") for c in configs):
+        meta["disk_rate"] = measure_disk_rate(path, limit, log_dir)
     weight_budget = trunk + expert_bytes // 2  # accelerate's max_memory: what our k=E/2 configuration keeps in RAM
     n_ours = sum(c.engine == "ours" for c in configs)
     workers: list[tuple[Worker, str, MemoryGroup | None]] = []
@@ -264,6 +308,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     meta["reference"] = ref["config"] if ref else None
     if args.check_tokens:
         meta["check_failures"] = failed_checks(rows, ref)
+    if "disk_rate" in meta:
+        compute_s = args.compute_ms / 1000 if args.compute_ms is not None else resident_compute_seconds(rows)
+        meta["compute_s_per_token"] = compute_s
+        add_bounds(rows, meta["disk_rate"]["rate"], compute_s)
     if all(r["error"] is None for r in rows):
         shutil.rmtree(log_dir, ignore_errors=True)
         meta["logs"] = None
@@ -320,6 +368,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-limit", default=None, metavar="SIZE",
                    help="run the offloaded configurations (disk-*, accelerate-*) in a memory cgroup of SIZE "
                         "(e.g. 1.5G), or 'half' = worker runtime + 256 MiB working memory + trunk + half the experts")
+    p.add_argument("--no-bound", dest="bound", action="store_false",
+                   help="do not measure the disk's cold read rate (inside the memory group) nor report each offloaded "
+                        "row's tok/s bound: must-read bytes per token / read rate + compute at the resident speed")
+    p.add_argument("--compute-ms", type=float, default=None, metavar="MS",
+                   help="decode compute per token for the bound (default: the `resident` row's, if the run has one)")
     p.add_argument("--record-routing", default=None, metavar="FILE",
                    help="record our configurations' routing (and prefetch guesses) as JSON lines")
     p.add_argument("--cache-dir", default=None,
@@ -386,6 +439,11 @@ def main(args: argparse.Namespace) -> int:
     if "memory_limit_bytes" in meta:
         print(f"memory limit {meta['memory_limit_bytes'] / 2**30:.2f} GiB" +
               (f" ({meta['memory_limit_rule']})" if "memory_limit_rule" in meta else ""))
+    if "disk_rate" in meta:
+        d, c = meta["disk_rate"], meta.get("compute_s_per_token")
+        print(f"disk: {d['rate'] / 2**20:.0f} MiB/s cold sequential read ({d['method']}, {d['bytes'] / 2**20:.0f} MiB, "
+              f"{d['memory']}); bound = must-read MiB/tok / that rate + compute "
+              + (f"{c * 1e3:.1f} ms/token (resident speed)" if c else "unknown (no resident row: disk time only)"))
     print(format_table(rows, with_bound=bool(args.bandwidth)))
     _print_notes(meta)
     if args.json:

@@ -19,7 +19,7 @@ from typing import Any
 from .gguf import TYPES as LLAMACPP_TYPES
 
 DEFAULT_CONFIGS = "transformers-bf16,resident,host-k4,disk-k4-cold,disk-k4-cold-prefetch,disk-k4-cold-default"
-_OURS_RE = re.compile(r"^(host|disk)-k(\d+)(-cold)?(-prefetch|-default)?$")
+_OURS_RE = re.compile(r"^(host|disk)-(k\d+|auto)(-cold)?(-prefetch|-default)?$")
 # the cache presets pin their policy and prefetcher (LRU alone; LRU + gate prefetch), so a row means what it meant
 # when the tables were measured; "-default" takes OffloadConfig's defaults (history policy, gate+history prefetch)
 _PRESET_CACHE = {None: {"policy": "lru", "prefetch": "none"}, "-prefetch": {"policy": "lru", "prefetch": "gate"},
@@ -61,8 +61,9 @@ def _coerce(value: str) -> Any:
 
 
 def parse_config(spec: str) -> BenchConfig:
-    """`preset[:key=value...]`: presets resident, host-kN, disk-kN[-cold][-prefetch|-default], transformers-bf16,
-    transformers-fp32, accelerate-disk, llamacpp-TYPE; keys are OffloadConfig fields plus cold, limit, device (any
+    """`preset[:key=value...]`: presets resident, host-kN, disk-kN[-cold][-prefetch|-default] (disk-auto...: the
+    memory plan picks the cache size), mmap[-cold] (the page-cache baseline), transformers-bf16, transformers-fp32,
+    accelerate-disk, llamacpp-TYPE; keys are OffloadConfig fields plus cold, limit, device (any
     engine), model (this row's checkpoint folder) and name (its label in the table)."""
     name, *parts = spec.split(":")
     overrides: list[str] = []
@@ -75,8 +76,12 @@ def parse_config(spec: str) -> BenchConfig:
     if name == "resident":
         cfg = BenchConfig(spec, "ours", {"store": "auto"})
     elif m:
-        offload = {"store": m[1], "experts_per_layer": int(m[2]), **_PRESET_CACHE[m[4]]}
+        offload: dict[str, Any] = {"store": m[1], **_PRESET_CACHE[m[4]]}
+        if m[2] != "auto":
+            offload["experts_per_layer"] = int(m[2][1:])
         cfg = BenchConfig(spec, "ours", offload, cold=bool(m[3]), limited=m[1] == "disk")
+    elif name in ("mmap", "mmap-cold"):  # llama.cpp's design: the expert files mapped, the page cache as the cache
+        cfg = BenchConfig(spec, "ours", {"store": "mmap"}, cold=name == "mmap-cold", limited=True)
     elif name in ("transformers-bf16", "transformers-fp32", "transformers"):
         dtype = {"transformers-bf16": "bfloat16", "transformers-fp32": "float32"}.get(name, "auto")
         cfg = BenchConfig(spec, "transformers", dtype=dtype)
@@ -90,7 +95,8 @@ def parse_config(spec: str) -> BenchConfig:
         cfg = BenchConfig(spec, "llamacpp", dtype=qtype)
     else:
         msg = (f"unknown bench configuration {name!r}: use resident, host-kN, disk-kN[-cold][-prefetch|-default], "
-               "transformers-bf16, transformers-fp32, accelerate-disk, accelerate-disk-warm or llamacpp-TYPE, "
+               "disk-auto[-cold][-prefetch|-default], mmap[-cold], transformers-bf16, transformers-fp32, "
+               "accelerate-disk, accelerate-disk-warm or llamacpp-TYPE, "
                "optionally followed by :key=value overrides (OffloadConfig fields, cold, limit, device, model, name)")
         raise ValueError(msg)
     for item in overrides:

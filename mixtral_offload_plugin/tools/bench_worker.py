@@ -167,6 +167,7 @@ def worker_main(spec: dict[str, Any]) -> int:
         t0 = time.perf_counter()
         model, files, resolved = _load(spec, scratch)
         load_seconds = time.perf_counter() - t0
+        load_rss = _peak_rss()  # the high-water mark of loading, before any token
         ours = spec["engine"] == "ours"
         vocab = model.config.get_text_config().vocab_size
         ids = torch.tensor([_prompt_ids(Path(spec["model"]), spec["prompt_tokens"], vocab)], device=model.device)
@@ -184,6 +185,7 @@ def worker_main(spec: dict[str, Any]) -> int:
 
                 recorder = RoutingRecorder(model, spec["trace"])
         send({"load_seconds": load_seconds, "resolved": resolved, "weight_bytes": _weight_bytes(model),
+              "load_peak_rss_bytes": load_rss,
               "rss_after_load_bytes": _peak_rss()})
         for line in sys.stdin:
             if line.strip() != "run":
@@ -216,11 +218,15 @@ def worker_main(spec: dict[str, Any]) -> int:
                 "peak_rss_bytes": _peak_rss(), "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None}
             if ours:
                 st = model.offload_stats().minus(before)
+                loads = sum(s.loads for s in st.layers.values())
+                per_load = st.bytes_loaded / loads if loads else 0.0
                 res.update({"hit_rate": st.hit_rate, "prefetch_precision": st.prefetch_precision
                             if st.prefetch_issued else None,
                             "prefetch_recall": st.prefetch_hits / (st.prefetch_hits + st.misses)
                             if st.prefetch_issued and st.prefetch_hits + st.misses else None,
-                            "loaded_bytes_per_token": st.bytes_loaded / new, "hits": st.hits, "misses": st.misses})
+                            "loaded_bytes_per_token": st.bytes_loaded / new, "hits": st.hits, "misses": st.misses,
+                            # what had to come from disk: experts missing when routed, or loaded early and used
+                            "must_read_bytes_per_token": (st.misses + st.prefetch_hits) * per_load / new})
             send(res)
         if recorder is not None:
             recorder.close()
