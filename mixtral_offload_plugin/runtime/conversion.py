@@ -1,7 +1,8 @@
 """Writing the offload format from a source of weights: a Hugging Face checkpoint or a synthetic model.
 
 `write_offload(source, out, config)` is the one writer behind `mixtral-offload convert`, `mixtral-offload synth` and
-the conversion cache: it writes config.json, quantizes the attention projections into the trunk, then streams the
+the conversion cache (`converted_folder`: loading a plain checkpoint with `expert_bits` < 16 converts it once into a
+cache directory, keyed by the source's files and the settings, and later loads read that folder): it writes config.json, quantizes the attention projections into the trunk, then streams the
 experts one at a time (read or generated, quantized, packed, appended to their layer's file) with a progress bar and
 ETA, and writes the manifest last (`storage.offload_format.OffloadWriter`). Memory: about one expert plus the trunk.
 A source has `name`, `config_dict`, `trunk_items()` (checkpoint name, tensor), `expert(layer, e)`, `moe_layers()`,
@@ -10,7 +11,10 @@ A source has `name`, `config_dict`, `trunk_items()` (checkpoint name, tensor), `
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -26,8 +30,9 @@ from ..models.architectures import read_expert
 from ..quant import QuantSpec
 from ..storage.hf_checkpoint import HFCheckpoint
 from ..storage.offload_format import OffloadWriter
-from .loading import check_model_config, find_architecture, load_model_config, resolve_dtype
 
+log = logging.getLogger(__name__)
+CONVERTER_VERSION = 1  # bump when the bytes written for the same settings change: cached conversions are redone
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
                 "chat_template.json")
@@ -90,19 +95,17 @@ def _write_trunk(source: Any, writer: OffloadWriter, arch: Any, config: Any, dty
     writer.write_trunk(trunk, attention)
 
 
-def write_offload(source: Any, out: Path, config: Any, *, desc: str = "converting experts") -> dict[str, Any]:
+def write_offload(source: Any, out: Path, config: Any, model: tuple[Any, Any, torch.dtype], *,
+                  desc: str = "converting experts") -> dict[str, Any]:
     """Write `source` into the (empty, existing) folder `out` in the offload format with `config`'s quantization
-    settings (expert/attention bits and group sizes, quant_scales, quant_method, dtype). Returns a summary."""
+    settings (expert/attention bits and group sizes, quant_scales, quant_method). `model`: the source's transformers
+    config, its `Architecture` and the 16-bit dtype to store (`loading.inspect_checkpoint`). Returns a summary."""
     from tqdm.auto import tqdm
 
     plugins.load_plugins()
     out = Path(out)
+    model_config, arch, dtype = model
     config_dict = dict(source.config_dict)
-    (out / "config.json").write_text(json.dumps(config_dict, indent=2))  # transformers reads the config from here
-    model_config = load_model_config(out, config_dict)
-    arch = find_architecture(model_config)
-    check_model_config(model_config, arch, out)
-    dtype = resolve_dtype(config, model_config)
     config_dict["dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(config_dict, indent=2))
     if hasattr(source, "bind"):
@@ -142,3 +145,103 @@ def write_offload(source: Any, out: Path, config: Any, *, desc: str = "convertin
                     "attn_group_size": config.attn_group_size, "dtype": config_dict["dtype"],
                     "method": config.quant_method}
     return writer.finish({"architecture": arch.name, "source": source.name, "quantization": quantization}, n_weights)
+
+
+# -- the conversion cache ----------------------------------------------------------------------------------------------
+ORIGIN = "origin.json"  # in each cached folder: the source and the settings it was converted from
+
+
+def cache_dir(config: Any) -> Path | None:
+    """Where converted plain checkpoints are kept (None: `convert_cache="off"`)."""
+    if config.convert_cache == "off":
+        return None
+    if config.convert_cache != "auto":
+        return Path(config.convert_cache)
+    root = os.environ.get("MIXTRAL_OFFLOAD_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or
+                                                           Path.home() / ".cache") / "mixtral-offload"
+    return Path(root) / "converted"
+
+
+def _fingerprint(src: Path) -> list[tuple[str, int, int]]:
+    """What identifies the source's contents without reading them: each file's name, size and modification time."""
+    files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".model"))
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+def _settings(config: Any, dtype: str) -> dict[str, Any]:
+    from .. import __version__
+
+    return {"expert_bits": config.expert_bits, "expert_group_size": config.expert_group_size,
+            "quant_scales": config.quant_scales, "attn_bits": config.attn_bits,
+            "attn_group_size": config.attn_group_size, "quant_method": config.quant_method, "dtype": dtype,
+            "converter": CONVERTER_VERSION, "package": __version__}
+
+
+def _prune(root: Path, src: Path, fingerprint: list[Any]) -> None:
+    """Remove cached conversions of `src` made before it changed, and of sources that no longer exist."""
+    for origin in root.glob(f"*/{ORIGIN}"):
+        try:
+            meta = json.loads(origin.read_text())
+            source = Path(meta["source"])
+            stale = not source.exists() or (source == src and meta["fingerprint"] != json.loads(json.dumps(
+                fingerprint)))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if stale:
+            log.info("removing %s: its source %s changed or is gone", origin.parent, source)
+            shutil.rmtree(origin.parent, ignore_errors=True)
+
+
+def converted_folder(src: str | os.PathLike[str], config: Any, model: tuple[Any, Any, torch.dtype]) -> Path | None:
+    """The offload-format conversion of the plain checkpoint `src` with `config`'s quantization settings: from the
+    cache when it is there, else written now (progress bar with ETA; concurrent loads of the same source wait for
+    one conversion). None when the cache is off or the disk lacks room (the caller quantizes in memory instead)."""
+    from ..storage.offload_format import write_atomically
+
+    root = cache_dir(config)
+    if root is None:
+        return None
+    src = Path(src).resolve()
+    fingerprint = _fingerprint(src)
+    settings = _settings(config, str(model[2]).removeprefix("torch."))
+    key = hashlib.sha256(json.dumps([str(src), fingerprint, settings], sort_keys=True).encode()).hexdigest()[:16]
+    dst = root / f"{src.name}-{key}"
+    if (dst / ORIGIN).exists():
+        return dst
+    root.mkdir(parents=True, exist_ok=True)
+    _prune(root, src, fingerprint)
+    need = sum(size for name, size, _ in fingerprint if name.endswith(".safetensors")) * (config.expert_bits + 2) // 16
+    free = shutil.disk_usage(root).free
+    if free < need * 1.2:
+        log.warning("not caching the %d-bit conversion of %s: %.1f GiB free in %s, about %.1f GiB needed; quantizing "
+                    "in memory (set OffloadConfig.convert_cache to a folder with room)", config.expert_bits, src,
+                    free / 2**30, root, need / 2**30)
+        return None
+    with _locked(root / f".{dst.name}.lock"):
+        if not (dst / ORIGIN).exists():
+            log.info("first load of %s with %d-bit experts: converting it once into %s", src, config.expert_bits, dst)
+
+            def write(tmp: Path) -> None:
+                write_offload(CheckpointSource(src), tmp, config, model,
+                              desc="quantizing experts (first load; kept for the next ones)")
+                meta = {"source": str(src), "fingerprint": fingerprint, "settings": settings}
+                (tmp / ORIGIN).write_text(json.dumps(meta, indent=1))
+
+            write_atomically(dst, write)
+    return dst
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """One process at a time converts a given source and settings (the lock file stays: removing it would race)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; the atomic rename still keeps folders whole
+        yield
+        return
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -24,6 +24,7 @@ from ..config import OffloadConfig
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from ..models.architectures import Architecture, read_expert
 from ..quant import QuantSpec
+from ..storage.hf_checkpoint import HFCheckpoint
 from ..storage.packing import PackedExpert, unpack_views
 from .checkpoints import open_checkpoint
 from .experts import OffloadedExperts
@@ -124,6 +125,17 @@ def check_model_config(model_config: Any, arch: Architecture, path: Path) -> Non
         msg = (f"config.json in {path}: {experts} experts with top-k {top_k} is invalid "
                "(need 1 <= top-k <= experts <= 4096)")
         raise CheckpointError(msg)
+
+
+def inspect_checkpoint(path: Path, config_dict: dict[str, Any], config: OffloadConfig) -> tuple[Any, Architecture,
+                                                                                                torch.dtype]:
+    """(transformers config, family, compute dtype) of a checkpoint folder, checked (see `check_model_config`)."""
+    model_config = load_model_config(path, config_dict)
+    if "quantization_config" not in config_dict:  # the reader understands (and removed) it
+        drop_quantization_config(model_config)
+    arch = find_architecture(model_config)
+    check_model_config(model_config, arch, path)
+    return model_config, arch, resolve_dtype(config, model_config)
 
 
 def build_skeleton(model_config: Any, arch: Architecture) -> tuple[nn.Module, dict[int, nn.Module]]:
@@ -244,15 +256,18 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
     device = resolve_device(config.device)
     free_before = available_bytes(device)  # before the trunk takes its share: the plan counts the trunk once
 
+    source = path
     ckpt = open_checkpoint(path, config)
     if hasattr(ckpt, "ignored_settings"):  # settings a stored folder cannot honour
         _warn_ignored(path, ckpt.ignored_settings(config))
-    model_config = load_model_config(path, ckpt.config_dict)
-    if "quantization_config" not in ckpt.config_dict:  # the reader understands (and removed) it
-        drop_quantization_config(model_config)
-    arch = find_architecture(model_config)
-    check_model_config(model_config, arch, path)
-    dtype = resolve_dtype(config, model_config)
+    model_config, arch, dtype = inspect_checkpoint(path, ckpt.config_dict, config)
+    if isinstance(ckpt, HFCheckpoint) and config.expert_bits < 16:  # quantize once, keep the result for next loads
+        from .conversion import converted_folder
+
+        converted = converted_folder(path, config, (model_config, arch, dtype))
+        if converted is not None:  # converted with these very settings: nothing in it is ignored
+            ckpt.close()
+            path, ckpt = converted, open_checkpoint(converted, config)
     model_config.dtype = dtype
     num_experts, top_k = arch.num_experts(model_config), arch.top_k(model_config)
 
@@ -383,7 +398,7 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
     # a mapped store has no cache to prefetch into: its prefetch setting does not apply
     prefetcher = None if mapped else plugins.create("prefetcher", config.prefetch, cache, arch, blocks, config)
     runtime = OffloadRuntime(config, arch, device, cache, store, prefetcher if not resident else None, kernels,
-                             blocks, plan, str(path), resident=resident)
+                             blocks, plan, str(source), resident=resident)
     for block in blocks.values():
         block.experts._runtime = runtime
     ckpt.close()

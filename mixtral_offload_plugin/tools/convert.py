@@ -69,13 +69,15 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], config: An
             verify: bool = False) -> dict[str, Any]:
     """Convert `src` (HF checkpoint) to the offload format at `dst` with `config`'s quantization settings."""
     from ..runtime.conversion import CheckpointSource, write_offload
+    from ..runtime.loading import inspect_checkpoint
     from ..storage.offload_format import check_destination, open_offload_checkpoint, write_atomically
 
     src, dst = Path(src), Path(dst)
     check_destination(dst, force, src)
 
     def write(tmp: Path) -> dict[str, Any]:
-        summary = write_offload(CheckpointSource(src), tmp, config)
+        source = CheckpointSource(src)
+        summary = write_offload(source, tmp, config, inspect_checkpoint(src, source.config_dict, config))
         if verify:
             open_offload_checkpoint(tmp, config.replace(verify=True)).close()
         return summary

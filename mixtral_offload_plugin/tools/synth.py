@@ -73,8 +73,12 @@ def build_synthetic(spec: Any, dst: Path, *, force: bool = False) -> dict[str, A
         if spec.format == "offload":
             from ..config import OffloadConfig
             from ..runtime.conversion import write_offload
+            from ..runtime.loading import inspect_checkpoint
 
-            summary = write_offload(model, tmp, OffloadConfig(**spec.offload_options()), desc="generating experts")
+            config = OffloadConfig(**spec.offload_options())
+            (tmp / "config.json").write_text(json.dumps(model.config_dict, indent=2))  # transformers reads it there
+            described = inspect_checkpoint(tmp, model.config_dict, config)
+            summary = write_offload(model, tmp, config, described, desc="generating experts")
         else:
             summary = _write_hf(model, tmp)
         (tmp / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
