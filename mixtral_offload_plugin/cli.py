@@ -44,6 +44,13 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hqq-packing", default="auto", choices=("auto", "interleaved", "planar"),
                    help="bit order of mixtral-offloading checkpoints with re-packed W_q (their 4bit-3bit release); "
                         "auto = interleaved")
+    g.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
+                   help="memory the plan may use, e.g. 12G (default: what is free, within the memory cgroup's limit)")
+    g.add_argument("--quant-method", default="hqq", choices=("hqq", "rtn"),
+                   help="how a plain checkpoint's experts are quantized at load (default: hqq)")
+    g.add_argument("--convert-cache", default="auto", metavar="DIR",
+                   help="where the first load of a plain checkpoint with --expert-bits < 16 keeps its converted folder "
+                        "for later loads: auto, a folder, or off (default: auto = ~/.cache/mixtral-offload/converted)")
 
 
 def config_from_args(a: argparse.Namespace) -> OffloadConfig:
@@ -55,6 +62,7 @@ def config_from_args(a: argparse.Namespace) -> OffloadConfig:
         prefetch_experts=a.prefetch_experts, expert_bits=a.expert_bits, expert_group_size=a.expert_group_size,
         attn_bits=a.attn_bits, attn_group_size=a.attn_group_size, head_bits=a.head_bits,
         quant_scales=a.quant_scales, dtype=a.dtype, context_length=a.context_length, hqq_packing=a.hqq_packing,
+        max_memory_bytes=a.max_memory, quant_method=a.quant_method, convert_cache=a.convert_cache,
         **{k: v for k, v in chosen.items() if v is not None})
 
 

@@ -18,8 +18,8 @@ with std 0.02 (transformers' initializer_range for Mixtral), norms are ones, and
   every layer uses all 8 experts (none above 21% of routings), consecutive tokens share 18-30% (chance: 25%) and
   greedy decoding does not cycle within 48 tokens. Real models reuse experts more than chance, so cache hit rates
   measured on these models are on the low side.
-The `tiny` preset keeps `make_random_mixtral`'s scale (0.2 everywhere). This module knows nothing about files or
-quantization.
+The `tiny` and `mid` presets keep the scale of the random models earlier tables used (`make_random_mixtral`: 0.2 and
+0.02 everywhere). This module knows nothing about files or quantization.
 """
 
 from __future__ import annotations
@@ -82,9 +82,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mixtral-8x22b": {"hidden": 6144, "intermediate": 16384, "layers": 56, "experts": 8, "top_k": 2, "heads": 48,
                       "kv_heads": 8, "vocab": 32768, "context": 65536, "rope_theta": 1e6, "dtype": "bfloat16",
                       "format": "offload"},
-    # 0.79 B parameters: the "mid" model of docs/benchmarks.md
+    # 0.79 B parameters: the "mid" model of docs/benchmarks.md, with the scale those tables used (0.02 everywhere)
     "mid": {"hidden": 1024, "intermediate": 3584, "layers": 8, "experts": 8, "top_k": 2, "heads": 8, "kv_heads": 2,
-            "vocab": 32000, "context": 4096, "dtype": "bfloat16"},
+            "vocab": 32000, "context": 4096, "dtype": "bfloat16", "router_std": 0.02, "embed_std": 0.02,
+            "out_std": 0.02},
     # the tests' tiny model (tests/conftest.py `tiny_mixtral`)
     "tiny": {"hidden": 64, "intermediate": 128, "layers": 2, "experts": 4, "top_k": 2, "heads": 4, "kv_heads": 2,
              "vocab": 128, "context": 256, "dtype": "float32", "std": 0.2, "router_std": 0.2, "embed_std": 0.2,
