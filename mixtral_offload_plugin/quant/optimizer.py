@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("hqq", "rtn")
 LP_NORM, BETA, KAPPA, ITERS = 0.7, 10.0, 1.01, 20  # hqq's defaults for optimize_weights_proximal
-CHUNK = 1 << 20  # weights per chunk (a power of two of rows): one step's working set stays in the CPU's cache
+CHUNK = 1 << 20  # weights per chunk: one step's working set stays in the CPU's cache
 COMPILE_MIN = 1 << 22  # smaller matrices run eagerly (compiling costs ~10-20 s per matrix shape, once per process)
 
 
@@ -85,9 +85,21 @@ def _functions(numel: int) -> dict[str, Callable[..., Any]]:
     if numel < COMPILE_MIN or os.environ.get("MIXTRAL_OFFLOAD_COMPILE", "1") == "0" or _compiled.get("failed"):
         return _EAGER
     if not _compiled:
-        # static shapes: inductor's code for reductions over a symbolic group size is ~20x slower
-        _compiled.update({name: torch.compile(fn, dynamic=False) for name, fn in _EAGER.items()})
+        # the number of groups is dynamic (marked per call), the group size static: inductor's code for a reduction
+        # over a symbolic group size is ~20x slower. One compilation per group size, bits and input dtype.
+        _compiled.update({name: _static_groups(torch.compile(fn, dynamic=False)) for name, fn in _EAGER.items()})
     return _compiled
+
+
+def _static_groups(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any) -> Any:
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.dim():
+                torch._dynamo.mark_dynamic(a, 0)
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
+            return fn(*args)
+
+    return call
 
 
 def _optimize_chunk(ws: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxv: float,
@@ -123,14 +135,12 @@ def quantize_groups(w: torch.Tensor, bits: int, group_size: int,
     q = torch.empty(n, k, dtype=torch.uint8)
     scale = torch.empty(n, g, dtype=torch.float32)
     zero = torch.empty(n, g, dtype=torch.float32)
-    rows = 1 << max(0, (CHUNK // k).bit_length() - 1)  # every chunk has this many rows: one compiled shape
+    rows = max(1, CHUNK // k)
     fns = _functions(w.numel())
     with torch.inference_mode():
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             chunk = w[r0:r1].detach().cpu()
-            if r1 - r0 < rows and fns is not _EAGER:  # pad the last chunk (zero rows: their codes are dropped)
-                chunk = torch.cat([chunk, chunk.new_zeros(rows - (r1 - r0), k)])
             try:
                 s, z = _quantize_chunk(chunk, group_size, maxv, method, q[r0:r1], fns)
             except Exception as exc:  # torch.compile without a working C++ compiler, or an inductor bug
@@ -141,8 +151,8 @@ def quantize_groups(w: torch.Tensor, bits: int, group_size: int,
                 _compiled["failed"] = True
                 fns = _EAGER
                 s, z = _quantize_chunk(chunk, group_size, maxv, method, q[r0:r1], fns)
-            scale[r0:r1] = s.view(-1, g)[: r1 - r0]
-            zero[r0:r1] = z.view(-1, g)[: r1 - r0]
+            scale[r0:r1] = s.view(r1 - r0, g)
+            zero[r0:r1] = z.view(r1 - r0, g)
     return q, scale, zero
 
 
@@ -151,6 +161,5 @@ def _quantize_chunk(w: torch.Tensor, group_size: int, maxv: float, method: str, 
     ws, scale, zero = fns["prepare"](w, group_size, maxv)
     if method == "hqq":
         zero = _optimize_chunk(ws, scale, zero, maxv, fns)
-    codes = fns["codes"](ws, zero, maxv).view(-1, out.shape[1])
-    out.copy_(codes[: out.shape[0]])
+    out.copy_(fns["codes"](ws, zero, maxv).view(out.shape))
     return scale, zero
