@@ -3,8 +3,8 @@
 `quantize_groups(w, bits, group_size, method)` returns q [N, K] (uint8), scale and zero [N, K/g] (float32) with
 `W ~ (q - zero) * scale` per group of `group_size` consecutive weights of a row (HQQ's axis=1 convention).
 The starting point is the group's min/max (HQQ's own initialisation); "rtn" stops there, "hqq" then runs HQQ's
-half-quadratic proximal solver (`hqq.core.optimize.optimize_weights_proximal_legacy`: lp-norm 0.7, beta 10 growing by
-1.01 per step, at most 20 steps, scales fixed, zero-points updated):
+half-quadratic proximal solver (`hqq.core.optimize.optimize_weights_proximal_legacy`, hqq's default: lp-norm 0.7,
+beta 10, at most 20 steps, scales fixed, zero-points updated):
 
     d = u - clamp(round(u), 0, 2**bits - 1),  u = W / scale + zero        (the rounding residual, in code units)
     zero <- zero - mean_group(d - shrink(d * scale) / scale),  shrink(x) = sign(x) * relu(|x| - |x|**(p-1) / beta)
@@ -14,7 +14,7 @@ below the shrink threshold (the common case: it needs a group range above about 
 exactly zero and the step is the residual's mean; groups near the threshold take the full formula.
 Differences from hqq, all measured to keep or improve its error (docs/benchmarks.md): groups are processed in chunks
 that stop when their own mean error stops falling (hqq stops the whole matrix at once), the best zero-points seen are
-kept (hqq returns those after the failing step), and the steps run as one fused kernel per step when torch.compile
+kept when a step makes the error worse (hqq returns those after the failing step), and the steps run as one fused kernel per step when torch.compile
 works here (a C++ compiler is needed; otherwise eager torch, same math). This module knows nothing about byte forms.
 """
 
@@ -32,7 +32,8 @@ from ..errors import ConfigError
 log = logging.getLogger(__name__)
 
 METHODS = ("hqq", "rtn")
-LP_NORM, BETA, KAPPA, ITERS = 0.7, 10.0, 1.01, 20  # hqq's defaults for optimize_weights_proximal
+LP_NORM, BETA, ITERS = 0.7, 10.0, 20  # hqq's defaults for optimize_weights_proximal (its legacy solver: beta fixed)
+SHRINK_FREE = BETA ** (-1.0 / (2.0 - LP_NORM))  # |D| at or below this: the shrink term is exactly zero
 CHUNK = 1 << 20  # weights per chunk: one step's working set stays in the CPU's cache
 COMPILE_MIN = 1 << 22  # smaller matrices run eagerly (compiling costs ~10-20 s per matrix shape, once per process)
 
@@ -105,19 +106,18 @@ def _static_groups(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _optimize_chunk(ws: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxv: float,
                     fns: dict[str, Callable[..., Any]]) -> torch.Tensor:
     """HQQ's zero-point iterations on one chunk of groups (ws [n, g] = weights / scale); returns the best zero."""
-    zero0, best_zero, best_err, beta = zero, zero, float("inf"), BETA
+    zero0, best_zero, best_err = zero, zero, float("inf")
     for _ in range(ITERS):
         step, err, bound = fns["fast"](ws, zero, zero0, scale, maxv)
         # the shrink term is zero where |D| ** (2 - p) <= 1 / beta: if a residual may pass that, redo the step in full
-        if float(bound) >= beta ** (-1.0 / (2.0 - LP_NORM)):
-            step, err = fns["full"](ws, zero, scale, maxv, torch.tensor(1.0 / beta))
+        if float(bound) >= SHRINK_FREE:
+            step, err = fns["full"](ws, zero, scale, maxv, torch.tensor(1.0 / BETA))
         e = float(err)
         if not e < best_err:
-            break
+            return best_zero
         best_err, best_zero = e, zero
         zero = zero - step
-        beta *= KAPPA
-    return best_zero
+    return zero  # still improving after the last step: keep its update, as hqq does
 
 
 def quantize_groups(w: torch.Tensor, bits: int, group_size: int,
