@@ -5,7 +5,10 @@ Design (why the numbers are honest):
   own and `--memory-limit` can put it alone in a cgroup v1 memory group (RSS and page cache counted together).
 - The parent interleaves the repeats: config A rep 1, B rep 1, ..., A rep 2, ... Only one worker computes at a time
   (the others wait on a pipe), so slow drift of the machine (other jobs, thermal) spreads over every configuration
-  instead of favouring the one that ran first.
+  instead of favouring the one that ran first. When the workers cannot all be held at once (a full-size model in
+  several 12 GiB groups on a 24 GB machine), configurations run one after another instead (`--schedule`).
+- With a disk or mmap row, the disk's cold sequential read rate is measured in the memory group and each offloaded
+  row gets its tok/s bound (disk_rate.py).
 - Every configuration decodes the same prompt greedily with `min_new_tokens = max_new_tokens`, so all generate the
   same number of tokens. Time to first token covers prefill plus the first decode step; decode tokens/s is
   (new tokens - 1) / (time from the first to the last token).
@@ -52,6 +55,7 @@ from .bench_config import (
 )
 from .cgroups import CGROUP_ROOT, MemoryGroup
 from .gguf import find_converter
+from .disk_rate import add_bounds, measure_disk_rate, resident_compute_seconds
 
 __all__ = [  # the configurations' and the memory group's names stay importable from here
     "CGROUP_ROOT", "DEFAULT_CONFIGS", "WORKING_MEMORY", "BenchConfig", "MemoryGroup", "Worker",
@@ -170,42 +174,6 @@ def format_table(rows: list[dict[str, Any]], with_bound: bool = False) -> str:
     return "\n".join(lines)
 
 
-def add_bounds(rows: list[dict[str, Any]], rate: float | None, compute_s: float | None) -> None:
-    """Each offloaded row's tok/s bound: the bytes it had to read per token at its miss rate, at the disk's measured
-    cold read rate, plus compute at the resident speed (see tools/disk_rate.py)."""
-    from .disk_rate import tokens_per_second_bound
-
-    for r in rows:
-        must = r.get("must_read_bytes_per_token")
-        if rate and must is not None and "decode_tps" in r:
-            r["bound_tps"] = tokens_per_second_bound(must, rate, compute_s)
-
-
-def resident_compute_seconds(rows: list[dict[str, Any]]) -> float | None:
-    """Seconds per decoded token of the `resident` row (every expert in memory), if the run has one."""
-    for r in rows:
-        if r["config"] == "resident" and "decode_tps" in r and r.get("hit_rate") == 1.0:
-            return 1.0 / r["decode_tps"]["median"]
-    return None
-
-
-def measure_disk_rate(path: Path, limit: int | None, log_dir: Path) -> dict[str, Any]:
-    """The cold sequential read rate of the model's expert files (or its safetensors), read in a worker process
-    inside a memory group of `limit` bytes when one is given."""
-    files = sorted(path.glob("experts-*.bin")) or sorted(path.glob("*.safetensors"))
-    group = MemoryGroup(f"mixtral-bench-{os.getpid()}-disk", limit) if limit is not None else None
-    try:
-        out = subprocess.run(  # noqa: S603 - our own module
-            [sys.executable, "-m", "mixtral_offload_plugin.tools.disk_rate", *map(str, files)], capture_output=True,
-            text=True, check=True, preexec_fn=group.enter if group is not None and group.ok else None)
-    finally:
-        if group is not None:
-            group.remove()
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["memory"] = "cgroup" if group is not None and group.ok else "unlimited"
-    return result
-
-
 def _trace_path(base: str | None, cfg: BenchConfig, n_ours: int) -> str | None:
     if not base or cfg.engine != "ours":
         return None
@@ -250,72 +218,107 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
             limit = parse_size(args.memory_limit)
         meta["memory_limit_bytes"] = limit
     if args.bound and any(c.offload.get("store") in ("disk", "mmap") for c in configs):
-        meta["disk_rate"] = measure_disk_rate(path, limit, log_dir)
+        meta["disk_rate"] = measure_disk_rate(path, limit)
     weight_budget = trunk + expert_bytes // 2  # accelerate's max_memory: what our k=E/2 configuration keeps in RAM
     n_ours = sum(c.engine == "ours" for c in configs)
-    workers: list[tuple[Worker, str, MemoryGroup | None]] = []
+    started: dict[int, tuple[Worker, str, MemoryGroup | None]] = {}
     rows_in: dict[int, dict[str, Any]] = {}
+    rows: dict[int, dict[str, Any]] = {}
+    meta["schedule"] = _schedule(args.schedule, configs, limit, trunk + expert_bytes)
     bar = tqdm(total=len(configs) * (1 + args.repeats), desc="bench", unit="step",
                disable=args.quiet or not sys.stderr.isatty() and not args.progress)
+
+    def start(i: int, cfg: BenchConfig) -> None:
+        group, memory = None, "unlimited"
+        if limit is not None and cfg.limited:
+            group = MemoryGroup(f"mixtral-bench-{os.getpid()}-{i}", limit)
+            memory = (f"cgroup {limit / 2**30:.2f} GiB" if group.ok else
+                      f"page-cache eviction only (no cgroup: {group.why})")
+        elif limit is not None:
+            memory = "unlimited (holds all weights in RAM by design)"
+        spec = {"model": str(path), "engine": cfg.engine, "offload": cfg.offload, "dtype": cfg.dtype,
+                "device": cfg.device,
+                "cold": cfg.cold or (limit is not None and cfg.limited and not (group and group.ok)),
+                "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "threads": args.threads,
+                "weight_budget": weight_budget, "trace": _trace_path(args.record_routing, cfg, n_ours),
+                "scratch": str(log_dir / f"scratch-{i}"), "record_tokens": max(8, args.check_tokens or 0)}
+        if cfg.model:
+            spec["model"] = cfg.model
+        if cfg.engine == "llamacpp":
+            made = ggufs[Path(spec["model"]), cfg.dtype]
+            spec.update(gguf=str(made.path), gguf_vocab=made.vocab)
+        bar.set_postfix_str(f"loading {cfg.label}")
+        w = Worker(cfg, spec, group, log_dir)
+        started[i] = (w, memory, group)
+        rows_in[i] = {"load": w.receive(), "reps": []}
+        bar.update(1)
+
+    def repeat(i: int, rep: int) -> None:
+        w = started[i][0]
+        bar.set_postfix_str(f"{w.cfg.label} rep {rep + 1}")
+        res = w.ask("run")
+        if res is not None:
+            rows_in[i]["reps"].append(res)
+        bar.update(1)
+
+    def finish(i: int) -> None:
+        w, memory, group = started.pop(i)
+        final = w.close() if w.error is None else None
+        peak = group.peak() if group is not None and group.ok else None
+        rows[i] = _summary(w.cfg, rows_in.get(i, {}).get("load"), rows_in.get(i, {}).get("reps", []), final,
+                           memory, peak, w.error)
+        if group is not None:
+            group.remove()
+        shutil.rmtree(log_dir / f"scratch-{i}", ignore_errors=True)  # also when the worker was killed
+
     try:
-        for i, cfg in enumerate(configs):
-            group, memory = None, "unlimited"
-            if limit is not None and cfg.limited:
-                group = MemoryGroup(f"mixtral-bench-{os.getpid()}-{i}", limit)
-                memory = (f"cgroup {limit / 2**30:.2f} GiB" if group.ok else
-                          f"page-cache eviction only (no cgroup: {group.why})")
-            elif limit is not None:
-                memory = "unlimited (holds all weights in RAM by design)"
-            spec = {"model": str(path), "engine": cfg.engine, "offload": cfg.offload, "dtype": cfg.dtype,
-                    "device": cfg.device,
-                    "cold": cfg.cold or (limit is not None and cfg.limited and not (group and group.ok)),
-                    "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "threads": args.threads,
-                    "weight_budget": weight_budget, "trace": _trace_path(args.record_routing, cfg, n_ours),
-                    "scratch": str(log_dir / f"scratch-{i}"), "record_tokens": max(8, args.check_tokens or 0)}
-            if cfg.model:
-                spec["model"] = cfg.model
-            if cfg.engine == "llamacpp":
-                made = ggufs[Path(spec["model"]), cfg.dtype]
-                spec.update(gguf=str(made.path), gguf_vocab=made.vocab)
-            bar.set_postfix_str(f"loading {cfg.label}")
-            w = Worker(cfg, spec, group, log_dir)
-            workers.append((w, memory, group))
-            rows_in[i] = {"load": w.receive(), "reps": []}
-            bar.update(1)
-        for rep in range(args.repeats):
-            for i, (w, _, _) in enumerate(workers):
-                bar.set_postfix_str(f"{w.cfg.label} rep {rep + 1}")
-                res = w.ask("run")
-                if res is not None:
-                    rows_in[i]["reps"].append(res)
-                bar.update(1)
+        if meta["schedule"].startswith("interleaved"):
+            for i, cfg in enumerate(configs):
+                start(i, cfg)
+            for rep in range(args.repeats):
+                for i in range(len(configs)):
+                    repeat(i, rep)
+        else:  # one worker alive at a time: the machine cannot hold them all
+            for i, cfg in enumerate(configs):
+                start(i, cfg)
+                for rep in range(args.repeats):
+                    repeat(i, rep)
+                finish(i)
     finally:
-        rows = []
-        for i, (w, memory, group) in enumerate(workers):
-            final = w.close() if w.error is None else None
-            peak = group.peak() if group is not None and group.ok else None
-            rows.append(_summary(w.cfg, rows_in.get(i, {}).get("load"), rows_in.get(i, {}).get("reps", []), final,
-                                 memory, peak, w.error))
-            if group is not None:
-                group.remove()
-            shutil.rmtree(log_dir / f"scratch-{i}", ignore_errors=True)  # also when the worker was killed
+        for i in list(started):
+            finish(i)
         bar.close()
+    rows_list = [rows[i] for i in sorted(rows)]
     meta["loadavg_after"] = os.getloadavg()
     if args.bandwidth:
         meta["bandwidth_after"] = measure_in_child(parse_size(args.bandwidth), args.threads)["bytes_per_second"]
         meta["bandwidth"] = max(meta["bandwidth_before"], meta["bandwidth_after"])
-    ref = annotate(rows, meta.get("bandwidth"), args.check_tokens or 8)
+    ref = annotate(rows_list, meta.get("bandwidth"), args.check_tokens or 8)
     meta["reference"] = ref["config"] if ref else None
     if args.check_tokens:
-        meta["check_failures"] = failed_checks(rows, ref)
+        meta["check_failures"] = failed_checks(rows_list, ref)
     if "disk_rate" in meta:
-        compute_s = args.compute_ms / 1000 if args.compute_ms is not None else resident_compute_seconds(rows)
+        compute_s = args.compute_ms / 1000 if args.compute_ms is not None else resident_compute_seconds(rows_list)
         meta["compute_s_per_token"] = compute_s
-        add_bounds(rows, meta["disk_rate"]["rate"], compute_s)
-    if all(r["error"] is None for r in rows):
+        add_bounds(rows_list, meta["disk_rate"]["rate"], compute_s)
+    if all(r["error"] is None for r in rows_list):
         shutil.rmtree(log_dir, ignore_errors=True)
         meta["logs"] = None
-    return rows, meta
+    return rows_list, meta
+
+
+def _schedule(choice: str, configs: list[BenchConfig], limit: int | None, model_bytes: int) -> str:
+    """Interleaved (every worker loaded at once, repeats taken in turn) when the machine holds them all; else
+    sequential (one configuration at a time: load, repeats, exit), which loses the interleaving but never makes
+    the workers' memory groups add up past the machine's memory (the kernel would kill one, or another job)."""
+    import psutil
+
+    need = sum(limit if limit is not None and c.limited else model_bytes + (1 << 30) for c in configs)
+    avail = psutil.virtual_memory().available
+    if choice == "interleaved" or (choice == "auto" and need <= 0.9 * avail):
+        return "interleaved"
+    why = f"{need / 2**30:.1f} GiB for all workers at once, {avail / 2**30:.1f} GiB available"
+    return f"sequential ({why})" if choice == "auto" else "sequential (asked)"
 
 
 def _with_reference(configs: list[BenchConfig], check_tokens: int | None) -> list[BenchConfig]:
@@ -362,6 +365,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--model, e.g. a folder made by convert; name=LABEL), e.g. disk-k4-cold-prefetch:prefetch_depth=2 "
                         "(default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (default: 3)")
+    p.add_argument("--schedule", default="auto", choices=("auto", "interleaved", "sequential"),
+                   help="interleaved: all workers loaded, repeats taken in turn (drift spreads over every row); "
+                        "sequential: one configuration at a time; auto: interleaved when the machine holds every "
+                        "worker at once (each memory group counted at its limit), else sequential")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per repeat (default: 64)")
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens (default: 16)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
@@ -434,7 +441,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     print(f"model {meta['model']}: {meta['experts']} experts, trunk {_mib(meta['trunk_bytes'])} MiB, experts "
           f"{_mib(meta['expert_bytes_total'])} MiB; {meta['prompt_tokens']}-token prompt, {meta['new_tokens']} new "
-          f"tokens, greedy, {meta['repeats']} interleaved repeats; load average {meta['loadavg_before'][0]:.2f}"
+          f"tokens, greedy, {meta['repeats']} repeats, {meta['schedule']}; load average {meta['loadavg_before'][0]:.2f}"
           f" -> {meta['loadavg_after'][0]:.2f}")
     if "memory_limit_bytes" in meta:
         print(f"memory limit {meta['memory_limit_bytes'] / 2**30:.2f} GiB" +

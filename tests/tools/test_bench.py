@@ -77,3 +77,20 @@ def test_bench_smoke(tmp_path, capsys) -> None:
     assert '"phase": "decode"' in (tmp_path / "trace.disk-k2-cold-prefetch.jsonl").read_text()
     assert (tmp_path / "trace.resident_device_cpu.jsonl").exists()
     assert "tok/s med" in capsys.readouterr().out
+
+
+def test_schedule_runs_one_worker_at_a_time_when_they_do_not_fit(monkeypatch) -> None:
+    """Three workers in 12 GiB groups on a machine with 20 GiB free must not be alive together."""
+    import psutil
+
+    from mixtral_offload_plugin.tools.bench import _schedule
+
+    class Mem:
+        available = 20 << 30
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Mem)
+    limited = [parse_config(c) for c in ("disk-auto-cold", "disk-auto-cold-prefetch", "mmap-cold")]
+    assert _schedule("auto", limited, 12 << 30, 18 << 30).startswith("sequential (36.0 GiB for all workers")
+    assert _schedule("auto", limited[:1], 12 << 30, 18 << 30) == "interleaved"
+    assert _schedule("auto", [parse_config("resident")] * 2, None, 1 << 30) == "interleaved"
+    assert _schedule("sequential", limited[:1], None, 1 << 30) == "sequential (asked)"
