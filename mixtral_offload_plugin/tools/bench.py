@@ -130,7 +130,8 @@ def _summary(cfg: BenchConfig, load: dict[str, Any] | None, reps: list[dict[str,
         row["decode_tps"] = {"median": statistics.median(tps), "min": min(tps), "max": max(tps)}
         row["ttft_s"] = statistics.median(r["ttft_s"] for r in reps)
         for key in ("hit_rate", "prefetch_precision", "prefetch_recall", "loaded_bytes_per_token",
-                    "disk_bytes_per_token", "must_read_bytes_per_token"):
+                    "disk_bytes_per_token", "must_read_bytes_per_token", "decode_hit_rate",
+                    "decode_disk_bytes_per_token"):
             vals = [r[key] for r in reps if r.get(key) is not None]
             row[key] = statistics.median(vals) if vals else None
         row["new_tokens"] = reps[0]["new_tokens"]
@@ -148,6 +149,10 @@ def _mib(n: float | None) -> str:
     return f"{n / 2**20:.0f}" if n >= 10 * 2**20 or n == 0 else f"{n / 2**20:.2f}"
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
 def format_table(rows: list[dict[str, Any]], with_bound: bool = False) -> str:
     extra_head, extra = extra_columns(rows, with_bound)
     head = (f"{'config':<28} {'tok/s med':>9} {'min':>6} {'max':>6} {'TTFT s':>7} {'load s':>7} {'load RSS':>8} "
@@ -159,18 +164,28 @@ def format_table(rows: list[dict[str, Any]], with_bound: bool = False) -> str:
             lines.append(f"{r['config']:<28} FAILED: {(r.get('error') or '').splitlines()[0]}  {r['memory']}")
             continue
         t = r["decode_tps"]
-
-        def pct(v: float | None) -> str:
-            return "-" if v is None else f"{v:.1%}"
-
-        bound = r.get("bound_tps")
         load_s = r.get("load_seconds")
         lines.append(f"{r['config']:<28} {t['median']:>9.2f} {t['min']:>6.2f} {t['max']:>6.2f} {r['ttft_s']:>7.3f} "
                      f"{'-' if load_s is None else f'{load_s:.1f}':>7} {_mib(r.get('load_peak_rss_bytes')):>8} "
                      f"{_mib(r['peak_rss_bytes']):>8} {_mib(r.get('cgroup_peak_bytes')):>8} "
-                     f"{pct(r['hit_rate']):>6} {pct(r['prefetch_precision']):>7} "
-                     f"{pct(r['prefetch_recall']):>7} {_mib(r['loaded_bytes_per_token']):>12} "
+                     f"{_pct(r['hit_rate']):>6} {_pct(r['prefetch_precision']):>7} "
+                     f"{_pct(r['prefetch_recall']):>7} {_mib(r['loaded_bytes_per_token']):>12} "
                      f"{_mib(r['disk_bytes_per_token']):>12}{cells}  {r['memory']}")
+    return "\n".join(lines)
+
+
+def format_bounds(rows: list[dict[str, Any]]) -> str:
+    """The decode window only (the tokens tok/s counts): hit rate, bytes that had to be read and were read per
+    token, and the tok/s bound those bytes and the resident compute time allow."""
+    head = (f"{'config':<28} {'tok/s med':>9} {'dec hit':>7} {'must-read MiB/tok':>17} {'disk MiB/tok':>12} "
+            f"{'bound tok/s':>11} {'of bound':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "disk_bound_tps" in r:
+            tps, bound = r["decode_tps"]["median"], r["disk_bound_tps"]
+            lines.append(f"{r['config']:<28} {tps:>9.2f} {_pct(r.get('decode_hit_rate')):>7} "
+                         f"{_mib(r['must_read_bytes_per_token']):>17} {_mib(r.get('decode_disk_bytes_per_token')):>12} "
+                         f"{'-' if bound is None else f'{bound:.2f}':>11} {_pct(tps / bound if bound else None):>8}")
     return "\n".join(lines)
 
 
@@ -452,6 +467,8 @@ def main(args: argparse.Namespace) -> int:
               f"{d['memory']}); bound = must-read MiB/tok / that rate + compute "
               + (f"{c * 1e3:.1f} ms/token (resident speed)" if c else "unknown (no resident row: disk time only)"))
     print(format_table(rows, with_bound=bool(args.bandwidth)))
+    if any("disk_bound_tps" in r for r in rows):
+        print(format_bounds(rows))
     _print_notes(meta)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -83,7 +83,7 @@ def add_bounds(rows: list[dict[str, Any]], rate: float | None, compute_s: float 
     for r in rows:
         must = r.get("must_read_bytes_per_token")
         if rate and must is not None and "decode_tps" in r:
-            r["bound_tps"] = tokens_per_second_bound(must, rate, compute_s)
+            r["disk_bound_tps"] = tokens_per_second_bound(must, rate, compute_s)
 
 
 def resident_compute_seconds(rows: list[dict[str, Any]]) -> float | None:

@@ -71,7 +71,7 @@ def test_bench_smoke(tmp_path, capsys) -> None:
     # the bound: the disk's cold read rate was measured, compute time taken from the resident row
     assert data["meta"]["disk_rate"]["rate"] > 0 and data["meta"]["compute_s_per_token"] > 0
     for name in ("disk-k2-cold-prefetch", "mmap-cold"):
-        assert rows[name]["bound_tps"] > 0 and rows[name]["must_read_bytes_per_token"] >= 0
+        assert rows[name]["disk_bound_tps"] > 0 and rows[name]["must_read_bytes_per_token"] >= 0
     assert rows["mmap-cold"]["load_peak_rss_bytes"] > 0
     # two of ours record: one trace per configuration, named after it
     assert '"phase": "decode"' in (tmp_path / "trace.disk-k2-cold-prefetch.jsonl").read_text()
