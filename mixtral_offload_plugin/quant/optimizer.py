@@ -137,23 +137,37 @@ def quantize_groups(w: torch.Tensor, bits: int, group_size: int,
     zero = torch.empty(n, g, dtype=torch.float32)
     rows = max(1, CHUNK // k)
     fns = _functions(w.numel())
-    with torch.inference_mode():
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            chunk = w[r0:r1].detach().cpu()
-            try:
-                s, z = _quantize_chunk(chunk, group_size, maxv, method, q[r0:r1], fns)
-            except Exception as exc:  # torch.compile without a working C++ compiler, or an inductor bug
-                if fns is _EAGER:
-                    raise
-                log.warning("torch.compile is unavailable here (%s: %s); quantizing with eager torch (slower)",
-                            type(exc).__name__, (str(exc).splitlines() or [""])[0])
-                _compiled["failed"] = True
-                fns = _EAGER
-                s, z = _quantize_chunk(chunk, group_size, maxv, method, q[r0:r1], fns)
-            scale[r0:r1] = s.view(r1 - r0, g)
-            zero[r0:r1] = z.view(r1 - r0, g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a chunk is ~1 ms of work: two threads wait on each other more than they help
+    try:
+        with torch.inference_mode():
+            _quantize_rows(w, group_size, maxv, method, fns, rows, (q, scale, zero))
+    finally:
+        torch.set_num_threads(threads)
     return q, scale, zero
+
+
+def _quantize_rows(w: torch.Tensor, group_size: int, maxv: float, method: str, fns: dict[str, Callable[..., Any]],
+                   rows: int, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    """Fill `out` (q, scale, zero) chunk of rows by chunk of rows (falling back to eager torch if compiling fails)."""
+    q, scale, zero = out
+    n, k = w.shape
+    g = k // group_size
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        chunk = w[r0:r1].detach().cpu()
+        try:
+            s, z = _quantize_chunk(chunk, group_size, maxv, method, q[r0:r1], fns)
+        except Exception as exc:  # torch.compile without a working C++ compiler, or an inductor bug
+            if fns is _EAGER:
+                raise
+            log.warning("torch.compile is unavailable here (%s: %s); quantizing with eager torch (slower)",
+                        type(exc).__name__, (str(exc).splitlines() or [""])[0])
+            _compiled["failed"] = True
+            fns = _EAGER
+            s, z = _quantize_chunk(chunk, group_size, maxv, method, q[r0:r1], fns)
+        scale[r0:r1] = s.view(r1 - r0, g)
+        zero[r0:r1] = z.view(r1 - r0, g)
 
 
 def _quantize_chunk(w: torch.Tensor, group_size: int, maxv: float, method: str, out: torch.Tensor,
