@@ -299,7 +299,13 @@ def _nearest(plan: Any, p: MemoryPlan, avail: int, layers: int, experts: int) ->
     for k in range(min(p.experts_per_layer or experts, experts), 0, -1):
         if plan(k, None).needed <= avail * SAFETY:
             return f"Nearest setting that fits: experts_per_layer={k} (or lower expert_bits, or store='disk')."
-    return "Even one expert per layer does not fit: use lower expert_bits/attn_bits, a shorter context_length, or store='disk'."
+    store = " or store='disk'" if p.store_ram_bytes else ""
+    room = int(avail * SAFETY) - p.trunk_bytes - p.kv_bytes
+    if room >= p.top_k * p.expert_bytes:  # one pool shared by all layers can still hold a layer's routed experts
+        return (f"Even one expert per layer does not fit: use cache_bytes={room} (one pool of "
+                f"{room // p.expert_bytes} slots shared by all layers), lower expert_bits{store}.")
+    return ("Even one expert per layer does not fit: use lower expert_bits/attn_bits, a shorter context_length"
+            f"{store}, or store='mmap' (no cache of its own).")
 
 
 def mapped_plan(config: Any, *, device: torch.device, layers: int, experts: int, top_k: int, workspace: int,

@@ -105,3 +105,22 @@ def test_real_cgroup_limit_is_seen(tmp_path: Path) -> None:
     before, after, avail = (int(v) for v in out)
     assert 0 < before < 768 << 20 and avail <= before
     assert 200 << 20 < before - after < 320 << 20  # the 256 MiB tensor was charged to the group
+
+
+def test_impossible_per_layer_cache_suggests_a_shared_pool_that_loads(tiny_mixtral_8e: Path) -> None:
+    import re
+
+    probe = load_model(tiny_mixtral_8e, OffloadConfig(device="cpu", transfer="sync", context_length=64))
+    p = probe._offload_runtime.plan
+    probe.unload()
+    # room for 2 slots (this layer's routed experts) within the margin, not for one per layer (3 layers) at all
+    budget = int((p.trunk_bytes + p.kv_bytes + 2 * p.expert_bytes) / memory.SAFETY) + 16
+    assert p.trunk_bytes + p.kv_bytes + 3 * p.expert_bytes > budget
+    cfg = OffloadConfig(device="cpu", transfer="sync", context_length=64, store="disk", max_memory_bytes=budget)
+    with pytest.raises(MemoryPlanError, match=r"Even one expert per layer does not fit: use cache_bytes=\d+") as err:
+        load_model(tiny_mixtral_8e, cfg.replace(experts_per_layer=1))
+    cache_bytes = int(re.search(r"cache_bytes=(\d+)", str(err.value))[1])
+    model = load_model(tiny_mixtral_8e, cfg.replace(cache_bytes=cache_bytes))
+    assert model._offload_runtime.plan.global_slots == 2
+    model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    model.unload()
