@@ -268,6 +268,9 @@ class SyntheticMixtral:
             if ".experts." not in name:
                 yield name, self.tensor(name, shape)
 
+    def trunk_size(self) -> int:
+        return sum(".experts." not in name for name in self.shapes())
+
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         s, p = self.spec, f"model.layers.{layer}.block_sparse_moe.experts.{expert}."
         ih, hi = (s.intermediate, s.hidden), (s.hidden, s.intermediate)

@@ -5,8 +5,8 @@ the conversion cache (`converted_folder`: loading a plain checkpoint with `exper
 cache directory, keyed by the source's files and the settings, and later loads read that folder): it writes config.json, quantizes the attention projections into the trunk, then streams the
 experts one at a time (read or generated, quantized, packed, appended to their layer's file) with a progress bar and
 ETA, and writes the manifest last (`storage.offload_format.OffloadWriter`). Memory: about one expert plus the trunk.
-A source has `name`, `config_dict`, `trunk_items()` (checkpoint name, tensor), `expert(layer, e)`, `moe_layers()`,
-`files()` (files copied as they are: tokenizer, generation config) and `close()`.
+A source has `name`, `config_dict`, `trunk_items()` (checkpoint name, tensor) and `trunk_size()`, `expert(layer, e)`,
+`moe_layers()`, `files()` (files copied as they are: tokenizer, generation config) and `close()`.
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ class CheckpointSource:
         for key in self._trunk:
             yield key, self.ckpt.get(key)
 
+    def trunk_size(self) -> int:
+        return len(self._trunk)
+
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         return read_expert(self.ckpt, layer, expert, self._per_expert, self._fused)
 
@@ -82,10 +85,14 @@ def _attention_packed(name: str, t: torch.Tensor, quantizer: Any, spec: QuantSpe
 
 def _write_trunk(source: Any, writer: OffloadWriter, arch: Any, config: Any, dtype: torch.dtype) -> None:
     """Trunk tensors in `dtype` under their checkpoint names; attention projections packed when attn_bits < 16."""
+    from tqdm.auto import tqdm
+
     trunk, attention = {}, {}
     quantizer = plugins.create("quantizer", "hqq") if config.attn_bits < 16 else None
     spec = QuantSpec(config.attn_bits, config.attn_group_size, dtype, False, config.quant_method)
-    for key, t in source.trunk_items():
+    items = tqdm(source.trunk_items(), total=source.trunk_size(), desc="trunk", unit="tensor", leave=False,
+                 disable=os.environ.get("MIXTRAL_OFFLOAD_QUIET") == "1")
+    for key, t in items:
         proj = arch.trunk_name(key).removesuffix(".weight")
         if quantizer is not None and key.endswith(".weight") and ".self_attn." in key and \
                 proj.rsplit(".", 1)[-1] in ATTENTION:
