@@ -18,6 +18,7 @@ choice between them in `kernels.py`. It knows nothing about experts, caches or f
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -207,10 +208,11 @@ def hqq_quantize(w: torch.Tensor, bits: int, group_size: int,
     """HQQ group quantization (axis=1) -> q uint8 [N, K], scale [N, K/g] float32, zero [N, K/g] float32 (on the CPU).
 
     `method` "hqq": HQQ's optimizer of the zero-points (our vectorized solver, `optimizer.py`); "rtn": round to
-    nearest from the group's min/max (HQQ's starting point)."""
+    nearest from the group's min/max (HQQ's starting point). It runs on the CPU unless `MIXTRAL_OFFLOAD_QUANT_DEVICE`
+    names another device (e.g. "cuda")."""
     from .optimizer import quantize_groups
 
-    return quantize_groups(w, bits, group_size, method)
+    return quantize_groups(w, bits, group_size, method, os.environ.get("MIXTRAL_OFFLOAD_QUANT_DEVICE", "cpu"))
 
 
 def _padded_parts(buf: torch.Tensor, n: int, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -120,9 +120,11 @@ def _optimize_chunk(ws: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, m
     return zero  # still improving after the last step: keep its update, as hqq does
 
 
-def quantize_groups(w: torch.Tensor, bits: int, group_size: int,
-                    method: str = "hqq") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w [N, K] (any float dtype) -> q uint8 [N, K], scale float32 [N, K/g], zero float32 [N, K/g]."""
+def quantize_groups(w: torch.Tensor, bits: int, group_size: int, method: str = "hqq",
+                    device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] (any float dtype) -> q uint8 [N, K], scale float32 [N, K/g], zero float32 [N, K/g], on the CPU.
+
+    `device`: where the arithmetic runs (e.g. "cuda": eager torch there, chunk by chunk; the results come back)."""
     if method not in METHODS:
         msg = f"unknown quantization method {method!r}; use one of {METHODS}"
         raise ConfigError(msg)
@@ -136,26 +138,27 @@ def quantize_groups(w: torch.Tensor, bits: int, group_size: int,
     scale = torch.empty(n, g, dtype=torch.float32)
     zero = torch.empty(n, g, dtype=torch.float32)
     rows = max(1, CHUNK // k)
-    fns = _functions(w.numel())
+    device = torch.device(device)
+    fns = _functions(w.numel()) if device.type == "cpu" else _EAGER
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a chunk is ~1 ms of work: two threads wait on each other more than they help
     try:
         with torch.inference_mode():
-            _quantize_rows(w, group_size, maxv, method, fns, rows, (q, scale, zero))
+            _quantize_rows(w, group_size, maxv, method, fns, rows, (q, scale, zero), device)
     finally:
         torch.set_num_threads(threads)
     return q, scale, zero
 
 
 def _quantize_rows(w: torch.Tensor, group_size: int, maxv: float, method: str, fns: dict[str, Callable[..., Any]],
-                   rows: int, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+                   rows: int, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor], device: torch.device) -> None:
     """Fill `out` (q, scale, zero) chunk of rows by chunk of rows (falling back to eager torch if compiling fails)."""
     q, scale, zero = out
     n, k = w.shape
     g = k // group_size
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        chunk = w[r0:r1].detach().cpu()
+        chunk = w[r0:r1].detach().to(device)
         try:
             s, z = _quantize_chunk(chunk, group_size, maxv, method, q[r0:r1], fns)
         except Exception as exc:  # torch.compile without a working C++ compiler, or an inductor bug

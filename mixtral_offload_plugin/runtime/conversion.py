@@ -25,10 +25,9 @@ import torch
 from torch import nn
 
 from .. import plugins
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..models.architectures import read_expert
 from ..quant import QuantSpec
-from ..storage.hf_checkpoint import HFCheckpoint
 from ..storage.offload_format import OffloadWriter
 
 log = logging.getLogger(__name__)
@@ -40,18 +39,30 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 class CheckpointSource:
-    """The weights of a Hugging Face checkpoint folder (experts read one at a time, never mapped)."""
+    """The weights of a checkpoint folder read by `checkpoints.open_checkpoint`: a plain Hugging Face folder (experts
+    read one at a time, never mapped, then quantized), or a reader that hands over experts and attention already
+    quantized (`packed_expert`, `packed_attention`: mixtral-offloading's HQQ checkpoints), written as they are.
+    An offload-format folder is refused: it is converted already."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], config: Any = None) -> None:
+        from .checkpoints import open_checkpoint
+
         self.path = Path(path)
         self.name = self.path.name
-        self.ckpt = HFCheckpoint(self.path)
+        self.ckpt = open_checkpoint(self.path, config)
+        if hasattr(self.ckpt, "attach_to"):
+            self.ckpt.close()
+            msg = f"{self.path} is already in the offload format; load it directly (or convert its original checkpoint)"
+            raise CheckpointError(msg)
         self.config_dict = self.ckpt.config_dict
+        self.prepacked = hasattr(self.ckpt, "packed_expert")
+        self.quantizer_name = getattr(self.ckpt, "quantizer_name", None)
         self._arch: Any = None
 
     def bind(self, arch: Any, model_config: Any) -> None:
         self._arch, self._config = arch, model_config
-        self._per_expert, self._fused, self._trunk = arch.split_keys(self.ckpt.keys())
+        split = self.ckpt.split_keys(arch) if self.prepacked else arch.split_keys(self.ckpt.keys())
+        self._per_expert, self._fused, self._trunk = split
 
     def trunk_items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for key in self._trunk:
@@ -63,6 +74,10 @@ class CheckpointSource:
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         return read_expert(self.ckpt, layer, expert, self._per_expert, self._fused)
 
+    def packed_expert(self, layer: int, expert: int) -> tuple[Any, int]:
+        """(packed bytes, weights) of an expert the reader holds quantized already."""
+        return self.ckpt.packed_expert((layer, expert)), self.ckpt.expert_numel()
+
     def moe_layers(self) -> list[int]:
         return list(self._arch.moe_layers(self._config))
 
@@ -73,18 +88,21 @@ class CheckpointSource:
         self.ckpt.close()
 
 
-def _attention_packed(name: str, t: torch.Tensor, quantizer: Any, spec: QuantSpec, config: Any) -> Any:
+def _attention_packed(name: str, t: torch.Tensor, quantizer: Any, spec: QuantSpec, config: Any,
+                      device: torch.device) -> Any:
     linear = nn.Linear(t.shape[1], t.shape[0], bias=False)
     linear.weight = nn.Parameter(t.to(spec.dtype), requires_grad=False)
     try:
-        return quantizer.pack_linear(linear, spec, torch.device("cpu"))
+        return quantizer.pack_linear(linear, spec, device)
     except ValueError as exc:
         msg = f"cannot quantize {name}: {exc} (--attn-group-size {config.attn_group_size})"
         raise ConfigError(msg) from None
 
 
-def _write_trunk(source: Any, writer: OffloadWriter, arch: Any, config: Any, dtype: torch.dtype) -> None:
-    """Trunk tensors in `dtype` under their checkpoint names; attention projections packed when attn_bits < 16."""
+def _write_trunk(source: Any, writer: OffloadWriter, arch: Any, config: Any, dtype: torch.dtype,
+                 device: torch.device) -> None:
+    """Trunk tensors in `dtype` under their checkpoint names; attention projections packed (for `device`'s kernels)
+    when attn_bits < 16, or as the source holds them quantized."""
     from tqdm.auto import tqdm
 
     trunk, attention = {}, {}
@@ -96,17 +114,31 @@ def _write_trunk(source: Any, writer: OffloadWriter, arch: Any, config: Any, dty
         proj = arch.trunk_name(key).removesuffix(".weight")
         if quantizer is not None and key.endswith(".weight") and ".self_attn." in key and \
                 proj.rsplit(".", 1)[-1] in ATTENTION:
-            attention[proj] = _attention_packed(proj, t, quantizer, spec, config)
+            attention[proj] = _attention_packed(proj, t, quantizer, spec, config, device)
             continue
         trunk[key] = t.to(dtype) if t.is_floating_point() else t
+    if getattr(source, "prepacked", False):
+        attention.update(source.ckpt.packed_attention())
     writer.write_trunk(trunk, attention)
 
 
+def _quantized_expert(source: Any, quantizer: Any, spec: QuantSpec, device: torch.device, layer: int,
+                      e: int) -> tuple[Any, int]:
+    weights = source.expert(layer, e)
+    try:
+        packed = quantizer.pack_expert(weights, spec, device)
+    except ValueError as exc:
+        msg = f"cannot quantize layer {layer} expert {e}: {exc} (--expert-group-size {spec.group_size})"
+        raise ConfigError(msg) from None
+    return packed, sum(w.numel() for w in weights.values())
+
+
 def write_offload(source: Any, out: Path, config: Any, model: tuple[Any, Any, torch.dtype], *,
-                  desc: str = "converting experts") -> dict[str, Any]:
+                  target: str = "cpu", desc: str = "converting experts") -> dict[str, Any]:
     """Write `source` into the (empty, existing) folder `out` in the offload format with `config`'s quantization
-    settings (expert/attention bits and group sizes, quant_scales, quant_method). `model`: the source's transformers
-    config, its `Architecture` and the 16-bit dtype to store (`loading.inspect_checkpoint`). Returns a summary."""
+    settings (expert/attention bits and group sizes, quant_scales, quant_method), packed for the `target` device type
+    (the manifest's `packed_for`). `model`: the source's transformers config, its `Architecture` and the 16-bit
+    dtype to store (`loading.inspect_checkpoint`). Returns a summary."""
     from tqdm.auto import tqdm
 
     plugins.load_plugins()
@@ -117,27 +149,28 @@ def write_offload(source: Any, out: Path, config: Any, model: tuple[Any, Any, to
     (out / "config.json").write_text(json.dumps(config_dict, indent=2))
     if hasattr(source, "bind"):
         source.bind(arch, model_config)
-    qname = "none" if config.expert_bits == 16 else "hqq"
+    prepacked = getattr(source, "prepacked", False)
+    if prepacked:
+        log.warning("%s: keeping the checkpoint's own quantization (%s); --expert-bits, --attn-bits and their "
+                    "group sizes do not apply", source.path, source.ckpt.describe())
+    qname = getattr(source, "quantizer_name", None) or ("none" if config.expert_bits == 16 else "hqq")
     quantizer = plugins.create("quantizer", qname)
+    device = torch.device(target)  # only picks the packed forms: nothing is allocated on it
     spec = QuantSpec(config.expert_bits, config.expert_group_size, dtype, config.quant_scales, config.quant_method)
     writer = OffloadWriter(out)
     try:
-        _write_trunk(source, writer, arch, config, dtype)
+        _write_trunk(source, writer, arch, config, dtype, device)
         layers, n_experts = source.moe_layers(), arch.num_experts(model_config)
         n_weights = 0
         bar = tqdm(total=len(layers) * n_experts, desc=desc, unit="expert", smoothing=0.1,
                    disable=os.environ.get("MIXTRAL_OFFLOAD_QUIET") == "1")
         for layer in layers:
             for e in range(n_experts):
-                weights = source.expert(layer, e)
-                try:
-                    packed = quantizer.pack_expert(weights, spec, torch.device("cpu"))
-                except ValueError as exc:
-                    msg = f"cannot quantize layer {layer} expert {e}: {exc} (--expert-group-size {spec.group_size})"
-                    raise ConfigError(msg) from None
+                packed, numel = source.packed_expert(layer, e) if prepacked else \
+                    _quantized_expert(source, quantizer, spec, device, layer, e)
                 writer.add_expert(layer, e, packed)
-                n_weights += sum(w.numel() for w in weights.values())
-                del weights, packed
+                n_weights += numel
+                del packed
                 bar.update(1)
         bar.close()
     except BaseException:
@@ -150,7 +183,9 @@ def write_offload(source: Any, out: Path, config: Any, model: tuple[Any, Any, to
     quantization = {"quantizer": qname, "expert_bits": spec.bits, "expert_group_size": spec.group_size,
                     "quant_scales": bool(spec.quant_scales), "attn_bits": config.attn_bits,
                     "attn_group_size": config.attn_group_size, "dtype": config_dict["dtype"],
-                    "method": config.quant_method}
+                    "method": config.quant_method, "packed_for": target}
+    if prepacked:
+        quantization |= dict(source.ckpt.quantization)
     return writer.finish({"architecture": arch.name, "source": source.name, "quantization": quantization}, n_weights)
 
 
@@ -229,7 +264,7 @@ def converted_folder(src: str | os.PathLike[str], config: Any, model: tuple[Any,
             log.info("first load of %s with %d-bit experts: converting it once into %s", src, config.expert_bits, dst)
 
             def write(tmp: Path) -> None:
-                write_offload(CheckpointSource(src), tmp, config, model,
+                write_offload(CheckpointSource(src, config), tmp, config, model,
                               desc="quantizing experts (first load; kept for the next ones)")
                 meta = {"source": str(src), "fingerprint": fingerprint, "settings": settings}
                 (tmp / ORIGIN).write_text(json.dumps(meta, indent=1))

@@ -4,8 +4,8 @@ Computed before anything large is allocated, so an impossible configuration fail
 nearest setting that fits. `budget` "auto" picks the largest cache that fits with a safety margin. Pure arithmetic
 plus one query of free memory; this module allocates nothing.
 
-On CUDA the free memory is read before the trunk goes to the device (`load_model` passes it in), so the trunk is
-counted once; the plan adds what the device needs besides weights (`overhead_bytes`: activations, dequantization
+The free memory is read before the trunk is loaded (`load_model` passes it in), so the trunk is counted once. On
+CUDA the plan adds what the device needs besides weights (`overhead_bytes`: activations, dequantization
 temporaries, cuBLAS workspaces) and every plan, explicit or automatic, must fit a safe share of that free memory.
 The host store of a CUDA model is pinned RAM: `host_store_fits` checks it against the host's available memory.
 

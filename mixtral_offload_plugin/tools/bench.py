@@ -54,8 +54,8 @@ from .bench_config import (
     resolve_model,
 )
 from .cgroups import CGROUP_ROOT, MemoryGroup
-from .gguf import find_converter
 from .disk_rate import add_bounds, measure_disk_rate, resident_compute_seconds
+from .gguf import find_converter
 
 __all__ = [  # the configurations' and the memory group's names stay importable from here
     "CGROUP_ROOT", "DEFAULT_CONFIGS", "WORKING_MEMORY", "BenchConfig", "MemoryGroup", "Worker",
@@ -76,9 +76,9 @@ class Worker:
         spec = dict(spec, result_fd=wfd)
         env = dict(os.environ, MIXTRAL_OFFLOAD_QUIET="1", TRANSFORMERS_VERBOSITY="error",
                    TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(  # noqa: S603 - our own module
+        self.proc = subprocess.Popen(
             [sys.executable, "-m", "mixtral_offload_plugin.tools.bench_worker", "--worker", json.dumps(spec)],
-            stdin=subprocess.PIPE, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            stdin=subprocess.PIPE, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
             pass_fds=(wfd,), env=env, text=True, preexec_fn=self.group.enter if self.group else None)
         os.close(wfd)
         self.results = os.fdopen(rfd, "r")
@@ -202,7 +202,7 @@ def measure_runtime_baseline(log_dir: Path) -> int:
     """RSS of a worker after importing torch, transformers and this package, with no model loaded."""
     code = ("import torch, transformers, mixtral_offload_plugin.runtime.loading;"
             "from mixtral_offload_plugin.tools.bench_worker import _peak_rss; print(_peak_rss())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)  # noqa: S603
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
 

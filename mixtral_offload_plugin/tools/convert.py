@@ -1,5 +1,6 @@
 """`mixtral-offload convert SRC DST`: turn a Hugging Face checkpoint into the offload format (see storage/offload_format.py).
 
+Reads a Hugging Face checkpoint or a mixtral-offloading one (whose quantization is kept, bytes as they are).
 Streams the source one expert at a time (peak memory: about one expert plus the 16-bit trunk), quantizes experts and
 attention with the chosen settings (`runtime/conversion.py`, the writer `synth` and the conversion cache use too),
 writes everything into a temporary folder next to DST and renames it into place only when complete, so an interrupted
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+TARGETS = ("cpu", "cuda")
 
 
 def add_quant_arguments(parser: argparse.ArgumentParser, *, expert_bits: int = 2) -> None:
@@ -35,12 +37,18 @@ def add_quant_arguments(parser: argparse.ArgumentParser, *, expert_bits: int = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="Hugging Face checkpoint folder (config.json + safetensors)")
+    parser.add_argument("src", help="Hugging Face checkpoint folder (config.json + safetensors), or a "
+                                    "mixtral-offloading checkpoint folder (its quantization is kept)")
     parser.add_argument("dst", help="output folder (must not exist unless --force)")
     add_quant_arguments(parser)
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="16-bit dtype of the trunk and kernels")
+    parser.add_argument("--target", default="cpu", choices=TARGETS,
+                        help="device the experts are packed for (default cpu: torch's CPU int4 layouts; cuda: the "
+                             "device-neutral bit-packed form; either loads anywhere, repacked at load if needed)")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.add_argument("--verify", action="store_true", help="re-read every expert and check its checksum")
+    parser.add_argument("--hqq-packing", default="auto", choices=("auto", "interleaved", "planar"),
+                        help="mixtral-offloading sources with re-packed W_q: their bit order (auto = interleaved)")
 
 
 def quant_config(args: argparse.Namespace, dtype: str = "auto") -> Any:
@@ -52,13 +60,14 @@ def quant_config(args: argparse.Namespace, dtype: str = "auto") -> Any:
         torch.set_num_threads(args.threads)
     return OffloadConfig(expert_bits=args.expert_bits, expert_group_size=args.expert_group_size,
                          attn_bits=args.attn_bits, attn_group_size=args.attn_group_size,
-                         quant_scales=args.quant_scales, quant_method=args.method, dtype=dtype)
+                         quant_scales=args.quant_scales, quant_method=args.method, dtype=dtype,
+                         hqq_packing=getattr(args, "hqq_packing", "auto"))
 
 
 def main(args: argparse.Namespace) -> int:
     cfg = quant_config(args, args.dtype)
     t0 = time.perf_counter()
-    summary = convert(args.src, args.dst, cfg, force=args.force, verify=args.verify)
+    summary = convert(args.src, args.dst, cfg, force=args.force, verify=args.verify, target=args.target)
     print(f"wrote {args.dst}: {summary['experts']} experts, {summary['bits_per_expert_weight']:.2f} bits per expert "
           f"weight, {summary['bytes'] / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s"
           + (" (checksums verified)" if args.verify else ""))
@@ -66,8 +75,14 @@ def main(args: argparse.Namespace) -> int:
 
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], config: Any, *, force: bool = False,
-            verify: bool = False) -> dict[str, Any]:
-    """Convert `src` (HF checkpoint) to the offload format at `dst` with `config`'s quantization settings."""
+            verify: bool = False, target: str = "cpu") -> dict[str, Any]:
+    """Convert `src` (HF checkpoint) to the offload format at `dst` with `config`'s quantization settings, packed
+    for the `target` device type ("cpu" or "cuda"; the manifest records it as `packed_for`)."""
+    if target not in TARGETS:
+        from ..errors import ConfigError
+
+        msg = f"convert target {target!r} is invalid: use one of {TARGETS}"
+        raise ConfigError(msg)
     from ..runtime.conversion import CheckpointSource, write_offload
     from ..runtime.loading import inspect_checkpoint
     from ..storage.offload_format import check_destination, open_offload_checkpoint, write_atomically
@@ -76,8 +91,9 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], config: An
     check_destination(dst, force, src)
 
     def write(tmp: Path) -> dict[str, Any]:
-        source = CheckpointSource(src)
-        summary = write_offload(source, tmp, config, inspect_checkpoint(src, source.config_dict, config))
+        source = CheckpointSource(src, config)
+        summary = write_offload(source, tmp, config, inspect_checkpoint(src, source.config_dict, config),
+                                target=target)
         if verify:
             open_offload_checkpoint(tmp, config.replace(verify=True)).close()
         return summary

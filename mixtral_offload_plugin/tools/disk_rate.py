@@ -100,7 +100,7 @@ def measure_disk_rate(path: Path, limit: int | None) -> dict[str, Any]:
     files = sorted(path.glob("experts-*.bin")) or sorted(path.glob("*.safetensors"))
     group = MemoryGroup(f"mixtral-bench-{os.getpid()}-disk", limit) if limit is not None else None
     try:
-        out = subprocess.run(  # noqa: S603 - our own module
+        out = subprocess.run(
             [sys.executable, "-m", "mixtral_offload_plugin.tools.disk_rate", *map(str, files)], capture_output=True,
             text=True, check=True, preexec_fn=group.enter if group is not None and group.ok else None)
     finally:

@@ -17,9 +17,9 @@ from mixtral_offload_plugin.runtime import conversion
 IDS = torch.tensor([[1, 17, 42, 99, 5]])
 
 
-def _cfg(cache: Path | str, **kw) -> OffloadConfig:  # noqa: ANN003
-    base = dict(device="cpu", transfer="sync", expert_bits=4, expert_group_size=32, attn_bits=4, attn_group_size=32,
-                quant_method="rtn", convert_cache=str(cache))
+def _cfg(cache: Path | str, **kw) -> OffloadConfig:
+    base = {"device": "cpu", "transfer": "sync", "expert_bits": 4, "expert_group_size": 32, "attn_bits": 4,
+            "attn_group_size": 32, "quant_method": "rtn", "convert_cache": str(cache)}
     return OffloadConfig(**{**base, **kw})
 
 
@@ -44,7 +44,7 @@ def test_first_load_converts_later_loads_reuse(src: Path, tmp_path: Path, monkey
     assert origin["source"] == str(src.resolve()) and origin["settings"]["expert_bits"] == 4
     assert (folder / "mixtral_offload.json").exists()
 
-    def no_conversion(*a, **k):  # noqa: ANN002, ANN003
+    def no_conversion(*a, **k):
         raise AssertionError("converted again")
 
     monkeypatch.setattr(conversion, "write_offload", no_conversion)
@@ -77,7 +77,7 @@ def test_off_and_no_room_quantize_in_memory(src: Path, tmp_path: Path, monkeypat
     cache = tmp_path / "cache"
     _logits(src, _cfg("off"))
     assert not cache.exists()
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 0))  # noqa: SLF001
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 0))
     with caplog.at_level(logging.WARNING):
         model = load_model(src, _cfg(cache))
     assert "not caching" in caplog.text and "GiB free" in caplog.text
@@ -91,7 +91,7 @@ def test_interrupted_conversion_leaves_no_folder(src: Path, tmp_path: Path, monk
     calls = {"n": 0}
     real = HqqQuantizer.pack_expert
 
-    def boom(self, *a, **k):  # noqa: ANN001, ANN002, ANN003
+    def boom(self, *a, **k):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
