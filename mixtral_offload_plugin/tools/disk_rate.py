@@ -89,7 +89,7 @@ def add_bounds(rows: list[dict[str, Any]], rate: float | None, compute_s: float 
 def resident_compute_seconds(rows: list[dict[str, Any]]) -> float | None:
     """Seconds per decoded token of the `resident` row (every expert in memory), if the run has one."""
     for r in rows:
-        if r["config"] == "resident" and "decode_tps" in r and r.get("hit_rate") == 1.0:
+        if r["config"].split(":")[0] == "resident" and "decode_tps" in r and r.get("hit_rate") == 1.0:
             return 1.0 / r["decode_tps"]["median"]
     return None
 
