@@ -1,4 +1,4 @@
-"""The `mixtral-offload` command: generate, chat, info, plugins, convert, bench, replay, simulate, demo.
+"""The `mixtral-offload` command: generate, chat, info, plugins, convert, synth, bench, replay, simulate, demo.
 
 Each subcommand translates flags into an `OffloadConfig` and calls the public API; heavy modules are imported only by
 the subcommand that needs them.
@@ -44,6 +44,13 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hqq-packing", default="auto", choices=("auto", "interleaved", "planar"),
                    help="bit order of mixtral-offloading checkpoints with re-packed W_q (their 4bit-3bit release); "
                         "auto = interleaved")
+    g.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
+                   help="memory the plan may use, e.g. 12G (default: what is free, within the memory cgroup's limit)")
+    g.add_argument("--quant-method", default="hqq", choices=("hqq", "rtn"),
+                   help="how a plain checkpoint's experts are quantized at load (default: hqq)")
+    g.add_argument("--convert-cache", default="auto", metavar="DIR",
+                   help="where the first load of a plain checkpoint with --expert-bits < 16 keeps its converted folder "
+                        "for later loads: auto, a folder, or off (default: auto = ~/.cache/mixtral-offload/converted)")
 
 
 def config_from_args(a: argparse.Namespace) -> OffloadConfig:
@@ -55,6 +62,7 @@ def config_from_args(a: argparse.Namespace) -> OffloadConfig:
         prefetch_experts=a.prefetch_experts, expert_bits=a.expert_bits, expert_group_size=a.expert_group_size,
         attn_bits=a.attn_bits, attn_group_size=a.attn_group_size, head_bits=a.head_bits,
         quant_scales=a.quant_scales, dtype=a.dtype, context_length=a.context_length, hqq_packing=a.hqq_packing,
+        max_memory_bytes=a.max_memory, quant_method=a.quant_method, convert_cache=a.convert_cache,
         **{k: v for k, v in chosen.items() if v is not None})
 
 
@@ -270,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, module, helptext in (
         ("convert", "tools.convert", "convert a HF checkpoint to the offload format"),
+        ("synth", "tools.synth", "write a seeded random model of a named shape (e.g. mixtral-8x7b), plain or offload"),
         ("bench", "tools.bench", "side-by-side benchmark of offload configurations and baselines"),
         ("replay", "tools.replay_report", "replay routing traces against cache policies, prefetchers and Belady"),
         ("simulate", "tools.simulate", "predict GPU tokens/s from a routing trace and a device profile"),

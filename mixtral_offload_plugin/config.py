@@ -13,6 +13,7 @@ from typing import Any
 from .errors import ConfigError
 
 EXPERT_BITS = (2, 3, 4, 8, 16)
+QUANT_METHODS = ("hqq", "rtn")
 ATTN_BITS = (4, 8, 16)
 HEAD_BITS = (4, 8, 16)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -63,6 +64,12 @@ class OffloadConfig:
             large share of them when the model has few layers); 8 bits saves memory traffic only on kernels that
             read 8-bit weights (none on CPU yet).
         quant_scales: quantize HQQ scales and zeros to 8 bits (about 3 bits/weight for 2-bit/g16 experts).
+        quant_method: "hqq" (HQQ's optimizer of the zero-points; about 1-2 s per Mixtral-8x7B expert matrix on
+            2 cores) or "rtn" (round to nearest: faster, a few percent more weight error).
+        convert_cache: loading a plain checkpoint with expert_bits < 16 quantizes it once into an offload-format
+            folder kept here and reused by later loads with the same source files and settings: "auto"
+            ($MIXTRAL_OFFLOAD_CACHE/converted, else ~/.cache/mixtral-offload/converted), a folder, or "off"
+            (quantize in memory at every load). Conversions of a source that changed are removed.
         dtype: compute dtype of the trunk and activations: "float32", "bfloat16", "float16" or the torch dtype
             itself (`torch.bfloat16`, stored as its name); "auto" = the checkpoint's dtype.
         transfer: "auto" (CUDA: copy stream; CPU: background thread for disk reads, inline copies from RAM),
@@ -91,6 +98,8 @@ class OffloadConfig:
     attn_group_size: int = 64
     head_bits: int = 16
     quant_scales: bool = False
+    quant_method: str = "hqq"
+    convert_cache: str = "auto"
     dtype: str = "auto"
     transfer: str = "auto"
     verify: bool = False
@@ -132,6 +141,10 @@ class OffloadConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 8 or value & (value - 1):
                 _fail(name, value, "must be a power of two >= 8 (e.g. 16, 32, 64, 128)")
+        if not isinstance(self.convert_cache, str) or not self.convert_cache:
+            _fail("convert_cache", self.convert_cache, "use 'auto', 'off' or a folder path")
+        if self.quant_method not in QUANT_METHODS:
+            _fail("quant_method", self.quant_method, f"allowed values are {QUANT_METHODS}")
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))  # frozen: the one normalisation of a field
         if self.dtype not in DTYPES:
             _fail("dtype", self.dtype, f"allowed values are {DTYPES} or the torch dtypes of the last three")

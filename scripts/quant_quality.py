@@ -1,7 +1,7 @@
 """Validation perplexity of the embedded demo model under each quantization setting, through the offloaded runtime.
 
 Same held-out fortunes as `measure_demo_model.py` (seeded 5% split), in 256-token windows. Usage:
-    python scripts/quant_quality.py [--windows 40] [--json out.json]
+    python scripts/quant_quality.py [--windows 40] [--method hqq|rtn] [--json out.json]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=40, help="256-token validation windows to score")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--method", default="hqq", choices=("hqq", "rtn"), help="how the weights are quantized")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -53,7 +54,8 @@ def main() -> int:
     for name, eb, eg, ab, qs, hb in SETTINGS:
         start = time.perf_counter()
         model = load_model(path, OffloadConfig(device="cpu", dtype="float32", expert_bits=eb, expert_group_size=eg,
-                                               attn_bits=ab, attn_group_size=64, quant_scales=qs, head_bits=hb))
+                                               attn_bits=ab, attn_group_size=64, quant_scales=qs, head_bits=hb,
+                                               quant_method=args.method, convert_cache="off"))
         nll = 0.0
         with torch.no_grad():
             for i in range(0, n, 8):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,9 @@ os.environ.setdefault("MIXTRAL_OFFLOAD_PLUGINS", "")  # installed third-party pl
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+if "MIXTRAL_OFFLOAD_CACHE" not in os.environ:  # converted checkpoints and synthetic models: this session's own
+    os.environ["MIXTRAL_OFFLOAD_CACHE"] = tempfile.mkdtemp(prefix="mixtral-offload-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MIXTRAL_OFFLOAD_CACHE"], True)
 sys._called_from_test = True  # type: ignore[attr-defined]
 
 import torch  # noqa: E402

@@ -20,6 +20,20 @@ from .transfer import Slot, SyncLoader
 Key = tuple[int, int]  # (layer, expert)
 
 
+PAGE = 4096
+
+
+def _slot_rows(count: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    """[count, nbytes] slot buffers; on the CPU each row starts on a page boundary and spans whole pages, so a store
+    can read into it with direct I/O (unbuffered reads need page-aligned memory)."""
+    if device.type != "cpu":
+        return torch.empty((count, nbytes), dtype=torch.uint8, device=device)
+    stride = (nbytes + PAGE - 1) // PAGE * PAGE
+    raw = torch.empty(count * stride + PAGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % PAGE
+    return raw[start:start + count * stride].view(count, stride)
+
+
 class SlotPool:
     """`capacity` slots ranked by one eviction policy. No tensors here."""
 
@@ -90,8 +104,7 @@ class ExpertCache:
         self.shared: dict[str, Any] = {}  # per-cache state a policy and a prefetcher share (routing statistics)
         self.pools = {pid: SlotPool(cap, policy_factory()) for pid, cap in capacities.items()}
         attach_policies(self)
-        self.buffers = {pid: torch.empty((cap, slot_nbytes[pid]), dtype=torch.uint8, device=device)
-                        for pid, cap in capacities.items()}
+        self.buffers = {pid: _slot_rows(cap, slot_nbytes[pid], device) for pid, cap in capacities.items()}
         self.slots = {pid: [Slot(i, self.buffers[pid][i]) for i in range(cap)] for pid, cap in capacities.items()}
         self.loader = loader
         self.nbytes_of = nbytes_of

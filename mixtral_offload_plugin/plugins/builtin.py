@@ -21,7 +21,7 @@ def register_cache_policies(register: Register) -> None:
 
 @hookimpl
 def register_expert_stores(register: Register) -> None:
-    from ..storage.stores import DiskStore, HostStore
+    from ..storage.stores import DiskStore, HostStore, MmapStore
 
     def host(config: Any, device: torch.device) -> HostStore:
         return HostStore(pin=device.type == "cuda")
@@ -29,8 +29,13 @@ def register_expert_stores(register: Register) -> None:
     def disk(config: Any, device: torch.device) -> DiskStore:
         return DiskStore(config.store_dir, owned=config.store_dir is None)
 
+    def mmap(config: Any, device: torch.device) -> MmapStore:
+        return MmapStore(config.store_dir, owned=config.store_dir is None)
+
+    mmap.mapped = True  # type: ignore[attr-defined]  # kernels read the mapped pages: no cache slots (loading.py)
     register("host", host)
     register("disk", disk)
+    register("mmap", mmap)
 
 
 @hookimpl

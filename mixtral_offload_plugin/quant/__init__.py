@@ -27,6 +27,7 @@ class QuantSpec:
     group_size: int
     dtype: torch.dtype  # compute dtype of activations
     quant_scales: bool = False
+    method: str = "hqq"  # "hqq" (HQQ's zero-point optimizer) or "rtn" (round to nearest)
 
 
 class ExpertKernel(Protocol):

@@ -70,7 +70,7 @@ def quantize_attention(model: nn.Module, config: Any, dtype: torch.dtype, device
 
     if config.attn_bits < 16:
         quantizer = _quantizer()
-        spec = QuantSpec(config.attn_bits, config.attn_group_size, dtype, False)
+        spec = QuantSpec(config.attn_bits, config.attn_group_size, dtype, False, config.quant_method)
         for name, parent, attr, linear in list(attention_linears(model)):
             if isinstance(linear, QuantizedLinear):
                 continue

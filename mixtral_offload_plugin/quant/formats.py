@@ -101,6 +101,30 @@ def lut_pack(packed: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def nibble_planes(q: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """`lut_pack` of the int4pack bytes of q [N, K] (2/3-bit values, any offset) computed straight from q.
+
+    torch's CPU int4 layout orders values by 64-row block, then column, then byte j (rows j and 32 + j of the block),
+    then nibble; the N % 64 remaining rows follow by column, then row pair (see `int4pack_values`). The same bytes
+    hold the real columns of a group-16 matrix padded to group 32 (`pad16_pack`), so both int4lut forms share these
+    planes. One permuted copy of q instead of torch's packing of an int32 (padded) matrix: ~20x less time."""
+    n, k = q.shape
+    nb, r = n // 64, n % 64
+    parts = [q[: nb * 64].reshape(nb, 2, 32, k).permute(0, 3, 2, 1).reshape(-1)] if nb else []
+    if r:
+        parts.append(q[nb * 64:].reshape(r // 2, 2, k).permute(2, 0, 1).reshape(-1))
+    v = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(torch.uint8)
+    lo = (v & 3).view(-1, 4)
+    out = {"lo": lo[:, 0] | (lo[:, 1] << 2) | (lo[:, 2] << 4) | (lo[:, 3] << 6)}
+    if bits == 3:
+        hi = (v >> 2).view(-1, 8)
+        acc = hi[:, 0].clone()
+        for t in range(1, 8):
+            acc |= hi[:, t] << t
+        out["hi"] = acc
+    return out
+
+
 def lut_unpack(lo: torch.Tensor, hi: torch.Tensor | None, bits: int, out: torch.Tensor) -> torch.Tensor:
     """Inverse of `lut_pack` into `out` (uint8, the int4pack bytes): one gather per plane, no repacking."""
     torch.index_select(_lut("lo", bits), 0, lo.to(torch.int32), out=out.view(torch.int16))
@@ -179,29 +203,16 @@ def dequantize_meta_blocks(q: torch.Tensor, mm: torch.Tensor, n: int) -> torch.T
 
 
 # -- one matrix: quantize, store, dequantize ---------------------------------------------------------------------
-def hqq_quantize(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """HQQ (optimized, axis=1) -> q uint8 [N, K], scale [N, K/g] float32, zero [N, K/g] float32 (on the CPU).
+def hqq_quantize(w: torch.Tensor, bits: int, group_size: int,
+                 method: str = "hqq") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HQQ group quantization (axis=1) -> q uint8 [N, K], scale [N, K/g] float32, zero [N, K/g] float32 (on the CPU).
 
-    HQQ's optimizer runs on the CPU unless `MIXTRAL_OFFLOAD_QUANT_DEVICE` names another device (e.g. "cuda": about
-    100x faster for a whole model; the rounding of the optimizer's float reductions may differ from the CPU's).
-    """
-    try:
-        from hqq.core.quantize import Quantizer as HQQ
-    except ImportError:
-        from ..errors import BackendUnavailableError
+    `method` "hqq": HQQ's optimizer of the zero-points (our vectorized solver, `optimizer.py`); "rtn": round to
+    nearest from the group's min/max (HQQ's starting point). It runs on the CPU unless `MIXTRAL_OFFLOAD_QUANT_DEVICE`
+    names another device (e.g. "cuda")."""
+    from .optimizer import quantize_groups
 
-        msg = "the hqq package is needed to quantize; pip install 'mixtral-offload-plugin[hqq]'"
-        raise BackendUnavailableError(msg) from None
-    n, k = w.shape
-    if k % group_size:
-        msg = f"a {n}x{k} matrix cannot use group size {group_size}: {k} is not a multiple of it"
-        raise ConfigError(msg)
-    dev = os.environ.get("MIXTRAL_OFFLOAD_QUANT_DEVICE", "cpu")
-    q, meta = HQQ.quantize(w.detach().float().to(dev), nbits=bits, group_size=group_size, axis=1, optimize=True,
-                           bitpack=False, compute_dtype=torch.float32, device=dev)
-    g = k // group_size
-    return (q.reshape(n, k).to(torch.uint8).cpu(), meta["scale"].float().reshape(n, g).cpu(),
-            meta["zero"].float().reshape(n, g).cpu())
+    return quantize_groups(w, bits, group_size, method, os.environ.get("MIXTRAL_OFFLOAD_QUANT_DEVICE", "cpu"))
 
 
 def _padded_parts(buf: torch.Tensor, n: int, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -281,11 +292,8 @@ def store_matrix(prefix: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.
     act = torch.float32 if meta_dtype == torch.float32 else torch.bfloat16
     if form in ("int4lut", "int4lut16"):
         offset = int4_offset(bits)
-        if form == "int4lut16":
-            planes = {f"{prefix}.p{name}": t for name, t in lut_pack(pad16_pack(q, offset), bits).items()}
-        else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous() + offset, 2)
-            planes = {f"{prefix}.{name}": t for name, t in lut_pack(packed, bits).items()}
+        tag = "p" if form == "int4lut16" else ""  # the same planes (see `nibble_planes`), named per form
+        planes = {f"{prefix}.{tag}{name}": t for name, t in nibble_planes(q, bits).items()}
         if quant_scales:  # 8-bit scales and zeros in the kernel's row order, one (min, step) per 64 rows and group
             return planes | _block_meta(prefix, scale_raw, zero_raw)
         return planes | {f"{prefix}.sz": int4_scale_zeros(scale, zero, act, offset)}

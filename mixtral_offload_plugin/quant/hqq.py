@@ -1,7 +1,8 @@
 """`HqqQuantizer`: HQQ-quantized experts and attention projections, packed for the kernel of the target device.
 
-Quantization itself is HQQ's optimizer (`hqq.core.quantize.Quantizer.quantize`, axis=1); the 8-bit quantization of
-scales and zeros (hqq 0.2.8 ignores its own flag) and all packing are ours (`formats.py`). On CPU, 4-bit matrices whose
+Quantization is HQQ's method (axis=1 groups, zero-points optimized by HQQ's proximal solver, our vectorized version in
+`optimizer.py`; or round to nearest with `QuantSpec.method="rtn"`); the 8-bit quantization of scales and zeros and all
+packing are ours (`formats.py`). On CPU, 4-bit matrices whose
 shape and group size the int4 kernel accepts are stored directly in its layout, so a cache load is one copy and the
 kernel reads the slot. 2/3-bit matrices are stored bit-packed (what makes them cheap to store and move) and expanded
 once per slot load into a workspace right after the packed bytes (see `plan_matrix`). Those CPU forms are laid out for
@@ -114,7 +115,7 @@ def quantize_matrices(weights: dict[str, torch.Tensor], spec: QuantSpec,
     tensors: dict[str, torch.Tensor] = {}
     forms = {}
     for m, w in weights.items():
-        q, s, z = hqq_quantize(w, spec.bits, spec.group_size)
+        q, s, z = hqq_quantize(w, spec.bits, spec.group_size, spec.method)
         forms[m] = choose_form(shapes[m], spec, device)
         tensors.update(store_matrix(m, q, s, z, spec.bits, spec.group_size, forms[m], spec.dtype, spec.quant_scales))
     n_weights = sum(n * k for n, k in shapes.values())

@@ -24,6 +24,7 @@ from ..config import OffloadConfig
 from ..errors import CheckpointError, ConfigError, UnsupportedModelError
 from ..models.architectures import Architecture, read_expert
 from ..quant import QuantSpec
+from ..storage.hf_checkpoint import HFCheckpoint
 from ..storage.packing import PackedExpert, unpack_views
 from .checkpoints import open_checkpoint
 from .experts import OffloadedExperts
@@ -124,6 +125,17 @@ def check_model_config(model_config: Any, arch: Architecture, path: Path) -> Non
         msg = (f"config.json in {path}: {experts} experts with top-k {top_k} is invalid "
                "(need 1 <= top-k <= experts <= 4096)")
         raise CheckpointError(msg)
+
+
+def inspect_checkpoint(path: Path, config_dict: dict[str, Any], config: OffloadConfig) -> tuple[Any, Architecture,
+                                                                                                torch.dtype]:
+    """(transformers config, family, compute dtype) of a checkpoint folder, checked (see `check_model_config`)."""
+    model_config = load_model_config(path, config_dict)
+    if "quantization_config" not in config_dict:  # the reader understands (and removed) it
+        drop_quantization_config(model_config)
+    arch = find_architecture(model_config)
+    check_model_config(model_config, arch, path)
+    return model_config, arch, resolve_dtype(config, model_config)
 
 
 def build_skeleton(model_config: Any, arch: Architecture) -> tuple[nn.Module, dict[int, nn.Module]]:
@@ -242,17 +254,20 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
     plugins.resolve("prefetcher", config.prefetch)
     plugins.resolve("store", config.store if config.store != "auto" else "host")
     device = resolve_device(config.device)
-    free_before = available_bytes(device) if device.type == "cuda" else None  # before the trunk takes its share
+    free_before = available_bytes(device)  # before the trunk takes its share: the plan counts the trunk once
 
+    source = path
     ckpt = open_checkpoint(path, config)
     if hasattr(ckpt, "ignored_settings"):  # settings a stored folder cannot honour
         _warn_ignored(path, ckpt.ignored_settings(config))
-    model_config = load_model_config(path, ckpt.config_dict)
-    if "quantization_config" not in ckpt.config_dict:  # the reader understands (and removed) it
-        drop_quantization_config(model_config)
-    arch = find_architecture(model_config)
-    check_model_config(model_config, arch, path)
-    dtype = resolve_dtype(config, model_config)
+    model_config, arch, dtype = inspect_checkpoint(path, ckpt.config_dict, config)
+    if isinstance(ckpt, HFCheckpoint) and config.expert_bits < 16:  # quantize once, keep the result for next loads
+        from .conversion import converted_folder
+
+        converted = converted_folder(path, config, (model_config, arch, dtype))
+        if converted is not None:  # converted with these very settings: nothing in it is ignored
+            ckpt.close()
+            path, ckpt = converted, open_checkpoint(converted, config)
     model_config.dtype = dtype
     num_experts, top_k = arch.num_experts(model_config), arch.top_k(model_config)
 
@@ -286,7 +301,7 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
     keys = [(layer, e) for layer in sorted(blocks) for e in range(num_experts)]
     qname = getattr(ckpt, "quantizer_name", None) or ("none" if config.expert_bits == 16 else "hqq")
     quantizer = plugins.create("quantizer", qname)
-    spec = QuantSpec(config.expert_bits, config.expert_group_size, dtype, config.quant_scales)
+    spec = QuantSpec(config.expert_bits, config.expert_group_size, dtype, config.quant_scales, config.quant_method)
     layouts = ckpt.expert_layouts(keys) if hasattr(ckpt, "expert_layouts") else None
     repacked = False
     if layouts is not None and hasattr(quantizer, "layout_for"):  # packed for another device: repacked at load
@@ -302,6 +317,8 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
     kernels, expert_bytes = _expert_kernels(quantizer, layouts, device, per_call=False)
 
     store_name = config.store
+    # a mapped store (`mmap`): kernels compute from the mapped files, no cache slots (cache/mapped.py)
+    mapped = store_name != "auto" and getattr(plugins.resolve("store", store_name)[0], "mapped", False)
     el = torch.empty((), dtype=dtype).element_size()
     kv = kv_bytes(model_config, config.context_length, el, config.batch_size)
     overhead = 0
@@ -315,9 +332,12 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
     def plan_for(nbytes: int) -> Any:
         return make_plan(config, device=device, layers=len(blocks), experts=num_experts, top_k=top_k,
                          expert_bytes=nbytes, total_expert_bytes=total_expert_bytes, trunk_bytes=trunk_bytes,
-                         kv=kv, store_in_ram=store_name in ("host", "auto"), available=free_before, overhead=overhead)
+                         kv=kv, store_in_ram=store_name == "host", available=free_before, overhead=overhead)
 
-    if device.type == "cuda" and getattr(quantizer, "per_call_kernels", False):
+    if mapped:
+        plan = _mapped_plan(config, device, len(blocks), num_experts, top_k,
+                            {k: getattr(kernels[k], "workspace_nbytes", 0) for k in keys}, trunk_bytes, kv, free_before)
+    elif device.type == "cuda" and getattr(quantizer, "per_call_kernels", False):
         small_kernels, small_bytes = _expert_kernels(quantizer, layouts, device, per_call=True)
         small, plan = choose_cuda_slots(plan_for, expert_bytes, small_bytes, config, len(blocks), top_k)
         if small:
@@ -366,17 +386,19 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
         loader = make_loader(transfer, store, prepare, device)
     if resident:  # every expert has a slot and nothing is ever evicted: keep no policy state (no statistics)
         policy_factory = LRUPolicy
-    cache = ExpertCache(pools, capacities, slot_nbytes, policy_factory, loader, device,
-                        lambda key: layout_of(key).nbytes, top_k=top_k)
+    cache = _mapped_cache(store, sorted(blocks), layout_of, kernels, workspace) if mapped else \
+        ExpertCache(pools, capacities, slot_nbytes, policy_factory, loader, device, lambda key: layout_of(key).nbytes,
+                    top_k=top_k)
     if resident:
         for key, packed in _expert_stream(ckpt, arch, keys, split[:2], quantizer, spec, device):
             loader_store.item = packed
             cache.preload([key])
         loader.store = None
         cache.reset_stats()
-    prefetcher = plugins.create("prefetcher", config.prefetch, cache, arch, blocks, config)
+    # a mapped store has no cache to prefetch into: its prefetch setting does not apply
+    prefetcher = None if mapped else plugins.create("prefetcher", config.prefetch, cache, arch, blocks, config)
     runtime = OffloadRuntime(config, arch, device, cache, store, prefetcher if not resident else None, kernels,
-                             blocks, plan, str(path), resident=resident)
+                             blocks, plan, str(source), resident=resident)
     for block in blocks.values():
         block.experts._runtime = runtime
     ckpt.close()
@@ -421,6 +443,34 @@ def _load_generation_config(model: nn.Module, path: Path) -> None:
             log.warning("ignoring unreadable generation_config.json in %s: %s", path, exc)
     else:
         model.generation_config = GenerationConfig.from_model_config(model.config)
+
+
+def _mapped_plan(config: OffloadConfig, device: torch.device, layers: int, experts: int, top_k: int,
+                 workspace: dict[Any, int], trunk_bytes: int, kv: int, available: int | None) -> Any:
+    from .memory import mapped_plan
+
+    if device.type != "cpu":
+        msg = (f"store={config.store!r} maps the expert files and computes from the mapped pages on the CPU: there is "
+               f"no cache to copy experts to a device from; use it with device='cpu' (got device={config.device!r})")
+        raise ConfigError(msg)
+    return mapped_plan(config, device=device, layers=layers, experts=experts, top_k=top_k,
+                       workspace=max(workspace.values()), trunk_bytes=trunk_bytes, kv=kv, available=available)
+
+
+def _mapped_cache(store: Any, layers: list[int], layout_of: Any, kernels: dict[Any, Any],
+                  workspace: dict[Any, int]) -> Any:
+    """Kernel states built from the store's mapped views just before each expert is computed (one shared
+    workspace for kernels that expand an expert first)."""
+    from ..cache.mapped import MappedExperts
+
+    def prepare(key: tuple[int, int], data: torch.Tensor, ws: torch.Tensor) -> Any:
+        views = unpack_views(data, layout_of(key))
+        if workspace[key]:
+            views["workspace"] = ws[:workspace[key]]
+        return kernels[key].prepare(views)
+
+    return MappedExperts(layers, store.host_tensor, prepare, max(workspace.values()),
+                         getattr(store, "missing_bytes", None))
 
 
 class _OneShotStore:

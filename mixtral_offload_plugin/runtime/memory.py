@@ -4,17 +4,25 @@ Computed before anything large is allocated, so an impossible configuration fail
 nearest setting that fits. `budget` "auto" picks the largest cache that fits with a safety margin. Pure arithmetic
 plus one query of free memory; this module allocates nothing.
 
-On CUDA the free memory is read before the trunk goes to the device (`load_model` passes it in), so the trunk is
-counted once; the plan adds what the device needs besides weights (`overhead_bytes`: activations, dequantization
+The free memory is read before the trunk is loaded (`load_model` passes it in), so the trunk is counted once. On
+CUDA the plan adds what the device needs besides weights (`overhead_bytes`: activations, dequantization
 temporaries, cuBLAS workspaces) and every plan, explicit or automatic, must fit a safe share of that free memory.
 The host store of a CUDA model is pinned RAM: `host_store_fits` checks it against the host's available memory.
+
+Free memory on the CPU is the smaller of what the machine has available and what this process's memory cgroup
+(v1 or v2, the tightest limit up the hierarchy: a container, a systemd slice, `bench --memory-limit`) still allows.
+Inside a cgroup, page cache is charged to the group: file pages count as free (the kernel reclaims them before it
+kills anything) except those mapped into a process (shared libraries, model files being read through a mapping)
+and dirty ones.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,15 +31,86 @@ from ..errors import ConfigError, MemoryPlanError
 
 log = logging.getLogger(__name__)
 SAFETY = 0.85  # share of the available memory a plan may use
+CGROUP_FS = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+_UNLIMITED = 1 << 60  # cgroup v1 writes ~2**63 for "no limit"
+
+
+def _read_stat(path: Path) -> dict[str, int]:
+    out = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            out[key] = int(value)
+    return out
+
+
+def _cgroup_free_v1(rel: str) -> int | None:
+    group = CGROUP_FS / "memory" / rel.lstrip("/")
+    stat = _read_stat(group / "memory.stat")
+    limit = min(int((group / "memory.limit_in_bytes").read_text()), stat.get("hierarchical_memory_limit", _UNLIMITED))
+    if limit >= _UNLIMITED:
+        return None
+    usage = int((group / "memory.usage_in_bytes").read_text())
+    reclaimable = (stat.get("total_inactive_file", 0) + stat.get("total_active_file", 0)
+                   - stat.get("total_mapped_file", 0) - stat.get("total_dirty", 0))
+    return limit - usage + max(reclaimable, 0)
+
+
+def _cgroup_free_v2(rel: str) -> int | None:
+    free = None
+    group = CGROUP_FS / rel.lstrip("/")
+    while True:  # every ancestor's limit applies; each counts its own usage
+        try:
+            text = (group / "memory.max").read_text().strip()
+        except OSError:
+            text = "max"
+        if text != "max":
+            stat = _read_stat(group / "memory.stat")
+            reclaimable = stat.get("file", 0) - stat.get("file_mapped", 0) - stat.get("file_dirty", 0)
+            here = int(text) - int((group / "memory.current").read_text()) + max(reclaimable, 0)
+            free = here if free is None else min(free, here)
+        if group == CGROUP_FS or CGROUP_FS not in group.parents:
+            return free
+        group = group.parent
+
+
+def cgroup_free_bytes() -> int | None:
+    """Bytes this process may still allocate before its memory cgroup's limit, page cache counted as above; None
+    outside a memory-limited cgroup (or where /proc and /sys do not say)."""
+    try:
+        lines = PROC_CGROUP.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:  # v1: "N:memory:/path" (controllers may be comma-joined)
+        _, controllers, rel = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            try:
+                return _cgroup_free_v1(rel)
+            except (OSError, ValueError):
+                return None
+    for line in lines:  # v2: "0::/path"
+        if line.startswith("0::"):
+            try:
+                return _cgroup_free_v2(line[3:])
+            except (OSError, ValueError):
+                return None
+    return None
 
 
 def available_bytes(device: torch.device) -> int:
+    """Free memory on `device` now (CPU: the machine's available memory, capped by the memory cgroup)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     import psutil
 
-    return int(psutil.virtual_memory().available)
+    free = int(psutil.virtual_memory().available)
+    if os.name == "posix":
+        group = cgroup_free_bytes()
+        if group is not None:
+            free = min(free, max(group, 0))
+    return free
 
 
 def fmt(n: float) -> str:
@@ -79,6 +158,10 @@ class MemoryPlan:
         cache = (f"{self.experts_per_layer} experts/layer" if self.experts_per_layer is not None
                  else f"{self.global_slots} slots shared by all layers")
         extra = f" + activations and temporaries {fmt(self.overhead_bytes)}" if self.overhead_bytes else ""
+        if self.slots == 0:  # a mapped store: experts are computed from the page cache
+            return (f"trunk {fmt(self.trunk_bytes)} + one kernel workspace {fmt(self.expert_bytes)} + KV "
+                    f"{fmt(self.kv_bytes)} = {fmt(self.needed + self.expert_bytes)} needed (no expert cache: the page "
+                    f"cache holds the mapped experts), {fmt(self.available)} available on {self.device}")
         return (f"trunk {fmt(self.trunk_bytes)} + cache {fmt(self.cache_bytes)} ({cache} x {fmt(self.expert_bytes)})"
                 f" + KV {fmt(self.kv_bytes)} + store in RAM {fmt(self.store_ram_bytes)}{extra} = {fmt(self.needed)}"
                 f" needed, {fmt(self.available)} available on {self.device}")
@@ -167,7 +250,8 @@ def make_plan(config: Any, *, device: torch.device, layers: int, experts: int, t
               overhead: int = 0) -> MemoryPlan:
     """Decide the cache size from `config` (experts_per_layer, cache_bytes, or auto) and check that it fits.
 
-    `available`: free device memory measured before the trunk was placed (CUDA; default: measured now).
+    `available`: free memory measured before the trunk was placed (the plan counts the trunk; default: measured
+    now).
     `overhead`: device bytes needed besides weights, KV cache and slots (`cuda_overhead_bytes`).
     """
     if device.type == "cuda":  # a budget never exceeds what is free; every plan keeps the safety margin
@@ -175,7 +259,7 @@ def make_plan(config: Any, *, device: torch.device, layers: int, experts: int, t
         avail = min(config.max_memory_bytes or free, free)
         hard = avail * SAFETY
     else:
-        avail = config.max_memory_bytes or available_bytes(device)
+        avail = config.max_memory_bytes or (available if available is not None else available_bytes(device))
         hard = avail
     same_memory = store_in_ram and device.type == "cpu"
 
@@ -215,4 +299,26 @@ def _nearest(plan: Any, p: MemoryPlan, avail: int, layers: int, experts: int) ->
     for k in range(min(p.experts_per_layer or experts, experts), 0, -1):
         if plan(k, None).needed <= avail * SAFETY:
             return f"Nearest setting that fits: experts_per_layer={k} (or lower expert_bits, or store='disk')."
-    return "Even one expert per layer does not fit: use lower expert_bits/attn_bits, a shorter context_length, or store='disk'."
+    store = " or store='disk'" if p.store_ram_bytes else ""
+    room = int(avail * SAFETY) - p.trunk_bytes - p.kv_bytes
+    if room >= p.top_k * p.expert_bytes:  # one pool shared by all layers can still hold a layer's routed experts
+        return (f"Even one expert per layer does not fit: use cache_bytes={room} (one pool of "
+                f"{room // p.expert_bytes} slots shared by all layers), lower expert_bits{store}.")
+    return ("Even one expert per layer does not fit: use lower expert_bits/attn_bits, a shorter context_length"
+            f"{store}, or store='mmap' (no cache of its own).")
+
+
+def mapped_plan(config: Any, *, device: torch.device, layers: int, experts: int, top_k: int, workspace: int,
+                trunk_bytes: int, kv: int, available: int | None = None) -> MemoryPlan:
+    """The plan of a store that maps the expert files (no cache slots: the page cache holds what the kernel keeps).
+
+    Needs the trunk, the KV cache and one shared kernel workspace; what is left of the memory is the page cache's.
+    `available`: free memory measured before the trunk was loaded (default: now).
+    """
+    avail = config.max_memory_bytes or (available if available is not None else available_bytes(device))
+    p = MemoryPlan(str(device), layers, experts, top_k, workspace, trunk_bytes, kv, 0, None, 0, avail)
+    if p.needed + workspace > avail:
+        msg = (f"the configuration does not fit: {p.describe()}. Even with no expert in memory: use lower attn_bits "
+               "or a shorter context_length")
+        raise MemoryPlanError(msg)
+    return p

@@ -155,7 +155,8 @@ class HFCheckpoint:
 
         Expert weights are read this way, not through the memory map: pages of a mapping stay counted in the
         process's RSS while the mapping lives, so mapping every expert would make a streaming load look (and, under
-        a memory limit, behave) like loading the whole checkpoint.
+        a memory limit, behave) like loading the whole checkpoint. The bytes read are then dropped from the page
+        cache: each expert is read once, and converting a 93 GB checkpoint should not evict everything else.
         """
         file, dtype, shape, begin, end = self._entry(key)
         if index is not None:
@@ -174,6 +175,8 @@ class HFCheckpoint:
                     msg = f"{file.name} ends before the bytes of {key}; the file is truncated"
                     raise CheckpointError(msg)
                 done += got
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, begin, end - begin, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
         return torch.frombuffer(out, dtype=dtype).reshape(shape) if out else torch.empty(shape, dtype=dtype)

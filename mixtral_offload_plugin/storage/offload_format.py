@@ -1,6 +1,6 @@
 """The offload format: a checkpoint folder whose experts are already packed, so loading does no quantization work.
 
-Layout of a folder (written by `tools/convert.py`):
+Layout of a folder (written by `OffloadWriter`, fed by `runtime/conversion.py` from a checkpoint or a synthetic model):
 - `config.json`, `generation_config.json`, tokenizer files: copied from the source checkpoint;
 - `mixtral_offload.json`: the manifest (format version, architecture, quantization settings, and for every expert its
   file, offset, size, tensor layout and CRC-32);
@@ -11,21 +11,25 @@ Layout of a folder (written by `tools/convert.py`):
 
 `open_offload_checkpoint` validates the manifest against the files (version, paths, ranges, sizes) and returns an
 `OffloadCheckpoint` with the surface `runtime/loading.py` uses. Checksums are verified on an expert's first read (or all at
-open with `OffloadConfig(verify=True)`). This module knows nothing about caches or kernels.
+open with `OffloadConfig(verify=True)`). `OffloadWriter` writes a folder from packed bytes (alignment, checksums, the
+manifest last) and `write_atomically` builds it beside its destination and renames it into place when complete.
+This module knows nothing about caches, kernels or how the bytes were quantized.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from ..errors import CheckpointError
 from .hf_checkpoint import read_json
-from .packing import FILE_ALIGN, ExpertLayout, PackedExpert
+from .packing import FILE_ALIGN, ExpertLayout, PackedExpert, align_up
 
 MANIFEST_NAME = "mixtral_offload.json"
 FORMAT_NAME = "mixtral-offload"
@@ -275,3 +279,108 @@ def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     tmp = path / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, path / MANIFEST_NAME)
+
+
+class OffloadWriter:
+    """Writes the files of one offload-format folder: the trunk, the expert files (the experts of a layer in order,
+    each at a `FILE_ALIGN` boundary, with its CRC-32), and the manifest last (a folder without it is never taken for
+    an offload checkpoint). Written files are dropped from the page cache once on disk: a 17 GB conversion does not
+    evict everything else the machine had cached."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        self.entries: list[dict[str, Any]] = []
+        self.attention: dict[str, Any] = {}
+        self.expert_bytes = 0  # tensor bytes (without alignment padding), for bits per weight
+        self._file: Any = None
+        self._layer: int | None = None
+        self._offset = 0
+
+    def write_trunk(self, tensors: dict[str, torch.Tensor], attention: dict[str, PackedExpert]) -> None:
+        """Every non-expert tensor under its checkpoint name; quantized projections as `<module>.packed` bytes."""
+        from safetensors.torch import save_file
+
+        tensors = dict(tensors)
+        for name, packed in attention.items():
+            tensors[name + PACKED_SUFFIX] = packed.data
+            self.attention[name] = {"layout": packed.layout.to_dict()}
+        save_file(tensors, str(self.out / TRUNK_NAME), metadata={"format": "pt"})
+        _drop_from_page_cache(self.out / TRUNK_NAME)
+
+    def add_expert(self, layer: int, expert: int, packed: PackedExpert) -> None:
+        """Append one expert to its layer's file (layers in any order, the experts of one layer together)."""
+        if layer != self._layer:
+            self._close_file()
+            self._file = open(self.out / expert_file_name(layer), "wb")  # noqa: SIM115 - closed in _close_file
+            self._layer, self._offset = layer, 0
+        self._file.seek(self._offset)
+        self._file.write(memoryview(packed.data.numpy()))
+        self.entries.append({"layer": layer, "expert": expert, "file": expert_file_name(layer), "offset": self._offset,
+                             "size": packed.nbytes, "crc32": packed.checksum(), "layout": packed.layout.to_dict()})
+        self.expert_bytes += sum(r.nbytes for r in packed.layout.tensors)
+        self._offset = align_up(self._offset + packed.nbytes, FILE_ALIGN)
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.truncate(max(self._offset, 1))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            self._file.close()
+            self._file = None
+
+    def finish(self, manifest: dict[str, Any], n_weights: int) -> dict[str, Any]:
+        """Close the last expert file and write the manifest (`manifest` holds the header fields: architecture,
+        source, quantization). Returns a summary: experts, bits per expert weight, bytes on disk."""
+        self._close_file()
+        bits = self.expert_bytes * 8 / max(n_weights, 1)
+        write_manifest(self.out, {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **manifest,
+                                  "bits_per_expert_weight": round(bits, 4), "trunk": TRUNK_NAME,
+                                  "attention": self.attention, "experts": self.entries})
+        total = sum(p.stat().st_size for p in self.out.iterdir() if p.is_file())
+        return {"experts": len(self.entries), "bits_per_expert_weight": bits, "bytes": total}
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _drop_from_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+T = TypeVar("T")
+
+
+def check_destination(dst: Path, force: bool, src: Path | None = None) -> None:
+    """Refuse to write into the source (or inside it), or over an existing folder without `force`."""
+    if src is not None and (dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents):
+        msg = f"the output folder {dst} must not be the source folder or inside it; choose another DST"
+        raise CheckpointError(msg)
+    if dst.exists() and not force:
+        msg = f"{dst} already exists; pass --force to replace it (or choose another DST)"
+        raise CheckpointError(msg)
+
+
+def write_atomically(dst: Path, write: Callable[[Path], T]) -> T:
+    """Build a folder with `write(tmp)` in a temporary folder beside `dst`, then rename it into place (replacing
+    `dst`). An interrupted or failed write leaves nothing behind."""
+    dst = Path(dst)
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        result = write(tmp)
+        if dst.exists():
+            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result

@@ -2,13 +2,18 @@
 
 `HostStore` keeps them in RAM (pinned when the compute device is CUDA and pinning works: then in a few large pinned
 arenas, because torch's pinned allocator rounds every block up to a power of two). `DiskStore` keeps them in
-page-aligned files and reads them with `pread` straight into a cache slot. Stores never evict and are never written
-back to (weights are immutable). Keys are `(layer, expert)`. This module knows nothing about caches or kernels.
+page-aligned files and reads them with `pread` straight into a cache slot, with direct I/O (`O_DIRECT`: no copy in
+the page cache, which would only duplicate the slot and count against a memory limit) when the slot is page-aligned.
+`MmapStore` maps the files instead and hands out views of the mapped pages, for computing in place with no cache of
+our own (the page-cache baseline). Stores never evict and are never written back to (weights are immutable). Keys are
+`(layer, expert)`. This module knows nothing about caches or kernels.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
 import os
 import shutil
 import tempfile
@@ -24,6 +29,7 @@ from ..errors import ChecksumError, ExpertLoadError
 from .packing import FILE_ALIGN, ExpertLayout, PackedExpert, align_up, checksum
 
 log = logging.getLogger(__name__)
+PAGE = mmap.PAGESIZE
 
 
 class ExpertStore(Protocol):
@@ -176,7 +182,8 @@ class DiskStore:
     checkpoint, read in place). Checksums, when known, are verified on the first read of each expert.
     """
 
-    def __init__(self, root: str | os.PathLike[str] | None = None, *, owned: bool | None = None) -> None:
+    def __init__(self, root: str | os.PathLike[str] | None = None, *, owned: bool | None = None,
+                 direct: bool = True) -> None:
         if root is None:
             root = tempfile.mkdtemp(prefix="mixtral-offload-store-")
             owned = True if owned is None else owned
@@ -189,6 +196,9 @@ class DiskStore:
         self._verified: set[Hashable] = set()
         self._lock = threading.Lock()
         self.bytes_read = 0
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        self._direct_fds: dict[Path, int | None] = {}
+        self._sizes: dict[Path, int] = {}
 
     def _fd(self, path: Path, write: bool = False) -> int:
         fd = self._fds.get(path)
@@ -223,12 +233,32 @@ class DiskStore:
     def host_tensor(self, key: Hashable) -> torch.Tensor | None:
         return None
 
+    def _direct_fd(self, path: Path) -> int | None:
+        """A second, O_DIRECT descriptor of `path`, or None where the filesystem refuses direct I/O (tmpfs)."""
+        if path not in self._direct_fds:
+            try:
+                self._direct_fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                self._sizes[path] = os.fstat(self._direct_fds[path]).st_size
+            except OSError:
+                self._direct_fds[path] = None
+        return self._direct_fds[path]
+
+    def _direct_span(self, rec: DiskRecord, out: torch.Tensor) -> int | None:
+        """Bytes to read with direct I/O (whole pages into a page-aligned buffer), or None to read through the cache."""
+        span = align_up(rec.layout.nbytes, PAGE)
+        if not self.direct or rec.path in self._ends or out.numel() < span or out.data_ptr() % PAGE or rec.offset % PAGE:
+            return None
+        if self._direct_fd(rec.path) is None or self._sizes[rec.path] < rec.offset + span:
+            return None
+        return span
+
     def read_into(self, key: Hashable, out: torch.Tensor) -> None:
         rec = self._records[key]
         n = rec.layout.nbytes
-        view = memoryview(out[:n].numpy())
+        span = self._direct_span(rec, out)
+        view = memoryview(out[: span or n].numpy())
         try:
-            fd = self._fd(rec.path)
+            fd = self._fd(rec.path) if span is None else self._direct_fds[rec.path]
             done = 0
             while done < n:
                 got = os.preadv(fd, [view[done:]], rec.offset + done)
@@ -257,16 +287,89 @@ class DiskStore:
         """Drop this store's files from the OS page cache so the next reads come from the disk."""
         for path in {r.path for r in self._records.values()}:
             fd = self._fd(path)
-            os.fsync(fd) if path in self._ends else None
+            os.fsync(fd)  # dirty pages cannot be dropped
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
+            for fd in [*self._fds.values(), *(d for d in self._direct_fds.values() if d is not None)]:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
             self._fds.clear()
+            self._direct_fds.clear()
             if self.owned:
                 shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _mincore() -> object | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).mincore
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+class MmapStore(DiskStore):
+    """Expert files mapped read-only (copy-on-write, never written); `host_tensor` is a view of the mapped pages,
+    so a kernel computes from the page cache directly. Pages of a mapping count in the process's RSS and memory
+    cgroup while resident; the kernel decides which stay. `missing_bytes` says how much of an expert is not
+    resident now (mincore), for hit counting."""
+
+    mapped = True
+    in_memory = True
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, *, owned: bool | None = None) -> None:
+        super().__init__(root, owned=owned, direct=False)
+        self._maps: dict[Path, tuple[mmap.mmap, torch.Tensor]] = {}
+        self._mincore = _mincore()
+        self._vec = ctypes.create_string_buffer(1)
+
+    def _mapped(self, path: Path) -> torch.Tensor:
+        if path not in self._maps:
+            mm = mmap.mmap(self._fd(path), 0, access=mmap.ACCESS_COPY)
+            self._maps[path] = (mm, torch.frombuffer(mm, dtype=torch.uint8))
+        return self._maps[path][1]
+
+    def host_tensor(self, key: Hashable) -> torch.Tensor | None:
+        rec = self._records[key]
+        view = self._mapped(rec.path)[rec.offset:rec.offset + rec.layout.nbytes]
+        if rec.crc32 is not None and key not in self._verified:
+            self.verify_bytes(key, view)
+        return view
+
+    def read_into(self, key: Hashable, out: torch.Tensor) -> None:
+        src = self.host_tensor(key)
+        out[: src.numel()].copy_(src)
+
+    def missing_bytes(self, key: Hashable) -> int:
+        """Bytes of the expert whose pages are not in memory now (0 where mincore is unavailable)."""
+        rec = self._records[key]
+        if self._mincore is None:
+            return 0
+        base = self._mapped(rec.path).data_ptr() + rec.offset
+        start = base - base % PAGE
+        pages = (base + rec.layout.nbytes - start + PAGE - 1) // PAGE
+        if len(self._vec) < pages:
+            self._vec = ctypes.create_string_buffer(pages)
+        if self._mincore(start, pages * PAGE, self._vec) != 0:
+            return 0
+        return self._vec.raw[:pages].count(0) * PAGE  # mincore sets bit 0 of each resident page's byte
+
+    def evict_page_cache(self) -> None:
+        for mm, _ in self._maps.values():
+            mm.madvise(mmap.MADV_DONTNEED)  # unmap our pages first: the page cache keeps pages a process maps
+        super().evict_page_cache()
+
+    def close(self) -> None:
+        maps, self._maps = self._maps, {}
+        for mm, view in maps.values():
+            del view
+            try:
+                mm.close()
+            except BufferError:  # a tensor still views the mapping: it is unmapped when that tensor goes
+                pass
+        super().close()

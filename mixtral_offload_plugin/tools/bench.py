@@ -5,7 +5,10 @@ Design (why the numbers are honest):
   own and `--memory-limit` can put it alone in a cgroup v1 memory group (RSS and page cache counted together).
 - The parent interleaves the repeats: config A rep 1, B rep 1, ..., A rep 2, ... Only one worker computes at a time
   (the others wait on a pipe), so slow drift of the machine (other jobs, thermal) spreads over every configuration
-  instead of favouring the one that ran first.
+  instead of favouring the one that ran first. When the workers cannot all be held at once (a full-size model in
+  several 12 GiB groups on a 24 GB machine), configurations run one after another instead (`--schedule`).
+- With a disk or mmap row, the disk's cold sequential read rate is measured in the memory group and each offloaded
+  row gets its tok/s bound (disk_rate.py).
 - Every configuration decodes the same prompt greedily with `min_new_tokens = max_new_tokens`, so all generate the
   same number of tokens. Time to first token covers prefill plus the first decode step; decode tokens/s is
   (new tokens - 1) / (time from the first to the last token).
@@ -44,7 +47,6 @@ from .bench_compare import annotate, extra_columns, failed_checks
 from .bench_config import (
     _BUDGETED,
     DEFAULT_CONFIGS,
-    SYNTHETIC,
     WORKING_MEMORY,
     BenchConfig,
     checkpoint_bytes,
@@ -52,10 +54,11 @@ from .bench_config import (
     resolve_model,
 )
 from .cgroups import CGROUP_ROOT, MemoryGroup
+from .disk_rate import add_bounds, measure_disk_rate, resident_compute_seconds
 from .gguf import find_converter
 
 __all__ = [  # the configurations' and the memory group's names stay importable from here
-    "CGROUP_ROOT", "DEFAULT_CONFIGS", "SYNTHETIC", "WORKING_MEMORY", "BenchConfig", "MemoryGroup", "Worker",
+    "CGROUP_ROOT", "DEFAULT_CONFIGS", "WORKING_MEMORY", "BenchConfig", "MemoryGroup", "Worker",
     "add_arguments", "checkpoint_bytes", "format_table", "main", "measure_runtime_baseline", "parse_config",
     "resolve_model", "run",
 ]
@@ -73,9 +76,9 @@ class Worker:
         spec = dict(spec, result_fd=wfd)
         env = dict(os.environ, MIXTRAL_OFFLOAD_QUIET="1", TRANSFORMERS_VERBOSITY="error",
                    TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(  # noqa: S603 - our own module
+        self.proc = subprocess.Popen(
             [sys.executable, "-m", "mixtral_offload_plugin.tools.bench_worker", "--worker", json.dumps(spec)],
-            stdin=subprocess.PIPE, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            stdin=subprocess.PIPE, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
             pass_fds=(wfd,), env=env, text=True, preexec_fn=self.group.enter if self.group else None)
         os.close(wfd)
         self.results = os.fdopen(rfd, "r")
@@ -119,6 +122,7 @@ def _summary(cfg: BenchConfig, load: dict[str, Any] | None, reps: list[dict[str,
                            "model": cfg.model}
     if load:
         row["load_seconds"] = load.get("load_seconds")
+        row["load_peak_rss_bytes"] = load.get("load_peak_rss_bytes")
         row["resolved"] = load.get("resolved")
         row["weight_bytes"] = load.get("weight_bytes")
     tps = [r["decode_tps"] for r in reps]
@@ -126,7 +130,8 @@ def _summary(cfg: BenchConfig, load: dict[str, Any] | None, reps: list[dict[str,
         row["decode_tps"] = {"median": statistics.median(tps), "min": min(tps), "max": max(tps)}
         row["ttft_s"] = statistics.median(r["ttft_s"] for r in reps)
         for key in ("hit_rate", "prefetch_precision", "prefetch_recall", "loaded_bytes_per_token",
-                    "disk_bytes_per_token"):
+                    "disk_bytes_per_token", "must_read_bytes_per_token", "decode_hit_rate",
+                    "decode_disk_bytes_per_token"):
             vals = [r[key] for r in reps if r.get(key) is not None]
             row[key] = statistics.median(vals) if vals else None
         row["new_tokens"] = reps[0]["new_tokens"]
@@ -144,24 +149,43 @@ def _mib(n: float | None) -> str:
     return f"{n / 2**20:.0f}" if n >= 10 * 2**20 or n == 0 else f"{n / 2**20:.2f}"
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
 def format_table(rows: list[dict[str, Any]], with_bound: bool = False) -> str:
     extra_head, extra = extra_columns(rows, with_bound)
-    head = (f"{'config':<28} {'tok/s med':>9} {'min':>6} {'max':>6} {'TTFT s':>7} {'RSS MiB':>8} {'hit':>6} "
-            f"{'pf prec':>7} {'pf rec':>7} {'load MiB/tok':>12} {'disk MiB/tok':>12}{extra_head}  memory")
+    head = (f"{'config':<28} {'tok/s med':>9} {'min':>6} {'max':>6} {'TTFT s':>7} {'load s':>7} {'load RSS':>8} "
+            f"{'RSS MiB':>8} {'cg peak':>8} {'hit':>6} {'pf prec':>7} {'pf rec':>7} {'load MiB/tok':>12} "
+            f"{'disk MiB/tok':>12}{extra_head}  memory")
     lines = [head, "-" * len(head)]
     for r, cells in zip(rows, extra, strict=True):
         if "decode_tps" not in r:
             lines.append(f"{r['config']:<28} FAILED: {(r.get('error') or '').splitlines()[0]}  {r['memory']}")
             continue
         t = r["decode_tps"]
-
-        def pct(v: float | None) -> str:
-            return "-" if v is None else f"{v:.1%}"
-
+        load_s = r.get("load_seconds")
         lines.append(f"{r['config']:<28} {t['median']:>9.2f} {t['min']:>6.2f} {t['max']:>6.2f} {r['ttft_s']:>7.3f} "
-                     f"{_mib(r['peak_rss_bytes']):>8} {pct(r['hit_rate']):>6} {pct(r['prefetch_precision']):>7} "
-                     f"{pct(r['prefetch_recall']):>7} {_mib(r['loaded_bytes_per_token']):>12} "
+                     f"{'-' if load_s is None else f'{load_s:.1f}':>7} {_mib(r.get('load_peak_rss_bytes')):>8} "
+                     f"{_mib(r['peak_rss_bytes']):>8} {_mib(r.get('cgroup_peak_bytes')):>8} "
+                     f"{_pct(r['hit_rate']):>6} {_pct(r['prefetch_precision']):>7} "
+                     f"{_pct(r['prefetch_recall']):>7} {_mib(r['loaded_bytes_per_token']):>12} "
                      f"{_mib(r['disk_bytes_per_token']):>12}{cells}  {r['memory']}")
+    return "\n".join(lines)
+
+
+def format_bounds(rows: list[dict[str, Any]]) -> str:
+    """The decode window only (the tokens tok/s counts): hit rate, bytes that had to be read and were read per
+    token, and the tok/s bound those bytes and the resident compute time allow."""
+    head = (f"{'config':<28} {'tok/s med':>9} {'dec hit':>7} {'must-read MiB/tok':>17} {'disk MiB/tok':>12} "
+            f"{'bound tok/s':>11} {'of bound':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "disk_bound_tps" in r:
+            tps, bound = r["decode_tps"]["median"], r["disk_bound_tps"]
+            lines.append(f"{r['config']:<28} {tps:>9.2f} {_pct(r.get('decode_hit_rate')):>7} "
+                         f"{_mib(r['must_read_bytes_per_token']):>17} {_mib(r.get('decode_disk_bytes_per_token')):>12} "
+                         f"{'-' if bound is None else f'{bound:.2f}':>11} {_pct(tps / bound if bound else None):>8}")
     return "\n".join(lines)
 
 
@@ -178,7 +202,7 @@ def measure_runtime_baseline(log_dir: Path) -> int:
     """RSS of a worker after importing torch, transformers and this package, with no model loaded."""
     code = ("import torch, transformers, mixtral_offload_plugin.runtime.loading;"
             "from mixtral_offload_plugin.tools.bench_worker import _peak_rss; print(_peak_rss())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)  # noqa: S603
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -208,67 +232,108 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         else:
             limit = parse_size(args.memory_limit)
         meta["memory_limit_bytes"] = limit
+    if args.bound and any(c.offload.get("store") in ("disk", "mmap") for c in configs):
+        meta["disk_rate"] = measure_disk_rate(path, limit)
     weight_budget = trunk + expert_bytes // 2  # accelerate's max_memory: what our k=E/2 configuration keeps in RAM
     n_ours = sum(c.engine == "ours" for c in configs)
-    workers: list[tuple[Worker, str, MemoryGroup | None]] = []
+    started: dict[int, tuple[Worker, str, MemoryGroup | None]] = {}
     rows_in: dict[int, dict[str, Any]] = {}
+    rows: dict[int, dict[str, Any]] = {}
+    meta["schedule"] = _schedule(args.schedule, configs, limit, trunk + expert_bytes)
     bar = tqdm(total=len(configs) * (1 + args.repeats), desc="bench", unit="step",
                disable=args.quiet or not sys.stderr.isatty() and not args.progress)
+
+    def start(i: int, cfg: BenchConfig) -> None:
+        group, memory = None, "unlimited"
+        if limit is not None and cfg.limited:
+            group = MemoryGroup(f"mixtral-bench-{os.getpid()}-{i}", limit)
+            memory = (f"cgroup {limit / 2**30:.2f} GiB" if group.ok else
+                      f"page-cache eviction only (no cgroup: {group.why})")
+        elif limit is not None:
+            memory = "unlimited (holds all weights in RAM by design)"
+        spec = {"model": str(path), "engine": cfg.engine, "offload": cfg.offload, "dtype": cfg.dtype,
+                "device": cfg.device,
+                "cold": cfg.cold or (limit is not None and cfg.limited and not (group and group.ok)),
+                "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "threads": args.threads,
+                "weight_budget": weight_budget, "trace": _trace_path(args.record_routing, cfg, n_ours),
+                "scratch": str(log_dir / f"scratch-{i}"), "record_tokens": max(8, args.check_tokens or 0)}
+        if cfg.model:
+            spec["model"] = cfg.model
+        if cfg.engine == "llamacpp":
+            made = ggufs[Path(spec["model"]), cfg.dtype]
+            spec.update(gguf=str(made.path), gguf_vocab=made.vocab)
+        bar.set_postfix_str(f"loading {cfg.label}")
+        w = Worker(cfg, spec, group, log_dir)
+        started[i] = (w, memory, group)
+        rows_in[i] = {"load": w.receive(), "reps": []}
+        bar.update(1)
+
+    def repeat(i: int, rep: int) -> None:
+        w = started[i][0]
+        bar.set_postfix_str(f"{w.cfg.label} rep {rep + 1}")
+        res = w.ask("run")
+        if res is not None:
+            rows_in[i]["reps"].append(res)
+        bar.update(1)
+
+    def finish(i: int) -> None:
+        w, memory, group = started.pop(i)
+        final = w.close() if w.error is None else None
+        peak = group.peak() if group is not None and group.ok else None
+        rows[i] = _summary(w.cfg, rows_in.get(i, {}).get("load"), rows_in.get(i, {}).get("reps", []), final,
+                           memory, peak, w.error)
+        if group is not None:
+            group.remove()
+        shutil.rmtree(log_dir / f"scratch-{i}", ignore_errors=True)  # also when the worker was killed
+
     try:
-        for i, cfg in enumerate(configs):
-            group, memory = None, "unlimited"
-            if limit is not None and cfg.limited:
-                group = MemoryGroup(f"mixtral-bench-{os.getpid()}-{i}", limit)
-                memory = (f"cgroup {limit / 2**30:.2f} GiB" if group.ok else
-                          f"page-cache eviction only (no cgroup: {group.why})")
-            elif limit is not None:
-                memory = "unlimited (holds all weights in RAM by design)"
-            spec = {"model": str(path), "engine": cfg.engine, "offload": cfg.offload, "dtype": cfg.dtype,
-                    "device": cfg.device,
-                    "cold": cfg.cold or (limit is not None and cfg.limited and not (group and group.ok)),
-                    "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "threads": args.threads,
-                    "weight_budget": weight_budget, "trace": _trace_path(args.record_routing, cfg, n_ours),
-                    "scratch": str(log_dir / f"scratch-{i}"), "record_tokens": max(8, args.check_tokens or 0)}
-            if cfg.model:
-                spec["model"] = cfg.model
-            if cfg.engine == "llamacpp":
-                made = ggufs[Path(spec["model"]), cfg.dtype]
-                spec.update(gguf=str(made.path), gguf_vocab=made.vocab)
-            bar.set_postfix_str(f"loading {cfg.label}")
-            w = Worker(cfg, spec, group, log_dir)
-            workers.append((w, memory, group))
-            rows_in[i] = {"load": w.receive(), "reps": []}
-            bar.update(1)
-        for rep in range(args.repeats):
-            for i, (w, _, _) in enumerate(workers):
-                bar.set_postfix_str(f"{w.cfg.label} rep {rep + 1}")
-                res = w.ask("run")
-                if res is not None:
-                    rows_in[i]["reps"].append(res)
-                bar.update(1)
+        if meta["schedule"].startswith("interleaved"):
+            for i, cfg in enumerate(configs):
+                start(i, cfg)
+            for rep in range(args.repeats):
+                for i in range(len(configs)):
+                    repeat(i, rep)
+        else:  # one worker alive at a time: the machine cannot hold them all
+            for i, cfg in enumerate(configs):
+                start(i, cfg)
+                for rep in range(args.repeats):
+                    repeat(i, rep)
+                finish(i)
     finally:
-        rows = []
-        for i, (w, memory, group) in enumerate(workers):
-            final = w.close() if w.error is None else None
-            peak = group.peak() if group is not None and group.ok else None
-            rows.append(_summary(w.cfg, rows_in.get(i, {}).get("load"), rows_in.get(i, {}).get("reps", []), final,
-                                 memory, peak, w.error))
-            if group is not None:
-                group.remove()
-            shutil.rmtree(log_dir / f"scratch-{i}", ignore_errors=True)  # also when the worker was killed
+        for i in list(started):
+            finish(i)
         bar.close()
+    rows_list = [rows[i] for i in sorted(rows)]
     meta["loadavg_after"] = os.getloadavg()
     if args.bandwidth:
         meta["bandwidth_after"] = measure_in_child(parse_size(args.bandwidth), args.threads)["bytes_per_second"]
         meta["bandwidth"] = max(meta["bandwidth_before"], meta["bandwidth_after"])
-    ref = annotate(rows, meta.get("bandwidth"), args.check_tokens or 8)
+    ref = annotate(rows_list, meta.get("bandwidth"), args.check_tokens or 8)
     meta["reference"] = ref["config"] if ref else None
     if args.check_tokens:
-        meta["check_failures"] = failed_checks(rows, ref)
-    if all(r["error"] is None for r in rows):
+        meta["check_failures"] = failed_checks(rows_list, ref)
+    if "disk_rate" in meta:
+        compute_s = args.compute_ms / 1000 if args.compute_ms is not None else resident_compute_seconds(rows_list)
+        meta["compute_s_per_token"] = compute_s
+        add_bounds(rows_list, meta["disk_rate"]["rate"], compute_s)
+    if all(r["error"] is None for r in rows_list):
         shutil.rmtree(log_dir, ignore_errors=True)
         meta["logs"] = None
-    return rows, meta
+    return rows_list, meta
+
+
+def _schedule(choice: str, configs: list[BenchConfig], limit: int | None, model_bytes: int) -> str:
+    """Interleaved (every worker loaded at once, repeats taken in turn) when the machine holds them all; else
+    sequential (one configuration at a time: load, repeats, exit), which loses the interleaving but never makes
+    the workers' memory groups add up past the machine's memory (the kernel would kill one, or another job)."""
+    import psutil
+
+    need = sum(limit if limit is not None and c.limited else model_bytes + (1 << 30) for c in configs)
+    avail = psutil.virtual_memory().available
+    if choice == "interleaved" or (choice == "auto" and need <= 0.9 * avail):
+        return "interleaved"
+    why = f"{need / 2**30:.1f} GiB for all workers at once, {avail / 2**30:.1f} GiB available"
+    return f"sequential ({why})" if choice == "auto" else "sequential (asked)"
 
 
 def _with_reference(configs: list[BenchConfig], check_tokens: int | None) -> list[BenchConfig]:
@@ -299,9 +364,12 @@ def _split_configs(text: str) -> list[str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded demo model)")
-    p.add_argument("--synthetic", choices=sorted(SYNTHETIC), default=None,
-                   help="build (once, cached) a random-weight model: mid = hidden 1024, intermediate 3584, 8 layers, "
-                        "8 experts top-2, vocab 32000, bf16; tiny = a 2-layer smoke-test model")
+    p.add_argument("--synthetic", default=None, metavar="SPEC",
+                   help="build (once, in --cache-dir) and benchmark a seeded random model: NAME[:key=value,...] with "
+                        "NAME mixtral-8x7b (real shapes; offload format, 2-bit g16 experts + 4-bit attention), "
+                        "mixtral-8x22b, mid (hidden 1024, 8 layers, 8 experts, vocab 32000, bf16) or tiny, and "
+                        "overrides of the shape, seed and format, e.g. mixtral-8x7b:layers=2, "
+                        "mid:format=offload,expert_bits=4,expert_group_size=64 (see `mixtral-offload synth --help`)")
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help="comma-separated configurations: resident, host-kN and disk-kN[-cold] (LRU, no prefetch; "
                         "-prefetch: LRU + gate prefetch; -default: OffloadConfig's default policy and prefetch), "
@@ -312,17 +380,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--model, e.g. a folder made by convert; name=LABEL), e.g. disk-k4-cold-prefetch:prefetch_depth=2 "
                         "(default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (default: 3)")
+    p.add_argument("--schedule", default="auto", choices=("auto", "interleaved", "sequential"),
+                   help="interleaved: all workers loaded, repeats taken in turn (drift spreads over every row); "
+                        "sequential: one configuration at a time; auto: interleaved when the machine holds every "
+                        "worker at once (each memory group counted at its limit), else sequential")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per repeat (default: 64)")
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens (default: 16)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
     p.add_argument("--memory-limit", default=None, metavar="SIZE",
                    help="run the offloaded configurations (disk-*, accelerate-*) in a memory cgroup of SIZE "
                         "(e.g. 1.5G), or 'half' = worker runtime + 256 MiB working memory + trunk + half the experts")
+    p.add_argument("--no-bound", dest="bound", action="store_false",
+                   help="do not measure the disk's cold read rate (inside the memory group) nor report each offloaded "
+                        "row's tok/s bound: must-read bytes per token / read rate + compute at the resident speed")
+    p.add_argument("--compute-ms", type=float, default=None, metavar="MS",
+                   help="decode compute per token for the bound (default: the `resident` row's, if the run has one)")
     p.add_argument("--record-routing", default=None, metavar="FILE",
                    help="record our configurations' routing (and prefetch guesses) as JSON lines")
     p.add_argument("--cache-dir", default=None,
-                   help="where --synthetic models and the llama.cpp rows' GGUF files are cached (default: "
-                        "$MIXTRAL_OFFLOAD_CACHE or <temp dir>/mixtral-offload)")
+                   help="where --synthetic models are built and kept, and the llama.cpp rows' GGUF files cached "
+                        "(default: $MIXTRAL_OFFLOAD_CACHE or <temp dir>/mixtral-offload)")
     p.add_argument("--llamacpp-converter", default=None, metavar="DIR",
                    help="llama.cpp's converter folder (convert_hf_to_gguf.py + gguf-py/) for the llamacpp rows "
                         "(default: $MIXTRAL_OFFLOAD_LLAMACPP_CONVERTER, else where scripts/build_llama_cpp.sh put it)")
@@ -379,12 +456,19 @@ def main(args: argparse.Namespace) -> int:
         return 2
     print(f"model {meta['model']}: {meta['experts']} experts, trunk {_mib(meta['trunk_bytes'])} MiB, experts "
           f"{_mib(meta['expert_bytes_total'])} MiB; {meta['prompt_tokens']}-token prompt, {meta['new_tokens']} new "
-          f"tokens, greedy, {meta['repeats']} interleaved repeats; load average {meta['loadavg_before'][0]:.2f}"
+          f"tokens, greedy, {meta['repeats']} repeats, {meta['schedule']}; load average {meta['loadavg_before'][0]:.2f}"
           f" -> {meta['loadavg_after'][0]:.2f}")
     if "memory_limit_bytes" in meta:
         print(f"memory limit {meta['memory_limit_bytes'] / 2**30:.2f} GiB" +
               (f" ({meta['memory_limit_rule']})" if "memory_limit_rule" in meta else ""))
+    if "disk_rate" in meta:
+        d, c = meta["disk_rate"], meta.get("compute_s_per_token")
+        print(f"disk: {d['rate'] / 2**20:.0f} MiB/s cold sequential read ({d['method']}, {d['bytes'] / 2**20:.0f} MiB, "
+              f"{d['memory']}); bound = must-read MiB/tok / that rate + compute "
+              + (f"{c * 1e3:.1f} ms/token (resident speed)" if c else "unknown (no resident row: disk time only)"))
     print(format_table(rows, with_bound=bool(args.bandwidth)))
+    if any("disk_bound_tps" in r for r in rows):
+        print(format_bounds(rows))
     _print_notes(meta)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

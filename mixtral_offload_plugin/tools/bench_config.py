@@ -1,7 +1,7 @@
 """`mixtral-offload bench` configurations and models: the presets (`resident`, `host-kN`,
 `disk-kN[-cold][-prefetch|-default]`, transformers, accelerate and llama.cpp baselines) with `:key=value` overrides,
-the synthetic models, and the checkpoint sizes the memory budget is computed from (read from safetensors headers or
-the offload manifest; no weight is loaded).
+the model (a folder, or a synthetic spec built once into the cache directory by tools/synth.py), and the checkpoint
+sizes the memory budget is computed from (read from safetensors headers or the offload manifest; no weight is loaded).
 
 Only the standard library at top level; knows nothing about processes, interleaving or the table (bench.py).
 """
@@ -10,25 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .gguf import TYPES as LLAMACPP_TYPES
 
-SYNTHETIC = {  # make_random_mixtral arguments
-    "mid": {"hidden": 1024, "intermediate": 3584, "layers": 8, "experts": 8, "top_k": 2, "heads": 8,
-            "kv_heads": 2, "vocab": 32000, "context": 4096, "dtype": "bfloat16", "std": 0.02},
-    "tiny": {"hidden": 64, "intermediate": 128, "layers": 2, "experts": 4, "top_k": 2, "heads": 4,
-             "kv_heads": 2, "vocab": 128, "context": 256, "dtype": "float32", "std": 0.2},
-}
 DEFAULT_CONFIGS = "transformers-bf16,resident,host-k4,disk-k4-cold,disk-k4-cold-prefetch,disk-k4-cold-default"
-_OURS_RE = re.compile(r"^(host|disk)-k(\d+)(-cold)?(-prefetch|-default)?$")
+_OURS_RE = re.compile(r"^(host|disk)-(k\d+|auto)(-cold)?(-prefetch|-default)?$")
 # the cache presets pin their policy and prefetcher (LRU alone; LRU + gate prefetch), so a row means what it meant
 # when the tables were measured; "-default" takes OffloadConfig's defaults (history policy, gate+history prefetch)
 _PRESET_CACHE = {None: {"policy": "lru", "prefetch": "none"}, "-prefetch": {"policy": "lru", "prefetch": "gate"},
@@ -70,8 +61,9 @@ def _coerce(value: str) -> Any:
 
 
 def parse_config(spec: str) -> BenchConfig:
-    """`preset[:key=value...]`: presets resident, host-kN, disk-kN[-cold][-prefetch|-default], transformers-bf16,
-    transformers-fp32, accelerate-disk, llamacpp-TYPE; keys are OffloadConfig fields plus cold, limit, device (any
+    """`preset[:key=value...]`: presets resident, host-kN, disk-kN[-cold][-prefetch|-default] (disk-auto...: the
+    memory plan picks the cache size), mmap[-cold] (the page-cache baseline), transformers-bf16, transformers-fp32,
+    accelerate-disk, llamacpp-TYPE; keys are OffloadConfig fields plus cold, limit, device (any
     engine), model (this row's checkpoint folder) and name (its label in the table)."""
     name, *parts = spec.split(":")
     overrides: list[str] = []
@@ -84,8 +76,12 @@ def parse_config(spec: str) -> BenchConfig:
     if name == "resident":
         cfg = BenchConfig(spec, "ours", {"store": "auto"})
     elif m:
-        offload = {"store": m[1], "experts_per_layer": int(m[2]), **_PRESET_CACHE[m[4]]}
+        offload: dict[str, Any] = {"store": m[1], **_PRESET_CACHE[m[4]]}
+        if m[2] != "auto":
+            offload["experts_per_layer"] = int(m[2][1:])
         cfg = BenchConfig(spec, "ours", offload, cold=bool(m[3]), limited=m[1] == "disk")
+    elif name in ("mmap", "mmap-cold"):  # llama.cpp's design: the expert files mapped, the page cache as the cache
+        cfg = BenchConfig(spec, "ours", {"store": "mmap"}, cold=name == "mmap-cold", limited=True)
     elif name in ("transformers-bf16", "transformers-fp32", "transformers"):
         dtype = {"transformers-bf16": "bfloat16", "transformers-fp32": "float32"}.get(name, "auto")
         cfg = BenchConfig(spec, "transformers", dtype=dtype)
@@ -99,7 +95,8 @@ def parse_config(spec: str) -> BenchConfig:
         cfg = BenchConfig(spec, "llamacpp", dtype=qtype)
     else:
         msg = (f"unknown bench configuration {name!r}: use resident, host-kN, disk-kN[-cold][-prefetch|-default], "
-               "transformers-bf16, transformers-fp32, accelerate-disk, accelerate-disk-warm or llamacpp-TYPE, "
+               "disk-auto[-cold][-prefetch|-default], mmap[-cold], transformers-bf16, transformers-fp32, "
+               "accelerate-disk, accelerate-disk-warm or llamacpp-TYPE, "
                "optionally followed by :key=value overrides (OffloadConfig fields, cold, limit, device, model, name)")
         raise ValueError(msg)
     for item in overrides:
@@ -137,10 +134,6 @@ def parse_config(spec: str) -> BenchConfig:
 
 
 # -- model and budget ------------------------------------------------------------------------------------------------
-def _cache_root() -> Path:
-    return Path(os.environ.get("MIXTRAL_OFFLOAD_CACHE", Path(tempfile.gettempdir()) / "mixtral-offload"))
-
-
 def resolve_model(args: argparse.Namespace) -> Path:
     if args.model and args.synthetic:
         msg = "give either --model or --synthetic, not both"
@@ -152,19 +145,10 @@ def resolve_model(args: argparse.Namespace) -> Path:
             raise ValueError(msg)
         return path
     if args.synthetic:
-        spec = dict(SYNTHETIC[args.synthetic])
-        out = Path(args.cache_dir or _cache_root()) / f"bench-{args.synthetic}"
-        if not (out / "config.json").exists():
-            import torch
+        from ..models.synthetic import parse_spec
+        from .synth import ensure_synthetic
 
-            from ..models.synthetic import make_random_mixtral
-
-            spec["dtype"] = getattr(torch, spec["dtype"])
-            tmp = out.with_name(out.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            make_random_mixtral(tmp, seed=0, **spec)
-            tmp.rename(out)
-        return out
+        return ensure_synthetic(parse_spec(args.synthetic), args.cache_dir)
     from ..models.demo_model import default_model_path
 
     return default_model_path()

@@ -77,13 +77,17 @@ def _prompt_ids(path: Path, n: int, vocab: int) -> list[int]:
 
 
 class _Clock:
-    """A streamer that only timestamps: put() is called with the prompt, then once per new token."""
+    """A streamer that only timestamps: put() is called with the prompt, then once per new token. `on_first` runs at
+    the first new token: the start of the decode window tokens/s is measured over."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_first: Any = None) -> None:
         self.times: list[float] = []
+        self.on_first = on_first
 
     def put(self, value: Any) -> None:
         self.times.append(time.perf_counter())
+        if len(self.times) == 2 and self.on_first is not None:
+            self.on_first()
 
     def end(self) -> None:
         pass
@@ -167,6 +171,7 @@ def worker_main(spec: dict[str, Any]) -> int:
         t0 = time.perf_counter()
         model, files, resolved = _load(spec, scratch)
         load_seconds = time.perf_counter() - t0
+        load_rss = _peak_rss()  # the high-water mark of loading, before any token
         ours = spec["engine"] == "ours"
         vocab = model.config.get_text_config().vocab_size
         ids = torch.tensor([_prompt_ids(Path(spec["model"]), spec["prompt_tokens"], vocab)], device=model.device)
@@ -184,6 +189,7 @@ def worker_main(spec: dict[str, Any]) -> int:
 
                 recorder = RoutingRecorder(model, spec["trace"])
         send({"load_seconds": load_seconds, "resolved": resolved, "weight_bytes": _weight_bytes(model),
+              "load_peak_rss_bytes": load_rss,
               "rss_after_load_bytes": _peak_rss()})
         for line in sys.stdin:
             if line.strip() != "run":
@@ -195,7 +201,12 @@ def worker_main(spec: dict[str, Any]) -> int:
                     _evict(files)
             before = model.offload_stats() if ours else None
             disk0 = _proc_read_bytes()
-            clock = _Clock()
+            mark: dict[str, Any] = {}
+
+            def first_token(mark: dict[str, Any] = mark) -> None:
+                mark.update(disk=_proc_read_bytes(), stats=model.offload_stats() if ours else None)
+
+            clock = _Clock(first_token)
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -214,13 +225,22 @@ def worker_main(spec: dict[str, Any]) -> int:
                 "tokens": seqs[0, ids.shape[1]:].tolist()[:int(spec.get("record_tokens") or 8)],
                 "disk_bytes_per_token": (disk1 - disk0) / new if disk0 is not None and disk1 is not None else None,
                 "peak_rss_bytes": _peak_rss(), "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+            if new > 1 and mark.get("disk") is not None and disk1 is not None:  # the decode window only
+                res["decode_disk_bytes_per_token"] = (disk1 - mark["disk"]) / (new - 1)
             if ours:
                 st = model.offload_stats().minus(before)
+                loads = sum(s.loads for s in st.layers.values())
+                per_load = st.bytes_loaded / loads if loads else 0.0
                 res.update({"hit_rate": st.hit_rate, "prefetch_precision": st.prefetch_precision
                             if st.prefetch_issued else None,
                             "prefetch_recall": st.prefetch_hits / (st.prefetch_hits + st.misses)
                             if st.prefetch_issued and st.prefetch_hits + st.misses else None,
                             "loaded_bytes_per_token": st.bytes_loaded / new, "hits": st.hits, "misses": st.misses})
+                if new > 1 and mark.get("stats") is not None:  # the decode window tokens/s is measured over
+                    dec = model.offload_stats().minus(mark["stats"])
+                    # what had to come from disk: experts missing when routed, or loaded early and then used
+                    res.update({"decode_hit_rate": dec.hit_rate,
+                                "must_read_bytes_per_token": (dec.misses + dec.prefetch_hits) * per_load / (new - 1)})
             send(res)
         if recorder is not None:
             recorder.close()

@@ -12,7 +12,7 @@ import torch
 
 from .. import plugins
 from ..config import OffloadConfig
-from ..runtime.memory import fmt, kv_bytes, make_plan
+from ..runtime.memory import fmt, kv_bytes, make_plan, mapped_plan
 
 
 def expert_bytes_estimate(model_config: Any, bits: int, group: int, dtype_bytes: int, quant_scales: bool) -> int:
@@ -73,10 +73,15 @@ def describe_checkpoint(path: str | Path, config: OffloadConfig) -> dict[str, An
         trunk = trunk_file.stat().st_size if trunk_file.exists() else trunk
     if hasattr(ckpt, "resident_trunk_bytes"):  # stored quantized, held dequantized
         trunk = ckpt.resident_trunk_bytes(db)
-    plan = make_plan(config,
-                     device=device, layers=moe_layers, experts=experts, top_k=top_k, expert_bytes=ebytes,
-                     total_expert_bytes=total_experts, trunk_bytes=trunk, kv=kv,
-                     store_in_ram=config.store in ("host", "auto"))
+    if config.store != "auto" and getattr(plugins.resolve("store", config.store)[0], "mapped", False):
+        per_expert = total_experts // max(moe_layers * experts, 1)
+        plan = mapped_plan(config, device=device, layers=moe_layers, experts=experts, top_k=top_k,
+                           workspace=max(ebytes - per_expert, 0), trunk_bytes=trunk, kv=kv)
+    else:
+        plan = make_plan(config,
+                         device=device, layers=moe_layers, experts=experts, top_k=top_k, expert_bytes=ebytes,
+                         total_expert_bytes=total_experts, trunk_bytes=trunk, kv=kv,
+                         store_in_ram=config.store == "host")
     quantization = ckpt.describe() if hasattr(ckpt, "describe") else None
     ckpt.close()
     return {
@@ -90,6 +95,7 @@ def describe_checkpoint(path: str | Path, config: OffloadConfig) -> dict[str, An
         "bytes_per_cache_slot": slot_note or fmt(ebytes), "all_experts": fmt(total_experts), "trunk": fmt(trunk),
         "kv_cache": f"{fmt(kv)} for {config.context_length} tokens",
         "plan": plan.describe(),
-        "plan_cache": (f"{plan.experts_per_layer} experts/layer" if plan.experts_per_layer is not None
-                       else f"{plan.global_slots} global slots") + (" (all resident)" if plan.resident else ""),
+        "plan_cache": ("none (experts computed from the mapped files)" if plan.slots == 0 else
+                       (f"{plan.experts_per_layer} experts/layer" if plan.experts_per_layer is not None
+                        else f"{plan.global_slots} global slots") + (" (all resident)" if plan.resident else "")),
     }

@@ -19,6 +19,10 @@ def test_parse_config_presets_and_overrides() -> None:
     assert parse_config("disk-k2-default").offload == {"store": "disk", "experts_per_layer": 2}
     assert parse_config("transformers-fp32").dtype == "float32"
     assert parse_config("accelerate-disk").limited
+    auto = parse_config("disk-auto-cold-prefetch")
+    assert auto.offload == {"store": "disk", "policy": "lru", "prefetch": "gate"} and auto.cold and auto.limited
+    mm = parse_config("mmap-cold")
+    assert (mm.offload, mm.cold, mm.limited) == ({"store": "mmap"}, True, True)
     with pytest.raises(ValueError, match="unknown bench configuration 'fast'"):
         parse_config("fast")
     with pytest.raises(ValueError, match="not key=value"):
@@ -47,12 +51,12 @@ def test_bench_smoke(tmp_path, capsys) -> None:
     trace = tmp_path / "trace.jsonl"
     rc = main(["bench", "--synthetic", "tiny", "--cache-dir", str(tmp_path), "--repeats", "1", "--new-tokens", "4",
                "--prompt-tokens", "3", "--threads", "1", "--quiet", "--json", str(out), "--record-routing", str(trace),
-               "--configs", "resident:device=cpu,disk-k2-cold-prefetch,accelerate-disk"])
+               "--configs", "resident:device=cpu,disk-k2-cold-prefetch,accelerate-disk,mmap-cold"])
     assert rc == 0, capsys.readouterr()
     data = json.loads(out.read_text())
     rows = {r["config"]: r for r in data["rows"]}
     rows["resident"] = rows.pop("resident:device=cpu")
-    assert set(rows) == {"resident", "disk-k2-cold-prefetch", "accelerate-disk"}
+    assert set(rows) == {"resident", "disk-k2-cold-prefetch", "accelerate-disk", "mmap-cold"}
     assert {r["device"] for r in rows.values()} == {"cpu"} and rows["resident"]["peak_gpu_bytes"] is None
     for r in rows.values():
         assert r["error"] is None
@@ -64,7 +68,29 @@ def test_bench_smoke(tmp_path, capsys) -> None:
     assert 0 <= ours["hit_rate"] <= 1 and ours["loaded_bytes_per_token"] > 0
     assert ours["prefetch_precision"] is not None and ours["prefetch_recall"] is not None
     assert rows["resident"]["hit_rate"] == 1.0
+    # the bound: the disk's cold read rate was measured, compute time taken from the resident row
+    assert data["meta"]["disk_rate"]["rate"] > 0 and data["meta"]["compute_s_per_token"] > 0
+    for name in ("disk-k2-cold-prefetch", "mmap-cold"):
+        assert rows[name]["disk_bound_tps"] > 0 and rows[name]["must_read_bytes_per_token"] >= 0
+    assert rows["mmap-cold"]["load_peak_rss_bytes"] > 0
     # two of ours record: one trace per configuration, named after it
     assert '"phase": "decode"' in (tmp_path / "trace.disk-k2-cold-prefetch.jsonl").read_text()
     assert (tmp_path / "trace.resident_device_cpu.jsonl").exists()
     assert "tok/s med" in capsys.readouterr().out
+
+
+def test_schedule_runs_one_worker_at_a_time_when_they_do_not_fit(monkeypatch) -> None:
+    """Three workers in 12 GiB groups on a machine with 20 GiB free must not be alive together."""
+    import psutil
+
+    from mixtral_offload_plugin.tools.bench import _schedule
+
+    class Mem:
+        available = 20 << 30
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Mem)
+    limited = [parse_config(c) for c in ("disk-auto-cold", "disk-auto-cold-prefetch", "mmap-cold")]
+    assert _schedule("auto", limited, 12 << 30, 18 << 30).startswith("sequential (36.0 GiB for all workers")
+    assert _schedule("auto", limited[:1], 12 << 30, 18 << 30) == "interleaved"
+    assert _schedule("auto", [parse_config("resident")] * 2, None, 1 << 30) == "interleaved"
+    assert _schedule("sequential", limited[:1], None, 1 << 30) == "sequential (asked)"
