@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import threading
+import weakref
 from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,10 @@ class DiskStore:
         self.bytes_read = 0
         self.direct = direct and hasattr(os, "O_DIRECT")
         self._direct_fds: dict[Path, int | None] = {}
+        # Closes the files and removes an owned root when the store is closed or garbage-collected, so a store that
+        # nobody closed leaves no temporary directory or open descriptor behind.
+        self._finalizer = weakref.finalize(self, _release, self._fds, self._direct_fds,
+                                           self.root if self.owned else None)
         self._sizes: dict[Path, int] = {}
 
     def _fd(self, path: Path, write: bool = False) -> int:
@@ -292,15 +297,19 @@ class DiskStore:
 
     def close(self) -> None:
         with self._lock:
-            for fd in [*self._fds.values(), *(d for d in self._direct_fds.values() if d is not None)]:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            self._fds.clear()
-            self._direct_fds.clear()
-            if self.owned:
-                shutil.rmtree(self.root, ignore_errors=True)
+            self._finalizer()
+
+
+def _release(fds: dict[Path, int], direct_fds: dict[Path, int | None], owned_root: Path | None) -> None:
+    for fd in [*fds.values(), *(d for d in direct_fds.values() if d is not None)]:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+    direct_fds.clear()
+    if owned_root is not None:
+        shutil.rmtree(owned_root, ignore_errors=True)
 
 
 def _mincore() -> object | None:

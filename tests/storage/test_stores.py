@@ -95,3 +95,33 @@ def test_mmap_store_has_no_prefetcher(tiny_mixtral: Path) -> None:
     assert model._offload_runtime.prefetcher is None
     model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=2, do_sample=False, pad_token_id=0)
     model.unload()
+
+
+def test_owned_store_removes_its_directory_when_closed_or_collected(tmp_path: Path) -> None:
+    import gc
+
+    experts = _experts(2)
+    closed = DiskStore()
+    for e, p in enumerate(experts):
+        closed.put((0, e), p)
+    out = _aligned(experts[0].nbytes)
+    closed.read_into((0, 0), out)
+    assert torch.equal(out[:experts[0].nbytes], experts[0].data)
+    closed_root = closed.root
+    assert any(closed_root.iterdir())
+    closed.close()
+    closed.close()  # idempotent
+    assert not closed_root.exists()
+
+    forgotten = DiskStore()
+    forgotten.put((0, 0), experts[0])
+    forgotten.read_into((0, 0), out)
+    forgotten_root = forgotten.root
+    del forgotten
+    gc.collect()
+    assert not forgotten_root.exists()
+
+    borrowed = DiskStore(tmp_path / "kept", owned=False)
+    borrowed.put((0, 0), experts[0])
+    borrowed.close()
+    assert any((tmp_path / "kept").iterdir())
