@@ -34,7 +34,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from typing import Any
 
 from ..errors import MixtralOffloadError
 from .bandwidth import measure_in_child
-from .bench_compare import annotate, extra_columns, failed_checks
+from .bench_compare import annotate, failed_checks
 from .bench_config import (
     _BUDGETED,
     DEFAULT_CONFIGS,
@@ -53,6 +52,7 @@ from .bench_config import (
     parse_config,
     resolve_model,
 )
+from .bench_report import format_table, mib, print_report, summarize_row
 from .cgroups import CGROUP_ROOT, MemoryGroup
 from .disk_rate import add_bounds, measure_disk_rate, resident_compute_seconds
 from .gguf import find_converter
@@ -115,80 +115,6 @@ class Worker:
 
 
 
-def _summary(cfg: BenchConfig, load: dict[str, Any] | None, reps: list[dict[str, Any]], final: dict[str, Any] | None,
-             memory: str, group_peak: int | None, error: str | None) -> dict[str, Any]:
-    row: dict[str, Any] = {"config": cfg.label, "engine": cfg.engine, "offload": cfg.offload, "dtype": cfg.dtype,
-                           "device": cfg.device, "cold": cfg.cold, "memory": memory, "repeats": reps, "error": error,
-                           "model": cfg.model}
-    if load:
-        row["load_seconds"] = load.get("load_seconds")
-        row["load_peak_rss_bytes"] = load.get("load_peak_rss_bytes")
-        row["resolved"] = load.get("resolved")
-        row["weight_bytes"] = load.get("weight_bytes")
-    tps = [r["decode_tps"] for r in reps]
-    if tps:
-        row["decode_tps"] = {"median": statistics.median(tps), "min": min(tps), "max": max(tps)}
-        row["ttft_s"] = statistics.median(r["ttft_s"] for r in reps)
-        for key in ("hit_rate", "prefetch_precision", "prefetch_recall", "loaded_bytes_per_token",
-                    "disk_bytes_per_token", "must_read_bytes_per_token", "decode_hit_rate",
-                    "decode_disk_bytes_per_token"):
-            vals = [r[key] for r in reps if r.get(key) is not None]
-            row[key] = statistics.median(vals) if vals else None
-        row["new_tokens"] = reps[0]["new_tokens"]
-        row["tokens"] = reps[0]["tokens"]
-    row["peak_rss_bytes"] = (final or {}).get("peak_rss_bytes") or max((r["peak_rss_bytes"] for r in reps), default=None)
-    gpu = [r["peak_gpu_bytes"] for r in reps if r.get("peak_gpu_bytes") is not None]
-    row["peak_gpu_bytes"] = max(gpu) if gpu else None
-    row["cgroup_peak_bytes"] = group_peak
-    return row
-
-
-def _mib(n: float | None) -> str:
-    if n is None:
-        return "-"
-    return f"{n / 2**20:.0f}" if n >= 10 * 2**20 or n == 0 else f"{n / 2**20:.2f}"
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{v:.1%}"
-
-
-def format_table(rows: list[dict[str, Any]], with_bound: bool = False) -> str:
-    extra_head, extra = extra_columns(rows, with_bound)
-    head = (f"{'config':<28} {'tok/s med':>9} {'min':>6} {'max':>6} {'TTFT s':>7} {'load s':>7} {'load RSS':>8} "
-            f"{'RSS MiB':>8} {'cg peak':>8} {'hit':>6} {'pf prec':>7} {'pf rec':>7} {'load MiB/tok':>12} "
-            f"{'disk MiB/tok':>12}{extra_head}  memory")
-    lines = [head, "-" * len(head)]
-    for r, cells in zip(rows, extra, strict=True):
-        if "decode_tps" not in r:
-            lines.append(f"{r['config']:<28} FAILED: {(r.get('error') or '').splitlines()[0]}  {r['memory']}")
-            continue
-        t = r["decode_tps"]
-        load_s = r.get("load_seconds")
-        lines.append(f"{r['config']:<28} {t['median']:>9.2f} {t['min']:>6.2f} {t['max']:>6.2f} {r['ttft_s']:>7.3f} "
-                     f"{'-' if load_s is None else f'{load_s:.1f}':>7} {_mib(r.get('load_peak_rss_bytes')):>8} "
-                     f"{_mib(r['peak_rss_bytes']):>8} {_mib(r.get('cgroup_peak_bytes')):>8} "
-                     f"{_pct(r['hit_rate']):>6} {_pct(r['prefetch_precision']):>7} "
-                     f"{_pct(r['prefetch_recall']):>7} {_mib(r['loaded_bytes_per_token']):>12} "
-                     f"{_mib(r['disk_bytes_per_token']):>12}{cells}  {r['memory']}")
-    return "\n".join(lines)
-
-
-def format_bounds(rows: list[dict[str, Any]]) -> str:
-    """The decode window only (the tokens tok/s counts): hit rate, bytes that had to be read and were read per
-    token, and the tok/s bound those bytes and the resident compute time allow."""
-    head = (f"{'config':<28} {'tok/s med':>9} {'dec hit':>7} {'must-read MiB/tok':>17} {'disk MiB/tok':>12} "
-            f"{'bound tok/s':>11} {'of bound':>8}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        if "disk_bound_tps" in r:
-            tps, bound = r["decode_tps"]["median"], r["disk_bound_tps"]
-            lines.append(f"{r['config']:<28} {tps:>9.2f} {_pct(r.get('decode_hit_rate')):>7} "
-                         f"{_mib(r['must_read_bytes_per_token']):>17} {_mib(r.get('decode_disk_bytes_per_token')):>12} "
-                         f"{'-' if bound is None else f'{bound:.2f}':>11} {_pct(tps / bound if bound else None):>8}")
-    return "\n".join(lines)
-
-
 def _trace_path(base: str | None, cfg: BenchConfig, n_ours: int) -> str | None:
     if not base or cfg.engine != "ours":
         return None
@@ -227,8 +153,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         if args.memory_limit in _BUDGETED:
             baseline = measure_runtime_baseline(log_dir)
             limit = baseline + WORKING_MEMORY + trunk + expert_bytes // 2
-            meta["memory_limit_rule"] = (f"runtime {_mib(baseline)} MiB + working memory {_mib(WORKING_MEMORY)} MiB "
-                                         f"+ trunk {_mib(trunk)} MiB + half the experts {_mib(expert_bytes // 2)} MiB")
+            meta["memory_limit_rule"] = (f"runtime {mib(baseline)} MiB + working memory {mib(WORKING_MEMORY)} MiB "
+                                         f"+ trunk {mib(trunk)} MiB + half the experts {mib(expert_bytes // 2)} MiB")
         else:
             limit = parse_size(args.memory_limit)
         meta["memory_limit_bytes"] = limit
@@ -280,7 +206,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         w, memory, group = started.pop(i)
         final = w.close() if w.error is None else None
         peak = group.peak() if group is not None and group.ok else None
-        rows[i] = _summary(w.cfg, rows_in.get(i, {}).get("load"), rows_in.get(i, {}).get("reps", []), final,
+        rows[i] = summarize_row(w.cfg, rows_in.get(i, {}).get("load"), rows_in.get(i, {}).get("reps", []), final,
                            memory, peak, w.error)
         if group is not None:
             group.remove()
@@ -436,17 +362,6 @@ def _validate(args: argparse.Namespace) -> None:
         find_converter(args.llamacpp_converter)  # llama-cpp-python and its converter are there
 
 
-def _print_notes(meta: dict[str, Any]) -> None:
-    if "bandwidth" in meta:
-        gbs = {k: meta[k] / 1e9 for k in ("bandwidth", "bandwidth_before", "bandwidth_after")}
-        print(f"memory bandwidth {gbs['bandwidth']:.1f} GB/s (best of {gbs['bandwidth_before']:.1f} before and "
-              f"{gbs['bandwidth_after']:.1f} after); bound tok/s = bandwidth / weight bytes read per token")
-    if meta.get("reference"):
-        print(f"agree = how many of the first generated tokens equal {meta['reference']}'s")
-    for line in meta.get("check_failures", []):
-        print(f"check-tokens: {line}")
-
-
 def main(args: argparse.Namespace) -> int:
     try:
         _validate(args)
@@ -454,22 +369,7 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, MixtralOffloadError) as exc:
         print(f"mixtral-offload bench: error: {exc}", file=sys.stderr)
         return 2
-    print(f"model {meta['model']}: {meta['experts']} experts, trunk {_mib(meta['trunk_bytes'])} MiB, experts "
-          f"{_mib(meta['expert_bytes_total'])} MiB; {meta['prompt_tokens']}-token prompt, {meta['new_tokens']} new "
-          f"tokens, greedy, {meta['repeats']} repeats, {meta['schedule']}; load average {meta['loadavg_before'][0]:.2f}"
-          f" -> {meta['loadavg_after'][0]:.2f}")
-    if "memory_limit_bytes" in meta:
-        print(f"memory limit {meta['memory_limit_bytes'] / 2**30:.2f} GiB" +
-              (f" ({meta['memory_limit_rule']})" if "memory_limit_rule" in meta else ""))
-    if "disk_rate" in meta:
-        d, c = meta["disk_rate"], meta.get("compute_s_per_token")
-        print(f"disk: {d['rate'] / 2**20:.0f} MiB/s cold sequential read ({d['method']}, {d['bytes'] / 2**20:.0f} MiB, "
-              f"{d['memory']}); bound = must-read MiB/tok / that rate + compute "
-              + (f"{c * 1e3:.1f} ms/token (resident speed)" if c else "unknown (no resident row: disk time only)"))
-    print(format_table(rows, with_bound=bool(args.bandwidth)))
-    if any("disk_bound_tps" in r for r in rows):
-        print(format_bounds(rows))
-    _print_notes(meta)
+    print_report(rows, meta, with_bound=bool(args.bandwidth))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2, default=str)

@@ -1,0 +1,117 @@
+"""The bench report: one row per configuration from its repeats, the table printed after a run (speed, memory,
+cache and disk columns, the llama.cpp and bandwidth columns of bench_compare.py), the disk-bound table and the notes
+under them. Pure formatting: no processes, no torch."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from .bench_compare import extra_columns
+from .bench_config import BenchConfig
+
+
+def summarize_row(cfg: BenchConfig, load: dict[str, Any] | None, reps: list[dict[str, Any]], final: dict[str, Any] | None,
+                  memory: str, group_peak: int | None, error: str | None) -> dict[str, Any]:
+    """One configuration's row: its settings, load figures and the medians of its repeats."""
+    row: dict[str, Any] = {"config": cfg.label, "engine": cfg.engine, "offload": cfg.offload, "dtype": cfg.dtype,
+                           "device": cfg.device, "cold": cfg.cold, "memory": memory, "repeats": reps, "error": error,
+                           "model": cfg.model}
+    if load:
+        row["load_seconds"] = load.get("load_seconds")
+        row["load_peak_rss_bytes"] = load.get("load_peak_rss_bytes")
+        row["resolved"] = load.get("resolved")
+        row["weight_bytes"] = load.get("weight_bytes")
+    tps = [r["decode_tps"] for r in reps]
+    if tps:
+        row["decode_tps"] = {"median": statistics.median(tps), "min": min(tps), "max": max(tps)}
+        row["ttft_s"] = statistics.median(r["ttft_s"] for r in reps)
+        for key in ("hit_rate", "prefetch_precision", "prefetch_recall", "loaded_bytes_per_token",
+                    "disk_bytes_per_token", "must_read_bytes_per_token", "decode_hit_rate",
+                    "decode_disk_bytes_per_token"):
+            vals = [r[key] for r in reps if r.get(key) is not None]
+            row[key] = statistics.median(vals) if vals else None
+        row["new_tokens"] = reps[0]["new_tokens"]
+        row["tokens"] = reps[0]["tokens"]
+    row["peak_rss_bytes"] = (final or {}).get("peak_rss_bytes") or max((r["peak_rss_bytes"] for r in reps), default=None)
+    gpu = [r["peak_gpu_bytes"] for r in reps if r.get("peak_gpu_bytes") is not None]
+    row["peak_gpu_bytes"] = max(gpu) if gpu else None
+    row["cgroup_peak_bytes"] = group_peak
+    return row
+
+
+def mib(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**20:.0f}" if n >= 10 * 2**20 or n == 0 else f"{n / 2**20:.2f}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def format_table(rows: list[dict[str, Any]], with_bound: bool = False) -> str:
+    extra_head, extra = extra_columns(rows, with_bound)
+    head = (f"{'config':<28} {'tok/s med':>9} {'min':>6} {'max':>6} {'TTFT s':>7} {'load s':>7} {'load RSS':>8} "
+            f"{'RSS MiB':>8} {'cg peak':>8} {'hit':>6} {'pf prec':>7} {'pf rec':>7} {'load MiB/tok':>12} "
+            f"{'disk MiB/tok':>12}{extra_head}  memory")
+    lines = [head, "-" * len(head)]
+    for r, cells in zip(rows, extra, strict=True):
+        if "decode_tps" not in r:
+            lines.append(f"{r['config']:<28} FAILED: {(r.get('error') or '').splitlines()[0]}  {r['memory']}")
+            continue
+        t = r["decode_tps"]
+        load_s = r.get("load_seconds")
+        lines.append(f"{r['config']:<28} {t['median']:>9.2f} {t['min']:>6.2f} {t['max']:>6.2f} {r['ttft_s']:>7.3f} "
+                     f"{'-' if load_s is None else f'{load_s:.1f}':>7} {mib(r.get('load_peak_rss_bytes')):>8} "
+                     f"{mib(r['peak_rss_bytes']):>8} {mib(r.get('cgroup_peak_bytes')):>8} "
+                     f"{_pct(r['hit_rate']):>6} {_pct(r['prefetch_precision']):>7} "
+                     f"{_pct(r['prefetch_recall']):>7} {mib(r['loaded_bytes_per_token']):>12} "
+                     f"{mib(r['disk_bytes_per_token']):>12}{cells}  {r['memory']}")
+    return "\n".join(lines)
+
+
+def format_bounds(rows: list[dict[str, Any]]) -> str:
+    """The decode window only (the tokens tok/s counts): hit rate, bytes that had to be read and were read per
+    token, and the tok/s bound those bytes and the resident compute time allow."""
+    head = (f"{'config':<28} {'tok/s med':>9} {'dec hit':>7} {'must-read MiB/tok':>17} {'disk MiB/tok':>12} "
+            f"{'bound tok/s':>11} {'of bound':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "disk_bound_tps" in r:
+            tps, bound = r["decode_tps"]["median"], r["disk_bound_tps"]
+            lines.append(f"{r['config']:<28} {tps:>9.2f} {_pct(r.get('decode_hit_rate')):>7} "
+                         f"{mib(r['must_read_bytes_per_token']):>17} {mib(r.get('decode_disk_bytes_per_token')):>12} "
+                         f"{'-' if bound is None else f'{bound:.2f}':>11} {_pct(tps / bound if bound else None):>8}")
+    return "\n".join(lines)
+
+
+def _print_notes(meta: dict[str, Any]) -> None:
+    if "bandwidth" in meta:
+        gbs = {k: meta[k] / 1e9 for k in ("bandwidth", "bandwidth_before", "bandwidth_after")}
+        print(f"memory bandwidth {gbs['bandwidth']:.1f} GB/s (best of {gbs['bandwidth_before']:.1f} before and "
+              f"{gbs['bandwidth_after']:.1f} after); bound tok/s = bandwidth / weight bytes read per token")
+    if meta.get("reference"):
+        print(f"agree = how many of the first generated tokens equal {meta['reference']}'s")
+    for line in meta.get("check_failures", []):
+        print(f"check-tokens: {line}")
+
+
+def print_report(rows: list[dict[str, Any]], meta: dict[str, Any], *, with_bound: bool) -> None:
+    """Print what `mixtral-offload bench` shows after a run: the header lines, the table, the bounds, the notes."""
+    print(f"model {meta['model']}: {meta['experts']} experts, trunk {mib(meta['trunk_bytes'])} MiB, experts "
+          f"{mib(meta['expert_bytes_total'])} MiB; {meta['prompt_tokens']}-token prompt, {meta['new_tokens']} new "
+          f"tokens, greedy, {meta['repeats']} repeats, {meta['schedule']}; load average {meta['loadavg_before'][0]:.2f}"
+          f" -> {meta['loadavg_after'][0]:.2f}")
+    if "memory_limit_bytes" in meta:
+        print(f"memory limit {meta['memory_limit_bytes'] / 2**30:.2f} GiB" +
+              (f" ({meta['memory_limit_rule']})" if "memory_limit_rule" in meta else ""))
+    if "disk_rate" in meta:
+        d, c = meta["disk_rate"], meta.get("compute_s_per_token")
+        print(f"disk: {d['rate'] / 2**20:.0f} MiB/s cold sequential read ({d['method']}, {d['bytes'] / 2**20:.0f} MiB, "
+              f"{d['memory']}); bound = must-read MiB/tok / that rate + compute "
+              + (f"{c * 1e3:.1f} ms/token (resident speed)" if c else "unknown (no resident row: disk time only)"))
+    print(format_table(rows, with_bound=with_bound))
+    if any("disk_bound_tps" in r for r in rows):
+        print(format_bounds(rows))
+    _print_notes(meta)
