@@ -138,7 +138,7 @@ def write_offload(source: Any, out: Path, config: Any, model: tuple[Any, Any, to
     """Write `source` into the (empty, existing) folder `out` in the offload format with `config`'s quantization
     settings (expert/attention bits and group sizes, quant_scales, quant_method), packed for the `target` device type
     (the manifest's `packed_for`). `model`: the source's transformers config, its `Architecture` and the 16-bit
-    dtype to store (`loading.inspect_checkpoint`). Returns a summary."""
+    dtype to store (`skeleton.inspect_checkpoint`). Returns a summary."""
     from tqdm.auto import tqdm
 
     plugins.load_plugins()

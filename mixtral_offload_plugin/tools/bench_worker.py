@@ -139,7 +139,7 @@ def _weight_bytes(model: Any) -> dict[str, int] | None:
     if hasattr(model, "weight_bytes"):
         return model.weight_bytes().to_dict()
     from ..errors import MixtralOffloadError
-    from ..runtime.loading import find_architecture
+    from ..runtime.skeleton import find_architecture
 
     cfg = model.config.get_text_config()
     try:

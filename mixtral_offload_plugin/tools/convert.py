@@ -84,7 +84,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], config: An
         msg = f"convert target {target!r} is invalid: use one of {TARGETS}"
         raise ConfigError(msg)
     from ..runtime.conversion import CheckpointSource, write_offload
-    from ..runtime.loading import inspect_checkpoint
+    from ..runtime.skeleton import inspect_checkpoint
     from ..storage.offload_format import check_destination, open_offload_checkpoint, write_atomically
 
     src, dst = Path(src), Path(dst)

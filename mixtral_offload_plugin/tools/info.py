@@ -37,7 +37,7 @@ def _workspace(ckpt: Any, layout: Any, device: torch.device) -> tuple[int, str]:
 
 def describe_checkpoint(path: str | Path, config: OffloadConfig) -> dict[str, Any]:
     from ..runtime.checkpoints import checkpoint_format, format_title, open_checkpoint
-    from ..runtime.loading import find_architecture, load_model_config, resolve_dtype
+    from ..runtime.skeleton import find_architecture, load_model_config, resolve_dtype
 
     path = Path(path)
     plugins.load_plugins()
@@ -56,7 +56,7 @@ def describe_checkpoint(path: str | Path, config: OffloadConfig) -> dict[str, An
     expert_i = getattr(mc, "moe_intermediate_size", None) or mc.intermediate_size
     trunk = max(total_params_bytes - moe_layers * experts * 3 * mc.hidden_size * expert_i * db, 0)
     kv = kv_bytes(mc, config.context_length, db)
-    from ..runtime.loading import resolve_device
+    from ..runtime.skeleton import resolve_device
 
     device = resolve_device(config.device)
     slot_note = ""

@@ -73,7 +73,7 @@ def build_synthetic(spec: Any, dst: Path, *, force: bool = False) -> dict[str, A
         if spec.format == "offload":
             from ..config import OffloadConfig
             from ..runtime.conversion import write_offload
-            from ..runtime.loading import inspect_checkpoint
+            from ..runtime.skeleton import inspect_checkpoint
 
             config = OffloadConfig(**spec.offload_options())
             (tmp / "config.json").write_text(json.dumps(model.config_dict, indent=2))  # transformers reads it there

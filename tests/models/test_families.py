@@ -200,7 +200,7 @@ def test_info_names_family_and_what_is_offloaded(family: str, checkpoints: dict)
 def test_every_family_is_registered_once_by_model_type() -> None:
     from mixtral_offload_plugin import plugins
     from mixtral_offload_plugin.models.families import FAMILIES as ARCHS
-    from mixtral_offload_plugin.runtime.loading import find_architecture
+    from mixtral_offload_plugin.runtime.skeleton import find_architecture
 
     plugins.load_plugins()
     registered = {name: arch for name, (arch, _) in plugins.registry("architecture").items()}
