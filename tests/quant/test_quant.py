@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from slot_reference import copy_slot_weights
 
 from mixtral_offload_plugin import OffloadConfig, load_model
 from mixtral_offload_plugin.quant import QuantSpec
@@ -145,27 +146,7 @@ def _reference(path: Path, model: torch.nn.Module, dtype: torch.dtype) -> torch.
     dequantized exactly into its expert and attention weights."""
     from transformers import MixtralForCausalLM
 
-    from mixtral_offload_plugin.quant.hqq import QuantizedLinear, dequantize_layout
-
-    ref = MixtralForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
-    rt = model._offload_runtime
-    with torch.no_grad():
-        for layer, ref_layer in enumerate(ref.model.layers):
-            pid = rt.cache.pool_of[layer]
-            for e in range(ref.config.num_local_experts):
-                slot = rt.cache.slots[pid][rt.cache.pools[pid].lookup((layer, e))]
-                layout = rt.kernels[layer, e].layout
-                w = dequantize_layout(layout, unpack_views(slot.buffer, layout))
-                ref_layer.mlp.experts.gate_up_proj[e].copy_(w["gate_up"])
-                ref_layer.mlp.experts.down_proj[e].copy_(w["down"])
-            ours = model.model.layers[layer].self_attn
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                mod = getattr(ours, name)
-                if isinstance(mod, QuantizedLinear):
-                    getattr(ref_layer.self_attn, name).weight.copy_(mod.dequantized_weight())
-        if isinstance(model.lm_head, QuantizedLinear):
-            ref.lm_head.weight.copy_(model.lm_head.dequantized_weight())
-    return ref
+    return copy_slot_weights(MixtralForCausalLM.from_pretrained(str(path), dtype=dtype).eval(), model)
 
 
 def _greedy(model: torch.nn.Module, steps: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from slot_reference import copy_slot_weights
 from transformers import MixtralForCausalLM
 
 from mixtral_offload_plugin import OffloadConfig, load_model
@@ -199,25 +200,8 @@ def test_pinned_copies_on_the_copy_stream_overlap_compute(mid_model, monkeypatch
 
 def _reference_from_slots(path: Path, model, dtype: torch.dtype) -> MixtralForCausalLM:
     """transformers' Mixtral on CUDA holding exactly the weights our slots and quantized projections stand for."""
-    from mixtral_offload_plugin.quant.hqq import QuantizedLinear, dequantize_layout
-    from mixtral_offload_plugin.storage.packing import unpack_views
-
     ref = MixtralForCausalLM.from_pretrained(str(path), dtype=dtype, experts_implementation="eager").eval().cuda()
-    rt = model._offload_runtime
-    with torch.no_grad():
-        for layer, ref_layer in enumerate(ref.model.layers):
-            pid = rt.cache.pool_of[layer]
-            for e in range(ref.config.num_local_experts):
-                slot = rt.cache.slots[pid][rt.cache.pools[pid].lookup((layer, e))]
-                layout = rt.kernels[layer, e].layout
-                w = dequantize_layout(layout, unpack_views(slot.buffer, layout))
-                ref_layer.mlp.experts.gate_up_proj[e].copy_(w["gate_up"])
-                ref_layer.mlp.experts.down_proj[e].copy_(w["down"])
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                mod = getattr(model.model.layers[layer].self_attn, name)
-                if isinstance(mod, QuantizedLinear):
-                    getattr(ref_layer.self_attn, name).weight.copy_(mod.dequantized_weight())
-    return ref
+    return copy_slot_weights(ref, model)
 
 
 @pytest.fixture(scope="module")
