@@ -55,6 +55,7 @@ class LlamaCppModel:
 
     def __init__(self, gguf: Path, threads: int, n_ctx: int, kv_overrides: dict[str, Any] | None = None) -> None:
         import llama_cpp
+        import torch
 
         self.path = Path(gguf)
         self.info = read_gguf(self.path)
@@ -62,6 +63,7 @@ class LlamaCppModel:
                                    n_threads_batch=threads, n_gpu_layers=0, seed=0, verbose=False,
                                    kv_overrides=kv_overrides)
         self.config = _Config(self.llm.n_vocab())
+        self.device = torch.device("cpu")  # n_gpu_layers=0: prompt ids are given on the CPU, like to CPU rows
 
     def generate(self, input_ids: Any, max_new_tokens: int, streamer: Any = None, **_: Any) -> Any:
         """Greedy decoding of exactly `max_new_tokens` tokens after `input_ids` ([1, T]); other options are the
