@@ -29,7 +29,7 @@ from typing import Any
 
 _EXPERT = re.compile(r"(\.experts\.|_exps\.)")  # HF per-expert or fused names; GGUF ffn_{gate,up,down}_exps
 _EMBED = re.compile(r"(embed_tokens\.|^token_embd\.)")
-_OUTPUT = re.compile(r"(^|\.)(lm_head|output)\.weight$")
+_OUTPUT = re.compile(r"(^|\.)(lm_head|output)\.(weight|packed)$")  # packed: a quantized head (head_bits)
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,10 @@ def test_weight_bytes_per_token_from_names() -> None:
     # tied embeddings: the table is the output layer and is read whole every token
     tied = active_weight_bytes([n for n in hf if n[0] != "lm_head.weight"], 2, 8)
     assert (tied.dense, tied.embedding, tied.per_token) == (1052, 0, 1052 + 300)
+    # a quantized head (head_bits < 16) is the output layer too: the 16-bit embedding table is not read per token
+    quant_head = [n for n in hf if n[0] != "lm_head.weight"] + [("lm_head.packed", 280)]
+    q = active_weight_bytes(quant_head, 2, 8)
+    assert (q.dense, q.embedding, q.per_token) == (1052 - 1000 + 280, 1000, 332 + 300)
     # GGUF names: attn_output is not the output layer; ffn_*_exps are the experts; shared experts are dense
     gg = [("token_embd.weight", 500), ("output.weight", 500), ("blk.0.attn_output.weight", 20),
           ("blk.0.ffn_gate_exps.weight", 640), ("blk.0.ffn_down_shexp.weight", 30), ("output_norm.weight", 4)]
