@@ -1,0 +1,156 @@
+"""The native axis-0 kernel (hqq 0.1.1 experts as mixtral-offloading stores them) against the weights dequantized by
+`tests/mo_reference.py` (an independent numpy implementation of hqq's fp16 dequantization).
+
+The kernel rebuilds every weight bit for bit, so the only difference left is float32 summation: TOL below, relative
+to the largest output, against a float64 reference. Shapes: 2, 3 and 4 bits in each stored packing, input sizes
+that are not multiples of 16, one token and three, and the dense-slot fallback when the library is off.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from mo_layout import quantize_linear
+from mo_reference import np_dequantize
+
+from mixtral_offload_plugin.quant import axis0_native, native
+from mixtral_offload_plugin.quant.hqq_axis0 import Axis0ExpertKernel, HqqAxis0Quantizer
+from mixtral_offload_plugin.storage.packing import pack, unpack_views
+
+CPU = torch.device("cpu")
+TOL = 1e-5  # max |ours - reference| / max |reference|: float32 sums of exactly equal weights (measured: ~1e-7)
+PACKINGS = {"hqq": "planar", "interleaved": "interleaved", "planar-repacked": "planar"}
+
+
+@pytest.fixture(params=["native", "portable"])
+def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(native, "_override_impl", None if request.param == "native" else request.param)
+    if axis0_native.library() is None:
+        pytest.skip("the native axis-0 kernel cannot be built here (no compiler or no AVX-512)")
+    return request.param
+
+
+def make_expert(hidden: int, inter: int, bits: int, group: int, packing: str, seed: int = 0):
+    """A packed hqq_axis0 expert and its numpy-dequantized float64 weights {"w1", "w3", "w2"}."""
+    rng = np.random.default_rng(seed)
+    shapes = {"w1": (inter, hidden), "w3": (inter, hidden), "w2": (hidden, inter)}
+    tensors, specs, dense = {}, {}, {}
+    for m, (out_f, in_f) in shapes.items():
+        stored = quantize_linear(rng.standard_normal((out_f, in_f)).astype(np.float32) * 0.05, bits, group, 2,
+                                 packing=packing)
+        tensors.update({f"{m}.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in stored.items()})
+        specs[m] = {"shape": [out_f, in_f], "bits": bits, "group_size": group, "scale_group": 2,
+                    "packing": PACKINGS[packing], "repacked": packing != "hqq"}
+        dense[m] = torch.from_numpy(np_dequantize(stored, (out_f, in_f), PACKINGS[packing]).astype(np.float64))
+    return pack("hqq_axis0", tensors, {"dtype": "float32", "matrices": specs}), dense
+
+
+def run(kernel, packed, x: torch.Tensor, act=F.silu) -> torch.Tensor:
+    buf = torch.zeros(packed.nbytes + kernel.workspace_nbytes, dtype=torch.uint8)
+    buf[: packed.nbytes] = packed.data
+    views = unpack_views(buf, packed.layout)
+    views["workspace"] = buf[packed.nbytes:]
+    return kernel(kernel.prepare(views), x, act)
+
+
+def reference(dense: dict[str, torch.Tensor], x: torch.Tensor, act=F.silu) -> torch.Tensor:
+    xd = x.double()
+    return F.linear(act(F.linear(xd, dense["w1"])) * F.linear(xd, dense["w3"]), dense["w2"])
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+CASES = [  # (hidden, inter, bits, group, packing): sizes not multiples of 16, 3-bit padding rows, shared classes
+    (56, 72, 2, 8, "hqq"), (48, 80, 2, 16, "interleaved"), (56, 72, 2, 8, "planar-repacked"),
+    (96, 160, 3, 32, "hqq"), (72, 120, 3, 8, "interleaved"), (96, 160, 3, 32, "planar-repacked"),
+    (40, 88, 4, 8, "hqq"), (64, 96, 4, 32, "interleaved"), (40, 88, 4, 8, "planar-repacked"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+@pytest.mark.parametrize("tokens", [1, 3, 5])
+def test_expert_equals_dequantized_reference(impl, case, tokens):
+    hidden, inter, bits, group, packing = case
+    packed, dense = make_expert(hidden, inter, bits, group, packing, seed=bits * 100 + tokens)
+    kernel = HqqAxis0Quantizer().expert_kernel(packed.layout, CPU)
+    assert isinstance(kernel, axis0_native.Axis0NativeKernel)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(tokens))
+    assert rel_err(run(kernel, packed, x), reference(dense, x)) <= TOL
+    gelu = torch.nn.GELU()  # another activation: three matrix calls with the activation in torch
+    assert rel_err(run(kernel, packed, x, gelu), reference(dense, x, gelu)) <= TOL
+
+
+@pytest.mark.parametrize("bits,group,packing", [(2, 16, "hqq"), (3, 64, "interleaved"), (4, 64, "hqq")])
+def test_each_matrix_and_the_fp16_roundings(impl, bits, group, packing):
+    """Per matrix; and the weights are hqq's fp16-rounded ones: the unrounded (q - z) s would be measurably off."""
+    packed, dense = make_expert(128, 192, bits, group, packing, seed=7)
+    kernel = HqqAxis0Quantizer().expert_kernel(packed.layout, CPU)
+    buf = torch.zeros(packed.nbytes + kernel.workspace_nbytes, dtype=torch.uint8)
+    buf[: packed.nbytes] = packed.data
+    views = unpack_views(buf, packed.layout)
+    state = kernel.prepare({**views, "workspace": buf[packed.nbytes:]})
+    x = torch.randn(2, 128, generator=torch.Generator().manual_seed(1))
+    ours = kernel.matmul(state, "w1", x)
+    ref = F.linear(x.double(), dense["w1"])
+    assert rel_err(ours, ref) <= TOL
+    s = views["w1.meta.scale_q"]  # unrounded weights from the same stored values, in float64
+    from mixtral_offload_plugin.quant.hqq_axis0 import scale_zero, unpack_values
+
+    scale, zero = (t.double() for t in scale_zero(views, "w1"))
+    q = unpack_values(views["w1.W_q"], packed.layout.meta["matrices"]["w1"]).double().view(group, -1)
+    unrounded = ((q - zero) * scale).view(192, 128)
+    assert s.numel() > 0 and rel_err(F.linear(x.double(), unrounded), ref) > 20 * rel_err(ours, ref)
+
+
+def test_slot_holds_packed_bytes_and_small_scales(impl):
+    """Mixtral-shaped ratios (2-bit group 16): the slot is the packed bytes plus 2 bytes per group (s and z fp16)."""
+    packed, _ = make_expert(256, 512, 2, 16, "hqq")
+    kernel = HqqAxis0Quantizer().expert_kernel(packed.layout, CPU)
+    weights = 3 * 256 * 512
+    assert kernel.workspace_nbytes <= 4 * weights // 16 + 6 * 256  # fp16 scale + zero per group of 16, aligned
+    dense = Axis0ExpertKernel(packed.layout, CPU, dtype=torch.bfloat16)
+    assert dense.workspace_nbytes >= 2 * weights
+    assert HqqAxis0Quantizer().slot_nbytes(packed.layout, CPU) == packed.nbytes + kernel.workspace_nbytes
+    assert set(kernel.kinds.values()) == {"native-axis0"}
+
+
+@pytest.mark.parametrize("how", ["torch", "env"])
+def test_dense_slots_when_the_library_is_off(monkeypatch, how):
+    if how == "torch":
+        monkeypatch.setattr(native, "_override_impl", "torch")
+    else:
+        monkeypatch.setenv("MIXTRAL_OFFLOAD_AXIS0", "dense")
+    assert axis0_native.library() is None
+    packed, dense = make_expert(56, 72, 2, 8, "hqq")
+    kernel = HqqAxis0Quantizer().expert_kernel(packed.layout, CPU)
+    assert isinstance(kernel, Axis0ExpertKernel) and kernel.dense
+    x = torch.randn(3, 56, generator=torch.Generator().manual_seed(0))
+    assert rel_err(run(kernel, packed, x), reference(dense, x)) <= TOL
+
+
+def test_no_compiler_falls_back_to_dense_slots(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(axis0_native, "_libs", {})
+    monkeypatch.setattr(axis0_native, "_failed", set())
+    monkeypatch.setattr(native, "_override_impl", None)
+    monkeypatch.setenv("MIXTRAL_OFFLOAD_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    with caplog.at_level("WARNING"):
+        assert axis0_native.library() is None
+        assert axis0_native.library() is None
+    assert sum("no C compiler" in r.message for r in caplog.records) == 1
+    packed, _ = make_expert(56, 72, 2, 8, "hqq")
+    assert isinstance(HqqAxis0Quantizer().expert_kernel(packed.layout, CPU), Axis0ExpertKernel)
+
+
+def test_unreadable_layouts_keep_dense_slots(impl):
+    """Groups that do not split the rows into classes (out % group != 0): the dense path, still exact."""
+    packed, dense = make_expert(48, 40, 2, 16, "hqq")  # w1/w3 [40, 48]: 40 % 16 != 0
+    assert not axis0_native.supports(packed.layout)
+    kernel = HqqAxis0Quantizer().expert_kernel(packed.layout, CPU)
+    assert isinstance(kernel, Axis0ExpertKernel)
+    x = torch.randn(1, 48, generator=torch.Generator().manual_seed(2))
+    assert rel_err(run(kernel, packed, x), reference(dense, x)) <= TOL
