@@ -232,3 +232,48 @@ def test_cuda_per_call_and_expanded_kernels_agree(demo) -> None:
     cpu = Axis0ExpertKernel(packed.layout, torch.device("cpu"), per_call=True)
     ref = cpu(unpack_views(packed.data, packed.layout), x.cpu(), act)
     assert (a.cpu() - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("slots", ["default", "dense"])
+def test_cpu_runs_the_packed_kernel_by_default_and_dense_slots_on_request(demo, slots: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU default computes experts from the packed bytes (when the native kernel builds here); the dense slots
+    stay one switch away. Both match the reference to REL."""
+    from mixtral_offload_plugin.quant import axis0_native
+
+    if slots == "dense":
+        monkeypatch.setenv("MIXTRAL_OFFLOAD_AXIS0", "dense")
+    packed = slots == "default" and axis0_native.library() is not None
+    if slots == "default" and not packed:
+        pytest.skip("the native axis-0 kernel cannot be built here (no compiler or no AVX-512)")
+    mo, ref = demo
+    model = load_model(mo, OffloadConfig(device="cpu", dtype="float32", experts_per_layer=2))
+    try:
+        rt = model._offload_runtime
+        kinds = {k for kernel in rt.kernels.values() for k in kernel.kinds.values()}
+        assert kinds == ({"native-axis0"} if packed else {"dense"})
+        # dense: gate_up and down in float32 beside the packed bytes; packed: fp16 scales and zeros only
+        assert (rt.plan.expert_bytes < 2 * 3 * 256 * 512) == packed
+        assert_matches(model, ref)
+    finally:
+        model.unload()
+
+
+def test_info_and_the_plan_count_the_packed_slot(demo, capsys: pytest.CaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from mixtral_offload_plugin.cli import main
+    from mixtral_offload_plugin.quant import axis0_native
+
+    if axis0_native.library() is None:
+        pytest.skip("the native axis-0 kernel cannot be built here (no compiler or no AVX-512)")
+    args = ["info", str(demo[0]), "--json", "--device", "cpu", "--dtype", "bfloat16", "--cache-bytes", "2M"]
+    infos = {}
+    for slots in ("default", "dense"):
+        if slots == "dense":
+            monkeypatch.setenv("MIXTRAL_OFFLOAD_AXIS0", "dense")
+        assert main(args) == 0
+        infos[slots] = json.loads(capsys.readouterr().out)
+    assert "(kernels: native-axis0)" in infos["default"]["bytes_per_cache_slot"]
+    assert "(kernels: dense)" in infos["dense"]["bytes_per_cache_slot"]
+    slots = {k: int(v["plan_cache"].split()[0]) for k, v in infos.items()}
+    assert slots["dense"] >= 1 and slots["default"] >= 3 * slots["dense"]  # 2-bit g16: ~5 bits per weight, not 19
