@@ -13,8 +13,10 @@
  * Each weight is w = fp16(fp16(q - z) * s), the two fp16 roundings of hqq's fp16 arithmetic done with the F16C
  * conversions (round to nearest even), so w equals the dequantized reference bit for bit; y sums w x in float32.
  * A cheaper factorisation (y = sum q (s x) - sum z s x) would skip those roundings and differ from the reference by
- * about 2^-11 relative per weight, more than the float32 sums, so it is not used. Without AVX-512 (or built with
- * -DMO_PORTABLE) plain C computes the same weights one at a time.
+ * about 2^-11 relative per weight, more than the float32 sums, so it is not used. The roundings are half the work;
+ * for one token of the demo layout (2 bits, group 16, hqq's own shape) `class_2bit16` builds the 4 possible weights of
+ * a group once for its 16 rows and selects by bits. Without AVX-512 (or built with -DMO_PORTABLE) plain C computes
+ * the same weights one at a time.
  */
 
 #include <math.h>
@@ -79,7 +81,7 @@ static inline float round_half(float f) { /* f rounded to the nearest fp16 value
     return nearbyintf(f * 16777216.0f) * 5.9604644775390625e-8f; /* subnormal fp16: multiples of 2^-24 */
 }
 
-static void wordrow_portable(const mo_a0mat *m, const float *x, float *y, int64_t tokens, int64_t i) {
+__attribute__((unused)) static void wordrow_portable(const mo_a0mat *m, const float *x, float *y, int64_t tokens, int64_t i) {
     int per = per_word(m->bits), mask = (1 << m->bits) - 1;
     for (int f = 0; f < per; f++) {
         int64_t r = row_of(m, i, f);
@@ -173,6 +175,34 @@ static const row_fn rows3[2][2] = {{wordrow_10_1_0, wordrow_10_2_0}, {wordrow_10
 static const row_fn rows4[2][4] = {{wordrow_2_1_0, wordrow_2_2_0, wordrow_2_3_0, wordrow_2_4_0},
                                    {wordrow_2_1_1, wordrow_2_2_1, wordrow_2_3_1, wordrow_2_4_1}};
 
+/* One token, 2 bits in hqq's own shape at group 16 (the demo layout): the 16 rows of class k sit in word rows
+ * k + j R (j < 4), 4 fields each. Per column block the 4 possible weights of each column are built once (16 fp16
+ * roundings' worth of work shared by 16 rows) and each row selects its weight by its two bits. */
+static void class_2bit16(const mo_a0mat *m, const float *x, float *y, int64_t k) {
+    int64_t in = m->in, R = m->classes;
+    const uint8_t *q = (const uint8_t *)m->q;
+    const uint16_t *sr = m->s + k * in, *zr = m->z + k * in;
+    __m512 acc[16];
+    for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < in; c += 16) {
+        __mmask16 mk = in - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (in - c)) - 1u);
+        __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, sr + c));
+        __m512 z = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, zr + c));
+        __m512 t[4], xv = _mm512_maskz_loadu_ps(mk, x + c);
+        for (int v = 0; v < 4; v++) t[v] = round16(_mm512_mul_ps(round16(_mm512_sub_ps(_mm512_set1_ps((float)v), z)), s));
+        for (int j = 0; j < 4; j++) {
+            __m512i words = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, q + (k + j * R) * in + c));
+            for (int f = 0; f < 4; f++) {
+                __mmask16 b0 = _mm512_test_epi32_mask(words, _mm512_set1_epi32(1 << (6 - 2 * f)));
+                __mmask16 b1 = _mm512_test_epi32_mask(words, _mm512_set1_epi32(2 << (6 - 2 * f)));
+                __m512 lo = _mm512_mask_blend_ps(b0, t[0], t[1]), hi = _mm512_mask_blend_ps(b0, t[2], t[3]);
+                acc[4 * f + j] = _mm512_fmadd_ps(_mm512_mask_blend_ps(b1, lo, hi), xv, acc[4 * f + j]);
+            }
+        }
+    }
+    for (int r = 0; r < 16; r++) y[k + r * R] = _mm512_reduce_add_ps(acc[r]); /* row f * 4R + k + j R, r = 4 f + j */
+}
+
 static void wordrow_avx512(const mo_a0mat *m, const float *x, float *y, int64_t tokens, int64_t i, int shared) {
     int most = m->bits == 3 ? 2 : 4;
     const row_fn *fns = m->bits == 2 ? rows2[shared] : m->bits == 3 ? rows3[shared] : rows4[shared];
@@ -193,6 +223,13 @@ int mo_a0_mm(const mo_a0mat *m, const float *x, float *y, int64_t tokens, int nt
     if (m->classes <= 0 || m->out % m->classes || m->word_rows * per_word(m->bits) < m->out) return -2;
     int shared = shared_classes(m);
     (void)shared;
+#ifdef MO_AVX512
+    if (tokens == 1 && m->bits == 2 && m->planar && m->word_rows == 4 * m->classes && m->out == 16 * m->classes) {
+        #pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t k = 0; k < m->classes; k++) class_2bit16(m, x, y, k);
+        return 0;
+    }
+#endif
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t i = 0; i < m->word_rows; i++) {
 #ifdef MO_AVX512

@@ -65,7 +65,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 CASES = [  # (hidden, inter, bits, group, packing): sizes not multiples of 16, 3-bit padding rows, shared classes
-    (56, 72, 2, 8, "hqq"), (48, 80, 2, 16, "interleaved"), (56, 72, 2, 8, "planar-repacked"),
+    (48, 80, 2, 16, "hqq"), (56, 72, 2, 8, "hqq"), (48, 80, 2, 16, "interleaved"), (56, 72, 2, 8, "planar-repacked"),
     (96, 160, 3, 32, "hqq"), (72, 120, 3, 8, "interleaved"), (96, 160, 3, 32, "planar-repacked"),
     (40, 88, 4, 8, "hqq"), (64, 96, 4, 32, "interleaved"), (40, 88, 4, 8, "planar-repacked"),
 ]
@@ -104,6 +104,36 @@ def test_each_matrix_and_the_fp16_roundings(impl, bits, group, packing):
     q = unpack_values(views["w1.W_q"], packed.layout.meta["matrices"]["w1"]).double().view(group, -1)
     unrounded = ((q - zero) * scale).view(192, 128)
     assert s.numel() > 0 and rel_err(F.linear(x.double(), unrounded), ref) > 20 * rel_err(ours, ref)
+
+
+MATRICES = [(64, 40, 2, 16, "hqq"), (64, 40, 2, 16, "interleaved"), (96, 36, 3, 32, "hqq"),
+            (90, 20, 3, 10, "interleaved"), (32, 24, 4, 8, "hqq"), (32, 24, 4, 16, "planar-repacked")]
+
+
+@pytest.mark.parametrize("case", MATRICES, ids=["-".join(map(str, c)) for c in MATRICES])
+@pytest.mark.parametrize("tokens", [1, 2, 3])
+def test_one_matrix_with_a_ragged_input_size(impl, case, tokens):
+    """Input sizes that leave a partial block of 16 columns (masked loads), through the C entry point directly."""
+    import ctypes
+
+    from mixtral_offload_plugin.quant.hqq_axis0 import scale_zero
+
+    out_f, in_f, bits, group, packing = case
+    stored = quantize_linear(np.random.default_rng(out_f + tokens).standard_normal((out_f, in_f)).astype(np.float32),
+                             bits, group, 2, packing=packing)
+    views = {f"w.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in stored.items()}
+    spec = {"shape": [out_f, in_f], "bits": bits, "group_size": group, "packing": PACKINGS[packing]}
+    rows = axis0_native.word_rows(spec, views["w.W_q"].numel())
+    assert rows is not None
+    scale, zero = scale_zero(views, "w")
+    mat = axis0_native.A0Mat(q=views["w.W_q"].data_ptr(), s=scale.data_ptr(), z=zero.data_ptr(), out=out_f,
+                             in_=in_f, classes=out_f // group, word_rows=rows, bits=bits,
+                             planar=int(PACKINGS[packing] == "planar"))
+    x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(3))
+    y = torch.empty(tokens, out_f)
+    assert axis0_native.library().mo_a0_mm(ctypes.byref(mat), x.data_ptr(), y.data_ptr(), tokens, 1) == 0
+    ref = F.linear(x.double(), torch.from_numpy(np_dequantize(stored, (out_f, in_f), PACKINGS[packing])).double())
+    assert rel_err(y, ref) <= TOL
 
 
 def test_slot_holds_packed_bytes_and_small_scales(impl):
