@@ -52,6 +52,7 @@ def _load(variant: str) -> Any:
     mat, ptr, i64, i32 = ctypes.POINTER(A0Mat), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.mo_a0_mm.argtypes = [mat, ptr, ptr, i64, i32]
     lib.mo_a0_expert_silu.argtypes = [mat, mat, mat, ptr, ptr, ptr, i64, i32]
+    lib.mo_a0_meta.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
     return lib
 
 
@@ -100,6 +101,20 @@ def supports(layout: ExpertLayout) -> bool:
         return False
 
 
+def dequantize_meta(lib: Any, views: dict[str, torch.Tensor], prefix: str, which: str, out: torch.Tensor) -> None:
+    """A matrix's fp16 scales (`which` "scale") or zeros ("zero") `[G]` into `out`: as `hqq_axis0.scale_zero`
+    computes them (hqq's fp16 arithmetic, bit for bit), in C (torch's fp16 ops take ~45 ms per Mixtral expert)."""
+    q = views.get(f"{prefix}.meta.{which}_q")
+    if q is None:
+        out.copy_(views[f"{prefix}.meta.{which}"].reshape(-1))
+        return
+    scale, zero = (views[f"{prefix}.meta.meta_{which}.{t}"].to(torch.float16).contiguous() for t in ("scale", "zero"))
+    assert q.is_contiguous() and out.numel() == q.numel() and out.dtype == torch.float16
+    if lib.mo_a0_meta(q.data_ptr(), zero.data_ptr(), scale.data_ptr(), q.numel(), scale.numel(), out.data_ptr()):
+        msg = f"{prefix}: {q.numel()} 8-bit {which}s do not split into groups of {scale.numel()}"
+        raise RuntimeError(msg)
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
@@ -129,8 +144,6 @@ class Axis0NativeKernel:
 
     def prepare(self, views: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Dequantize the scales and zeros into the slot's workspace; one `A0Mat` per matrix (kept with its views)."""
-        from .hqq_axis0 import scale_zero
-
         ws = views.get("workspace")
         if ws is None or ws.numel() < self.workspace_nbytes:
             msg = "this hqq_axis0 kernel needs a slot workspace; the loader did not provide one"
@@ -140,9 +153,8 @@ class Axis0NativeKernel:
             at_s, at_z, groups = self.offsets[m]
             s = ws[at_s:at_s + 2 * groups].view(torch.float16)
             z = ws[at_z:at_z + 2 * groups].view(torch.float16)
-            scale, zero = scale_zero(views, m)
-            s.copy_(scale)
-            z.copy_(zero)
+            dequantize_meta(self.lib, views, m, "scale", s)
+            dequantize_meta(self.lib, views, m, "zero", z)
             spec = self.specs[m]
             (out_f, in_f), group = spec["shape"], int(spec["group_size"])
             mat = A0Mat(q=views[f"{m}.W_q"].data_ptr(), s=s.data_ptr(), z=z.data_ptr(), out=out_f, in_=in_f,

@@ -253,3 +253,43 @@ int mo_a0_expert_silu(const mo_a0mat *w1, const mo_a0mat *w3, const mo_a0mat *w2
     for (int64_t j = 0; j < tokens * inter; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
     return mo_a0_mm(w2, g, y, tokens, nthreads);
 }
+
+static inline uint16_t half_bits(float f) { /* the fp16 bits of a float that holds an fp16 value (or +-inf) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    float a = fabsf(f);
+    if (a >= 65536.0f) return sign | 0x7c00u;
+    if (a < 6.103515625e-05f) return sign | (uint16_t)(a * 16777216.0f); /* subnormal: a multiple of 2^-24 */
+    return sign | (uint16_t)(((((u >> 23) & 255u) - 112u) << 10) | ((u >> 13) & 1023u));
+}
+
+/* out[j] = fp16(fp16(q[j] - zero[p]) * scale[p]), p = j mod period (period 1: one zero and scale for all), j < n, n a
+ * multiple of period: the 8-bit scales or zeros of a matrix dequantized as hqq does (fp16 in and out), at slot load. */
+int mo_a0_meta(const uint8_t *q, const uint16_t *zero, const uint16_t *scale, int64_t n, int64_t period,
+               uint16_t *out) {
+    if (period <= 0 || n % period) return -2;
+    int64_t width = period == 1 ? n : period;
+    for (int64_t row = 0; row < n; row += width) {
+        int64_t c = 0;
+#ifdef MO_AVX512
+        for (; c < width; c += 16) {
+            __mmask16 mk = width - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (width - c)) - 1u);
+            __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, q + row + c)));
+            __m512 z = period == 1 ? _mm512_set1_ps(half_to_float(zero[0]))
+                                   : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, zero + c));
+            __m512 s = period == 1 ? _mm512_set1_ps(half_to_float(scale[0]))
+                                   : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, scale + c));
+            __m256i h = _mm512_cvtps_ph(_mm512_mul_ps(round16(_mm512_sub_ps(v, z)), s),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            _mm256_mask_storeu_epi16(out + row + c, mk, h);
+        }
+#endif
+        for (; c < width; c++) {
+            int64_t p = period == 1 ? 0 : c;
+            float v = round_half(round_half((float)q[row + c] - half_to_float(zero[p])) * half_to_float(scale[p]));
+            out[row + c] = half_bits(v);
+        }
+    }
+    return 0;
+}

@@ -136,6 +136,28 @@ def test_one_matrix_with_a_ragged_input_size(impl, case, tokens):
     assert rel_err(y, ref) <= TOL
 
 
+@pytest.mark.parametrize("period", [1, 7, 48])
+def test_scales_and_zeros_dequantized_bit_for_bit(impl, period):
+    """The C dequantization of 8-bit scales and zeros equals hqq's fp16 arithmetic (torch's) exactly, over fp16 meta
+    values from subnormal products to rounding ties."""
+    from mixtral_offload_plugin.quant.hqq_axis0 import scale_zero
+
+    gen = torch.Generator().manual_seed(period)
+    n = 48 * 7 * 5
+    q = torch.randint(0, 256, (n // period, period), generator=gen, dtype=torch.uint8)
+    meta_scale = (torch.rand(1, period, generator=gen) * 8 - 10).exp2().half()  # 2^-10 .. 2^-2
+    meta_scale[0, 0] = 2.0 ** -20  # products in fp16's subnormal range
+    meta_zero = (torch.rand(1, period, generator=gen) * 255).half()
+    views = {"w.meta.scale_q": q, "w.meta.meta_scale.scale": meta_scale, "w.meta.meta_scale.zero": meta_zero,
+             "w.meta.zero_q": q.reshape(1, -1), "w.meta.meta_zero.scale": meta_scale[0, :1].reshape(()),
+             "w.meta.meta_zero.zero": meta_zero[0, :1].reshape(())}
+    expected = scale_zero(views, "w")
+    for which, ref in zip(("scale", "zero"), expected):
+        out = torch.empty(n, dtype=torch.float16)
+        axis0_native.dequantize_meta(axis0_native.library(), views, "w", which, out)
+        assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
+
+
 def test_slot_holds_packed_bytes_and_small_scales(impl):
     """Mixtral-shaped ratios (2-bit group 16): the slot is the packed bytes plus 2 bytes per group (s and z fp16)."""
     packed, _ = make_expert(256, 512, 2, 16, "hqq")
