@@ -72,7 +72,7 @@ CASES = [  # (hidden, inter, bits, group, packing): sizes not multiples of 16, 3
 
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
-@pytest.mark.parametrize("tokens", [1, 3, 5])
+@pytest.mark.parametrize("tokens", [1, 3, 5, 13])  # 13: the tile path at every bit width
 def test_expert_equals_dequantized_reference(impl, case, tokens):
     hidden, inter, bits, group, packing = case
     packed, dense = make_expert(hidden, inter, bits, group, packing, seed=bits * 100 + tokens)
@@ -111,7 +111,7 @@ MATRICES = [(64, 40, 2, 16, "hqq"), (64, 40, 2, 16, "interleaved"), (96, 36, 3, 
 
 
 @pytest.mark.parametrize("case", MATRICES, ids=["-".join(map(str, c)) for c in MATRICES])
-@pytest.mark.parametrize("tokens", [1, 2, 3])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 13])
 def test_one_matrix_with_a_ragged_input_size(impl, case, tokens):
     """Input sizes that leave a partial block of 16 columns (masked loads), through the C entry point directly."""
     import ctypes
