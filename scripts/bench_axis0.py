@@ -5,7 +5,7 @@ Layouts: the demo's 2-bit group 16 (hqq's own packing) and the 4bit-3bit release
 interleaved), both with 8-bit scales in groups of 128. The packed bytes are random (the kernels' speed does not depend
 on the values). Per layout: slot bytes, slot load time (what `prepare` does once the packed bytes are in the slot:
 scales and zeros to fp16 for the native kernel, the whole expert dequantized for the dense slot) and one expert
-forward (gate, up, SiLU, down) for 1 and 3 tokens, medians. Prints a markdown table.
+forward (gate, up, SiLU, down) for 1, 3 and 16 tokens, medians. Prints a markdown table.
 
     nice -n 19 .venv/bin/python scripts/bench_axis0.py [--threads 1] [--repeats 7] [--dtype bfloat16]
 """
@@ -28,6 +28,7 @@ from mixtral_offload_plugin.storage.packing import pack, unpack_views
 HIDDEN, INTER = 4096, 14336
 LAYOUTS = {"2-bit g16 (demo)": (2, 16, "planar"), "3-bit g64 (4bit-3bit)": (3, 64, "interleaved")}
 PER_WORD = {2: 4, 3: 10, 4: 2}
+TOKENS = (1, 3, 16)
 
 
 def random_expert(bits: int, group: int, packing: str, scale_group: int = 128) -> Any:
@@ -68,7 +69,7 @@ def measure(kernel: Any, packed: Any, dtype: torch.dtype, repeats: int) -> dict[
     views["workspace"] = slot[packed.nbytes:]
     out = {"slot_mib": slot.numel() / 2**20, "load_ms": median_ms(lambda: kernel.prepare(views), repeats)}
     state = kernel.prepare(views)
-    for n in (1, 3):
+    for n in TOKENS:
         x = torch.randn(n, HIDDEN, generator=torch.Generator().manual_seed(n)).to(dtype)
         out[f"fwd{n}_ms"] = median_ms(lambda x=x: kernel(state, x, F.silu), repeats)
     return out
@@ -87,16 +88,16 @@ def main() -> None:
     if lib is None:
         raise SystemExit("the native axis-0 kernel is unavailable here (no compiler or no AVX-512)")
     print(f"threads {args.threads}, activations {args.dtype}, medians of {args.repeats}\n")
-    print("| layout | slot | slot MiB | slot load ms | 1 token ms | 3 tokens ms |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| layout | slot | slot MiB | slot load ms | " + " | ".join(f"{n} token{'s' * (n > 1)} ms" for n in TOKENS) + " |")
+    print("|---|---|---:|---:|" + "---:|" * len(TOKENS))
     for name, (bits, group, packing) in LAYOUTS.items():
         packed = random_expert(bits, group, packing)
         kernels = {"packed (native)": axis0_native.Axis0NativeKernel(packed.layout, lib),
                    f"dense {args.dtype}": Axis0ExpertKernel(packed.layout, torch.device("cpu"), dtype=dtype)}
         for slot, kernel in kernels.items():
             r = measure(kernel, packed, dtype, args.repeats)
-            print(f"| {name} | {slot} | {r['slot_mib']:.0f} | {r['load_ms']:.1f} | {r['fwd1_ms']:.1f} | "
-                  f"{r['fwd3_ms']:.1f} |", flush=True)
+            fwd = " | ".join(f"{r[f'fwd{n}_ms']:.1f}" for n in TOKENS)
+            print(f"| {name} | {slot} | {r['slot_mib']:.0f} | {r['load_ms']:.1f} | {fwd} |", flush=True)
             del kernel
 
 
