@@ -13,9 +13,11 @@
  * Each weight is w = fp16(fp16(q - z) * s), the two fp16 roundings of hqq's fp16 arithmetic done with the F16C
  * conversions (round to nearest even), so w equals the dequantized reference bit for bit; y sums w x in float32.
  * A cheaper factorisation (y = sum q (s x) - sum z s x) would skip those roundings and differ from the reference by
- * about 2^-11 relative per weight, more than the float32 sums, so it is not used. The roundings are half the work;
- * for one token of the demo layout (2 bits, group 16, hqq's own shape) `class_2bit16` builds the 4 possible weights of
- * a group once for its 16 rows and selects by bits. Without AVX-512 (or built with -DMO_PORTABLE) plain C computes
+ * about 2^-11 relative per weight, more than the float32 sums, so it is not used. The roundings are half the work.
+ * Paths: the demo layout (2 bits, group 16, hqq's own shape) builds the 4 possible weights of a group once for its 16
+ * rows and selects by bits (`class_2bit16`; several tokens: into an L1 tile, then dot products); other layouts build
+ * each word row's weights per block of 16 columns for up to 4 (3 bits: 2) tokens in registers (`wordrow_*`), or for
+ * many tokens once into an L1 tile (`wordrow_tile`). Without AVX-512 (or built with -DMO_PORTABLE) plain C computes
  * the same weights one at a time.
  */
 
@@ -296,6 +298,53 @@ static int wordrow_tile(const mo_a0mat *m, const float *x, float *y, int64_t tok
     return 0;
 }
 
+/* Several tokens, the demo layout: class k's 16 rows are selected as in class_2bit16 into a float32 tile, 256 columns
+ * at a time, then every token is a register-blocked dot product with it. */
+static int class_2bit16_tile(const mo_a0mat *m, const float *x, float *y, int64_t tokens, int64_t k) {
+    int64_t in = m->in, R = m->classes;
+    const uint8_t *q = (const uint8_t *)m->q;
+    const uint16_t *sr = m->s + k * in, *zr = m->z + k * in;
+    size_t need = (size_t)(16 * TILE_COLS + 16 * tokens) * sizeof(float);
+    if (tl_tile_cap < need) {
+        free(tl_tile);
+        tl_tile = (float *)aligned_alloc(64, (need + 63) & ~(size_t)63);
+        tl_tile_cap = tl_tile ? need : 0;
+        if (tl_tile == NULL) return -1;
+    }
+    float *sums = tl_tile + 16 * TILE_COLS; /* [16 rows][tokens], row r = 4 f + j is k + r R */
+    memset(sums, 0, (size_t)(16 * tokens) * sizeof(float));
+    for (int64_t c0 = 0; c0 < in; c0 += 256) {
+        int64_t width = in - c0 < 256 ? in - c0 : 256;
+        for (int64_t c = c0; c < c0 + width; c += 16) {
+            __mmask16 mk = in - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (in - c)) - 1u);
+            __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, sr + c));
+            __m512 z = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, zr + c));
+            __m512 t[4];
+            for (int v = 0; v < 4; v++)
+                t[v] = round16(_mm512_mul_ps(round16(_mm512_sub_ps(_mm512_set1_ps((float)v), z)), s));
+            for (int j = 0; j < 4; j++) {
+                __m512i words = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, q + (k + j * R) * in + c));
+                for (int f = 0; f < 4; f++) {
+                    __mmask16 b0 = _mm512_test_epi32_mask(words, _mm512_set1_epi32(1 << (6 - 2 * f)));
+                    __mmask16 b1 = _mm512_test_epi32_mask(words, _mm512_set1_epi32(2 << (6 - 2 * f)));
+                    __m512 lo = _mm512_mask_blend_ps(b0, t[0], t[1]), hi = _mm512_mask_blend_ps(b0, t[2], t[3]);
+                    _mm512_store_ps(tl_tile + (4 * f + j) * TILE_COLS + (c - c0), _mm512_mask_blend_ps(b1, lo, hi));
+                }
+            }
+        }
+        for (int r = 0; r < 16; r += 4) {
+            int64_t t = 0;
+            for (; t + 4 <= tokens; t += 4)
+                dot_4_4(tl_tile + r * TILE_COLS, x + t * in + c0, in, width, sums + r * tokens + t, tokens);
+            for (; t < tokens; t++)
+                dot_4_1(tl_tile + r * TILE_COLS, x + t * in + c0, in, width, sums + r * tokens + t, tokens);
+        }
+    }
+    for (int r = 0; r < 16; r++)
+        for (int64_t t = 0; t < tokens; t++) y[t * m->out + k + r * R] = sums[r * tokens + t];
+    return 0;
+}
+
 static void wordrow_avx512(const mo_a0mat *m, const float *x, float *y, int64_t tokens, int64_t i, int shared) {
     int most = m->bits == 3 ? 2 : 4;
     const row_fn *fns = m->bits == 2 ? rows2[shared] : m->bits == 3 ? rows3[shared] : rows4[shared];
@@ -317,10 +366,16 @@ int mo_a0_mm(const mo_a0mat *m, const float *x, float *y, int64_t tokens, int nt
     int shared = shared_classes(m);
     (void)shared;
 #ifdef MO_AVX512
-    if (tokens == 1 && m->bits == 2 && m->planar && m->word_rows == 4 * m->classes && m->out == 16 * m->classes) {
-        #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t k = 0; k < m->classes; k++) class_2bit16(m, x, y, k);
-        return 0;
+    if (m->bits == 2 && m->planar && m->word_rows == 4 * m->classes && m->out == 16 * m->classes) {
+        int failed = 0;
+        #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : failed)
+        for (int64_t k = 0; k < m->classes; k++) {
+            if (tokens == 1)
+                class_2bit16(m, x, y, k);
+            else
+                failed |= class_2bit16_tile(m, x, y, tokens, k);
+        }
+        return failed ? -1 : 0;
     }
 #endif
     int failed = 0;
