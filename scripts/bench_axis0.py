@@ -5,7 +5,8 @@ Layouts: the demo's 2-bit group 16 (hqq's own packing) and the 4bit-3bit release
 interleaved), both with 8-bit scales in groups of 128. The packed bytes are random (the kernels' speed does not depend
 on the values). Per layout: slot bytes, slot load time (what `prepare` does once the packed bytes are in the slot:
 scales and zeros to fp16 for the native kernel, the whole expert dequantized for the dense slot) and one expert
-forward (gate, up, SiLU, down) for 1, 3 and 16 tokens, medians. Prints a markdown table.
+forward (gate, up, SiLU, down) for 1, 3 and 16 tokens: medians, the two slots taking turns in every
+repeat so that other jobs' load falls on both. Prints a markdown table.
 
     nice -n 19 .venv/bin/python scripts/bench_axis0.py [--threads 1] [--repeats 7] [--dtype bfloat16]
 """
@@ -52,26 +53,38 @@ def random_expert(bits: int, group: int, packing: str, scale_group: int = 128) -
     return pack("hqq_axis0", tensors, {"dtype": "float16", "matrices": specs})
 
 
-def median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm up (first touch of the slot, scratch buffers)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
-
-
-def measure(kernel: Any, packed: Any, dtype: torch.dtype, repeats: int) -> dict[str, float]:
+def slot_of(kernel: Any, packed: Any) -> dict[str, torch.Tensor]:
     slot = torch.zeros(packed.nbytes + kernel.workspace_nbytes, dtype=torch.uint8)
     slot[: packed.nbytes] = packed.data
     views = unpack_views(slot, packed.layout)
     views["workspace"] = slot[packed.nbytes:]
-    out = {"slot_mib": slot.numel() / 2**20, "load_ms": median_ms(lambda: kernel.prepare(views), repeats)}
-    state = kernel.prepare(views)
-    for n in TOKENS:
-        x = torch.randn(n, HIDDEN, generator=torch.Generator().manual_seed(n)).to(dtype)
-        out[f"fwd{n}_ms"] = median_ms(lambda x=x: kernel(state, x, F.silu), repeats)
+    return views
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - t)
+
+
+def measure(kernels: dict[str, Any], packed: Any, dtype: torch.dtype, repeats: int) -> dict[str, dict[str, float]]:
+    """Median ms of slot load and forwards; the kernels take turns in every repeat (other jobs' load hits both)."""
+    views = {name: slot_of(k, packed) for name, k in kernels.items()}
+    states = {name: k.prepare(views[name]) for name, k in kernels.items()}  # also warms up
+    xs = {n: torch.randn(n, HIDDEN, generator=torch.Generator().manual_seed(n)).to(dtype) for n in TOKENS}
+    for name, k in kernels.items():
+        for x in xs.values():
+            k(states[name], x, F.silu)
+    times: dict[str, dict[str, list[float]]] = {name: {} for name in kernels}
+    for _ in range(repeats):
+        for name, k in kernels.items():
+            times[name].setdefault("load_ms", []).append(timed(lambda k=k, v=views[name]: k.prepare(v)))
+            for n, x in xs.items():
+                times[name].setdefault(f"fwd{n}_ms", []).append(
+                    timed(lambda k=k, s=states[name], x=x: k(s, x, F.silu)))
+    out = {name: {key: statistics.median(v) for key, v in t.items()} for name, t in times.items()}
+    for name, k in kernels.items():
+        out[name]["slot_mib"] = (packed.nbytes + k.workspace_nbytes) / 2**20
     return out
 
 
@@ -94,11 +107,9 @@ def main() -> None:
         packed = random_expert(bits, group, packing)
         kernels = {"packed (native)": axis0_native.Axis0NativeKernel(packed.layout, lib),
                    f"dense {args.dtype}": Axis0ExpertKernel(packed.layout, torch.device("cpu"), dtype=dtype)}
-        for slot, kernel in kernels.items():
-            r = measure(kernel, packed, dtype, args.repeats)
+        for slot, r in measure(kernels, packed, dtype, args.repeats).items():
             fwd = " | ".join(f"{r[f'fwd{n}_ms']:.1f}" for n in TOKENS)
             print(f"| {name} | {slot} | {r['slot_mib']:.0f} | {r['load_ms']:.1f} | {fwd} |", flush=True)
-            del kernel
 
 
 if __name__ == "__main__":
