@@ -4,7 +4,8 @@ axis-0 kernel on the packed bytes against the dense slot (the expert dequantized
 Layouts: the demo's 2-bit group 16 (hqq's own packing) and the 4bit-3bit release's 3-bit group 64 (re-packed,
 interleaved), both with 8-bit scales in groups of 128. The packed bytes are random (the kernels' speed does not depend
 on the values). Per layout: slot bytes, slot load time (what `prepare` does once the packed bytes are in the slot:
-scales and zeros to fp16 for the native kernel, the whole expert dequantized for the dense slot) and one expert
+scales and zeros to fp16 for the native kernel (plus, for the class-major 3-bit slots that plans keeping every
+expert resident use, the values laid out class-major), the whole expert dequantized for the dense slot) and one expert
 forward (gate, up, SiLU, down) for 1, 3 and 16 tokens: medians, the two slots taking turns in every
 repeat so that other jobs' load falls on both. Prints a markdown table.
 
@@ -107,6 +108,9 @@ def main() -> None:
         packed = random_expert(bits, group, packing)
         kernels = {"packed (native)": axis0_native.Axis0NativeKernel(packed.layout, lib),
                    f"dense {args.dtype}": Axis0ExpertKernel(packed.layout, torch.device("cpu"), dtype=dtype)}
+        resident = axis0_native.Axis0NativeKernel(packed.layout, lib, axis0_native.class_library())
+        if set(resident.kinds.values()) != {"native-axis0"}:  # 3 bits: the class-major slots of all-resident plans
+            kernels["packed, class-major"] = resident
         for slot, r in measure(kernels, packed, dtype, args.repeats).items():
             fwd = " | ".join(f"{r[f'fwd{n}_ms']:.1f}" for n in TOKENS)
             print(f"| {name} | {slot} | {r['slot_mib']:.0f} | {r['load_ms']:.1f} | {fwd} |", flush=True)

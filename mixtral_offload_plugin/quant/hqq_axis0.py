@@ -218,6 +218,7 @@ class HqqAxis0Quantizer:
 
     name = FORMAT
     per_call_kernels = True  # expert_kernel(..., per_call=True): CUDA slots that hold only the packed bytes
+    resident_kernels = True  # expert_kernel(..., resident=True): CPU slots for plans that keep every expert
 
     def _refuse(self) -> ConfigError:
         return ConfigError("the 'hqq_axis0' quantizer only runs weights quantized by mixtral-offloading (hqq 0.1.1, "
@@ -229,17 +230,19 @@ class HqqAxis0Quantizer:
     def quantize_linear(self, linear: nn.Linear, spec: QuantSpec, device: torch.device) -> nn.Module:
         raise self._refuse()
 
-    def expert_kernel(self, layout: ExpertLayout, device: torch.device,
-                      per_call: bool = False) -> Axis0ExpertKernel | axis0_native.Axis0NativeKernel:
-        """CPU: the native kernel on the packed bytes when it is built, else dense slots. `per_call` (CUDA):
-        dequantize on every call instead of expanding the expert into the slot at load."""
+    def expert_kernel(self, layout: ExpertLayout, device: torch.device, per_call: bool = False,
+                      resident: bool = False) -> Axis0ExpertKernel | axis0_native.Axis0NativeKernel:
+        """CPU: the native kernel on the packed bytes when it is built, else dense slots; with `resident` (the memory
+        plan keeps every expert: each slot is prepared once) 3-bit values are also laid out class-major in the slot,
+        for the faster kernel. `per_call` (CUDA): dequantize on every call instead of expanding the expert into the
+        slot at load."""
         if layout.format != FORMAT:
             msg = f"the 'hqq_axis0' quantizer cannot run experts packed as {layout.format!r}; the manifest is damaged"
             raise CheckpointError(msg)
         if device.type == "cpu" and not per_call and axis0_native.supports(layout):
             lib = axis0_native.library()
             if lib is not None:
-                return axis0_native.Axis0NativeKernel(layout, lib)
+                return axis0_native.Axis0NativeKernel(layout, lib, axis0_native.class_library() if resident else None)
         return Axis0ExpertKernel(layout, device, per_call=per_call)
 
     def slot_nbytes(self, layout: ExpertLayout, device: torch.device) -> int:

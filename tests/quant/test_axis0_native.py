@@ -64,7 +64,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-CASES = [  # (hidden, inter, bits, group, packing): sizes not multiples of 16, 3-bit padding rows, shared classes
+CASES = [  # (hidden, inter, bits, group, packing): sizes not multiples of 16, 3-bit padding rows, shared classes,
+    # 3-bit groups of 16 to 128 rows (class-major chunks 1 to 8)
+    (48, 64, 3, 16, "interleaved"), (128, 192, 3, 64, "interleaved"), (128, 256, 3, 128, "hqq"),
     (48, 80, 2, 16, "hqq"), (56, 72, 2, 8, "hqq"), (48, 80, 2, 16, "interleaved"), (56, 72, 2, 8, "planar-repacked"),
     (96, 160, 3, 32, "hqq"), (72, 120, 3, 8, "interleaved"), (96, 160, 3, 32, "planar-repacked"),
     (40, 88, 4, 8, "hqq"), (64, 96, 4, 32, "interleaved"), (40, 88, 4, 8, "planar-repacked"),
@@ -76,12 +78,16 @@ CASES = [  # (hidden, inter, bits, group, packing): sizes not multiples of 16, 3
 def test_expert_equals_dequantized_reference(impl, case, tokens):
     hidden, inter, bits, group, packing = case
     packed, dense = make_expert(hidden, inter, bits, group, packing, seed=bits * 100 + tokens)
-    kernel = HqqAxis0Quantizer().expert_kernel(packed.layout, CPU)
-    assert isinstance(kernel, axis0_native.Axis0NativeKernel)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(tokens))
-    assert rel_err(run(kernel, packed, x), reference(dense, x)) <= TOL
-    gelu = torch.nn.GELU()  # another activation: three matrix calls with the activation in torch
-    assert rel_err(run(kernel, packed, x, gelu), reference(dense, x, gelu)) <= TOL
+    for resident in (False, True):  # resident: 3-bit values laid out class-major in the slot (when built here)
+        kernel = HqqAxis0Quantizer().expert_kernel(packed.layout, CPU, resident=resident)
+        assert isinstance(kernel, axis0_native.Axis0NativeKernel)
+        class_major = resident and bits == 3 and group % 16 == 0 and axis0_native.class_library() is not None \
+            and impl == "native"
+        assert set(kernel.kinds.values()) == {"native-axis0-class" if class_major else "native-axis0"}
+        assert rel_err(run(kernel, packed, x), reference(dense, x)) <= TOL
+        gelu = torch.nn.GELU()  # another activation: three matrix calls with the activation in torch
+        assert rel_err(run(kernel, packed, x, gelu), reference(dense, x, gelu)) <= TOL
 
 
 @pytest.mark.parametrize("bits,group,packing", [(2, 16, "hqq"), (3, 64, "interleaved"), (4, 64, "hqq")])
@@ -107,7 +113,8 @@ def test_each_matrix_and_the_fp16_roundings(impl, bits, group, packing):
 
 
 MATRICES = [(64, 40, 2, 16, "hqq"), (64, 40, 2, 16, "interleaved"), (96, 36, 3, 32, "hqq"),
-            (90, 20, 3, 10, "interleaved"), (32, 24, 4, 8, "hqq"), (32, 24, 4, 16, "planar-repacked")]
+            (90, 20, 3, 10, "interleaved"), (32, 24, 4, 8, "hqq"), (32, 24, 4, 16, "planar-repacked"),
+            (64, 20, 3, 16, "interleaved"), (128, 52, 3, 64, "interleaved")]
 
 
 @pytest.mark.parametrize("case", MATRICES, ids=["-".join(map(str, c)) for c in MATRICES])
@@ -134,6 +141,16 @@ def test_one_matrix_with_a_ragged_input_size(impl, case, tokens):
     assert axis0_native.library().mo_a0_mm(ctypes.byref(mat), x.data_ptr(), y.data_ptr(), tokens, 1) == 0
     ref = F.linear(x.double(), torch.from_numpy(np_dequantize(stored, (out_f, in_f), PACKINGS[packing])).double())
     assert rel_err(y, ref) <= TOL
+    cls = axis0_native.class_library()  # the class-major layout of the same values (3 bits, groups of 16k)
+    nbytes = 0 if cls is None else cls.mo_a0c_nbytes(ctypes.byref(mat))
+    eligible = bits == 3 and group % 16 == 0 and impl == "native" and cls is not None
+    assert nbytes == (out_f * in_f * 3 // 8 + 8 if eligible else 0)
+    if nbytes:
+        qr = torch.empty(nbytes, dtype=torch.uint8)
+        assert cls.mo_a0c_repack(ctypes.byref(mat), qr.data_ptr(), 1) == 0
+        y.zero_()
+        assert cls.mo_a0c_mm(ctypes.byref(mat), qr.data_ptr(), x.data_ptr(), y.data_ptr(), tokens, 1) == 0
+        assert rel_err(y, ref) <= TOL
 
 
 @pytest.mark.parametrize("period", [1, 7, 48])

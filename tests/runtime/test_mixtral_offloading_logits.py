@@ -91,6 +91,29 @@ def test_three_bit_release_both_readings(src: Path, tmp_path: Path, packing: str
         model.unload()
 
 
+def test_three_bit_all_resident_runs_the_class_major_kernel(src: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """Every expert resident on CPU: 3-bit values laid out class-major at load (the faster kernel), same logits;
+    `info` reports the slot that plan uses."""
+    from mixtral_offload_plugin.cli import main
+    from mixtral_offload_plugin.quant import axis0_native
+
+    if axis0_native.class_library() is None:
+        pytest.skip("the class-major axis-0 kernel cannot be built here (no AVX-512 VBMI)")
+    mo = write_mo_checkpoint(src, tmp_path / "seed", experts=THREE_BIT_EXPERTS, packing="interleaved")
+    ref = MixtralForCausalLM.from_pretrained(reference_folder(mo, src, tmp_path / "ref", "interleaved"),
+                                             experts_implementation="eager").eval()
+    for k, kind in ((4, "native-axis0-class"), (2, "native-axis0")):
+        model = load_model(mo, OffloadConfig(device="cpu", dtype="float32", experts_per_layer=k))
+        try:
+            assert {kd for kern in model._offload_runtime.kernels.values() for kd in kern.kinds.values()} == {kind}
+            assert_matches(model, ref, seed=2)
+        finally:
+            model.unload()
+        assert main(["info", str(mo), "--json", "--device", "cpu", "--experts-per-layer", str(k)]) == 0
+        assert f"(kernels: {kind}" in json.loads(capsys.readouterr().out)["bytes_per_cache_slot"]
+
+
 def test_the_wrong_reading_of_repacked_bits_is_not_silently_equal(src: Path, tmp_path: Path) -> None:
     """Planar-packed bytes read as interleaved give other weights: the option matters, and the test can tell."""
     mo = write_mo_checkpoint(src, tmp_path / "seed", experts=THREE_BIT_EXPERTS, packing="planar-repacked")
