@@ -114,9 +114,9 @@ def class_library() -> Any:
 def word_rows(spec: dict[str, Any], words: int) -> int | None:
     """Rows of the `[word_rows, in]` word array a matrix's `words` stored words form, or None when this kernel cannot
     read the matrix (other bits, groups that do not split the rows into classes, words not whole rows)."""
-    (out_f, in_f), bits, group = spec["shape"], int(spec["bits"]), int(spec["group_size"])
+    (out_f, in_f), bits, group = (int(n) for n in spec["shape"]), int(spec["bits"]), int(spec["group_size"])
     per = PER_WORD.get(bits)
-    if per is None or out_f % group or words % in_f:
+    if per is None or group <= 0 or out_f % group or words % in_f or spec["packing"] not in ("planar", "interleaved"):
         return None
     rows = words // in_f
     ok = rows * per >= out_f if spec["packing"] == "planar" else rows == -(-out_f // per)
@@ -159,10 +159,11 @@ class Axis0NativeKernel:
     memory plan and `info` what a slot holds."""
 
     def __init__(self, layout: ExpertLayout, lib: Any, class_lib: Any = None) -> None:
-        from .hqq_axis0 import _spec
-
+        if not supports(layout):
+            msg = "the native axis-0 kernel cannot read this expert layout (check supports() first)"
+            raise ValueError(msg)
         self.lib, self.class_lib = lib, class_lib
-        self.specs = {m: _spec(layout, m) for m in MATRICES}
+        self.specs = {m: layout.meta["matrices"][m] for m in MATRICES}
         numel = {t.name: _numel(t.shape) for t in layout.tensors}
         self.rows = {m: word_rows(self.specs[m], numel[f"{m}.W_q"]) for m in MATRICES}
         self.offsets, total = {}, 0
