@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -67,9 +68,12 @@ def _cpu_flags() -> str:
 
 
 def _build(cc: str, variant: str, path: Path = SOURCE) -> Path:
-    """Compile a C source (cached by source, compiler, CPU and variant) and return the shared library's path."""
+    """Compile a C source (cached by source, the local headers it includes, compiler, CPU and variant) and return the
+    shared library's path."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
     source = path.read_bytes()
+    for header in re.findall(rb'^#include "([^"]+)"', source, flags=re.MULTILINE):  # beside the source
+        source += b"\0" + (path.parent / header.decode()).read_bytes()
     key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), _cpu_flags().encode(),
                                      variant.encode()])).hexdigest()[:16]
     suffix = ".dylib" if sys.platform == "darwin" else ".so"
