@@ -6,10 +6,12 @@ j holds the weights at flat positions j, j + G, j + 2G, ..., i.e. one input colu
 Our int4 forms group along the input dimension (axis 1: g consecutive columns of one row share a scale). An axis-0
 group spans g output rows of one column, so no re-layout expresses it exactly in those forms (every weight would need
 its own scale); `y[r] = sum_c (q - z[r mod R, c]) s[r mod R, c] x[c]` needs, per row class, its own scaled input.
-So the exact way is to dequantize: once per cache-slot load into a dense workspace in the compute dtype (`F.linear`
-then runs at dense speed; the slot holds 2 bytes per weight in bf16), or, on CUDA when the memory plan prefers small
-slots, on every call (slots keep the packed bytes). Requantizing into our axis-1 forms is possible from
-`dequantize_expert` but lossy.
+So the exact ways are: on CPU, the native kernel of `axis0_native.py`, which rebuilds each weight in registers from
+the packed words (the slot keeps the packed bytes plus fp16 scales and zeros); without it (no AVX-512 or compiler, or
+`MIXTRAL_OFFLOAD_AXIS0=dense`), dequantizing once per cache-slot load into a dense workspace in the compute dtype
+(`F.linear` then runs at dense speed; the slot holds 2 bytes per weight in bf16); on CUDA, the same dense slots or,
+when the memory plan prefers small slots, dequantizing on every call. Requantizing into our axis-1 forms is possible
+from `dequantize_expert` but lossy.
 
 The arithmetic reproduces hqq 0.1.1's `Quantizer.dequantize` bit for bit: scales and zeros are dequantized from their
 8-bit form, then `(q - zero) * scale`, each operation rounded to fp16. This module knows nothing about files, stores or
@@ -27,7 +29,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..storage.packing import ALIGN, ExpertLayout, PackedExpert, align_up, dtype_from_name, unpack_views
-from . import DenseKernel, QuantSpec
+from . import DenseKernel, QuantSpec, axis0_native
 from .cpu import _scratch
 
 FORMAT = "hqq_axis0"
@@ -173,6 +175,7 @@ class Axis0ExpertKernel:
         (i, h), el = self.specs["w1"]["shape"], torch.empty((), dtype=self.dtype).element_size()
         self.gate_up_nbytes, self.down_offset = 2 * i * h * el, align_up(2 * i * h * el, ALIGN)
         self.workspace_nbytes = self.down_offset + align_up(h * i * el, ALIGN) if self.dense else 0
+        self.kinds = {m: "dense" if self.dense else "per-call" for m in self.specs}
 
     def _gate_up(self, views: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         i, h = self.specs["w1"]["shape"]
@@ -215,6 +218,7 @@ class HqqAxis0Quantizer:
 
     name = FORMAT
     per_call_kernels = True  # expert_kernel(..., per_call=True): CUDA slots that hold only the packed bytes
+    resident_kernels = True  # expert_kernel(..., resident=True): CPU slots for plans that keep every expert
 
     def _refuse(self) -> ConfigError:
         return ConfigError("the 'hqq_axis0' quantizer only runs weights quantized by mixtral-offloading (hqq 0.1.1, "
@@ -226,15 +230,23 @@ class HqqAxis0Quantizer:
     def quantize_linear(self, linear: nn.Linear, spec: QuantSpec, device: torch.device) -> nn.Module:
         raise self._refuse()
 
-    def expert_kernel(self, layout: ExpertLayout, device: torch.device, per_call: bool = False) -> Axis0ExpertKernel:
-        """`per_call` (CUDA): dequantize on every call instead of expanding the expert into the slot at load."""
+    def expert_kernel(self, layout: ExpertLayout, device: torch.device, per_call: bool = False,
+                      resident: bool = False) -> Axis0ExpertKernel | axis0_native.Axis0NativeKernel:
+        """CPU: the native kernel on the packed bytes when it is built, else dense slots; with `resident` (the memory
+        plan keeps every expert: each slot is prepared once) 3-bit values are also laid out class-major in the slot,
+        for the faster kernel. `per_call` (CUDA): dequantize on every call instead of expanding the expert into the
+        slot at load."""
         if layout.format != FORMAT:
             msg = f"the 'hqq_axis0' quantizer cannot run experts packed as {layout.format!r}; the manifest is damaged"
             raise CheckpointError(msg)
+        if device.type == "cpu" and not per_call and axis0_native.supports(layout):
+            lib = axis0_native.library()
+            if lib is not None:
+                return axis0_native.Axis0NativeKernel(layout, lib, axis0_native.class_library() if resident else None)
         return Axis0ExpertKernel(layout, device, per_call=per_call)
 
     def slot_nbytes(self, layout: ExpertLayout, device: torch.device) -> int:
-        return layout.nbytes + Axis0ExpertKernel(layout, device).workspace_nbytes
+        return layout.nbytes + self.expert_kernel(layout, device).workspace_nbytes
 
     def linear_from_packed(self, packed: PackedExpert, bias: torch.Tensor | None, device: torch.device,
                            dtype: torch.dtype) -> nn.Linear:

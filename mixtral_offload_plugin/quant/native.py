@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -66,14 +67,18 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
-def _build(cc: str, variant: str) -> Path:
-    """Compile native.c (cached by source, compiler, CPU and variant) and return the shared library's path."""
+def _build(cc: str, variant: str, path: Path = SOURCE) -> Path:
+    """Compile a C source (cached by source, the local headers it includes, compiler, CPU and variant) and return the
+    shared library's path."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
-    source = SOURCE.read_bytes()
+    source = path.read_bytes()
+    for header in re.findall(rb'^#include "([^"]+)"', source, flags=re.MULTILINE):  # beside the source
+        source += b"\0" + (path.parent / header.decode()).read_bytes()
     key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), _cpu_flags().encode(),
                                      variant.encode()])).hexdigest()[:16]
     suffix = ".dylib" if sys.platform == "darwin" else ".so"
-    out = _cache_dir() / key / f"libmixtral_offload_kernels{suffix}"
+    name = "libmixtral_offload_kernels" if path == SOURCE else f"libmixtral_offload_{path.stem}"
+    out = _cache_dir() / key / f"{name}{suffix}"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -83,23 +88,37 @@ def _build(cc: str, variant: str) -> Path:
     for extra in (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], []):  # OpenMP or arch may be missing
         fd, tmp = tempfile.mkstemp(suffix=suffix, dir=out.parent)
         os.close(fd)
-        proc = subprocess.run([*base, *extra, *defines, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+        proc = subprocess.run([*base, *extra, *defines, str(path), "-o", tmp, "-lm"], capture_output=True,
                               text=True, timeout=300)
         if proc.returncode == 0:
             os.replace(tmp, out)  # atomic: concurrent builders never load a half-written file
             return out
         os.unlink(tmp)
         errors.append(proc.stderr.strip().split("\n")[-1])
-    msg = f"{cc} could not build {SOURCE.name}: {errors[-1]}"
+    msg = f"{cc} could not build {path.name}: {errors[-1]}"
     raise RuntimeError(msg)
 
 
-def _load(variant: str) -> Any:
+def compile_library(variant: str, path: Path = SOURCE) -> Any:
+    """Build (or find in the cache) and load one C source as `variant` ("native" or "portable"); raises
+    RuntimeError, OSError or SubprocessError when that is impossible."""
+    if sys.platform not in ("linux", "darwin"):
+        msg = f"native kernels are built on Linux and macOS only (this is {sys.platform})"
+        raise RuntimeError(msg)
     cc = _compiler()
     if cc is None:
         msg = "no C compiler found (cc, gcc or clang; or set CC)"
         raise RuntimeError(msg)
-    lib = ctypes.CDLL(str(_build(cc, variant)))
+    return ctypes.CDLL(str(_build(cc, variant, path)))
+
+
+def build_variant() -> str:
+    """Which build the native kernels use now: "native", "portable" (tests) or "torch" (none)."""
+    return _override_impl or ("torch" if os.environ.get("MIXTRAL_OFFLOAD_NATIVE", "1") == "0" else "native")
+
+
+def _load(variant: str) -> Any:
+    lib = compile_library(variant)
     if lib.mo_abi() != 1:
         msg = "the cached kernel library has another ABI version"
         raise RuntimeError(msg)
@@ -112,7 +131,7 @@ def _load(variant: str) -> Any:
 
 def library() -> Any:
     """The loaded kernel library, or None (no compiler, not Linux/macOS, disabled, or the build failed)."""
-    variant = _override_impl or ("torch" if os.environ.get("MIXTRAL_OFFLOAD_NATIVE", "1") == "0" else "native")
+    variant = build_variant()
     if variant == "torch":
         return None
     lib = _libs.get(variant)
@@ -122,9 +141,6 @@ def library() -> Any:
         if variant in _libs or variant in _warned:
             return _libs.get(variant)
         try:
-            if sys.platform not in ("linux", "darwin"):
-                msg = f"native kernels are built on Linux and macOS only (this is {sys.platform})"
-                raise RuntimeError(msg)
             _libs[variant] = _load(variant)
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             _warned.add(variant)

@@ -35,6 +35,7 @@ from .memory import (
     kv_bytes,
     make_plan,
     pinned_store_or_disk,
+    resident_plan,
 )
 from .model import OffloadRuntime, offloaded_class
 from .skeleton import build_skeleton, inspect_checkpoint, materialise_trunk, resolve_device
@@ -172,6 +173,11 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
             kernels, expert_bytes = small_kernels, small_bytes
     else:
         plan = plan_for(expert_bytes)
+        if device.type == "cpu" and getattr(quantizer, "resident_kernels", False):  # faster, larger, slow to prepare
+            fast_kernels, fast_bytes = _expert_kernels(quantizer, layouts, device, per_call=False, resident=True)
+            fast = resident_plan(plan_for, fast_bytes) if fast_bytes != expert_bytes else None
+            if fast is not None:
+                kernels, expert_bytes, plan = fast_kernels, fast_bytes, fast
     # a kernel may want a workspace after the packed bytes in its slot (filled by prepare() once per slot load)
     workspace = {k: getattr(kernels[k], "workspace_nbytes", 0) for k in keys}
     if store_name == "auto":
@@ -239,10 +245,12 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
     return model
 
 
-def _expert_kernels(quantizer: Any, layouts: dict[Any, Any], device: torch.device,
-                    per_call: bool) -> tuple[dict[Any, Any], int]:
+def _expert_kernels(quantizer: Any, layouts: dict[Any, Any], device: torch.device, per_call: bool,
+                    resident: bool = False) -> tuple[dict[Any, Any], int]:
     """The kernel of every expert and the bytes of the largest slot (packed bytes + the kernel's workspace)."""
     kw = {"per_call": True} if per_call else {}
+    if resident:
+        kw["resident"] = True
     kernels = {k: quantizer.expert_kernel(lay, device, **kw) for k, lay in layouts.items()}
     return kernels, max(lay.nbytes + getattr(kernels[k], "workspace_nbytes", 0) for k, lay in layouts.items())
 

@@ -245,6 +245,16 @@ def choose_cuda_slots(make: Callable[[int], MemoryPlan], fast_bytes: int, small_
     return (False, fast) if fast.slots >= small.slots else (True, small)
 
 
+def resident_plan(make: Callable[[int], MemoryPlan], fast_bytes: int) -> MemoryPlan | None:
+    """The plan for CPU slots of `fast_bytes` (larger, faster kernels that prepare each slot slowly) when every
+    expert then stays resident (each slot is prepared once, at load), else None."""
+    try:
+        plan = make(fast_bytes)
+    except MemoryPlanError:
+        return None
+    return plan if plan.resident else None
+
+
 def make_plan(config: Any, *, device: torch.device, layers: int, experts: int, top_k: int, expert_bytes: int,
               total_expert_bytes: int, trunk_bytes: int, kv: int, store_in_ram: bool, available: int | None = None,
               overhead: int = 0) -> MemoryPlan:

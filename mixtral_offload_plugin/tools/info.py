@@ -12,7 +12,7 @@ import torch
 
 from .. import plugins
 from ..config import OffloadConfig
-from ..runtime.memory import fmt, kv_bytes, make_plan, mapped_plan
+from ..runtime.memory import fmt, kv_bytes, make_plan, mapped_plan, resident_plan
 
 
 def expert_bytes_estimate(model_config: Any, bits: int, group: int, dtype_bytes: int, quant_scales: bool) -> int:
@@ -24,13 +24,16 @@ def expert_bytes_estimate(model_config: Any, bits: int, group: int, dtype_bytes:
     return weights * bits // 8 + 2 * (weights // group) * meta_bytes
 
 
-def _workspace(ckpt: Any, layout: Any, device: torch.device) -> tuple[int, str]:
+def _workspace(ckpt: Any, layout: Any, device: torch.device, resident: bool = False) -> tuple[int, str]:
     """Bytes a slot needs beyond the packed expert as stored (a kernel that expands the expert at load time; on
-    another device than the one it was packed for, the repacked form's size difference too), and the kernels."""
+    another device than the one it was packed for, the repacked form's size difference too), and the kernels.
+    `resident`: the CPU kernels of plans that keep every expert (quantizers with `resident_kernels`)."""
     name = getattr(ckpt, "quantizer_name", None) or ("none" if layout.format == "dense" else "hqq")
     quantizer = plugins.create("quantizer", name)
     on_device = quantizer.layout_for(layout, device) if hasattr(quantizer, "layout_for") else layout
-    kernel = quantizer.expert_kernel(on_device, device)
+    if resident and not getattr(quantizer, "resident_kernels", False):
+        resident = False
+    kernel = quantizer.expert_kernel(on_device, device, **({"resident": True} if resident else {}))
     kinds = sorted(set(getattr(kernel, "kinds", {"dense": "dense"}).values()))
     return on_device.nbytes - layout.nbytes + int(getattr(kernel, "workspace_nbytes", 0)), ", ".join(kinds)
 
@@ -78,10 +81,19 @@ def describe_checkpoint(path: str | Path, config: OffloadConfig) -> dict[str, An
         plan = mapped_plan(config, device=device, layers=moe_layers, experts=experts, top_k=top_k,
                            workspace=max(ebytes - per_expert, 0), trunk_bytes=trunk, kv=kv)
     else:
-        plan = make_plan(config,
-                         device=device, layers=moe_layers, experts=experts, top_k=top_k, expert_bytes=ebytes,
-                         total_expert_bytes=total_experts, trunk_bytes=trunk, kv=kv,
-                         store_in_ram=config.store == "host")
+        def plan_for(nbytes: int) -> Any:
+            return make_plan(config, device=device, layers=moe_layers, experts=experts, top_k=top_k,
+                             expert_bytes=nbytes, total_expert_bytes=total_experts, trunk_bytes=trunk, kv=kv,
+                             store_in_ram=config.store == "host")
+
+        plan = plan_for(ebytes)
+        if slot_note and device.type == "cpu":  # as load_model: larger, faster slots when every expert stays
+            fast_ws, fast_kinds = _workspace(ckpt, first, device, resident=True)
+            fast = resident_plan(plan_for, first.nbytes + fast_ws) if fast_ws != workspace else None
+            if fast is not None:
+                plan, ebytes = fast, first.nbytes + fast_ws
+                slot_note = (f"{fmt(ebytes)} = packed expert {fmt(first.nbytes)} + kernel workspace {fmt(fast_ws)} "
+                             f"(kernels: {fast_kinds}; every expert resident)")
     quantization = ckpt.describe() if hasattr(ckpt, "describe") else None
     ckpt.close()
     return {

@@ -91,6 +91,29 @@ def test_three_bit_release_both_readings(src: Path, tmp_path: Path, packing: str
         model.unload()
 
 
+def test_three_bit_all_resident_runs_the_class_major_kernel(src: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """Every expert resident on CPU: 3-bit values laid out class-major at load (the faster kernel), same logits;
+    `info` reports the slot that plan uses."""
+    from mixtral_offload_plugin.cli import main
+    from mixtral_offload_plugin.quant import axis0_native
+
+    if axis0_native.class_library() is None:
+        pytest.skip("the class-major axis-0 kernel cannot be built here (no AVX-512 VBMI)")
+    mo = write_mo_checkpoint(src, tmp_path / "seed", experts=THREE_BIT_EXPERTS, packing="interleaved")
+    ref = MixtralForCausalLM.from_pretrained(reference_folder(mo, src, tmp_path / "ref", "interleaved"),
+                                             experts_implementation="eager").eval()
+    for k, kind in ((4, "native-axis0-class"), (2, "native-axis0")):
+        model = load_model(mo, OffloadConfig(device="cpu", dtype="float32", experts_per_layer=k))
+        try:
+            assert {kd for kern in model._offload_runtime.kernels.values() for kd in kern.kinds.values()} == {kind}
+            assert_matches(model, ref, seed=2)
+        finally:
+            model.unload()
+        assert main(["info", str(mo), "--json", "--device", "cpu", "--experts-per-layer", str(k)]) == 0
+        assert f"(kernels: {kind}" in json.loads(capsys.readouterr().out)["bytes_per_cache_slot"]
+
+
 def test_the_wrong_reading_of_repacked_bits_is_not_silently_equal(src: Path, tmp_path: Path) -> None:
     """Planar-packed bytes read as interleaved give other weights: the option matters, and the test can tell."""
     mo = write_mo_checkpoint(src, tmp_path / "seed", experts=THREE_BIT_EXPERTS, packing="planar-repacked")
@@ -232,3 +255,48 @@ def test_cuda_per_call_and_expanded_kernels_agree(demo) -> None:
     cpu = Axis0ExpertKernel(packed.layout, torch.device("cpu"), per_call=True)
     ref = cpu(unpack_views(packed.data, packed.layout), x.cpu(), act)
     assert (a.cpu() - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("slots", ["default", "dense"])
+def test_cpu_runs_the_packed_kernel_by_default_and_dense_slots_on_request(demo, slots: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU default computes experts from the packed bytes (when the native kernel builds here); the dense slots
+    stay one switch away. Both match the reference to REL."""
+    from mixtral_offload_plugin.quant import axis0_native
+
+    if slots == "dense":
+        monkeypatch.setenv("MIXTRAL_OFFLOAD_AXIS0", "dense")
+    packed = slots == "default" and axis0_native.library() is not None
+    if slots == "default" and not packed:
+        pytest.skip("the native axis-0 kernel cannot be built here (no compiler or no AVX-512)")
+    mo, ref = demo
+    model = load_model(mo, OffloadConfig(device="cpu", dtype="float32", experts_per_layer=2))
+    try:
+        rt = model._offload_runtime
+        kinds = {k for kernel in rt.kernels.values() for k in kernel.kinds.values()}
+        assert kinds == ({"native-axis0"} if packed else {"dense"})
+        # dense: gate_up and down in float32 beside the packed bytes; packed: fp16 scales and zeros only
+        assert (rt.plan.expert_bytes < 2 * 3 * 256 * 512) == packed
+        assert_matches(model, ref)
+    finally:
+        model.unload()
+
+
+def test_info_and_the_plan_count_the_packed_slot(demo, capsys: pytest.CaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from mixtral_offload_plugin.cli import main
+    from mixtral_offload_plugin.quant import axis0_native
+
+    if axis0_native.library() is None:
+        pytest.skip("the native axis-0 kernel cannot be built here (no compiler or no AVX-512)")
+    args = ["info", str(demo[0]), "--json", "--device", "cpu", "--dtype", "bfloat16", "--cache-bytes", "2M"]
+    infos = {}
+    for slots in ("default", "dense"):
+        if slots == "dense":
+            monkeypatch.setenv("MIXTRAL_OFFLOAD_AXIS0", "dense")
+        assert main(args) == 0
+        infos[slots] = json.loads(capsys.readouterr().out)
+    assert "(kernels: native-axis0)" in infos["default"]["bytes_per_cache_slot"]
+    assert "(kernels: dense)" in infos["dense"]["bytes_per_cache_slot"]
+    slots = {k: int(v["plan_cache"].split()[0]) for k, v in infos.items()}
+    assert slots["dense"] >= 1 and slots["default"] >= 3 * slots["dense"]  # 2-bit g16: ~5 bits per weight, not 19
