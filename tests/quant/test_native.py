@@ -4,6 +4,8 @@ form (int4pack, 2/3-bit planes with bf16/float32 scales or 8-bit scales and zero
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -190,3 +192,18 @@ def test_row_major_8bit_meta_from_older_files_still_runs(impl):
     x = torch.randn(3, k).to(torch.bfloat16)
     ref = x.double() @ ref_w.double().t()
     assert ((fn(x).double() - ref).abs().max() / ref.abs().max()).item() < TOL[torch.bfloat16]
+
+
+def test_every_kernel_source_ships_in_the_package() -> None:
+    """A wheel install has only the files package-data names: every C source and header next to the kernels'
+    Python modules must match one of its globs (else the kernels silently fall back to the slow paths there)."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "mixtral_offload_plugin"]
+    quant = root / "mixtral_offload_plugin" / "quant"
+    sources = sorted(p.relative_to(quant.parent).as_posix() for p in quant.iterdir() if p.suffix in (".c", ".h"))
+    assert len(sources) >= 4
+    assert [s for s in sources if not any(fnmatch.fnmatch(s, g) for g in globs)] == []
