@@ -199,11 +199,30 @@ def pick_model(pg, name: str) -> None:
     wait_status(pg, rf"^{re.escape(name)}\s+Settings updated")
 
 
+# Notes when the status element changes: a small model loads faster than the page is polled, so the intermediate
+# "Loading ..." may never be seen, and the outcome may read exactly like the previous one.
+WATCH_STATUS_JS = """() => {
+  const last = () => { const p = document.querySelectorAll('#model-tab .prose'); return p.length ? p[p.length - 1] : null; };
+  window.__statusChanged = false;
+  if (window.__statusObserver) window.__statusObserver.disconnect();
+  window.__statusObserver = new MutationObserver(records => {
+    const el = last();
+    if (el && records.some(r => el.contains(r.target) || [...r.addedNodes].some(n => n.contains && n.contains(el))))
+      window.__statusChanged = true;
+  });
+  window.__statusObserver.observe(document.querySelector('#model-tab'), {childList: true, subtree: true, characterData: true});
+}"""
+CHANGED_STATUS_JS = "(pat) => window.__statusChanged && (" + STATUS_JS + ")(pat)"
+
+
 def load(pg) -> str:
+    """Click Load and return its outcome (the status once it has changed and reads like an outcome)."""
     tab(pg, "Model").click()
+    pg.evaluate(WATCH_STATUS_JS)
     pg.get_by_role("button", name="Load", exact=True).click()
-    wait_status(pg, r"^Loading")
-    return wait_status(pg, r"Successfully loaded|Failed to load|Traceback")
+    pg.wait_for_function(CHANGED_STATUS_JS, arg=r"Successfully loaded|Failed to load|Traceback", timeout=LOAD_MS,
+                         polling=100)
+    return status(pg)
 
 
 def chat(pg, text: str) -> str:
