@@ -199,18 +199,22 @@ def pick_model(pg, name: str) -> None:
     wait_status(pg, rf"^{re.escape(name)}\s+Settings updated")
 
 
-# Notes when the status element changes: a small model loads faster than the page is polled, so the intermediate
-# "Loading ..." may never be seen, and the outcome may read exactly like the previous one.
+# Notes when the status element changes: a small model loads faster than the page is polled, so the
+# intermediate "Loading ..." may never be seen, and the outcome may read exactly like the previous one.
 WATCH_STATUS_JS = """() => {
-  const last = () => { const p = document.querySelectorAll('#model-tab .prose'); return p.length ? p[p.length - 1] : null; };
+  const last = () => {
+    const p = document.querySelectorAll('#model-tab .prose');
+    return p.length ? p[p.length - 1] : null;
+  };
   window.__statusChanged = false;
   if (window.__statusObserver) window.__statusObserver.disconnect();
   window.__statusObserver = new MutationObserver(records => {
     const el = last();
-    if (el && records.some(r => el.contains(r.target) || [...r.addedNodes].some(n => n.contains && n.contains(el))))
-      window.__statusChanged = true;
+    const touches = r => el.contains(r.target) || [...r.addedNodes].some(n => n.contains && n.contains(el));
+    if (el && records.some(touches)) window.__statusChanged = true;
   });
-  window.__statusObserver.observe(document.querySelector('#model-tab'), {childList: true, subtree: true, characterData: true});
+  window.__statusObserver.observe(document.querySelector('#model-tab'),
+                                  {childList: true, subtree: true, characterData: true});
 }"""
 CHANGED_STATUS_JS = "(pat) => window.__statusChanged && (" + STATUS_JS + ")(pat)"
 
