@@ -168,3 +168,15 @@ def test_prequantized_checkpoint_is_refused(tiny_mixtral, tmp_path, method):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match=f"already quantized \\('{method}'.*bf16/fp16 release"):
         load_model(d, OffloadConfig(device="cpu"))
+
+
+def test_8_bit_on_cpu_warns_that_it_runs_at_16_bit_cost(tiny_mixtral, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="mixtral_offload_plugin.runtime.loading"):
+        model = load_model(tiny_mixtral, OffloadConfig(device="cpu", attn_bits=8, attn_group_size=32))
+        model.unload()
+    warned = [r.getMessage() for r in caplog.records if "8-bit matrices" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("attn_bits=8 on CPU") and "use 4" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mixtral_offload_plugin.runtime.loading"):
+        load_model(tiny_mixtral, OffloadConfig(device="cpu", attn_bits=4, attn_group_size=32)).unload()
+    assert not [r for r in caplog.records if "8-bit matrices" in r.getMessage()]
