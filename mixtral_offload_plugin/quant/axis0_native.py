@@ -50,11 +50,17 @@ class A0Mat(ctypes.Structure):
                 ("bits", ctypes.c_int32), ("planar", ctypes.c_int32)]
 
 
-def _load(variant: str) -> Any:
-    lib = native.compile_library(variant, SOURCE)
-    if lib.mo_a0_abi() != 1:
-        msg = "the cached axis-0 kernel library has another ABI version"
+def _compiled(variant: str, source: Path, abi: str, what: str) -> Any:
+    """The built library of `source`, refused when its ABI version (function `abi`) is not the one declared here."""
+    lib = native.compile_library(variant, source)
+    if getattr(lib, abi)() != 1:
+        msg = f"the cached {what} kernel library has another ABI version"
         raise RuntimeError(msg)
+    return lib
+
+
+def _load(variant: str) -> Any:
+    lib = _compiled(variant, SOURCE, "mo_a0_abi", "axis-0")
     mat, ptr, i64, i32 = ctypes.POINTER(A0Mat), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.mo_a0_mm.argtypes = [mat, ptr, ptr, i64, i32]
     lib.mo_a0_expert_silu.argtypes = [mat, mat, mat, ptr, ptr, ptr, i64, i32]
@@ -63,10 +69,7 @@ def _load(variant: str) -> Any:
 
 
 def _load_class(variant: str) -> Any:
-    lib = native.compile_library(variant, CLASS_SOURCE)
-    if lib.mo_a0c_abi() != 1:
-        msg = "the cached class-major axis-0 kernel library has another ABI version"
-        raise RuntimeError(msg)
+    lib = _compiled(variant, CLASS_SOURCE, "mo_a0c_abi", "class-major axis-0")
     mat, ptr, i64, i32 = ctypes.POINTER(A0Mat), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.mo_a0c_nbytes.argtypes, lib.mo_a0c_nbytes.restype = [mat], i64
     lib.mo_a0c_repack.argtypes = [mat, ptr, i32]
