@@ -108,8 +108,10 @@ def print_report(rows: list[dict[str, Any]], meta: dict[str, Any], *, with_bound
               (f" ({meta['memory_limit_rule']})" if "memory_limit_rule" in meta else ""))
     if "disk_rate" in meta:
         d, c = meta["disk_rate"], meta.get("compute_s_per_token")
-        print(f"disk: {d['rate'] / 2**20:.0f} MiB/s cold sequential read ({d['method']}, {d['bytes'] / 2**20:.0f} MiB, "
-              f"{d['memory']}); bound = must-read MiB/tok / that rate + compute "
+        both = (f"best of {d['rate_before'] / 2**20:.0f} before and {d['rate_after'] / 2**20:.0f} after the rows, "
+                if "rate_after" in d else "")
+        print(f"disk: {d['rate'] / 2**20:.0f} MiB/s cold sequential read ({both}{d['method']}, "
+              f"{d['bytes'] / 2**20:.0f} MiB, {d['memory']}); bound = must-read MiB/tok / that rate + compute "
               + (f"{c * 1e3:.1f} ms/token (resident speed)" if c else "unknown (no resident row: disk time only)"))
     print(format_table(rows, with_bound=with_bound))
     if any("disk_bound_tps" in r for r in rows):

@@ -86,6 +86,18 @@ def add_bounds(rows: list[dict[str, Any]], rate: float | None, compute_s: float 
             r["disk_bound_tps"] = tokens_per_second_bound(must, rate, compute_s)
 
 
+def best_rate(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The better of the rates measured before and after the rows, with both kept (`rate_before`, `rate_after`).
+
+    Measured once, the rate can be well below what the rows themselves got: on a virtual machine the disk below the
+    guest may serve recently read data faster than a first sequential scan (a cache that `O_DIRECT` and the memory
+    group do not reach), and the rows read the same experts over and over. A bound is an upper limit, so it takes the
+    best rate seen; the table prints both."""
+    best = dict(max(before, after, key=lambda r: r["rate"]))
+    best.update(rate_before=before["rate"], rate_after=after["rate"])
+    return best
+
+
 def resident_compute_seconds(rows: list[dict[str, Any]]) -> float | None:
     """Seconds per decoded token of the `resident` row (every expert in memory), if the run has one."""
     for r in rows:

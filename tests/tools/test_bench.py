@@ -70,13 +70,17 @@ def test_bench_smoke(tmp_path, capsys) -> None:
     assert rows["resident"]["hit_rate"] == 1.0
     # the bound: the disk's cold read rate was measured, compute time taken from the resident row
     assert data["meta"]["disk_rate"]["rate"] > 0 and data["meta"]["compute_s_per_token"] > 0
+    rate = data["meta"]["disk_rate"]  # measured before and after the rows; the bound uses the better one
+    assert rate["rate"] == max(rate["rate_before"], rate["rate_after"])
+    assert min(rate["rate_before"], rate["rate_after"]) > 0
     for name in ("disk-k2-cold-prefetch", "mmap-cold"):
         assert rows[name]["disk_bound_tps"] > 0 and rows[name]["must_read_bytes_per_token"] >= 0
     assert rows["mmap-cold"]["load_peak_rss_bytes"] > 0
     # two of ours record: one trace per configuration, named after it
     assert '"phase": "decode"' in (tmp_path / "trace.disk-k2-cold-prefetch.jsonl").read_text()
     assert (tmp_path / "trace.resident_device_cpu.jsonl").exists()
-    assert "tok/s med" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tok/s med" in out and "before and" in out and "after the rows" in out
 
 
 def test_schedule_runs_one_worker_at_a_time_when_they_do_not_fit(monkeypatch) -> None:
@@ -94,3 +98,13 @@ def test_schedule_runs_one_worker_at_a_time_when_they_do_not_fit(monkeypatch) ->
     assert _schedule("auto", limited[:1], 12 << 30, 18 << 30) == "interleaved"
     assert _schedule("auto", [parse_config("resident")] * 2, None, 1 << 30) == "interleaved"
     assert _schedule("sequential", limited[:1], None, 1 << 30) == "sequential (asked)"
+
+
+def test_best_disk_rate_keeps_both_measurements() -> None:
+    from mixtral_offload_plugin.tools.disk_rate import best_rate
+
+    before = {"rate": 9e8, "bytes": 1, "seconds": 1, "method": "O_DIRECT", "memory": "cgroup"}
+    after = {"rate": 1.8e9, "bytes": 2, "seconds": 1, "method": "O_DIRECT", "memory": "cgroup"}
+    best = best_rate(before, after)
+    assert (best["rate"], best["bytes"], best["rate_before"], best["rate_after"]) == (1.8e9, 2, 9e8, 1.8e9)
+    assert best_rate(after, before)["rate"] == 1.8e9 and before["rate"] == 9e8  # inputs untouched
