@@ -31,6 +31,7 @@ import torch
 
 from ..storage.packing import ALIGN, ExpertLayout, align_up
 from . import native
+from .cpu import _scratch
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("native_axis0.c")
@@ -233,7 +234,7 @@ class Axis0NativeKernel:
             return x.new_zeros(0, self.hidden)
         if native.is_silu(act_fn) and all(state[m][2] is None for m in MATRICES):  # one call, GIL released
             y = torch.empty(n, self.hidden, dtype=torch.float32)
-            h = torch.empty(2 * n * self.inter, dtype=torch.float32)
+            h = _scratch(8 * n * self.inter).view(torch.float32)  # gate and up [2, n, I], reused across calls
             rc = self.lib.mo_a0_expert_silu(state["w1"][1], state["w3"][1], state["w2"][1], xf.data_ptr(),
                                             y.data_ptr(), h.data_ptr(), n, torch.get_num_threads())
             if rc:
