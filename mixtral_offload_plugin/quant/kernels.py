@@ -17,13 +17,12 @@ import torch
 
 from ..storage.packing import ALIGN, align_up
 from . import native
+from .bitpacking import int4_offset, lut_unpack
 from .cpu import DenseMatmul, Int4Matmul, Pad16Int4Matmul, _scratch
 from .formats import (
     dequantize,
-    int4_offset,
     int4_ok,
     int4_scale_zeros,
-    lut_unpack,
     matrix_meta,
     matrix_values,
     pad16_unpack,

@@ -173,7 +173,7 @@ class QuantMatrix:
                  meta8: tuple[torch.Tensor, ...] | None = None, meta_blocks: bool = False, offset: int = 0) -> None:
         """q: int4pack bytes (`planes=False`) or the 2-bit plane (+ `hi`, the 1-bit plane of 3-bit values); scales as
         `sz` [G, N, 2] (values stored + `offset`) or `meta8` = (scale_q, scale_mm, zero_q, zero_mm), row-major [N, G]
-        or, with `meta_blocks`, in the kernel's block order (`formats.quantize_meta_blocks`)."""
+        or, with `meta_blocks`, in the kernel's block order (`bitpacking.quantize_meta_blocks`)."""
         self.lib, self.n, self.k = lib, n, k
         self.keep = [t for t in (q, hi, sz, *(meta8 or ())) if t is not None]
         mat = QuantMat(q=_ptr(q), hi=_ptr(hi), n=n, k=k, gs=group_size, form=int(planes), offset=offset)

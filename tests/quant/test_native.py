@@ -168,7 +168,7 @@ def test_fused_expert_mlp_equals_dequantized_reference(impl, bits, group, quant_
 @pytest.mark.parametrize("n", [64, 208, 16])
 def test_block_ordered_meta_round_trip(n):
     """8-bit scales in the kernels' block order: every value within half a quantization step of the original."""
-    from mixtral_offload_plugin.quant.formats import dequantize_meta_blocks, quantize_meta_blocks
+    from mixtral_offload_plugin.quant.bitpacking import dequantize_meta_blocks, quantize_meta_blocks
 
     v = torch.rand(n, 12, generator=torch.Generator().manual_seed(n)) * 3 + 0.5
     q, mm = quantize_meta_blocks(v)
@@ -179,7 +179,8 @@ def test_block_ordered_meta_round_trip(n):
 
 def test_row_major_8bit_meta_from_older_files_still_runs(impl):
     """Folders converted before the block-ordered meta (scale_q/zero_q row-major) compute the same matrix."""
-    from mixtral_offload_plugin.quant.formats import lut_pack, pad16_pack, quantize_meta
+    from mixtral_offload_plugin.quant.bitpacking import lut_pack, quantize_meta
+    from mixtral_offload_plugin.quant.formats import pad16_pack
 
     n, k = 208, 160
     q, s, z = _rtn(torch.randn(n, k, generator=torch.Generator().manual_seed(9)) * 0.05, 2, 16)
@@ -198,6 +199,7 @@ def test_every_kernel_source_ships_in_the_package() -> None:
     """A wheel install has only the files package-data names: every C source and header next to the kernels'
     Python modules must match one of its globs (else the kernels silently fall back to the slow paths there)."""
     import fnmatch
+
     import tomllib
 
     root = Path(__file__).resolve().parents[2]

@@ -11,14 +11,8 @@ from slot_reference import copy_slot_weights
 
 from mixtral_offload_plugin import OffloadConfig, load_model
 from mixtral_offload_plugin.quant import QuantSpec
-from mixtral_offload_plugin.quant.formats import (
-    bitpack,
-    bitunpack,
-    dequantize_meta,
-    int4pack_values,
-    quantize_meta,
-    store_matrix,
-)
+from mixtral_offload_plugin.quant.bitpacking import bitpack, bitunpack, dequantize_meta, quantize_meta
+from mixtral_offload_plugin.quant.formats import int4pack_values, store_matrix
 from mixtral_offload_plugin.quant.kernels import plan_matrix
 from mixtral_offload_plugin.storage.packing import unpack_views
 
