@@ -19,6 +19,7 @@ HEAD_BITS = (4, 8, 16)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRANSFERS = ("auto", "sync", "async")
 HQQ_PACKINGS = ("auto", "interleaved", "planar")
+DECODE_PATHS = ("auto", "modules")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -81,6 +82,9 @@ class OffloadConfig:
         hqq_packing: bit order of mixtral-offloading checkpoints whose `W_q` tensors have the re-packed
             `[ceil(out/values per word), in]` shape (its 4bit-3bit release): "auto" (= "interleaved", that project's
             own packing) or "planar" (hqq 0.1.1's BitPack). Other checkpoints ignore it.
+        decode: "auto" (default: on CPU, when every expert is resident and quantized, one decoded token of a single
+            sequence runs all layers in one native call, `runtime/fused.py`) or "modules" (always through
+            transformers' modules; forward hooks on the decoder layers also select it for the step they see).
     """
 
     device: str = "auto"
@@ -107,6 +111,7 @@ class OffloadConfig:
     context_length: int = 4096
     batch_size: int = 1
     hqq_packing: str = "auto"
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
         dev = self.device
@@ -161,6 +166,8 @@ class OffloadConfig:
             _fail("batch_size", self.batch_size, "must be a positive number of sequences")
         if self.hqq_packing not in HQQ_PACKINGS:
             _fail("hqq_packing", self.hqq_packing, f"allowed values are {HQQ_PACKINGS}")
+        if self.decode not in DECODE_PATHS:
+            _fail("decode", self.decode, f"allowed values are {DECODE_PATHS}")
 
     def replace(self, **changes: Any) -> OffloadConfig:
         """A copy with some fields changed (validated again)."""

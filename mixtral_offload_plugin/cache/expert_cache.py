@@ -217,6 +217,15 @@ class ExpertCache:
             self.loader.wait(slot)
         self.reset_stats()
 
+    def state_of(self, layer: int, expert: int) -> Any:
+        """The kernel state of a cached, loaded expert without counting an access; None when it is not ready."""
+        pid = self.pool_of[layer]
+        idx = self.pools[pid].lookup((layer, expert))
+        if idx is None:
+            return None
+        slot = self.slots[pid][idx]
+        return slot.state if self.loader.ready(slot) else None
+
     def resident(self, layer: int) -> set[int]:
         pool = self.pools[self.pool_of[layer]]
         return {k[1] for k in pool.where if k[0] == layer}

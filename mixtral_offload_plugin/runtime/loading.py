@@ -231,8 +231,10 @@ def load_model(path: str | os.PathLike[str], config: OffloadConfig | None = None
         loader.store = None
         cache.reset_stats()
     # a mapped store has no cache to prefetch into: its prefetch setting does not apply
-    prefetcher = None if mapped else plugins.create("prefetcher", config.prefetch, cache, arch, blocks, config)
-    runtime = OffloadRuntime(config, arch, device, cache, store, prefetcher if not resident else None, kernels,
+    # nor does a resident model: nothing to load (and its routing statistics would cost every layer call)
+    prefetcher = None if mapped or resident else plugins.create("prefetcher", config.prefetch, cache, arch, blocks,
+                                                                config)
+    runtime = OffloadRuntime(config, arch, device, cache, store, prefetcher, kernels,
                              blocks, plan, str(source), resident=resident)
     for block in blocks.values():
         block.experts._runtime = runtime

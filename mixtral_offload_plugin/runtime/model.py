@@ -18,6 +18,7 @@ import torch
 
 from ..errors import ModelUnloadedError
 from ..stats import GenerationStats, OffloadStats
+from .fused import fused_forward
 from .prefix import PrefixCache
 
 
@@ -40,12 +41,14 @@ class OffloadRuntime:
     resident: bool = False
     prefix: PrefixCache = field(default_factory=PrefixCache)
     last_generation: GenerationStats | None = None
+    fused: Any = None  # fused.FusedDecoder once built, False when this model cannot take that path
 
     def close(self) -> None:
         with self.lock:
             if self.closed:
                 return
             self.closed = True
+            self.fused = False
             self.prefix.clear()
             self.cache.close()
             if self.store is not None:
@@ -82,7 +85,8 @@ def offloaded_class(cls: type) -> type:
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         rt = self._runtime_or_raise()
         with rt.lock:
-            return base_forward(self, *args, **kwargs)
+            out = fused_forward(self, rt, args, kwargs) if rt.fused is not False else None
+            return out if out is not None else base_forward(self, *args, **kwargs)
 
     return type(f"Offloaded{cls.__name__}", (OffloadedModelMixin, cls), {"forward": forward})
 

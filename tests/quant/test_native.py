@@ -205,7 +205,7 @@ def test_every_kernel_source_ships_in_the_package() -> None:
     root = Path(__file__).resolve().parents[2]
     globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
         "mixtral_offload_plugin"]
-    quant = root / "mixtral_offload_plugin" / "quant"
-    sources = sorted(p.relative_to(quant.parent).as_posix() for p in quant.iterdir() if p.suffix in (".c", ".h"))
-    assert len(sources) >= 4
+    package = root / "mixtral_offload_plugin"
+    sources = sorted(p.relative_to(package).as_posix() for p in package.rglob("*") if p.suffix in (".c", ".h"))
+    assert len(sources) >= 5 and "runtime/decode.c" in sources
     assert [s for s in sources if not any(fnmatch.fnmatch(s, g) for g in globs)] == []

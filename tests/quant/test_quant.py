@@ -189,8 +189,9 @@ def test_bf16_int4_kernels_track_reference(quant_model: Path) -> None:
 
 
 def test_offloaded_quantized_experts_equal_resident(quant_model: Path) -> None:
-    """A small cache (slots reloaded and workspaces refilled on every miss) computes what the resident model does."""
-    base = dict(device="cpu", transfer="sync", expert_bits=3, expert_group_size=32, attn_bits=4)
+    """A small cache (slots reloaded and workspaces refilled on every miss) computes what the resident model does
+    (both through the modules: the resident model's fused decode is compared in tests/runtime/test_fused_decode.py)."""
+    base = dict(device="cpu", transfer="sync", expert_bits=3, expert_group_size=32, attn_bits=4, decode="modules")
     resident = load_model(quant_model, OffloadConfig(**base))
     small = load_model(quant_model, OffloadConfig(**base, experts_per_layer=2, store="disk"))
     assert not small._offload_runtime.resident

@@ -1,0 +1,284 @@
+"""The fused decode step: one decoded token of one sequence, every layer, in one native call (`decode.c`).
+
+On CPU a decoded token of a small or medium MoE model spends most of its time around the matrices, in transformers'
+per-layer Python (norms, rotary, cache update, attention, routing: dozens of torch calls per layer;
+docs/benchmarks.md). When every expert is resident and quantized, `FusedDecoder` runs the whole step in C instead,
+calling the same matrix and expert kernels the modules call and rounding every intermediate value to the model's dtype
+at the same points, so it differs from the module path only by the order of float32 sums (tests compare the two).
+
+`fused_forward` is called by the model's forward (`model.offloaded_class`) for each call; it answers None, and the
+modules run, whenever the call is anything but one new token of one unpadded sequence with a plain `DynamicCache`
+(prefill, batches, custom masks, outputs of attentions or hidden states, gradients, hooks on the decoder layers,
+`OffloadConfig.decode="modules"`). The KV cache stays transformers' own: each layer's keys and values become views of
+a buffer with room to grow, which the C code appends to; anything else holding the cache sees ordinary tensors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..quant import native
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("decode.c")
+_lock = threading.Lock()
+_lib: list[Any] = []  # [library or None] once tried
+
+P, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+MAT_QUANT, MAT_DENSE_BF16, MAT_DENSE_F32 = 0, 1, 2
+ALLOWED_KWARGS = {"input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "use_cache",
+                  "logits_to_keep", "return_dict", "cache_position", "output_attentions", "output_hidden_states",
+                  "output_router_logits", "inputs_embeds", "labels"}
+
+
+class Mat(ctypes.Structure):
+    _fields_ = [("w", P), ("n", I64), ("k", I64), ("kind", I32), ("pad", I32)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("q", Mat), ("k", Mat), ("v", Mat), ("o", Mat), ("ln1", P), ("ln2", P), ("router", P),
+                ("kcache", P), ("vcache", P), ("experts", P)]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [("hidden", I64), ("heads", I64), ("kv_heads", I64), ("head_dim", I64), ("n_experts", I64),
+                ("top_k", I64), ("n_layers", I64), ("cap", I64), ("bf16", I32), ("pad", I32), ("eps", F32),
+                ("scale", F32), ("rope_scaling", F32), ("pad2", F32), ("inv_freq", P), ("mm", P), ("dense", P),
+                ("expert", P), ("layers", P), ("embed", P), ("norm", P), ("head", Mat)]
+
+
+def library() -> Any:
+    """`decode.c` built and loaded, or None (no compiler, native kernels off or unavailable)."""
+    if _lib:
+        return _lib[0]
+    with _lock:
+        if not _lib:
+            lib = None
+            if native.library() is not None:
+                try:
+                    lib = native.compile_library(native.build_variant(), SOURCE)
+                    if lib.mo_decode_abi() != 1:
+                        msg = "the cached decode library has another ABI version"
+                        raise RuntimeError(msg)
+                    lib.mo_decode.argtypes = [ctypes.POINTER(Model), I64, I64, P, P, ctypes.c_int]
+                except (OSError, RuntimeError) as exc:
+                    log.warning("fused decode unavailable, decoding through the modules: %s", exc)
+                    lib = None
+            _lib.append(lib)
+    return _lib[0]
+
+
+class Unsupported(Exception):
+    """This model cannot take the fused path (the reason is logged once at debug level)."""
+
+
+def _fn(lib: Any, name: str) -> int:
+    return ctypes.cast(getattr(lib, name), P).value
+
+
+def _mat(module: nn.Module, dtype: torch.dtype, keep: list[Any]) -> Mat:
+    from ..quant.hqq import QuantizedLinear
+    from ..quant.linear import NativeLinear
+
+    if getattr(module, "bias", None) is not None:
+        raise Unsupported("a projection with a bias")
+    if isinstance(module, QuantizedLinear):
+        kernel = module._kernel()
+        if type(kernel) is not native.QuantMatrix:
+            raise Unsupported(f"a quantized projection on the {module.plan.kind} kernel")
+        keep.append(kernel)
+        return Mat(ctypes.addressof(kernel.mat), kernel.n, kernel.k, MAT_QUANT)
+    if type(module) in (nn.Linear, NativeLinear) and module.weight.device.type == "cpu" and \
+            module.weight.dtype == dtype and module.weight.is_contiguous():
+        w = module.weight.detach()
+        keep.append(w)
+        kind = MAT_DENSE_BF16 if dtype == torch.bfloat16 else MAT_DENSE_F32
+        return Mat(w.data_ptr(), w.shape[0], w.shape[1], kind)
+    raise Unsupported(f"a {type(module).__name__} projection")
+
+
+def _weight(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], keep: list[Any]) -> int:
+    if t.dtype != dtype or t.device.type != "cpu" or tuple(t.shape) != shape:
+        raise Unsupported(f"a weight of {t.dtype} {tuple(t.shape)} (expected {dtype} {shape})")
+    t = t.detach().contiguous()
+    keep.append(t)
+    return t.data_ptr()
+
+
+class FusedDecoder:
+    """The descriptors of one loaded model for `decode.c`, and the KV buffers it appends to."""
+
+    def __init__(self, model: nn.Module, rt: Any, lib: Any) -> None:
+        from ..quant.native import is_silu
+        from .experts import OffloadedExperts
+
+        kl = native.library()
+        cfg = model.config
+        dtype = model.get_input_embeddings().weight.dtype
+        if dtype not in (torch.bfloat16, torch.float32):
+            raise Unsupported(f"a {dtype} model")
+        if getattr(cfg, "model_type", "") != "mixtral" or getattr(cfg, "sliding_window", None) is not None:
+            raise Unsupported("not a Mixtral model without a sliding window")
+        inner = model.model
+        rotary = inner.rotary_emb
+        if getattr(rotary, "rope_type", "default") != "default":
+            raise Unsupported(f"rope type {rotary.rope_type}")
+        if not hasattr(rt.cache, "state_of"):
+            raise Unsupported(f"a {type(rt.cache).__name__} expert cache")
+        self.keep: list[Any] = []
+        keep = self.keep
+        layers = list(inner.layers[: cfg.num_hidden_layers])
+        hidden, n_exp = cfg.hidden_size, cfg.num_local_experts
+        attn0 = layers[0].self_attn
+        d, heads, kvh = attn0.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        eps = {float(m.variance_epsilon) for layer in layers for m in (layer.input_layernorm,
+                                                                       layer.post_attention_layernorm)}
+        eps.add(float(inner.norm.variance_epsilon))
+        if len(eps) != 1:
+            raise Unsupported("norms with different epsilons")
+        self.layers = (Layer * len(layers))()
+        self.experts = []
+        for i, layer in enumerate(layers):
+            attn, block = layer.self_attn, layer.mlp
+            experts = getattr(block, "experts", None)
+            if not isinstance(experts, OffloadedExperts) or not is_silu(experts.act_fn):
+                raise Unsupported("experts that are not offloaded SiLU experts")
+            router = block.gate
+            top_k = int(router.top_k)
+            ptrs = (P * (2 * n_exp))()
+            for e in range(n_exp):
+                state = rt.cache.state_of(experts.layer_idx, e)
+                pair = (state.get("gate_up"), state.get("down")) if isinstance(state, dict) else (None, None)
+                if not all(type(m) is native.QuantMatrix for m in pair):
+                    raise Unsupported("experts that are not resident on the native quantized kernels")
+                keep.append(pair)
+                ptrs[2 * e], ptrs[2 * e + 1] = ctypes.addressof(pair[0].mat), ctypes.addressof(pair[1].mat)
+            self.experts.append(ptrs)
+            L = self.layers[i]
+            L.q, L.k, L.v, L.o = (_mat(getattr(attn, p), dtype, keep) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            L.ln1 = _weight(layer.input_layernorm.weight, dtype, (hidden,), keep)
+            L.ln2 = _weight(layer.post_attention_layernorm.weight, dtype, (hidden,), keep)
+            L.router = _weight(router.weight, dtype, (n_exp, hidden), keep)
+            L.experts = ctypes.addressof(ptrs)
+        head = model.get_output_embeddings()
+        inv_freq = rotary.inv_freq.detach().to(torch.float32).contiguous()
+        keep.append(inv_freq)
+        self.model = Model(hidden=hidden, heads=heads, kv_heads=kvh, head_dim=d, n_experts=n_exp, top_k=top_k,
+                           n_layers=len(layers), cap=0, bf16=int(dtype == torch.bfloat16), eps=eps.pop(),
+                           scale=float(attn0.scaling), rope_scaling=float(rotary.attention_scaling),
+                           inv_freq=inv_freq.data_ptr(), mm=_fn(kl, "mo_quant_mm"), dense=_fn(kl, "mo_dense_bf16"),
+                           expert=_fn(kl, "mo_expert_silu"), layers=ctypes.addressof(self.layers),
+                           embed=_weight(model.get_input_embeddings().weight, dtype, (cfg.vocab_size, hidden), keep),
+                           norm=_weight(inner.norm.weight, dtype, (hidden,), keep), head=_mat(head, dtype, keep))
+        self.ref = ctypes.byref(self.model)
+        self.lib, self.dtype, self.kv_shape = lib, dtype, (kvh, d)
+        self.vocab = int(self.model.head.n)
+        self.routed = torch.zeros(len(layers), top_k, dtype=torch.int32)
+        self.layer_ids = [layer.mlp.experts.layer_idx for layer in layers]
+        from torch.nn.modules import module as torch_module
+
+        bypassed = [m for layer in layers for m in layer.modules()] + [inner, inner.norm, head]
+        self.hook_dicts = [d for m in bypassed for d in (m._forward_hooks, m._forward_pre_hooks)] + [
+            torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks]
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.views: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.steps = 0  # tokens decoded here (tests, profiles)
+
+    def hooked(self) -> bool:
+        """Whether someone watches the modules this path skips (profilers, tracers): then the modules run."""
+        return any(self.hook_dicts)
+
+    def _adopt(self, cache_layers: list[Any], length: int) -> None:
+        """Copy the cache into buffers with room to grow (the first step, or after someone replaced its tensors)."""
+        cap = length + max(256, length // 2)
+        self.buffers, self.views = [], []
+        kvh, d = self.kv_shape
+        for i, layer in enumerate(cache_layers):
+            kb = torch.empty(1, kvh, cap, d, dtype=self.dtype)
+            vb = torch.empty(1, kvh, cap, d, dtype=self.dtype)
+            kb[:, :, :length].copy_(layer.keys)
+            vb[:, :, :length].copy_(layer.values)
+            self.buffers.append((kb, vb))
+            self.views.append((layer.keys, layer.values))
+            self.layers[i].kcache, self.layers[i].vcache = kb.data_ptr(), vb.data_ptr()
+        self.model.cap = cap
+
+    def step(self, cache: Any, token: int, length: int) -> torch.Tensor:
+        layers = cache.layers
+        if not self.views or self.model.cap <= length or any(
+                layer.keys is not view[0] or layer.values is not view[1] for layer, view in zip(layers, self.views)):
+            self._adopt(layers, length)
+        logits = torch.empty(1, 1, self.vocab, dtype=self.dtype)
+        rc = self.lib.mo_decode(self.ref, token, length, logits.data_ptr(), self.routed.data_ptr(),
+                                torch.get_num_threads())
+        if rc:
+            msg = "fused decode: scratch allocation failed" if rc == -1 else f"fused decode failed (code {rc})"
+            raise MemoryError(msg) if rc == -1 else RuntimeError(msg)
+        views = []
+        for layer, (kb, vb) in zip(layers, self.buffers):
+            layer.keys, layer.values = kb[:, :, :length + 1], vb[:, :, :length + 1]
+            views.append((layer.keys, layer.values))
+        self.views = views
+        self.steps += 1
+        return logits
+
+
+def _decoder(model: nn.Module, rt: Any) -> FusedDecoder | None:
+    fused = rt.fused
+    if fused is None:  # first eligible call: build once (False = this model cannot take the path)
+        fused = False
+        lib = library() if native.library() is not None else None
+        if lib is not None and rt.resident and rt.device.type == "cpu" and rt.config.decode == "auto":
+            try:
+                fused = FusedDecoder(model, rt, lib)
+            except Unsupported as exc:
+                log.debug("fused decode not used: %s", exc)
+        rt.fused = fused
+    return fused or None
+
+
+def fused_forward(model: nn.Module, rt: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The output of `model(**kwargs)` through the fused step, or None when the call is not one it takes."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+    if args or rt.fused is False or not kwargs.keys() <= ALLOWED_KWARGS or torch.is_grad_enabled() or model.training \
+            or not getattr(model.config, "return_dict", True):
+        return None
+    ids = kwargs.get("input_ids")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if not isinstance(ids, torch.Tensor) or ids.shape != (1, 1) or type(cache) is not DynamicCache:
+        return None
+    if kwargs.get("inputs_embeds") is not None or kwargs.get("labels") is not None or \
+            kwargs.get("return_dict") is False or kwargs.get("use_cache") is False or \
+            any(kwargs.get(f) for f in ("output_attentions", "output_hidden_states", "output_router_logits")):
+        return None
+    fused = _decoder(model, rt)
+    if fused is None or len(cache.layers) != fused.model.n_layers or fused.hooked():
+        return None
+    first = cache.layers[0]
+    if type(first) is not DynamicLayer or not first.is_initialized or first.keys is None or first.keys.dim() != 4:
+        return None
+    length = first.keys.shape[-2]
+    if any(type(layer) is not DynamicLayer or layer.keys is None or layer.keys.shape[-2] != length or
+           layer.keys.shape[0] != 1 for layer in cache.layers):
+        return None
+    mask = kwargs.get("attention_mask")
+    if mask is not None and (mask.dim() != 2 or mask.shape[-1] != length + 1 or not bool(mask.all())):
+        return None
+    for name in ("position_ids", "cache_position"):
+        pos = kwargs.get(name)
+        if pos is not None and (pos.numel() != 1 or int(pos.view(-1)[0]) != length):
+            return None
+    token = int(ids.view(-1)[0])
+    logits = fused.step(cache, token, length)
+    for i, routed in enumerate(fused.routed.tolist()):
+        rt.cache.request(fused.layer_ids[i], sorted(set(routed)))  # counters, policy and listeners, as the modules do
+    return MoeCausalLMOutputWithPast(logits=logits, cache=cache)
