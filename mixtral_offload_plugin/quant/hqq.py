@@ -160,7 +160,9 @@ def _plans(layout: ExpertLayout, device: torch.device, dtype: torch.dtype | None
 
             out[m] = plan_cuda_matrix(m, _shape(layout, m), bits, gs, compute, per_call)
         else:
-            out[m] = plan_matrix(m, form, _shape(layout, m), bits, gs, compute, device, sz_dtype)
+            plain = f"{m}.scale" in dtypes and f"{m}.zero" in dtypes and dtypes[f"{m}.scale"] == dtypes[f"{m}.zero"] \
+                and dtypes[f"{m}.scale"] in ("float32", "bfloat16")
+            out[m] = plan_matrix(m, form, _shape(layout, m), bits, gs, compute, device, sz_dtype, plain_meta=plain)
     return out
 
 

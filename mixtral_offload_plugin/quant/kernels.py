@@ -34,7 +34,7 @@ class MatrixPlan:
     """How one stored matrix is computed on one device.
 
     kind: "native-int4" / "native-lut" (CPU, our kernels reading the int4pack form / the 2/3-bit planes in place,
-    8-bit scales included), "int4" (CPU int4 kernel reads the stored int4pack form), "int4-lut16" (CPU, group 16:
+    8-bit scales included), "native-u8" (CPU, 8-bit values with 16/32-bit scales and zeros, read in place), "int4" (CPU int4 kernel reads the stored int4pack form), "int4-lut16" (CPU, group 16:
     the same for the matrix padded to group 32 with zero activations), "int4-lut" (CPU: 2/3-bit planes stored in
     int4pack nibble order, expanded into the workspace by a table lookup at slot load), "int4-unpack" (CPU: 2/3-bit
     values unpacked into int4pack form in the workspace at slot load), "dense" (dequantized into the workspace at slot
@@ -82,6 +82,9 @@ class MatrixPlan:
         if lib is None:
             msg = "the native kernel library is gone (MIXTRAL_OFFLOAD_NATIVE changed after loading?); reload the model"
             raise RuntimeError(msg)
+        if self.kind == "native-u8":
+            return native.QuantMatrix(lib, n, k, self.group_size, q=views[f"{p}.q"], planes=False,
+                                      scale_zero=(views[f"{p}.scale"], views[f"{p}.zero"]))
         if self.kind == "native-int4":
             return native.QuantMatrix(lib, n, k, self.group_size, q=views[f"{p}.q"], planes=False, sz=views[f"{p}.sz"])
         plane = "p" if f"{p}.plo" in views else ""
@@ -129,7 +132,8 @@ def _lut_sz(plan: MatrixPlan, views: dict[str, torch.Tensor], out: torch.Tensor)
 
 
 def plan_matrix(prefix: str, form: str, shape: tuple[int, int], bits: int, group_size: int,
-                dtype: torch.dtype, device: torch.device, sz_dtype: torch.dtype | None = None) -> Any:
+                dtype: torch.dtype, device: torch.device, sz_dtype: torch.dtype | None = None,
+                plain_meta: bool = False) -> Any:
     """Pick the fastest exact way to compute a stored matrix on `device` (see `MatrixPlan.kind`).
 
     CPU: int4pack and 2/3-bit plane forms -> our native kernels in place when they are built (see `native.py`);
@@ -142,6 +146,9 @@ def plan_matrix(prefix: str, form: str, shape: tuple[int, int], bits: int, group
         from .cuda import plan_cuda_matrix
 
         return plan_cuda_matrix(prefix, shape, bits, group_size, dtype)
+    if form == "bitpack" and bits == 8 and plain_meta and group_size % 16 == 0 and native.library() is not None and \
+            (native.simd_level() > 0 or native._override_impl == "portable"):
+        return MatrixPlan(prefix, "native-u8", shape, bits, group_size, act)  # bytes read in place: 1 byte a weight
     if form in ("int4pack", "int4lut", "int4lut16") and native.library() is not None:
         # the portable build (CPUs without AVX-512) is 2-3x slower than torch's int4 kernel, even on padded group-16
         # matrices (measured with an AVX2 build): there torch's path runs; tests force the portable build for its sums

@@ -16,6 +16,7 @@
  *    w = (q - z) * s, s = sq * step + min and z likewise, (min, step) per `meta_group` consecutive entries of the
  *    [N][G] arrays. Meta 2: the same 8-bit values stored per block of 64 rows and group in decode order (see below;
  *    the N % 64 last rows as [G][r]), one (min, step) per two consecutive (block, group) entries.
+ *  - form 2, 8-bit values as bytes [N][K] (native_u8.h).
  * Every form is computed as y = sum over groups g of s * dot_g + c * sum_g(x), c = zero_t + (offset - 8) * s (sz) or
  * c = -z * s (8-bit meta), dot_g = sum over the group of q * x.
  */
@@ -41,9 +42,10 @@ typedef struct {
     const float *zmm;   /* meta 1: the same for the zeros */
     int64_t n, k, gs, meta_group;
     int32_t form, meta, sz_bf16, offset;
+    const void *zp;     /* form 2: [N][G] zeros (sz holds the [N][G] scales); see native_u8.h */
 } mo_qmat;
 
-int mo_abi(void) { return 1; }
+int mo_abi(void) { return 2; }
 
 int mo_simd(void) {
 #if defined(MO_AVX512) && defined(__AVX512BF16__)
@@ -597,11 +599,18 @@ static float *load_x(const void *x, int x_bf16, int64_t tokens, int64_t k, int64
     return xf;
 }
 
+#include "native_u8.h"
+
 /* y [tokens][N] (bfloat16 or float32) = x [tokens][K] W^T. Returns 0, or -1 when scratch memory is exhausted. */
 int mo_quant_mm(const mo_qmat *m, const void *x, int x_bf16, void *y, int y_bf16, int64_t tokens, int nthreads) {
     float *xf = load_x(x, x_bf16, tokens, m->k, m->gs);
     if (xf == NULL) return -1;
     const float *sx = xf + tokens * m->k;
+    if (m->form == 2) {
+        #pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t r = 0; r < m->n; r += 64) u8_rows(m, xf, sx, y, y_bf16, tokens, r, r + 64 < m->n ? r + 64 : m->n);
+        return 0;
+    }
     int64_t nb = m->n / 64;
     int failed = 0;
 #ifdef MO_AVX512

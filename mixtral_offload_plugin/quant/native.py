@@ -41,7 +41,7 @@ class QuantMat(ctypes.Structure):
                 ("zq", ctypes.c_void_p), ("smm", ctypes.c_void_p), ("zmm", ctypes.c_void_p), ("n", ctypes.c_int64),
                 ("k", ctypes.c_int64), ("gs", ctypes.c_int64), ("meta_group", ctypes.c_int64),
                 ("form", ctypes.c_int32), ("meta", ctypes.c_int32), ("sz_bf16", ctypes.c_int32),
-                ("offset", ctypes.c_int32)]
+                ("offset", ctypes.c_int32), ("zp", ctypes.c_void_p)]
 
 
 def _cache_dir() -> Path:
@@ -119,7 +119,7 @@ def build_variant() -> str:
 
 def _load(variant: str) -> Any:
     lib = compile_library(variant)
-    if lib.mo_abi() != 1:
+    if lib.mo_abi() != 2:
         msg = "the cached kernel library has another ABI version"
         raise RuntimeError(msg)
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -170,14 +170,21 @@ class QuantMatrix:
 
     def __init__(self, lib: Any, n: int, k: int, group_size: int, *, q: torch.Tensor, planes: bool,
                  hi: torch.Tensor | None = None, sz: torch.Tensor | None = None,
-                 meta8: tuple[torch.Tensor, ...] | None = None, meta_blocks: bool = False, offset: int = 0) -> None:
+                 meta8: tuple[torch.Tensor, ...] | None = None, meta_blocks: bool = False, offset: int = 0,
+                 scale_zero: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """q: int4pack bytes (`planes=False`) or the 2-bit plane (+ `hi`, the 1-bit plane of 3-bit values); scales as
         `sz` [G, N, 2] (values stored + `offset`) or `meta8` = (scale_q, scale_mm, zero_q, zero_mm), row-major [N, G]
-        or, with `meta_blocks`, in the kernel's block order (`bitpacking.quantize_meta_blocks`)."""
+        or, with `meta_blocks`, in the kernel's block order (`bitpacking.quantize_meta_blocks`). With `scale_zero`
+        (scale, zero), both [N, G] of one 16/32-bit dtype, q is 8-bit values [N, K] row-major: w = (q - zero) * scale."""
         self.lib, self.n, self.k = lib, n, k
-        self.keep = [t for t in (q, hi, sz, *(meta8 or ())) if t is not None]
+        self.keep = [t for t in (q, hi, sz, *(meta8 or ()), *(scale_zero or ())) if t is not None]
         mat = QuantMat(q=_ptr(q), hi=_ptr(hi), n=n, k=k, gs=group_size, form=int(planes), offset=offset)
-        if meta8 is not None:
+        if scale_zero is not None:
+            scale, zero = scale_zero
+            assert scale.dtype == zero.dtype and scale.dtype in (torch.bfloat16, torch.float32)
+            assert scale.is_contiguous() and zero.is_contiguous() and q.is_contiguous()
+            mat.form, mat.sz, mat.zp, mat.sz_bf16 = 2, scale.data_ptr(), zero.data_ptr(), int(scale.dtype == torch.bfloat16)
+        elif meta8 is not None:
             sq, smm, zq, zmm = meta8
             mat.sq, mat.smm, mat.zq, mat.zmm = sq.data_ptr(), smm.data_ptr(), zq.data_ptr(), zmm.data_ptr()
             mat.meta = 2 if meta_blocks else 1

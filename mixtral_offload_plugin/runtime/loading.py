@@ -259,13 +259,24 @@ def _expert_kernels(quantizer: Any, layouts: dict[Any, Any], device: torch.devic
 
 
 def _warn_dense_8bit(config: OffloadConfig, device: torch.device) -> None:
-    """8-bit matrices have no CPU kernel: each is dequantized once into a dense workspace beside its bytes, so it
-    computes at 16-bit speed with 1.5x the memory. Say so, with what to use instead."""
+    """8-bit matrices run on our native CPU kernel (1 byte a weight, read in place). Where it cannot run (no C compiler
+    or AVX-512, 8-bit scales, groups not a multiple of 16), each is dequantized once into a dense workspace beside its
+    bytes, so it computes at 16-bit speed with 1.5x the memory. Say so, with what to use instead."""
+    from ..quant import native
+
     eight = [name for name in ("expert_bits", "attn_bits", "head_bits") if getattr(config, name) == 8]
-    if device.type == "cpu" and eight:
-        log.warning("%s=8 on CPU: 8-bit matrices are dequantized into 16-bit workspaces (no CPU kernel reads 8-bit), "
-                    "so they run at 16-bit speed with 1.5x its memory; use 4 (or 2/3 for experts) to save memory and "
-                    "time, or 16", "=8, ".join(eight))
+    if device.type != "cpu" or not eight:
+        return
+    groups = {"expert_bits": config.expert_group_size, "attn_bits": config.attn_group_size,
+              "head_bits": config.attn_group_size}
+    kernel = native.library() is not None and (native.simd_level() > 0 or native._override_impl == "portable")
+    dense = [name for name in eight if not kernel or groups[name] % 16 or (name == "expert_bits" and
+                                                                           config.quant_scales)]
+    if dense:
+        log.warning("%s=8 on CPU: these 8-bit matrices are dequantized into 16-bit workspaces (our 8-bit kernel needs "
+                    "a C compiler, AVX-512, groups of a multiple of 16 and 16/32-bit scales), so they run at 16-bit "
+                    "speed with 1.5x its memory; use 4 (or 2/3 for experts) to save memory and time, or 16",
+                    "=8, ".join(dense))
 
 
 def _warn_ignored(path: Path, ignored: list[str]) -> None:

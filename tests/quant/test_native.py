@@ -72,6 +72,30 @@ def test_native_matrix_equals_dequantized_reference(impl, bits, group, quant_sca
         assert err < TOL[dtype], (tokens, err)
 
 
+@pytest.mark.parametrize("group", [16, 32, 64])
+@pytest.mark.parametrize("shape", [*SHAPES, (99, 64), (5, 32), (67, 128)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_8bit_matrix_equals_dequantized_reference(impl, group, shape, dtype):
+    """8-bit values with 16/32-bit scales and zeros, read in place (1 byte a weight): row counts that are not
+    multiples of 4 or 64, groups of 16-64, one token and several."""
+    n, k = shape
+    if k % group:
+        pytest.skip("group does not divide K")
+    gen = torch.Generator().manual_seed(n * k + group)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    views = store_matrix("m", *_rtn(w, 8, group), 8, group, "bitpack", dtype, False)
+    plan = plan_matrix("m", "bitpack", shape, 8, group, dtype, CPU, plain_meta=True)
+    assert plan.kind == "native-u8" and plan.workspace_nbytes == 0
+    fn = plan.prepare(views, None)
+    ref_w = dequantize(views, "m", shape, 8, group)
+    for tokens in (1, 3, 5):
+        x = torch.randn(tokens, k, generator=gen).to(dtype)
+        y = fn(x)
+        assert y.dtype == dtype and y.shape == (tokens, n)
+        ref = x.double() @ ref_w.double().t()
+        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < TOL[dtype]
+
+
 @pytest.mark.parametrize(("n", "k", "tokens"), [(6, 96, 1), (64, 4096 + 32, 3), (33, 40, 2), (128, 64, 9)])
 def test_native_dense_bf16_equals_float_sums(impl, n, k, tokens):
     gen = torch.Generator().manual_seed(n + k)
@@ -136,7 +160,8 @@ def test_bf16_model_runs_trunk_and_experts_on_native_kernels(impl, tiny_mixtral)
         model.unload()
 
 
-@pytest.mark.parametrize(("bits", "group", "quant_scales"), [(4, 32, False), (2, 16, True), (3, 32, False)])
+@pytest.mark.parametrize(("bits", "group", "quant_scales"), [(4, 32, False), (2, 16, True), (3, 32, False),
+                                                        (8, 32, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_expert_mlp_equals_dequantized_reference(impl, bits, group, quant_scales, dtype):
     """One native call for down(silu(gate) * up) equals the same math on the dequantized matrices."""

@@ -20,12 +20,13 @@ pytest.importorskip("hqq")
 from mixtral_offload_plugin.quant.hqq import HqqQuantizer  # noqa: E402
 
 CPU = torch.device("cpu")
-NATIVE_KINDS = {"int4": "native-int4", "int4-lut": "native-lut", "int4-lut16": "native-lut"}
+NATIVE_KINDS = {"int4": "native-int4", "int4-lut": "native-lut", "int4-lut16": "native-lut", "dense8": "native-u8"}
 
 
 def expected_kind(kind: str, impl: str) -> str:
-    """The plan kind torch's path uses, translated to our native kernels' (`kernel_impl` fixture)."""
-    return kind if impl == "torch" else NATIVE_KINDS.get(kind, kind)
+    """The plan kind torch's path uses, translated to our native kernels' (`kernel_impl` fixture); "dense8" is an
+    8-bit matrix with plain scales and zeros (torch: dequantized into a dense workspace)."""
+    return ("dense" if kind == "dense8" else kind) if impl == "torch" else NATIVE_KINDS.get(kind, kind)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_meta_quantization_is_close() -> None:
 @pytest.mark.parametrize(("bits", "group", "kind"), [(4, 64, "int4"), (3, 32, "int4-lut"), (2, 32, "int4-lut"),
                                                      (3, 32, "int4-unpack"), (2, 32, "int4-unpack"),
                                                      (2, 16, "int4-lut16"), (3, 16, "int4-lut16"),
-                                                     (8, 64, "dense")])
+                                                     (8, 64, "dense8"), (8, 16, "dense8"), (8, 32, "dense")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matrix_kernels_match_dequantized_weights(bits: int, group: int, kind: str, dtype: torch.dtype,
                                                   kernel_impl: str) -> None:
@@ -78,7 +79,7 @@ def test_matrix_kernels_match_dequantized_weights(bits: int, group: int, kind: s
     q, s, z = hqq_quantize(w, bits, group)
     form = "bitpack" if kind == "int4-unpack" else choose_form((96, 128), spec, CPU)
     views = store_matrix("m", q, s, z, bits, group, form, dtype, quant_scales=False)
-    plan = plan_matrix("m", form, (96, 128), bits, group, dtype, CPU)
+    plan = plan_matrix("m", form, (96, 128), bits, group, dtype, CPU, plain_meta=kind == "dense8")
     assert plan.kind == expected_kind(kind, kernel_impl)
     ref_w = dequantize(views, "m", (96, 128), bits, group)
     assert (ref_w - w).abs().mean() < {2: 0.5, 3: 0.3, 4: 0.15, 8: 0.02}[bits] * w.abs().mean()  # quantizes w

@@ -52,6 +52,8 @@ QUANT = {
     "4bit-attn4": dict(expert_bits=4, expert_group_size=64, attn_bits=4),
     "2bit-g16-head4": dict(expert_bits=2, expert_group_size=16, quant_scales=True, attn_bits=4, head_bits=4),
     "3bit-dense-attn": dict(expert_bits=3, expert_group_size=32, attn_bits=16),
+    "4bit-head8": dict(expert_bits=4, expert_group_size=64, attn_bits=4, head_bits=8),
+    "8bit": dict(expert_bits=8, expert_group_size=32, attn_bits=8),
 }
 
 
