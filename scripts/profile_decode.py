@@ -12,6 +12,9 @@ its numbers as shares inside a region, part 1's as the absolute split. Prefill i
 Our native kernels are ctypes calls, not aten ops: part 2 marks them `native::quant_mm`, `native::expert_silu`, `native::dense_bf16`.
 `--clock cpu` times with the calling thread's CPU time instead of wall time (with `--threads 1` on a busy machine,
 that is the time the work would take on a quiet one).
+Part 0, for a model on the fused decode path (resident, quantized, CPU: `runtime/fused.py`): forward hooks send every
+step back to the modules, so it is timed first without hooks: the one native call per token, the Python around it
+in forward, and `generate()` outside forward. Parts 1 and 2 then describe the module path (`decode="modules"`).
 """
 
 from __future__ import annotations
@@ -136,6 +139,64 @@ def part1(model: Any, ids: torch.Tensor, new: int, repeats: int) -> None:
         print(f"| {name} | {v * 1e3:.3f} | {v / step:.1%} |")
 
 
+def part0(model: Any, ids: torch.Tensor, new: int, repeats: int) -> None:
+    rt = getattr(model, "_offload_runtime", None)
+    if rt is None or not rt.fused:  # built by the warm-up generate when the model takes that path
+        return
+    import mixtral_offload_plugin.runtime.model as runtime_model
+
+    spent = {"native": 0.0, "forward": 0.0}
+    on = [False]
+    decoder, forward = rt.fused, runtime_model.fused_forward
+    native_step = type(decoder).step
+
+    def step(self: Any, *a: Any) -> Any:
+        t = clock()
+        out = native_step(self, *a)
+        spent["native"] += (clock() - t) * on[0]
+        return out
+
+    def timed_forward(*a: Any) -> Any:
+        t = clock()
+        out = forward(*a)
+        spent["forward"] += (clock() - t) * on[0]
+        return out
+
+    class Mark:
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: Any) -> None:
+            self.times.append(clock())
+            on[0] = len(self.times) >= 2
+
+        def end(self) -> None:
+            on[0] = False
+
+    decoder.step = step.__get__(decoder)
+    runtime_model.fused_forward = timed_forward
+    best = None
+    try:
+        for _ in range(repeats):
+            spent.update(native=0.0, forward=0.0)
+            mark = Mark()
+            with torch.no_grad():
+                model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                               eos_token_id=None, streamer=mark)
+            per = (mark.times[-1] - mark.times[1]) / (new - 1)
+            if best is None or per < best[0]:
+                best = (per, spent["native"] / (new - 1), spent["forward"] / (new - 1))
+    finally:
+        del decoder.step
+        runtime_model.fused_forward = forward
+    per, native_ms, fwd = best
+    print(f"\n### fused decode: {per * 1e3:.2f} ms per step ({1 / per:.1f} tok/s)")
+    print("| part | ms/token | share |\n|---|---|---|")
+    for name, v in (("native call (every layer, lm_head)", native_ms), ("Python around it in forward", fwd - native_ms),
+                    ("generate() outside forward", per - fwd)):
+        print(f"| {name} | {v * 1e3:.3f} | {v / per:.1%} |")
+
+
 def _walk(ev: Any, region: str | None, acc: dict[str, dict[str, float]], region_total: dict[str, float]) -> None:
     name = ev.name
     if name.startswith("region:"):
@@ -253,6 +314,7 @@ def main() -> None:
         model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
     print(f"model {Path(args.model).name}, engine {args.engine} {' '.join(args.set)}, threads {args.threads}, "
           f"prompt {args.prompt}, new {args.new}; load average {open('/proc/loadavg').read().split()[:3]}")
+    part0(model, ids, args.new, args.repeats)
     part1(model, ids, args.new, args.repeats)
     wb = weight_bytes_per_token(model, args.engine)
     print(f"\nweights read per decoded token: {wb / 2**20:.1f} MiB")
