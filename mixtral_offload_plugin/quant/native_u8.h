@@ -33,6 +33,9 @@ static void u8_rows(const mo_qmat *m, const float *x, const float *sx, void *y, 
                 __m512 tot[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
                 float zero_terms[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                 for (int64_t g = 0; g < G; g++) {
+                    if (t == 0) /* the hardware prefetcher alone leaves four row streams at a third of the bandwidth */
+                        for (int i = 0; i < 4; i++)
+                            _mm_prefetch((const char *)(m->q + (r + i) * k + g * gs) + MO_PREFETCH, _MM_HINT_T0);
                     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                                      _mm512_setzero_ps()};
                     for (int64_t c = g * gs; c < (g + 1) * gs; c += 16) {
