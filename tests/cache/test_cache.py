@@ -113,3 +113,27 @@ def test_counters_add_up_through_the_model(tiny_mixtral_8e, tmp_path):
         assert 0 < st.hit_rate < 1
     finally:
         model.unload()
+
+
+def test_cpu_slot_rows_are_page_aligned_and_ask_for_huge_pages(monkeypatch) -> None:
+    """Rows start on page boundaries (direct I/O); a block of 2 MiB or more starts on a huge-page boundary and is
+    advised for transparent huge pages over whole huge pages only, before anything is written to it."""
+    import mixtral_offload_plugin.cache.expert_cache as ec
+
+    calls = []
+
+    class FakeLibc:
+        def madvise(self, addr: int, length: int, advice: int) -> int:
+            calls.append((addr, length, advice))
+            return 0
+
+    monkeypatch.setattr(ec, "_libc", [FakeLibc()])
+    monkeypatch.setattr(ec.sys, "platform", "linux")
+    rows = ec._slot_rows(3, 1_500_000, torch.device("cpu"))  # 3 x 1.5 MB: 4.3 MiB
+    assert rows.shape == (3, 1_503_232) and rows.stride(0) % ec.PAGE == 0
+    assert all(rows[i].data_ptr() % ec.PAGE == 0 for i in range(3))
+    assert rows.data_ptr() % ec.HUGE_PAGE == 0
+    ((addr, length, advice),) = calls
+    assert addr == rows.data_ptr() and length == 2 * ec.HUGE_PAGE and advice == ec.MADV_HUGEPAGE
+    small = ec._slot_rows(2, 5000, torch.device("cpu"))  # under one huge page: page alignment only, no advice
+    assert small.data_ptr() % ec.PAGE == 0 and len(calls) == 1
