@@ -213,7 +213,8 @@ def is_silu(act_fn: Any) -> bool:
 
 
 def expert_silu(gate_up: QuantMatrix, down: QuantMatrix, x: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate) * up) with [gate; up] = gate_up(x), in one call (float32 between the matrices)."""
+    """down(silu(gate) * up) with [gate; up] = gate_up(x), in one call (float32 between the matrices; rounded to bf16
+    before the down projection when x is bf16, as a bf16 model holds it)."""
     xs, x_bf16 = _act(x)
     m = xs.shape[0]
     y = torch.empty(m, down.n, dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32)
