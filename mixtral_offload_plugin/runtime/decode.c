@@ -135,15 +135,8 @@ static int matvec(const mo_model *m, const mo_mat *w, const float *x, float *y, 
 }
 
 static void rmsnorm(const float *x, const void *w, int bf16, float eps, int64_t n, float *y) {
-    float acc[16] = {0};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int l = 0; l < 16; l++) acc[l] += x[i + l] * x[i + l];
-    float s = 0.f;
-    for (; i < n; i++) s += x[i] * x[i];
-    for (int l = 0; l < 16; l++) s += acc[l];
-    float r = 1.0f / sqrtf(s / (float)n + eps);
-    for (i = 0; i < n; i++) y[i] = rd(bf16, at(w, bf16, i) * rd(bf16, x[i] * r));
+    float r = 1.0f / sqrtf(dot_f32(x, x, n) / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) y[i] = rd(bf16, at(w, bf16, i) * rd(bf16, x[i] * r));
 }
 
 /* q_embed = q * cos + rotate_half(q) * sin, each product and the sum rounded as torch rounds them */
