@@ -249,13 +249,25 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     return rows_list, meta
 
 
+def _row_bytes(config: BenchConfig, model_bytes: int) -> int:
+    """Memory one worker may hold: its own checkpoint's bytes (a `model=` row: a converted folder is often a quarter
+    of --model's) or --model's, plus 1 GiB of runtime."""
+    if config.model:
+        try:
+            trunk, experts, _ = checkpoint_bytes(Path(config.model))
+            return trunk + experts + (1 << 30)
+        except (OSError, ValueError, KeyError):
+            pass  # the worker reports an unreadable folder itself
+    return model_bytes + (1 << 30)
+
+
 def _schedule(choice: str, configs: list[BenchConfig], limit: int | None, model_bytes: int) -> str:
     """Interleaved (every worker loaded at once, repeats taken in turn) when the machine holds them all; else
     sequential (one configuration at a time: load, repeats, exit), which loses the interleaving but never makes
     the workers' memory groups add up past the machine's memory (the kernel would kill one, or another job)."""
     import psutil
 
-    need = sum(limit if limit is not None and c.limited else model_bytes + (1 << 30) for c in configs)
+    need = sum(limit if limit is not None and c.limited else _row_bytes(c, model_bytes) for c in configs)
     avail = psutil.virtual_memory().available
     if choice == "interleaved" or (choice == "auto" and need <= 0.9 * avail):
         return "interleaved"

@@ -100,6 +100,28 @@ def test_schedule_runs_one_worker_at_a_time_when_they_do_not_fit(monkeypatch) ->
     assert _schedule("sequential", limited[:1], None, 1 << 30) == "sequential (asked)"
 
 
+def test_schedule_counts_each_rows_own_checkpoint(monkeypatch, tmp_path) -> None:
+    """A `model=` row (say a 4-bit conversion of a 6 GiB bf16 checkpoint) is counted at its own size, not --model's."""
+    import json
+
+    import psutil
+
+    from mixtral_offload_plugin.tools.bench import _schedule
+
+    class Mem:
+        available = 20 << 30
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Mem)
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "mixtral_offload.json").write_text(json.dumps({"experts": [{"size": 1 << 30}, {"size": 1 << 30}]}))
+    (small / "trunk.safetensors").write_bytes(b"\0" * 1024)
+    rows = [parse_config(f"resident:model={small}")] * 3 + [parse_config("resident")]
+    assert _schedule("auto", rows, None, 6 << 30) == "interleaved"  # 3 x 3 GiB + 7 GiB: fits in 18 GiB
+    rows = [parse_config("resident")] * 3
+    assert _schedule("auto", rows, None, 6 << 30).startswith("sequential (21.0 GiB")
+
+
 def test_best_disk_rate_keeps_both_measurements() -> None:
     from mixtral_offload_plugin.tools.disk_rate import best_rate
 
