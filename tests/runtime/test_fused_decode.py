@@ -175,3 +175,44 @@ def test_native_kernels_off_means_modules(qmodel: Path, monkeypatch: pytest.Monk
         assert model._offload_runtime.fused is False
     finally:
         model.unload()
+
+
+def test_concurrent_requests_match_solo_runs(qmodel: Path) -> None:
+    """Four threads at once, each with its own prompt, get exactly what each gets alone: requests queue on the
+    runtime lock and the fused path's KV buffers follow whichever request holds it."""
+    import threading
+
+    model = _load(qmodel, **QUANT["4bit-attn4"])
+    prompts = [torch.tensor([[1, 5 + i, 40 + 3 * i, 7]]) for i in range(4)]
+
+    def run(i: int) -> torch.Tensor:
+        return model.generate(prompts[i], attention_mask=torch.ones_like(prompts[i]), max_new_tokens=12,
+                              min_new_tokens=12, do_sample=False, pad_token_id=0)
+
+    try:
+        solo = [run(i) for i in range(4)]
+        got: dict[int, torch.Tensor] = {}
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, run(i))) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(torch.equal(got[i], solo[i]) for i in range(4))
+        assert _steps(model) == 8 * 11  # every decode step of both rounds took the fused path
+    finally:
+        model.unload()
+
+
+def test_seeded_sampling_equals_the_module_path(qmodel: Path) -> None:
+    fast, slow = _load(qmodel, **QUANT["4bit-attn4"]), _load(qmodel, **QUANT["4bit-attn4"], decode="modules")
+    try:
+        outs = []
+        for model in (fast, slow):
+            torch.manual_seed(7)
+            outs.append(model.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), max_new_tokens=16,
+                                       min_new_tokens=16, do_sample=True, temperature=0.9, top_p=0.95,
+                                       pad_token_id=0))
+        assert torch.equal(outs[0], outs[1]) and _steps(fast) == 15
+    finally:
+        fast.unload()
+        slow.unload()
