@@ -179,6 +179,7 @@ class FusedDecoder:
                            norm=_weight(inner.norm.weight, dtype, (hidden,), keep), head=_mat(head, dtype, keep))
         self.ref = ctypes.byref(self.model)
         self.lib, self.dtype, self.kv_shape = lib, dtype, (kvh, d)
+        self.context = int(rt.config.context_length)  # KV rows the memory plan counted
         self.vocab = int(self.model.head.n)
         self.routed = torch.zeros(len(layers), top_k, dtype=torch.int32)
         self.layer_ids = [layer.mlp.experts.layer_idx for layer in layers]
@@ -196,8 +197,11 @@ class FusedDecoder:
         return any(self.hook_dicts)
 
     def _adopt(self, cache_layers: list[Any], length: int) -> None:
-        """Copy the cache into buffers with room to grow (the first step, or after someone replaced its tensors)."""
+        """Copy the cache into buffers with room to grow (the first step, or after someone replaced its tensors): up to
+        the context the memory plan reserved KV cache for, and by half again (at least 256 rows) past it."""
         cap = length + max(256, length // 2)
+        if length < self.context:
+            cap = min(cap, self.context)
         self.buffers, self.views = [], []
         kvh, d = self.kv_shape
         for i, layer in enumerate(cache_layers):

@@ -128,6 +128,21 @@ def test_kv_buffer_growth_and_prefix_reuse(qmodel: Path) -> None:
         slow.unload()
 
 
+def test_kv_buffers_stay_within_the_planned_context_until_it_is_exceeded(qmodel: Path) -> None:
+    fast = _load(qmodel, **QUANT["4bit-attn4"], context_length=40)
+    slow = _load(qmodel, **QUANT["4bit-attn4"], decode="modules")
+    try:
+        _greedy(fast, 20)
+        assert fast._offload_runtime.fused.model.cap == 40  # 7 + 20 tokens: within the plan's 40 rows
+        seq, logits = _greedy(fast, 60)  # past the planned context: the buffers grow beyond it
+        assert fast._offload_runtime.fused.model.cap > 67
+        ref_seq, ref_logits = _greedy(slow, 60)
+        assert torch.equal(seq, ref_seq) and _rel(logits, ref_logits) < 1e-4
+    finally:
+        fast.unload()
+        slow.unload()
+
+
 def test_falls_back_to_modules(qmodel: Path, tmp_path: Path) -> None:
     model = _load(qmodel, **QUANT["4bit-attn4"])
     try:
