@@ -225,8 +225,9 @@ def describe(model: Any) -> str:
         cache = f"{plan.experts_per_layer} of {experts} experts/layer cached"
     else:
         cache = f"{getattr(plan, 'global_slots', '?')} global slots for {experts} experts/layer"
+    head = f", head_bits={cfg.head_bits}" if cfg.head_bits < 16 else ""
     return (f"expert_bits={cfg.expert_bits}, {cache}, prefetch={cfg.prefetch}, policy={cfg.policy}, "
-            f"store={cfg.store}, device={rt.device}, reuse_prefix={flag(_params, 'reuse_prefix')}")
+            f"store={cfg.store}, device={rt.device}, reuse_prefix={flag(_params, 'reuse_prefix')}{head}")
 
 
 def load_offload_model(model_name: str) -> tuple[Any, Any]:
@@ -314,6 +315,7 @@ def offload_config(params: dict[str, Any], args: Any) -> Any:
         device=device,
         experts_per_layer=integer("experts_per_layer") or None,
         expert_bits=integer("expert_bits"),
+        head_bits=integer("head_bits"),
         prefetch="gate+history" if prefetch else "none",
         policy=str(params.get("policy") or DEFAULT_PARAMS["policy"]),
         dtype="bfloat16" if getattr(args, "bf16", False) else "auto",

@@ -12,6 +12,7 @@ from typing import Any
 from . import DEFAULT_PARAMS, LOADER
 
 BITS = [16, 8, 4, 3, 2]
+HEAD_BITS = [16, 8, 4]
 HELP = (
     f"Settings of the **{LOADER}** loader, used at the next load (pick *{LOADER}* in the Model tab; plain folders of "
     "a supported mixture-of-experts family select it by themselves). Saved by the Session tab's *Save extensions "
@@ -94,6 +95,9 @@ def build(params: dict[str, Any]) -> dict[str, Any]:
                                            elem_id="mixtral-offload-experts-per-layer"),
             "expert_bits": gr.Dropdown(BITS, value=lambda: int(params["expert_bits"]),
                                        label="Expert bits (16 = as stored)", elem_id="mixtral-offload-expert-bits"),
+            "head_bits": gr.Dropdown(HEAD_BITS, value=lambda: int(params["head_bits"]),
+                                     label="Output layer bits (16 = as stored; 8 or 4 decode faster on CPU)",
+                                     elem_id="mixtral-offload-head-bits"),
         }
     with gr.Row():
         widgets["prefetch"] = gr.Checkbox(value=lambda: bool(params["prefetch"]),

@@ -413,10 +413,14 @@ def test_offload_config_from_params():
     assert (cfg.dtype, cfg.context_length, cfg.max_memory_bytes) == ("bfloat16", 512, 2 << 30)
     auto = integration.offload_config({"experts_per_layer": 0}, types.SimpleNamespace(ctx_size=0))
     assert auto.experts_per_layer is None and auto.context_length == 8192 and auto.prefetch == "gate+history"
+    assert auto.head_bits == 16  # the output layer as stored unless asked
+    assert integration.offload_config({"head_bits": "4"}, args).head_bits == 4
     with pytest.raises(ConfigError, match="mixtral_offload-expert_bits='four'"):
         integration.offload_config({"expert_bits": "four"}, args)
     with pytest.raises(ConfigError, match="expert_bits"):
         integration.offload_config({"expert_bits": 5}, args)
+    with pytest.raises(ConfigError, match="head_bits"):
+        integration.offload_config({"head_bits": 3}, args)
 
 
 def test_register_outside_textgen_says_how_to_install():
@@ -431,11 +435,11 @@ def test_ui_tab_writes_params():
     params: dict = {"expert_bits": 16}
     with gr.Blocks() as blocks:
         widgets = ui.build(params)
-    assert set(widgets) >= {"experts_per_layer", "expert_bits", "prefetch", "policy", "autoload_model", "auto_select",
-                            "reuse_prefix"}
+    assert set(widgets) >= {"experts_per_layer", "expert_bits", "head_bits", "prefetch", "policy", "autoload_model",
+                            "auto_select", "reuse_prefix"}
     assert params["policy"] == "history" and params["expert_bits"] == 16  # defaults filled, given values kept
     setters = [f.fn for f in blocks.fns.values() if getattr(f.fn, "__name__", "") == "set_value"]
-    assert len(setters) == 7
+    assert len(setters) == 8
     for fn in setters:
         fn(2)
     assert params["expert_bits"] == 2 and params["experts_per_layer"] == 2
@@ -490,3 +494,18 @@ def test_install_command_line(tmp_path, capsys):
 
     assert main(["install", "--tgw-dir", str(tmp_path)]) == 1
     assert "not a text-generation-webui" in capsys.readouterr().err
+
+
+def test_describe_names_a_quantized_output_layer(tiny_mixtral):
+    from mixtral_offload_plugin import OffloadConfig, load_model
+    from mixtral_offload_plugin.quant.hqq import QuantizedLinear
+    from mixtral_offload_plugin.webui import integration
+
+    for bits, shown in ((8, "head_bits=8"), (16, None)):
+        model = load_model(tiny_mixtral, OffloadConfig(device="cpu", head_bits=bits))
+        try:
+            text = integration.describe(model)
+            assert isinstance(model.lm_head, QuantizedLinear) == (bits < 16)
+            assert (shown in text) if shown else "head_bits" not in text
+        finally:
+            model.unload()

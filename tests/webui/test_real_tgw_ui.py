@@ -37,6 +37,7 @@ LOAD_MS = 180_000  # a load on a busy 2-core machine
 STATUS_JS = ("(pat) => { const p = document.querySelectorAll('#model-tab .prose');"
              " return new RegExp(pat).test(p.length ? p[p.length - 1].innerText : ''); }")
 BITS = "Expert bits (16 = as stored)"
+HEAD_BITS = "Output layer bits (16 = as stored; 8 or 4 decode faster on CPU)"
 # browser noise of the shim: the fork's own head scripts are not served by stock gradio
 IGNORED_PAGE_ERRORS = ("hljs is not defined",)
 
@@ -177,6 +178,12 @@ def pick(pg, listbox: str, option: str) -> None:
     pg.get_by_role("option", name=option, exact=True).click()
 
 
+def pick_in(pg, container: str, listbox: str, option: str) -> None:
+    """`pick` for a Dropdown whose options share names with another one's (bits): look inside its container."""
+    pg.get_by_role("listbox", name=listbox, exact=True).click()
+    pg.locator(container).get_by_role("option", name=option, exact=True).click()
+
+
 def value(pg, listbox: str) -> str:
     return pg.get_by_role("listbox", name=listbox, exact=True).input_value()
 
@@ -293,9 +300,12 @@ def test_a_setting_of_our_tab_takes_effect_at_the_next_load(page, server: Server
     assert value(page, BITS) == "16"
     pick(page, BITS, "8")
     assert value(page, BITS) == "8"
+    pick_in(page, "#mixtral-offload-head-bits", HEAD_BITS, "4")
+    assert value(page, HEAD_BITS) == "4"
     assert load(page).startswith("Successfully loaded tiny-mixtral"), status(page)
-    assert f"{LOADER}: expert_bits=8," in server.text()
+    assert f"{LOADER}: expert_bits=8," in server.text() and "head_bits=4" in server.text()
     assert "runs with expert_bits=8" in wait_report(page, r"expert_bits=8")
+    pick_in(page, "#mixtral-offload-head-bits", HEAD_BITS, "16")  # as the other tests expect it
     page.reload(wait_until="load")  # the tab shows the live value, not the one of the UI's build
     tab(page, "Mixtral Offload").click()
     page.wait_for_function("() => { const i = document.querySelector('#mixtral-offload-expert-bits input');"
