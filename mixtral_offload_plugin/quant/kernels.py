@@ -131,6 +131,13 @@ def _lut_sz(plan: MatrixPlan, views: dict[str, torch.Tensor], out: torch.Tensor)
     return sz.copy_(int4_scale_zeros(s, z, plan.dtype, int4_offset(plan.bits)))
 
 
+def native_8bit(group_size: int) -> bool:
+    """Whether our 8-bit kernel computes matrices of this group size here (it needs the native library with AVX-512,
+    or the portable build tests force, and groups of a multiple of 16); else they get a dense 16-bit workspace."""
+    return group_size % 16 == 0 and native.library() is not None and (
+        native.simd_level() > 0 or native._override_impl == "portable")
+
+
 def plan_matrix(prefix: str, form: str, shape: tuple[int, int], bits: int, group_size: int,
                 dtype: torch.dtype, device: torch.device, sz_dtype: torch.dtype | None = None,
                 plain_meta: bool = False) -> Any:
@@ -146,8 +153,7 @@ def plan_matrix(prefix: str, form: str, shape: tuple[int, int], bits: int, group
         from .cuda import plan_cuda_matrix
 
         return plan_cuda_matrix(prefix, shape, bits, group_size, dtype)
-    if form == "bitpack" and bits == 8 and plain_meta and group_size % 16 == 0 and native.library() is not None and \
-            (native.simd_level() > 0 or native._override_impl == "portable"):
+    if form == "bitpack" and bits == 8 and plain_meta and native_8bit(group_size):
         return MatrixPlan(prefix, "native-u8", shape, bits, group_size, act)  # bytes read in place: 1 byte a weight
     if form in ("int4pack", "int4lut", "int4lut16") and native.library() is not None:
         # the portable build (CPUs without AVX-512) is 2-3x slower than torch's int4 kernel, even on padded group-16

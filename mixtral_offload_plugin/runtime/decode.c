@@ -234,16 +234,13 @@ int mo_decode(const mo_model *m, int64_t token, int64_t pos, void *logits, int32
     if (m->head.n > widest) widest = m->head.n;
     if (m->n_experts > 256 || m->top_k > m->n_experts || pos >= m->cap) return -3;
     size_t floats = (size_t)(4 * H + qn * 2 + 2 * kvn + 2 * d + widest);
-    float *buf = (float *)malloc(sizeof(float) * floats + (size_t)el * (size_t)(2 * widest) + 64);
-    void *eout = malloc((size_t)(el * H * m->top_k) + 64);
-    if (buf == NULL || eout == NULL) {
-        free(buf);
-        free(eout);
-        return -1;
-    }
+    /* one block: float32 vectors, then model-dtype scratch for a matrix's input and output and the experts' outputs */
+    float *buf = (float *)malloc(sizeof(float) * floats + (size_t)el * (size_t)(2 * widest + H * m->top_k) + 64);
+    if (buf == NULL) return -1;
     float *x = buf, *h = x + H, *y = h + H, *moe = y + H, *q = moe + H, *att = q + qn, *k = att + qn, *v = k + kvn;
     float *cs = v + kvn, *sn = cs + d, *wide = sn + d;
     void *act = wide + widest, *out = (char *)act + (size_t)el * (size_t)widest;
+    void *eout = (char *)out + (size_t)el * (size_t)widest;
     int rc = 0;
     for (int64_t i = 0; i < d / 2; i++) { /* transformers: cos(cat(f, f)) * scaling, then to the model dtype */
         float f = (float)pos * m->inv_freq[i];
@@ -291,6 +288,5 @@ int mo_decode(const mo_model *m, int64_t token, int64_t pos, void *logits, int32
         if (rc == 0) to_act(wide, bf16, logits, m->head.n);
     }
     free(buf);
-    free(eout);
     return rc;
 }

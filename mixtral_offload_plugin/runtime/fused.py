@@ -202,7 +202,7 @@ class FusedDecoder:
         cap = length + max(256, length // 2)
         if length < self.context:
             cap = min(cap, self.context)
-        self.buffers, self.views = [], []
+        self.buffers = []
         kvh, d = self.kv_shape
         for i, layer in enumerate(cache_layers):
             kb = torch.empty(1, kvh, cap, d, dtype=self.dtype)
@@ -210,14 +210,17 @@ class FusedDecoder:
             kb[:, :, :length].copy_(layer.keys)
             vb[:, :, :length].copy_(layer.values)
             self.buffers.append((kb, vb))
-            self.views.append((layer.keys, layer.values))
             self.layers[i].kcache, self.layers[i].vcache = kb.data_ptr(), vb.data_ptr()
         self.model.cap = cap
 
-    def step(self, cache: Any, token: int, length: int) -> torch.Tensor:
+    def owns(self, cache: Any) -> bool:
+        """Whether every layer of `cache` still holds the views the last step left there (then it needs no checks)."""
+        return len(self.views) == len(cache.layers) and all(
+            layer.keys is view[0] and layer.values is view[1] for layer, view in zip(cache.layers, self.views))
+
+    def step(self, cache: Any, token: int, length: int, owned: bool) -> torch.Tensor:
         layers = cache.layers
-        if not self.views or self.model.cap <= length or any(
-                layer.keys is not view[0] or layer.values is not view[1] for layer, view in zip(layers, self.views)):
+        if not owned or self.model.cap <= length:
             self._adopt(layers, length)
         logits = torch.empty(1, 1, self.vocab, dtype=self.dtype)
         rc = self.lib.mo_decode(self.ref, token, length, logits.data_ptr(), self.routed.data_ptr(),
@@ -250,7 +253,7 @@ def _decoder(model: nn.Module, rt: Any) -> FusedDecoder | None:
 
 def fused_forward(model: nn.Module, rt: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The output of `model(**kwargs)` through the fused step, or None when the call is not one it takes."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
+    from transformers.cache_utils import DynamicCache, DynamicLayer  # here: importing the package stays light
     from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
     if args or rt.fused is False or not kwargs.keys() <= ALLOWED_KWARGS or torch.is_grad_enabled() or model.training \
@@ -268,11 +271,13 @@ def fused_forward(model: nn.Module, rt: Any, args: tuple[Any, ...], kwargs: dict
     if fused is None or len(cache.layers) != fused.model.n_layers or fused.hooked():
         return None
     first = cache.layers[0]
-    if type(first) is not DynamicLayer or not first.is_initialized or first.keys is None or first.keys.dim() != 4:
+    owned = fused.owns(cache)  # the layers hold the last step's views: checked then, the same now
+    if not owned and (type(first) is not DynamicLayer or not first.is_initialized or first.keys is None or
+                      first.keys.dim() != 4):
         return None
     length = first.keys.shape[-2]
-    if any(type(layer) is not DynamicLayer or layer.keys is None or layer.keys.shape[-2] != length or
-           layer.keys.shape[0] != 1 for layer in cache.layers):
+    if not owned and any(type(layer) is not DynamicLayer or layer.keys is None or layer.keys.shape[-2] != length or
+                         layer.keys.shape[0] != 1 for layer in cache.layers):
         return None
     mask = kwargs.get("attention_mask")
     if mask is not None and (mask.dim() != 2 or mask.shape[-1] != length + 1 or not bool(mask.all())):
@@ -282,7 +287,7 @@ def fused_forward(model: nn.Module, rt: Any, args: tuple[Any, ...], kwargs: dict
         if pos is not None and (pos.numel() != 1 or int(pos.view(-1)[0]) != length):
             return None
     token = int(ids.view(-1)[0])
-    logits = fused.step(cache, token, length)
-    for i, routed in enumerate(fused.routed.tolist()):
-        rt.cache.request(fused.layer_ids[i], sorted(set(routed)))  # counters, policy and listeners, as the modules do
+    logits = fused.step(cache, token, length, owned)
+    for layer, routed in zip(fused.layer_ids, fused.routed.tolist()):  # distinct and ascending (decode.c's route)
+        rt.cache.request(layer, routed)  # counters, policy and listeners, as the modules do
     return MoeCausalLMOutputWithPast(logits=logits, cache=cache)

@@ -262,16 +262,15 @@ def _warn_dense_8bit(config: OffloadConfig, device: torch.device) -> None:
     """8-bit matrices run on our native CPU kernel (1 byte a weight, read in place). Where it cannot run (no C compiler
     or AVX-512, 8-bit scales, groups not a multiple of 16), each is dequantized once into a dense workspace beside its
     bytes, so it computes at 16-bit speed with 1.5x the memory. Say so, with what to use instead."""
-    from ..quant import native
+    from ..quant.kernels import native_8bit
 
     eight = [name for name in ("expert_bits", "attn_bits", "head_bits") if getattr(config, name) == 8]
     if device.type != "cpu" or not eight:
         return
     groups = {"expert_bits": config.expert_group_size, "attn_bits": config.attn_group_size,
               "head_bits": config.attn_group_size}
-    kernel = native.library() is not None and (native.simd_level() > 0 or native._override_impl == "portable")
-    dense = [name for name in eight if not kernel or groups[name] % 16 or (name == "expert_bits" and
-                                                                           config.quant_scales)]
+    dense = [name for name in eight
+             if not native_8bit(groups[name]) or (name == "expert_bits" and config.quant_scales)]
     if dense:
         log.warning("%s=8 on CPU: these 8-bit matrices are dequantized into 16-bit workspaces (our 8-bit kernel needs "
                     "a C compiler, AVX-512, groups of a multiple of 16 and 16/32-bit scales), so they run at 16-bit "

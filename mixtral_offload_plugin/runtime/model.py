@@ -85,7 +85,7 @@ def offloaded_class(cls: type) -> type:
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         rt = self._runtime_or_raise()
         with rt.lock:
-            out = fused_forward(self, rt, args, kwargs) if rt.fused is not False else None
+            out = fused_forward(self, rt, args, kwargs)
             return out if out is not None else base_forward(self, *args, **kwargs)
 
     return type(f"Offloaded{cls.__name__}", (OffloadedModelMixin, cls), {"forward": forward})
