@@ -180,6 +180,21 @@ static const row_fn rows4[2][4] = {{wordrow_2_1_0, wordrow_2_2_0, wordrow_2_3_0,
 /* One token, 2 bits in hqq's own shape at group 16 (the demo layout): the 16 rows of class k sit in word rows
  * k + j R (j < 4), 4 fields each. Per column block the 4 possible weights of each column are built once (16 fp16
  * roundings' worth of work shared by 16 rows) and each row selects its weight by its two bits. */
+/* the 4 possible weights (v - z) * s, fp16-rounded as hqq computes them, of 16 columns from column c */
+static inline void weights2_g16(const uint16_t *sr, const uint16_t *zr, int64_t c, __mmask16 mk, __m512 t[4]) {
+    __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, sr + c));
+    __m512 z = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, zr + c));
+    for (int v = 0; v < 4; v++) t[v] = round16(_mm512_mul_ps(round16(_mm512_sub_ps(_mm512_set1_ps((float)v), z)), s));
+}
+
+/* field f's weights of 16 columns: each lane's two bits of `words` select one of the 4 built by weights2_g16 */
+static inline __m512 select2(__m512i words, int f, const __m512 t[4]) {
+    __mmask16 b0 = _mm512_test_epi32_mask(words, _mm512_set1_epi32(1 << (6 - 2 * f)));
+    __mmask16 b1 = _mm512_test_epi32_mask(words, _mm512_set1_epi32(2 << (6 - 2 * f)));
+    __m512 lo = _mm512_mask_blend_ps(b0, t[0], t[1]), hi = _mm512_mask_blend_ps(b0, t[2], t[3]);
+    return _mm512_mask_blend_ps(b1, lo, hi);
+}
+
 static void class_2bit16(const mo_a0mat *m, const float *x, float *y, int64_t k) {
     int64_t in = m->in, R = m->classes;
     const uint8_t *q = (const uint8_t *)m->q;
@@ -188,18 +203,11 @@ static void class_2bit16(const mo_a0mat *m, const float *x, float *y, int64_t k)
     for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t c = 0; c < in; c += 16) {
         __mmask16 mk = in - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (in - c)) - 1u);
-        __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, sr + c));
-        __m512 z = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, zr + c));
         __m512 t[4], xv = _mm512_maskz_loadu_ps(mk, x + c);
-        for (int v = 0; v < 4; v++) t[v] = round16(_mm512_mul_ps(round16(_mm512_sub_ps(_mm512_set1_ps((float)v), z)), s));
+        weights2_g16(sr, zr, c, mk, t);
         for (int j = 0; j < 4; j++) {
             __m512i words = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, q + (k + j * R) * in + c));
-            for (int f = 0; f < 4; f++) {
-                __mmask16 b0 = _mm512_test_epi32_mask(words, _mm512_set1_epi32(1 << (6 - 2 * f)));
-                __mmask16 b1 = _mm512_test_epi32_mask(words, _mm512_set1_epi32(2 << (6 - 2 * f)));
-                __m512 lo = _mm512_mask_blend_ps(b0, t[0], t[1]), hi = _mm512_mask_blend_ps(b0, t[2], t[3]);
-                acc[4 * f + j] = _mm512_fmadd_ps(_mm512_mask_blend_ps(b1, lo, hi), xv, acc[4 * f + j]);
-            }
+            for (int f = 0; f < 4; f++) acc[4 * f + j] = _mm512_fmadd_ps(select2(words, f, t), xv, acc[4 * f + j]);
         }
     }
     for (int r = 0; r < 16; r++) y[k + r * R] = _mm512_reduce_add_ps(acc[r]); /* row f * 4R + k + j R, r = 4 f + j */

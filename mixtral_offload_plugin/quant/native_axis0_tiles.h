@@ -113,19 +113,12 @@ static int class_2bit16_tile(const mo_a0mat *m, const float *x, float *y, int64_
         int64_t width = in - c0 < 256 ? in - c0 : 256;
         for (int64_t c = c0; c < c0 + width; c += 16) {
             __mmask16 mk = in - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (in - c)) - 1u);
-            __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, sr + c));
-            __m512 z = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, zr + c));
             __m512 t[4];
-            for (int v = 0; v < 4; v++)
-                t[v] = round16(_mm512_mul_ps(round16(_mm512_sub_ps(_mm512_set1_ps((float)v), z)), s));
+            weights2_g16(sr, zr, c, mk, t);
             for (int j = 0; j < 4; j++) {
                 __m512i words = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, q + (k + j * R) * in + c));
-                for (int f = 0; f < 4; f++) {
-                    __mmask16 b0 = _mm512_test_epi32_mask(words, _mm512_set1_epi32(1 << (6 - 2 * f)));
-                    __mmask16 b1 = _mm512_test_epi32_mask(words, _mm512_set1_epi32(2 << (6 - 2 * f)));
-                    __m512 lo = _mm512_mask_blend_ps(b0, t[0], t[1]), hi = _mm512_mask_blend_ps(b0, t[2], t[3]);
-                    _mm512_store_ps(tl_tile + (4 * f + j) * TILE_COLS + (c - c0), _mm512_mask_blend_ps(b1, lo, hi));
-                }
+                for (int f = 0; f < 4; f++)
+                    _mm512_store_ps(tl_tile + (4 * f + j) * TILE_COLS + (c - c0), select2(words, f, t));
             }
         }
         for (int r = 0; r < 16; r += 4) {
