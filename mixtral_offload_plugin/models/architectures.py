@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,8 +25,9 @@ def _softmax_router(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return F.softmax(F.linear(hidden, block.gate.weight).float(), dim=-1)
 
 
-def _layers(model: nn.Module) -> Any:
-    return model.model.layers
+def default_moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
+    """{layer index: the layer's MLP} for every decoder layer whose MLP has `experts`."""
+    return {i: layer.mlp for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")}
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,7 @@ class Architecture:
     trunk_renames: tuple[tuple[str, str], ...] = ()
     num_experts: Callable[[Any], int] = lambda c: int(c.num_local_experts)
     top_k: Callable[[Any], int] = lambda c: int(c.num_experts_per_tok)
-    moe_blocks: Callable[[nn.Module], dict[int, nn.Module]] = field(
-        default=lambda m: {i: layer.mlp for i, layer in enumerate(_layers(m)) if hasattr(layer.mlp, "experts")})
+    moe_blocks: Callable[[nn.Module], dict[int, nn.Module]] = default_moe_blocks
     router_scores: Callable[[nn.Module, torch.Tensor], torch.Tensor] = _softmax_router
     moe_layers: Callable[[Any], list[int]] = lambda c: list(range(int(c.num_hidden_layers)))
     offloaded: str = "routed experts of every MoE layer"

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from .architectures import MIXTRAL, Architecture
+from .architectures import MIXTRAL, Architecture, default_moe_blocks
 
 _LAYER = r"model\.layers\.(?P<layer>\d+)\."
 _SWIGLU_NAMES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
@@ -34,11 +35,25 @@ def routed_votes(router_attr: str) -> Any:
 
     def scores(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         router = getattr(block, router_attr)
-        logits, weights, index = type(router).forward(router, hidden)
-        votes = torch.zeros(logits.shape[0], logits.shape[-1], dtype=torch.float32, device=logits.device)
+        out = type(router).forward(router, hidden)
+        if isinstance(out, tuple):  # (logits, weights, indices); (weights, indices) in Phi-MoE before 5.3
+            weights, index = out[-2:]
+        else:  # DeepSeek before transformers 5.2x: the router gives the logits, the block picks the experts
+            index, weights = _block_route(block, F.linear(hidden.float(), router.weight.float()))
+        votes = torch.zeros(hidden.shape[0], router.weight.shape[0], dtype=torch.float32, device=hidden.device)
         return votes.scatter_(1, index, weights.float())
 
     return scores
+
+
+def _block_route(block: nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, weights) from a block's own `route_tokens_to_experts` ([T, E] logits; DeepSeek-V2's unpacks
+    [batch, seq, E] and raises ValueError on [T, E])."""
+    route = type(block).route_tokens_to_experts
+    try:
+        return route(block, logits)
+    except ValueError:
+        return route(block, logits.unsqueeze(0))
 
 
 def _qwen_sparse_layers(c: Any) -> list[int]:
@@ -51,6 +66,17 @@ def _qwen_sparse_layers(c: Any) -> list[int]:
 def _deepseek_moe_layers(c: Any) -> list[int]:
     """DeepSeek: the first `first_k_dense_replace` layers are dense."""
     return list(range(c.first_k_dense_replace, c.num_hidden_layers))
+
+
+def _deepseek_v2_blocks(model: nn.Module) -> dict[int, nn.Module]:
+    """DeepSeek-V2's MoE blocks. In transformers releases where the block routes itself (before 5.2x), its
+    group-limited routing reads `self.num_experts`, which `DeepseekV2Moe.__init__` never sets: set it, or every
+    checkpoint with `topk_method="group_limited_greedy"` (DeepSeek-V2 itself) fails in transformers' own code."""
+    blocks = default_moe_blocks(model)
+    for block in blocks.values():
+        if hasattr(block, "route_tokens_to_experts") and not hasattr(block, "num_experts"):
+            block.num_experts = int(block.config.n_routed_experts)
+    return blocks
 
 
 def _swiglu_family(name: str, experts_attr: str, offloaded: str, **kw: Any) -> Architecture:
@@ -71,7 +97,7 @@ OLMOE = _swiglu_family("olmoe", "num_experts", _ROUTED + "layer; attention, rout
 DEEPSEEK_V2 = _swiglu_family(
     "deepseek_v2", "n_routed_experts", _ROUTED + "MoE layer; shared experts, the first_k_dense_replace dense layers, "
     "MLA attention, router, norms, embeddings stay resident",
-    router_scores=routed_votes("gate"), moe_layers=_deepseek_moe_layers)
+    router_scores=routed_votes("gate"), moe_layers=_deepseek_moe_layers, moe_blocks=_deepseek_v2_blocks)
 DEEPSEEK_V3 = _swiglu_family(
     "deepseek_v3", "n_routed_experts", _ROUTED + "MoE layer; shared experts, the first_k_dense_replace dense layers, "
     "MLA attention, router (with its score-correction bias), norms, embeddings stay resident",

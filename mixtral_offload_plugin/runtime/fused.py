@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..quant import native
+from .compat import cache_of, model_output
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("decode.c")
@@ -260,7 +261,7 @@ def fused_forward(model: nn.Module, rt: Any, args: tuple[Any, ...], kwargs: dict
             or not getattr(model.config, "return_dict", True):
         return None
     ids = kwargs.get("input_ids")
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    cache = cache_of(kwargs)
     if not isinstance(ids, torch.Tensor) or ids.shape != (1, 1) or type(cache) is not DynamicCache:
         return None
     if kwargs.get("inputs_embeds") is not None or kwargs.get("labels") is not None or \
@@ -290,4 +291,4 @@ def fused_forward(model: nn.Module, rt: Any, args: tuple[Any, ...], kwargs: dict
     logits = fused.step(cache, token, length, owned)
     for layer, routed in zip(fused.layer_ids, fused.routed.tolist()):  # distinct and ascending (decode.c's route)
         rt.cache.request(layer, routed)  # counters, policy and listeners, as the modules do
-    return MoeCausalLMOutputWithPast(logits=logits, cache=cache)
+    return model_output(MoeCausalLMOutputWithPast, logits=logits, cache=cache)

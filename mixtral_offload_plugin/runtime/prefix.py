@@ -15,21 +15,15 @@ Knows nothing about text, chat templates or the faces that call it.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from .compat import CACHE_NAMES, cache_kwarg
+
 # generate() options under which the kept cache cannot serve (the caller's own cache, beams, embeddings input, ...)
 _NOT_REUSABLE = ("inputs_embeds", "assistant_model", "prompt_lookup_num_tokens", "negative_prompt_ids")
-_CACHE_NAMES = ("cache", "past_key_values")
-
-
-def cache_kwarg(model: Any) -> str:
-    """The name the model's forward takes its KV cache under: `cache` (transformers >= 5.2x) or `past_key_values`."""
-    params = inspect.signature(type(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -55,7 +49,7 @@ class PrefixCache:
         """Whether this request can use (and refill) the kept cache: one unpadded sequence, default cache, no beams."""
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
             return False
-        if any(kwargs.get(name) is not None for name in _CACHE_NAMES + _NOT_REUSABLE):
+        if any(kwargs.get(name) is not None for name in CACHE_NAMES + _NOT_REUSABLE):
             return False
         gen = kwargs.get("generation_config") or getattr(model, "generation_config", None)
 

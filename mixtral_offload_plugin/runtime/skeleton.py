@@ -16,6 +16,7 @@ from .. import plugins
 from ..config import OffloadConfig
 from ..errors import CheckpointError, UnsupportedModelError
 from ..models.architectures import Architecture
+from .compat import keep_own_experts
 from .experts import OffloadedExperts
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,7 @@ def build_skeleton(model_config: Any, arch: Architecture) -> tuple[nn.Module, di
     act = ACT2FN[getattr(model_config, "hidden_act", "silu")]
     for layer, block in blocks.items():
         block.experts = OffloadedExperts(layer, arch.num_experts(model_config), act)
+    keep_own_experts(model)
     return model, blocks
 
 

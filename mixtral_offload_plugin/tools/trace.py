@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..runtime.compat import cache_of
+
 PHASES = ("prefill", "decode")
 
 
@@ -62,7 +64,7 @@ class RoutingRecorder:
     def _install_hook(self, model: Any) -> Any:
         def pre(module: Any, args: Any, kwargs: Any) -> None:
             ids = kwargs.get("input_ids", args[0] if args else None)
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            cache = cache_of(kwargs)
             past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
             if past == 0:
                 self.seq += 1 if self._tokens else 0

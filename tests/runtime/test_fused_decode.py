@@ -15,6 +15,7 @@ from mixtral_offload_plugin import OffloadConfig, load_model
 from mixtral_offload_plugin.errors import ConfigError
 from mixtral_offload_plugin.quant import native
 from mixtral_offload_plugin.runtime import fused
+from mixtral_offload_plugin.runtime.compat import cache_kwarg
 
 pytestmark = pytest.mark.skipif(fused.library() is None, reason="needs a C compiler (native kernels)")
 PROMPT = torch.tensor([[1, 17, 42, 99, 5, 200, 31]])
@@ -77,13 +78,13 @@ def _forced(model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
     """Teacher-forced logits: the prompt, then each of `tokens` as one decode step through `model(...)`."""
     from transformers.cache_utils import DynamicCache
 
-    cache = DynamicCache(config=model.config)
+    cache = {cache_kwarg(model): DynamicCache(config=model.config)}  # its name depends on the transformers release
     rows = []
     with torch.no_grad():
-        out = model(input_ids=PROMPT, cache=cache, use_cache=True)
+        out = model(input_ids=PROMPT, use_cache=True, **cache)
         rows.append(out.logits[:, -1].float())
         for t in tokens:
-            out = model(input_ids=torch.tensor([[t]]), cache=cache, use_cache=True)
+            out = model(input_ids=torch.tensor([[t]]), use_cache=True, **cache)
             rows.append(out.logits[:, -1].float())
     return torch.cat(rows)
 
