@@ -66,7 +66,10 @@ def test_chat_stop_strings_cut_the_history_where_the_cache_is_cropped(params: di
 
 
 def test_chat_with_a_seed_samples_what_a_fresh_generation_samples(params: dict[str, Any]) -> None:
-    sampled = {**params, "temperature": 0.9, "seed": 5}
+    # float32: a prompt processed in two parts (reused prefix + rest) rounds differently from one part, by ~1e-7
+    # in fp32 but by bf16 steps in the demo model's own dtype, where a sampled token near a tie can differ (seen
+    # with torch 2.6's bf16 kernels); the claim is that reuse changes nothing else
+    sampled = {**params, "offload": {**OFFLOAD, "dtype": "float32"}, "temperature": 0.9, "seed": 5}
     got, reused = converse(ChatMixtralOffload(**sampled))
     assert converse(ChatMixtralOffload(**sampled, reuse_prefix=False), replies=got)[0] == got
     assert reused[2] > 0

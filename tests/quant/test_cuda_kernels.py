@@ -23,7 +23,6 @@ from mixtral_offload_plugin.quant.formats import (
 )
 from mixtral_offload_plugin.storage.packing import unpack_views
 
-pytest.importorskip("hqq")
 from mixtral_offload_plugin.quant.hqq import (  # noqa: E402
     HqqExpertKernel,
     HqqQuantizer,

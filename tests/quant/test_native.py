@@ -13,7 +13,6 @@ from mixtral_offload_plugin.quant import QuantSpec, native
 from mixtral_offload_plugin.quant.formats import dequantize, store_matrix
 from mixtral_offload_plugin.quant.kernels import plan_matrix
 
-pytest.importorskip("hqq")
 from mixtral_offload_plugin.quant.hqq import HqqQuantizer, choose_form  # noqa: E402
 
 CPU = torch.device("cpu")

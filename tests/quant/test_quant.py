@@ -16,7 +16,6 @@ from mixtral_offload_plugin.quant.formats import int4pack_values, store_matrix
 from mixtral_offload_plugin.quant.kernels import plan_matrix
 from mixtral_offload_plugin.storage.packing import unpack_views
 
-pytest.importorskip("hqq")
 from mixtral_offload_plugin.quant.hqq import HqqQuantizer  # noqa: E402
 
 CPU = torch.device("cpu")

@@ -10,7 +10,6 @@ import pytest
 from mixtral_offload_plugin.cli import main as cli_main
 from mixtral_offload_plugin.errors import CheckpointError
 
-pytest.importorskip("hqq")
 
 
 @pytest.fixture(scope="module")
