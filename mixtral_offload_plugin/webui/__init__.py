@@ -36,6 +36,13 @@ def setup(params: dict[str, Any]) -> None:
     _setup(params)
 
 
+def check_reply(reply: str) -> str:
+    """The extension's `output_modifier`: raises TextGen's error when our model's generation failed (integration.py)."""
+    from .integration import check_reply as _check
+
+    return _check(reply)
+
+
 def build_ui(params: dict[str, Any]) -> None:
     """Build the settings widgets inside the current gradio block; called by the extension's `ui()`.
 
@@ -46,4 +53,4 @@ def build_ui(params: dict[str, Any]) -> None:
     build(params)
 
 
-__all__ = ["DEFAULT_PARAMS", "ENV_AUTOLOAD", "EXTENSION_NAME", "LOADER", "MARKER", "build_ui", "setup"]
+__all__ = ["DEFAULT_PARAMS", "ENV_AUTOLOAD", "EXTENSION_NAME", "LOADER", "MARKER", "build_ui", "check_reply", "setup"]

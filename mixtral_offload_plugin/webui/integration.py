@@ -37,6 +37,7 @@ _params: dict[str, Any] = dict(DEFAULT_PARAMS)
 _params_shared: Any = None  # the TextGen `shared` module `_params` belongs to (a UI restart keeps it)
 edited: set[str] = set()  # params keys changed in the tab since start-up (ui.py records them)
 last_error: str | None = None  # why the last load with our loader failed (shown in the tab); None after a success
+failed_generation: BaseException | None = None  # what made the last generation fail, until `check_reply` reports it
 
 
 def _textgen() -> SimpleNamespace:
@@ -261,16 +262,62 @@ def load_offload_model(model_name: str) -> tuple[Any, Any]:
 
 
 def _webui_generate(generate: Any) -> Any:
-    """TextGen calls shared.model.generate(**kw): label those calls for on_generation_finished observers, and reuse
-    the KV cache of the conversation so far when the `reuse_prefix` setting is on (read at each call)."""
+    """TextGen calls shared.model.generate(**kw): label those calls for on_generation_finished observers, reuse
+    the KV cache of the conversation so far when the `reuse_prefix` setting is on (read at each call), and keep
+    what made a generation fail for `check_reply` (TextGen's streaming path logs it and ends the reply early)."""
 
     @functools.wraps(generate)
     def run(*args: Any, **kwargs: Any) -> Any:
+        global failed_generation
         kwargs.setdefault("offload_source", "webui")
         kwargs.setdefault("reuse_prefix", flag(_params, "reuse_prefix"))
-        return generate(*args, **kwargs)
+        failed_generation = None
+        try:
+            return generate(*args, **kwargs)
+        except Exception as exc:
+            if type(exc).__name__ != "StopNowException":  # TextGen's own Stop button, not a failure
+                failed_generation = exc
+            raise
 
     return run
+
+
+def check_reply(reply: str) -> str:
+    """The extension's `output_modifier`: `reply` unchanged, or, when our model's generation failed, TextGen's own
+    error path instead of a reply that would pass for a short answer: a `gr.Error` in the UI (its error toast),
+    an OpenAI-style error with status 500 through the API. Each failure is raised once."""
+    global failed_generation
+    exc, failed_generation = failed_generation, None
+    if exc is None:
+        return reply
+    msg = (f"{LOADER}: the generation failed ({type(exc).__name__}: {exc}); the reply is incomplete "
+           "(the full error is in the server log)")
+    raise _error_class()(msg)
+
+
+def _error_class() -> type:
+    """An exception TextGen's UI shows (gradio's `Error`) and its API turns into an error response (`OpenAIError`)."""
+    bases: list[type] = []
+    try:
+        import gradio as gr
+
+        bases.append(gr.Error)
+    except ImportError:
+        pass
+    try:
+        from modules.api.errors import OpenAIError
+
+        bases.append(OpenAIError)
+    except ImportError:
+        pass
+
+    def init(self: Any, message: str) -> None:
+        if bases and bases[0] is not RuntimeError:
+            bases[0].__init__(self, message)
+        Exception.__init__(self, message)
+        self.message, self.code, self.internal_message = message, 500, ""
+
+    return type("GenerationFailed", tuple(bases) or (RuntimeError,), {"__init__": init})
 
 
 def load_tokenizer(path: Path, use_fast: bool = True) -> Any:

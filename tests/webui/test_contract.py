@@ -168,7 +168,7 @@ def test_load_model_reproduces_textgen_side_effects(textgen, tgw_checkpoint):
 
     model = textgen.model
     cfg = model.offload_config
-    assert (cfg.experts_per_layer, cfg.expert_bits, cfg.prefetch, cfg.policy) == (2, 16, "gate+history", "lru")
+    assert (cfg.experts_per_layer, cfg.expert_bits, cfg.prefetch, cfg.policy) == (2, 16, "gate+history", "history")
     assert cfg.context_length == 8192 and model.device == torch.device("cpu")
     assert textgen.tokenizer.eos_token_id == 2
     ids = torch.tensor([[1, 5, 9, 17, 33]])
@@ -509,3 +509,27 @@ def test_describe_names_a_quantized_output_layer(tiny_mixtral):
             assert (shown in text) if shown else "head_bits" not in text
         finally:
             model.unload()
+
+
+def test_a_failed_generation_raises_textgen_errors_and_a_stop_does_not() -> None:
+    """`check_reply` (the extension's output_modifier) turns a generation that raised into an error TextGen's UI
+    shows and its API answers with, once; TextGen's own Stop (StopNowException) is not a failure."""
+    from mixtral_offload_plugin.webui import integration
+
+    def failing(**kwargs: object) -> None:
+        raise RuntimeError("disk gone")
+
+    class StopNowException(Exception):
+        pass
+
+    def stopped(**kwargs: object) -> None:
+        raise StopNowException
+
+    for fn, failed in ((failing, True), (stopped, False)):
+        with pytest.raises(Exception):
+            integration._webui_generate(fn)(input_ids=None)
+        if failed:
+            with pytest.raises(Exception, match=r"generation failed \(RuntimeError: disk gone\)") as err:
+                integration.check_reply("partial")
+            assert getattr(err.value, "code", None) == 500  # TextGen's API handler reads it
+        assert integration.check_reply("a whole reply") == "a whole reply"  # raised once, then clear

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -49,6 +50,7 @@ class Server:
         req = urllib.request.Request(self.base + path, data=json.dumps({**body, "stream": True}).encode(),
                                      headers={"Content-Type": "application/json"})
         events = []
+        self.stream_done = False  # whether the last stream ended with [DONE] (a complete reply)
         with urllib.request.urlopen(req, timeout=120) as resp:
             for raw in resp:
                 line = raw.decode().strip()
@@ -56,6 +58,7 @@ class Server:
                     continue
                 payload = line[5:].strip()
                 if payload == "[DONE]":
+                    self.stream_done = True
                     break
                 events.append(json.loads(payload))
                 if stop_after is not None and len(events) >= stop_after:
@@ -94,23 +97,25 @@ def reference(checkpoint: Path) -> str:
     return " " + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path):
+def start_server(ud: Path, checkpoint: Path, settings: str, extra_models: dict[str, Path] | None = None):
+    """TextGen in API mode on a free port, with our extension installed into the user-data folder `ud`, `checkpoint`
+    as "tiny-mixtral" (autoloaded with our loader) and `settings` as settings.yaml. A generator: yields the Server."""
     from mixtral_offload_plugin.webui.install import install
 
     tgw = Path(TGW_DIR).expanduser().resolve()
-    ud = tmp_path_factory.mktemp("user_data")
     shutil.copytree(tgw / "user_data", ud, dirs_exist_ok=True)  # characters and templates are needed by chat
     install(tgw, user_data_dir=ud)
     models = ud / "models"
     shutil.copytree(checkpoint, models / "tiny-mixtral")
+    for name, folder in (extra_models or {}).items():
+        shutil.copytree(folder, models / name)
     (models / "config-user.yaml").write_text(f"tiny-mixtral$:\n  loader: {LOADER}\n")
-    (ud / "settings.yaml").write_text("mixtral_offload-expert_bits: 16\nmixtral_offload-experts_per_layer: 2\n"
-                                      "mixtral_offload-prefetch: true\n")
+    (ud / "settings.yaml").write_text(settings)
     port = free_port()
     log = ud / "server.log"
     env = {**os.environ, "MIXTRAL_OFFLOAD_MODEL": "tiny-mixtral", "MIXTRAL_OFFLOAD_PLUGINS": "",
-           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "400"}
+           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "400",
+           "MIXTRAL_OFFLOAD_CACHE": str(ud / "conversions")}
     env.pop("OPENEDAI_PORT", None)
     cmd = [os.environ.get("TGW_PYTHON", sys.executable), "server.py", "--user-data-dir", str(ud), "--model-dir",
            str(models), "--nowebui", "--api", "--api-port", str(port), "--extensions", "mixtral_offload"]
@@ -141,6 +146,14 @@ def server(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path):
                 proc.wait()
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path):
+    """16-bit experts, 2 of 4 cached per layer (transformers' own model is the exact oracle)."""
+    yield from start_server(tmp_path_factory.mktemp("user_data"), checkpoint,
+                            "mixtral_offload-expert_bits: 16\nmixtral_offload-experts_per_layer: 2\n"
+                            "mixtral_offload-prefetch: true\n")
+
+
 def test_extension_autoloads_with_our_loader(server: Server) -> None:
     assert 'Loading the extension "mixtral_offload"' in server.text()
     info = server.call("/v1/internal/model/info")
@@ -148,12 +161,15 @@ def test_extension_autoloads_with_our_loader(server: Server) -> None:
 
 
 def test_completions_match_transformers_and_stream(server: Server, reference: str) -> None:
+    since = len(server.text())
     assert completion(server) == reference
     events = server.stream("/v1/completions", {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0,
                                                "ban_eos_token": True})
     pieces = [e["choices"][0]["text"] for e in events if e["choices"][0].get("text")]
     assert len(pieces) >= 2, events
-    assert "".join(pieces) == reference
+    assert "".join(pieces) == reference and server.stream_done
+    assert generated_counts(server, since) == [TOKENS, TOKENS]
+    assert_no_failed_generation(server)
 
 
 def test_logits_endpoint(server: Server, checkpoint: Path) -> None:
@@ -198,3 +214,79 @@ def test_unload_and_reload_through_the_api(server: Server, reference: str) -> No
     server.call("/v1/internal/model/load", {"model_name": "tiny-mixtral"})  # config-user.yaml names our loader
     assert server.call("/v1/internal/model/info")["loader"] == LOADER
     assert completion(server) == reference
+
+
+# -- quantized configurations: the default (4-bit experts, all resident: the fused decode path) and 4-bit experts
+# offloaded to the disk store; every reply must reach the requested length, and a failure must be an error ---------
+
+QUANTIZED = {
+    "default": "",  # what a user who keeps every default gets
+    "4bit-offloaded": "mixtral_offload-expert_bits: 4\nmixtral_offload-experts_per_layer: 2\n",
+}
+GENERATED = re.compile(r"Output generated in [0-9.]+ seconds \([0-9.]+ tokens/s, (\d+) tokens")
+
+
+@pytest.fixture(scope="module", params=list(QUANTIZED))
+def quantized(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, checkpoint: Path):
+    from tiny_checkpoint import make_corrupt_offload_folder
+
+    corrupt = make_corrupt_offload_folder(checkpoint, tmp_path_factory.mktemp("corrupt") / "tiny-corrupt")
+    srv_gen = start_server(tmp_path_factory.mktemp("user_data"), checkpoint, QUANTIZED[request.param],
+                           {"tiny-corrupt": corrupt})
+    srv = next(srv_gen)
+    srv.config = request.param
+    yield srv
+    srv_gen.close()
+
+
+def generated_counts(server: Server, since: int) -> list[int]:
+    """Tokens per generation, from TextGen's own "Output generated ..." log lines after offset `since`."""
+    return [int(n) for n in GENERATED.findall(server.text()[since:])]
+
+
+def assert_no_failed_generation(server: Server) -> None:
+    log = server.text()
+    assert "Failed in generation callback" not in log and "Failed to generate reply" not in log, log[-3000:]
+
+
+def test_quantized_replies_reach_the_requested_length(quantized: Server) -> None:
+    expected = ("all 4 experts/layer resident" if quantized.config == "default" else "2 of 4 experts/layer cached")
+    assert f"{LOADER}: expert_bits=4, {expected}" in quantized.text()
+    since = len(quantized.text())
+    body = {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "ban_eos_token": True}
+    out = quantized.call("/v1/completions", body)
+    assert out["usage"]["completion_tokens"] == TOKENS, out
+    words = out["choices"][0]["text"].split()  # a word per token, but special tokens (<unk>, <s>) decode to nothing
+    assert 0 < len(words) <= TOKENS and all(re.fullmatch(r"w\d+", w) for w in words), out
+    events = quantized.stream("/v1/completions", body)
+    assert "".join(e["choices"][0].get("text") or "" for e in events) == out["choices"][0]["text"]
+    chat = quantized.call("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}],
+                                                   "max_tokens": 8, "temperature": 0, "ban_eos_token": True,
+                                                   "mode": "instruct"})
+    assert chat["choices"][0]["message"]["content"].split(), chat  # its usage re-encodes the text: the log counts
+    assert generated_counts(quantized, since) == [TOKENS, TOKENS, 8]
+    assert_no_failed_generation(quantized)
+
+
+def test_a_failed_generation_is_an_error_not_a_short_reply(quantized: Server) -> None:
+    """A corrupt expert (checksum verified at its first read) fails mid-generation: the API answers with an error
+    naming it, streamed or not, and the next load and generation work."""
+    if quantized.config == "default":
+        pytest.skip("the corrupt folder loads with the offloaded settings (every expert read at load otherwise)")
+    quantized.call("/v1/internal/model/load", {"model_name": "tiny-corrupt"})  # its manifest selects our loader
+    assert quantized.call("/v1/internal/model/info")["loader"] == LOADER
+    body = {"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "ban_eos_token": True}
+    with pytest.raises(urllib.error.HTTPError) as err:
+        quantized.call("/v1/completions", body)
+    assert err.value.code == 500
+    message = json.loads(err.value.read())["error"]["message"]
+    assert "generation failed (ChecksumError: checksum mismatch for layer 1" in message, message
+    try:
+        events = quantized.stream("/v1/completions", body)
+    except (urllib.error.URLError, ConnectionError, OSError):
+        events = None  # the connection broke off
+    assert events is None or not quantized.stream_done, events  # never a stream that ends as if complete
+    quantized.call("/v1/internal/model/load", {"model_name": "tiny-mixtral", "args": {"loader": LOADER}})
+    since = len(quantized.text())
+    assert quantized.call("/v1/completions", body)["usage"]["completion_tokens"] == TOKENS
+    assert generated_counts(quantized, since) == [TOKENS]

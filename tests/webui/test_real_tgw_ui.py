@@ -65,7 +65,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def user_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tiny_checkpoint import make_checkpoint
+    from tiny_checkpoint import make_checkpoint, make_corrupt_offload_folder
 
     from mixtral_offload_plugin.webui.install import install
 
@@ -78,6 +78,7 @@ def user_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.rmtree(ours, ignore_errors=True)
     install(tgw, user_data_dir=ud)
     make_checkpoint(ud / "models" / "tiny-mixtral", seed=3)  # a plain Hugging Face folder: no manifest
+    make_corrupt_offload_folder(ud / "models" / "tiny-mixtral", ud / "models" / "corrupt-offload")
     broken = ud / "models" / "broken-mixtral"
     shutil.copytree(ud / "models" / "tiny-mixtral", broken)
     data = (broken / "model.safetensors").read_bytes()
@@ -348,6 +349,52 @@ def test_the_auto_select_setting_turns_the_folder_rule_off(page) -> None:
     box.check()
     pick_model(page, "tiny-mixtral")
     assert value(page, "Model loader") == LOADER
+
+
+GENERATED = re.compile(r"Output generated in [0-9.]+ seconds \([0-9.]+ tokens/s, (\d+) tokens")
+
+
+def set_experts_per_layer(pg, n: int) -> None:
+    tab(pg, "Mixtral Offload").click()
+    box = pg.locator("#mixtral-offload-experts-per-layer input[type=number]")
+    box.fill(str(n))
+    box.press("Enter")
+    pg.wait_for_function("(n) => document.querySelector('#mixtral-offload-experts-per-layer input[type=range]')"
+                         ".value === String(n)", arg=n)
+
+
+def test_the_default_configuration_replies_in_full(page, server: Server) -> None:
+    """4-bit experts, every expert resident: the fused decode path. Each reply has the tokens asked for (12, EOS
+    banned), counted by TextGen's own log, and no generation failed."""
+    set_experts_per_layer(page, 0)
+    pick(page, BITS, "4")
+    pick_model(page, "tiny-mixtral")
+    assert load(page).startswith("Successfully loaded tiny-mixtral"), status(page)
+    assert f"{LOADER}: expert_bits=4, all 4 experts/layer resident" in server.text()
+    since = len(server.text())
+    assert chat(page, "w5 w9 w17").split()
+    assert chat(page, "w20 w21").split()
+    assert [int(n) for n in GENERATED.findall(server.text()[since:])] == [12, 12]
+    assert "Failed in generation callback" not in server.text() and "Failed to generate" not in server.text()
+
+
+def test_a_failed_generation_shows_an_error_not_a_short_reply(page, server: Server) -> None:
+    """A corrupt expert fails mid-generation: TextGen's error toast names it (the reply is not passed off as a
+    short answer)."""
+    set_experts_per_layer(page, 2)  # offloaded: each expert's checksum is verified at its first read
+    pick_model(page, "corrupt-offload")
+    assert value(page, "Model loader") == LOADER  # its manifest claims the folder
+    assert load(page).startswith("Successfully loaded corrupt-offload"), status(page)
+    tab(page, "Chat").click()
+    page.locator("#chat-input textarea").fill("w5 w9 w17")
+    page.locator("#Generate").click()
+    toast = page.locator(".toast-body").filter(has_text="generation failed (ChecksumError")
+    toast.first.wait_for(timeout=LOAD_MS)
+    assert "the reply is incomplete" in toast.first.inner_text()
+    tab(page, "Mixtral Offload").click()
+    pick(page, BITS, "16")  # as the other tests expect it
+    pick_model(page, "tiny-mixtral")
+    assert load(page).startswith("Successfully loaded tiny-mixtral"), status(page)
 
 
 def test_no_unexpected_page_errors(page, page_errors: list[str]) -> None:

@@ -26,3 +26,27 @@ def make_checkpoint(out: Path, *, vocab: int = 128, seed: int = 0, **kwargs) -> 
                                    unk_token="<unk>")
     fast.save_pretrained(path)
     return path
+
+
+def make_corrupt_offload_folder(src: Path, out: Path, layer: int = 1) -> Path:
+    """`src` converted to the offload format (4-bit experts) with one byte of every expert of `layer` flipped: it
+    loads (checksums are verified at an expert's first read) and fails mid-generation, when a token first routes
+    to one of those experts."""
+    import json
+    import shutil
+
+    from mixtral_offload_plugin import OffloadConfig
+    from mixtral_offload_plugin.tools.convert import convert
+
+    convert(src, out, OffloadConfig(expert_bits=4, expert_group_size=32))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, out / name)
+    for entry in json.loads((out / "mixtral_offload.json").read_text())["experts"]:
+        if entry["layer"] == layer:
+            with open(out / entry["file"], "r+b") as f:
+                f.seek(entry["offset"] + 5)
+                byte = f.read(1)[0]
+                f.seek(entry["offset"] + 5)
+                f.write(bytes([byte ^ 0xFF]))
+    return out

@@ -7,17 +7,8 @@ pip-installed `mixtral_offload_plugin.webui`. `params` stays a module attribute 
 
 import mixtral_offload_plugin.webui as mixtral_offload_webui
 
-params = {
-    "display_name": "Mixtral Offload",
-    "is_tab": True,
-    "experts_per_layer": 0,  # experts cached per MoE layer; 0 = automatic (all when they fit)
-    "expert_bits": 4,  # 16 (as stored), 8, 4, 3 or 2 (HQQ, quantized at load)
-    "prefetch": True,  # speculative prefetch from the next layer's router
-    "policy": "lru",  # eviction policy: lru, lfu, lfru or a plugin's
-    "autoload_model": "",  # model folder to load at start-up (env MIXTRAL_OFFLOAD_MODEL wins)
-    "auto_select": True,  # picking a plain folder of a supported MoE family selects this loader (not Transformers)
-    "reuse_prefix": True,  # a chat turn reuses the KV cache of the conversation so far
-}
+# the settings and their defaults are declared once, in the package (mixtral_offload_plugin.webui.DEFAULT_PARAMS)
+params = dict(mixtral_offload_webui.DEFAULT_PARAMS)
 
 
 def setup():
@@ -26,3 +17,8 @@ def setup():
 
 def ui():
     mixtral_offload_webui.build_ui(params)
+
+
+def output_modifier(string, state, is_chat=False):
+    """A failed generation raises TextGen's own error (UI toast, API error) instead of passing as a short reply."""
+    return mixtral_offload_webui.check_reply(string)
