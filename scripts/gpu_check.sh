@@ -112,9 +112,11 @@ CLI=("$PY" -m mixtral_offload_plugin.cli)
 step cuda-tests 270 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/runtime/test_cuda.py \
      tests/runtime/test_mixtral_offloading_logits.py \
      --junitxml "$OUT/pytest.xml" -W ignore::pytest.PytestConfigWarning
-MID="$WORK/bench-$MODEL"  # where resolve_model builds the synthetic model (bench_config.SYNTHETIC)
-step model 90 "$PY" -c "import argparse; from mixtral_offload_plugin.tools.bench_config import resolve_model
-print(resolve_model(argparse.Namespace(model=None, synthetic='$MODEL', cache_dir='$WORK')))"
+# the synthetic model's folder is wherever resolve_model builds it (a name with a content hash): it says where
+step model 90 "$PY" -c "import argparse, pathlib; from mixtral_offload_plugin.tools.bench_config import resolve_model
+path = resolve_model(argparse.Namespace(model=None, synthetic='$MODEL', cache_dir='$WORK'))
+pathlib.Path('$WORK/model-path').write_text(str(path)); print(path)"
+MID=$(cat "$WORK/model-path" 2>/dev/null || echo "$WORK/no-model-built")
 step convert-2bit 120 "${CLI[@]}" convert "$MID" "$WORK/mid-2bit" --expert-bits 2 --expert-group-size 16 \
      --quant-scales --attn-bits 4 --attn-group-size 64 --target cuda
 D=device=$DEVICE

@@ -55,3 +55,25 @@ def test_summary_collects_steps_tests_and_bench_rows(tmp_path: Path) -> None:
     (q,) = s["bench_quantized"]
     assert q["decode_tps"]["median"] == 31.5 and q["kernels"] == ["expand"] and q["peak_gpu_over_plan"] == 0.75
     assert s["bench_bf16"] == [] and s["ok"] is False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+def test_cpu_rehearsal_runs_every_step_and_ends_ok(tmp_path: Path) -> None:
+    """`GPU_CHECK_DRY=1`: every step of the script on the CPU with the tiny synthetic model (the CUDA tests skip).
+    A GPU is lent rarely and for minutes: the script must work the first time, so CI rehearses it."""
+    import os
+    import sys
+
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_CHECK_DRY": "1", "PYTHON": sys.executable, "GPU_CHECK_WORK": str(tmp_path / "work")}
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out)], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["step"] for s in summary["steps"]] == ["cuda-tests", "model", "convert-2bit", "bench-2bit",
+                                                      "bench-bf16"], run.stdout[-3000:]
+    assert all(s["rc"] == 0 for s in summary["steps"]), run.stdout[-3000:]
+    assert summary["cuda_tests"]["ran"] and summary["cuda_tests"]["failures"] == 0
+    assert summary["bench_quantized"] and summary["bench_bf16"]
+    assert all(row["error"] is None for row in summary["bench_quantized"] + summary["bench_bf16"])
+    assert summary["ok"] is True
