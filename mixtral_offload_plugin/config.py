@@ -61,9 +61,11 @@ class OffloadConfig:
         attn_bits: 16 (unquantized) or HQQ 4, 8 for the attention projections.
         attn_group_size: HQQ group size for attention.
         head_bits: 16 (unquantized, default) or HQQ 4, 8 for the output projection (lm_head), quantized at load
-            with group `attn_group_size`. At 4 bits it reads a quarter of the bytes per token (on CPU the head is a
-            large share of them when the model has few layers); 8 bits saves memory traffic only on kernels that
-            read 8-bit weights (none on CPU yet).
+            with group `head_group_size`. At 4 bits it reads a quarter of the bytes per token (on CPU the head is a
+            large share of them when the model has few layers); at 8 bits half.
+        head_group_size: HQQ group size for the output projection.
+        quantizer: the registered quantizer of every part quantized below 16 bits (experts, attention, the head):
+            "hqq" (built in) or a plugin's. Checkpoints stored quantized keep their own.
         quant_scales: quantize HQQ scales and zeros to 8 bits (about 3 bits/weight for 2-bit/g16 experts).
         quant_method: "hqq" (HQQ's optimizer of the zero-points; about 1-2 s per Mixtral-8x7B expert matrix on
             2 cores) or "rtn" (round to nearest: faster, a few percent more weight error).
@@ -101,6 +103,8 @@ class OffloadConfig:
     attn_bits: int = 16
     attn_group_size: int = 64
     head_bits: int = 16
+    head_group_size: int = 64
+    quantizer: str = "hqq"
     quant_scales: bool = False
     quant_method: str = "hqq"
     convert_cache: str = "auto"
@@ -119,7 +123,7 @@ class OffloadConfig:
             dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())
         ):
             _fail("device", dev, "use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        for name in ("store", "policy", "prefetch"):
+        for name in ("store", "policy", "prefetch", "quantizer"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 _fail(name, value, "give a non-empty name (see `mixtral-offload plugins`)")
@@ -142,7 +146,7 @@ class OffloadConfig:
             _fail("attn_bits", self.attn_bits, f"allowed values are {ATTN_BITS} (16 = unquantized)")
         if self.head_bits not in HEAD_BITS:
             _fail("head_bits", self.head_bits, f"allowed values are {HEAD_BITS} (16 = unquantized)")
-        for name in ("expert_group_size", "attn_group_size"):
+        for name in ("expert_group_size", "attn_group_size", "head_group_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 8 or value & (value - 1):
                 _fail(name, value, "must be a power of two >= 8 (e.g. 16, 32, 64, 128)")

@@ -102,11 +102,9 @@ class SlotPool:
 
 
 def attach_policies(cache: Any) -> None:
-    """Give each pool's policy that wants it the cache (`attach(cache)`), to obtain state shared per cache."""
+    """Give each pool's policy the cache (`attach(cache)`: a no-op unless it wants state shared per cache)."""
     for pool in cache.pools.values():
-        attach = getattr(pool.policy, "attach", None)
-        if attach is not None:
-            attach(cache)
+        pool.policy.attach(cache)
 
 
 class ExpertCache:

@@ -19,12 +19,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .prefetch import PrefetcherDefaults
 from .routing_stats import RoutingStats, routing_stats
 
 THRESHOLD = 0.4  # prefetch an expert when predictions like this one have come true this often (docs/benchmarks.md)
 
 
-class HistoryPrefetcher:
+class HistoryPrefetcher(PrefetcherDefaults):
     """Prefetches the experts the routing statistics predict for the next `depth` layers (wrapping to the next
     token), up to `experts` per layer and only those whose calibrated probability is at least `threshold`."""
 
@@ -37,6 +38,7 @@ class HistoryPrefetcher:
                       for i, layer in enumerate(order)}
         self.experts = experts
         self.threshold = threshold
+        self.listeners: list[Callable[[int, int, list[int]], None]] = []  # its guesses are not reported (yet)
 
     def after_route(self, layer: int, hidden_states: Any, experts: Sequence[int],
                     proposal: list[list[int]] | None = None) -> None:

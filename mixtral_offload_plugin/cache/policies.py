@@ -34,7 +34,14 @@ class EvictionPolicy(Protocol):
         """Pick which of `candidates` (resident, evictable) to evict."""
 
 
-class LRUPolicy:
+class PolicyDefaults:
+    """The optional member of an `EvictionPolicy`, as a policy without it behaves (see `plugins.contracts`)."""
+
+    def attach(self, cache: Any) -> None:
+        """Called once, before any other call, with the cache whose pool this policy ranks."""
+
+
+class LRUPolicy(PolicyDefaults):
     """Least recently used."""
 
     def __init__(self) -> None:
@@ -58,7 +65,7 @@ class LRUPolicy:
         return next(iter(allowed))
 
 
-class LFRUPolicy:
+class LFRUPolicy(PolicyDefaults):
     """Recency-weighted frequency: each use adds 1 to a score that halves every `half_life` accesses.
 
     Between LRU (half_life -> 0) and LFU (half_life -> infinity); the score survives eviction.
@@ -95,7 +102,7 @@ class LFUPolicy(LFRUPolicy):
         super().__init__(half_life=math.inf)
 
 
-class HistoryPolicy:
+class HistoryPolicy(PolicyDefaults):
     """Evicts the expert the cache's routing statistics expect to be routed last; LRU among equals.
 
     The expected wait of an expert is the number of layer calls until its layer's next call plus, the less likely the

@@ -18,12 +18,31 @@ stores or kernels.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 
-class GatePrefetcher:
+class Prefetcher(Protocol):
+    """What a prefetcher factory (`register_prefetchers`) returns, when it returns one."""
+
+    def after_route(self, layer: int, hidden_states: Any, experts: Sequence[int], proposal: Any = None) -> None:
+        """After the layer's routing is known: start loads for the layers ahead (never evicting `experts`)."""
+
+
+class PrefetcherDefaults:
+    """The optional members of a `Prefetcher` (see `plugins.contracts`). A prefetcher without `propose` makes no
+    device-side proposal: its `after_route` is called without `proposal` and pays its own host syncs."""
+
+    listeners: Sequence[Callable[[int, int, list[int]], None]] = ()  # observers of (from layer, layer, guesses)
+
+    def propose(self, layer: int, hidden_states: Any) -> Any:
+        """Device-side guesses before the layer's host sync (an int64 tensor), or None."""
+        return None
+
+
+
+class GatePrefetcher(PrefetcherDefaults):
     """Guesses with the next layers' routers; `experts` guesses per layer, `depth` layers ahead."""
 
     def __init__(self, cache: Any, arch: Any, blocks: dict[int, Any], depth: int, experts: int) -> None:

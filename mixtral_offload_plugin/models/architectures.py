@@ -105,6 +105,20 @@ def read_expert(ckpt: Any, layer: int, expert: int, per_expert: dict[tuple[int, 
     raise CheckpointError(msg)
 
 
+def expert_shapes(ckpt: Any, layer: int, expert: int, per_expert: dict[tuple[int, int], dict[str, str]],
+                  fused: dict[int, dict[str, str]]) -> dict[str, tuple[int, int]]:
+    """{"gate_up": (2I, H), "down": (H, I)} of one expert, from the checkpoint's tensor shapes (no weight is read)."""
+    roles = per_expert.get((layer, expert))
+    if roles is not None and all(r in roles for r in ROLES):
+        gate, up, down = (tuple(ckpt.shape(roles[r])) for r in ROLES)
+        return {"gate_up": (int(gate[0]) + int(up[0]), int(gate[1])), "down": (int(down[0]), int(down[1]))}
+    kinds = fused.get(layer, {})
+    if "gate_up_proj" in kinds and "down_proj" in kinds:
+        gu, dn = tuple(ckpt.shape(kinds["gate_up_proj"]))[1:], tuple(ckpt.shape(kinds["down_proj"]))[1:]
+        return {"gate_up": (int(gu[0]), int(gu[1])), "down": (int(dn[0]), int(dn[1]))}
+    return {m: tuple(t.shape) for m, t in read_expert(ckpt, layer, expert, per_expert, fused).items()}  # raises
+
+
 MIXTRAL = Architecture(
     name="mixtral",
     model_types=("mixtral",),

@@ -219,8 +219,15 @@ class SyntheticMixtral:
     """The tensors of a `SyntheticSpec`, generated on demand under their checkpoint names (legacy Mixtral layout).
 
     `config_dict` is the config.json transformers writes for it; `trunk_items()` yields every non-expert tensor,
-    `expert(layer, e)` one expert's {"gate_up": [2I, H], "down": [H, I]}; `tensor(name)` any tensor by name.
+    `expert(layer, e)` one expert's {"gate_up": [2I, H], "down": [H, I]}; `tensor(name)` any tensor by name. It is a
+    weight source for the offload-format writer (`runtime.conversion.WeightSource`).
     """
+
+    prepacked = False  # experts are generated as floats and quantized by the writer
+    quantizer_name = None
+
+    def bind(self, arch: Any, model_config: Any) -> None:
+        """Nothing to resolve: the names are generated in the legacy Mixtral layout."""
 
     def __init__(self, spec: SyntheticSpec) -> None:
         self.spec = spec

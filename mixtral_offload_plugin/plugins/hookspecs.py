@@ -83,10 +83,12 @@ def register_checkpoint_formats(register: Register) -> None:
 
     :param register: call ``register(name, fmt)`` with a
         ``mixtral_offload_plugin.runtime.checkpoints.CheckpointFormat``: ``detect(path) -> bool`` (cheap: asked of
-        every folder loaded) and ``open(path, config)`` returning the opened checkpoint (``config_dict``,
-        ``split_keys(arch)``, ``get(key)``, ``close()``; packed experts through ``expert_layouts``/``packed_expert``
-        and ``quantizer_name``; see ``storage/mixtral_offloading.py``). Formats are tried in registration order
-        (built-ins "offload" and "mixtral-offloading" first); a folder none detects is read as plain safetensors.
+        every folder loaded) and ``open(path, config)`` returning a reader with the members of
+        ``mixtral_offload_plugin.storage.reader.CheckpointReader`` (``config_dict``, ``keys()``, ``get(key)``,
+        ``nbytes()``, ``close()``) and any of the optional ones of ``ReaderDefaults`` (packed experts through
+        ``packed = True``, ``expert_layouts``, ``packed_expert`` and ``quantizer_name``); a reader lacking a
+        required member is refused when opened. Formats are tried in registration order (built-ins "offload" and
+        "mixtral-offloading" first); a folder none detects is read as plain safetensors.
     """
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pluggy
 
 from ..errors import ConfigError, PluginError
-from . import hookspecs
+from . import contracts, hookspecs
 
 log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "mixtral_offload"
@@ -88,6 +88,7 @@ def registry(kind: str) -> dict[str, tuple[Any, str]]:
             if name in out:
                 msg = f"{kind} name {name!r} is registered twice: by plugin {out[name][1]!r} and by plugin {_plugin!r}"
                 raise PluginError(msg)
+            contracts.check_registered(kind, factory, _plugin, name)  # a missing method is named here, not later
             out[name] = (factory, _plugin)
         impl.function(register)
     return out
@@ -105,12 +106,23 @@ def resolve(kind: str, name: str) -> tuple[Any, str]:
 
 
 def create(kind: str, name: str, *args: Any, **kwargs: Any) -> Any:
-    """Call the factory registered as `name`; a factory that raises becomes a PluginError naming its plugin."""
+    """Call the factory registered as `name` and return its object checked against the kind's contract, with every
+    optional member (`contracts.adapt`); a factory that raises becomes a PluginError naming its plugin. A prefetcher
+    factory may return None (no prefetch)."""
     factory, plugin = resolve(kind, name)
     try:
-        return factory(*args, **kwargs)
+        obj = factory(*args, **kwargs)
     except (ConfigError, PluginError):
         raise
     except Exception as exc:
         msg = f"plugin {plugin!r} failed to create {kind} {name!r}: {type(exc).__name__}: {exc}"
         raise PluginError(msg) from exc
+    if obj is None and kind == "prefetcher":
+        return None
+    return contracts.adapt(kind, obj, plugin, name)
+
+
+def store_is_mapped(name: str) -> bool:
+    """Whether the store registered as `name` computes from mapped pages (its factory carries `mapped = True`): such
+    a store has no cache slots. "auto" is never mapped."""
+    return name != "auto" and bool(getattr(resolve("store", name)[0], "mapped", False))

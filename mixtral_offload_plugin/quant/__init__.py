@@ -31,7 +31,7 @@ class QuantSpec:
 
 
 class ExpertKernel(Protocol):
-    """Computes one expert's MLP from the typed views of its slot."""
+    """Computes one expert's MLP from the typed views of its slot (made by `Quantizer.expert_kernel`)."""
 
     def prepare(self, views: dict[str, torch.Tensor]) -> Any:
         """Called once after a slot is (re)loaded; returns what `__call__` receives as `state`."""
@@ -40,20 +40,94 @@ class ExpertKernel(Protocol):
         """x: [n, H] in the compute dtype -> [n, H]."""
 
 
+def _stand_in(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Weights of an [n, k] shape whose values vary inside every group (a layout plan needs no real ones)."""
+    return (torch.arange(n * k, dtype=torch.float32).remainder_(251).sub_(125) / 1000).view(n, k).to(dtype)
+
+
+class KernelDefaults:
+    """The optional members of an `ExpertKernel` (see `plugins.contracts`)."""
+
+    workspace_nbytes: int = 0  # bytes a slot holds after the packed expert for `prepare` to fill (expanded weights)
+    kinds: dict[str, str] = {}  # noqa: RUF012  # matrix -> kernel name, for `info` and the load report (read-only)
+
+
 class Quantizer(Protocol):
+    """Packs experts (and linears) and picks the kernels that compute with the packed bytes. Registered through
+    `register_quantizers`; `OffloadConfig.quantizer` names the one used for every part quantized below 16 bits."""
+
     name: str
 
     def pack_expert(self, weights: dict[str, torch.Tensor], spec: QuantSpec, device: torch.device) -> PackedExpert:
         """weights: {"gate_up": [2I, H], "down": [H, I]} -> one packed buffer in the form the device's kernel wants."""
 
-    def expert_kernel(self, layout: ExpertLayout, device: torch.device) -> ExpertKernel:
-        """The kernel that computes experts of this layout on this device."""
+    def expert_kernel(self, layout: ExpertLayout, device: torch.device, **options: bool) -> ExpertKernel:
+        """The kernel that computes experts of this layout on this device. `options` are only ever the capabilities
+        the quantizer declares: `per_call=True` (`per_call_kernels`), `resident=True` (`resident_kernels`)."""
 
     def quantize_linear(self, linear: nn.Linear, spec: QuantSpec, device: torch.device) -> nn.Module:
         """A module computing the same map as `linear` from quantized weights."""
 
 
-class DenseKernel:
+class QuantizerDefaults:
+    """The optional members of a `Quantizer`, as a quantizer without them behaves (see `plugins.contracts`)."""
+
+    # expert_kernel(..., per_call=True) exists: CUDA slots that hold only the packed bytes, dequantized per call
+    per_call_kernels: bool = False
+    # expert_kernel(..., resident=True) exists: larger, faster CPU kernels for plans that keep every expert
+    resident_kernels: bool = False
+
+    def layout_for(self, layout: ExpertLayout, device: torch.device) -> ExpertLayout:
+        """The layout experts stored as `layout` have once repacked for `device` (`repack_for`)."""
+        return layout
+
+    def repack_for(self, packed: PackedExpert, device: torch.device) -> PackedExpert:
+        """A stored expert in forms `device` can read."""
+        return packed
+
+    def planned_layout(self, shapes: dict[str, tuple[int, int]], spec: QuantSpec,
+                       device: torch.device) -> ExpertLayout:
+        """The layout `pack_expert` gives weights of these shapes ({"gate_up": (2I, H), "down": (H, I)}), without
+        weights: packs a stand-in with round-to-nearest (layouts depend on shapes and settings only)."""
+        import dataclasses
+
+        stand_in = {m: _stand_in(n, k, spec.dtype) for m, (n, k) in shapes.items()}
+        return self.pack_expert(stand_in, dataclasses.replace(spec, method="rtn"), device).layout  # type: ignore[attr-defined]
+
+    def planned_linear_bytes(self, shape: tuple[int, int], spec: QuantSpec, device: torch.device) -> int:
+        """Bytes the module `quantize_linear` makes of an [out, in] projection holds (weights, metadata, workspace),
+        measured on a stand-in quantized with round-to-nearest."""
+        import dataclasses
+        import itertools
+
+        n, k = shape
+        linear = nn.Linear(k, n, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(_stand_in(n, k, torch.float32))
+        linear = linear.to(spec.dtype)
+        module = self.quantize_linear(linear, dataclasses.replace(spec, method="rtn"), device)  # type: ignore[attr-defined]
+        seen, total = set(), 0
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+    def pack_linear(self, linear: nn.Linear, spec: QuantSpec, device: torch.device) -> PackedExpert:
+        """One projection packed (matrix "w"), for the offload format's quantized attention."""
+        msg = f"quantizer {getattr(self, 'name', '?')!r} cannot store quantized projections; use 16 bits"
+        from ..errors import ConfigError
+
+        raise ConfigError(msg)
+
+    def linear_from_packed(self, packed: PackedExpert, bias: torch.Tensor | None, device: torch.device,
+                           dtype: torch.dtype) -> nn.Module:
+        """The module computing a projection stored packed (the inverse of `pack_linear`)."""
+        msg = f"quantizer {getattr(self, 'name', '?')!r} cannot run projections packed as {packed.layout.format!r}"
+        raise CheckpointError(msg)
+
+
+class DenseKernel(KernelDefaults):
     """Unquantized expert: gate/up projection, activation, down projection (same ops as transformers; bf16 experts on
     CPU run a few tokens on our native kernel, float32 sums)."""
 
@@ -74,7 +148,7 @@ class DenseKernel:
         return linear(lib, act_fn(gate) * up, down)
 
 
-class NoQuantizer:
+class NoQuantizer(QuantizerDefaults):
     """16-bit (or the checkpoint's dtype) experts: a load is one copy, the kernel is two `F.linear`s."""
 
     name = "none"
@@ -83,7 +157,7 @@ class NoQuantizer:
         tensors = {k: weights[k].to(spec.dtype) for k in ("gate_up", "down")}
         return pack("dense", tensors, {"bits": 16})
 
-    def expert_kernel(self, layout: ExpertLayout, device: torch.device) -> ExpertKernel:
+    def expert_kernel(self, layout: ExpertLayout, device: torch.device, **options: bool) -> ExpertKernel:
         if layout.format != "dense":
             msg = f"the 'none' quantizer cannot run experts packed as {layout.format!r}; the manifest is damaged"
             raise CheckpointError(msg)

@@ -1,14 +1,14 @@
 """Quantized attention projections: replace q/k/v/o of every attention block by `QuantizedLinear` modules.
 
 Routers, norms, embeddings and lm_head stay 16-bit. `attention_linears` finds the projections;
-`quantize_attention` quantizes them at load time (plain checkpoints) and `install_packed_attention` rebuilds them
-from packed bytes (offload-format checkpoints: no quantization work; mixtral-offloading's axis-0 HQQ projections
+`quantize_attention` quantizes them at load time with the quantizer it is given (plain checkpoints) and
+`install_packed_attention` rebuilds them from packed bytes (offload-format checkpoints: no quantization work; mixtral-offloading's axis-0 HQQ projections
 become dense `nn.Linear`s holding their exact dequantized weights). This module knows nothing about experts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -50,41 +50,25 @@ def call_temp_bytes(model: nn.Module) -> int:
                 if isinstance(m, QuantizedLinear)), default=0)
 
 
-def _quantizer(fmt: str = "hqq") -> Any:
-    """The quantizer that rebuilds projections packed as `fmt` ("hqq" or "hqq_axis0")."""
-    if fmt == "hqq_axis0":
-        from .hqq_axis0 import HqqAxis0Quantizer
+def quantize_attention(model: nn.Module, quantizer: Any, spec: QuantSpec, device: torch.device) -> None:
+    """Replace every attention projection by `quantizer.quantize_linear(projection, spec, device)`.
 
-        return HqqAxis0Quantizer()
-    from .hqq import HqqQuantizer
-
-    return HqqQuantizer()
-
-
-def quantize_attention(model: nn.Module, config: Any, dtype: torch.dtype, device: torch.device) -> int:
-    """Quantize every attention projection to `config.attn_bits` (group `config.attn_group_size`); returns trunk bytes.
-
-    Projections that are already quantized (an offload-format checkpoint) are left as they are.
+    Projections that are quantized already (installed from an offload-format checkpoint) are left as they are.
     """
+    from ..errors import ConfigError
     from .hqq import QuantizedLinear
 
-    if config.attn_bits < 16:
-        quantizer = _quantizer()
-        spec = QuantSpec(config.attn_bits, config.attn_group_size, dtype, False, config.quant_method)
-        for name, parent, attr, linear in list(attention_linears(model)):
-            if isinstance(linear, QuantizedLinear):
-                continue
-            if not isinstance(linear, nn.Linear):
-                msg = f"{name} is a {type(linear).__name__}, not an nn.Linear; it cannot be quantized"
-                raise TypeError(msg)
-            try:
-                setattr(parent, attr, quantizer.quantize_linear(linear, spec, device))
-            except ValueError as exc:
-                msg = f"cannot quantize {name}: {exc} (attn_group_size={config.attn_group_size})"
-                from ..errors import ConfigError
-
-                raise ConfigError(msg) from None
-    return module_bytes(model)
+    for name, parent, attr, linear in list(attention_linears(model)):
+        if isinstance(linear, QuantizedLinear):
+            continue
+        if not isinstance(linear, nn.Linear):
+            msg = f"{name} is a {type(linear).__name__}, not an nn.Linear; it cannot be quantized (attn_bits)"
+            raise ConfigError(msg)
+        try:
+            setattr(parent, attr, quantizer.quantize_linear(linear, spec, device))
+        except ValueError as exc:
+            msg = f"cannot quantize {name}: {exc} (attn_group_size={spec.group_size})"
+            raise ConfigError(msg) from None
 
 
 def packed_attention(model: nn.Module) -> dict[str, PackedExpert]:
@@ -95,13 +79,14 @@ def packed_attention(model: nn.Module) -> dict[str, PackedExpert]:
             if isinstance(m, QuantizedLinear)}
 
 
-def install_packed_attention(model: nn.Module, packed: dict[str, PackedExpert], dtype: torch.dtype,
-                             device: torch.device) -> int:
-    """Replace the projections named in `packed` by modules built from those bytes; returns their bytes."""
+def install_packed_attention(model: nn.Module, packed: dict[str, PackedExpert], quantizers: Callable[[str], Any],
+                             dtype: torch.dtype, device: torch.device) -> int:
+    """Replace the projections named in `packed` by modules built from those bytes by the quantizer of their layout's
+    format (`quantizers(format)`: "hqq", "hqq_axis0", a plugin's); returns their bytes."""
     total, found = 0, set()
     for name, parent, attr, _ in list(attention_linears(model)):
         if name in packed:
-            module = _quantizer(packed[name].layout.format).linear_from_packed(packed[name], None, device, dtype)
+            module = quantizers(packed[name].layout.format).linear_from_packed(packed[name], None, device, dtype)
             setattr(parent, attr, module)
             total += module_bytes(module)
             found.add(name)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..storage.packing import ALIGN, ExpertLayout, align_up
-from . import native
+from . import KernelDefaults, native
 from .cpu import _scratch
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-class Axis0NativeKernel:
+class Axis0NativeKernel(KernelDefaults):
     """One expert read from its packed words (see the module docstring); `kinds` and `workspace_nbytes` tell the
     memory plan and `info` what a slot holds."""
 

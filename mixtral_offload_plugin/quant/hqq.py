@@ -33,7 +33,7 @@ from ..storage.packing import (
     pack,
     unpack_views,
 )
-from . import QuantSpec, native
+from . import KernelDefaults, QuantizerDefaults, QuantSpec, native
 from .formats import CPU_FORMS, dequantize, hqq_quantize, int4_ok, int4_pad16_ok, store_matrix, to_bitpack
 from .kernels import plan_matrix
 
@@ -166,7 +166,7 @@ def _plans(layout: ExpertLayout, device: torch.device, dtype: torch.dtype | None
     return out
 
 
-class HqqExpertKernel:
+class HqqExpertKernel(KernelDefaults):
     """gate/up projection, activation, down projection from an HQQ-packed slot (one `MatrixPlan` per matrix)."""
 
     def __init__(self, layout: ExpertLayout, device: torch.device, dtype: torch.dtype | None = None,
@@ -247,7 +247,7 @@ class QuantizedLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-class HqqQuantizer:
+class HqqQuantizer(QuantizerDefaults):
     """HQQ experts and attention (2, 3, 4, 8 bits; optional 8-bit scales and zeros)."""
 
     name = "hqq"

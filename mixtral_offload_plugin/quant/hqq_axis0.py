@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..storage.packing import ALIGN, ExpertLayout, PackedExpert, align_up, dtype_from_name, unpack_views
-from . import DenseKernel, QuantSpec, axis0_native
+from . import DenseKernel, KernelDefaults, QuantizerDefaults, QuantSpec, axis0_native
 from .cpu import _scratch
 
 FORMAT = "hqq_axis0"
@@ -159,7 +159,7 @@ def _spec(layout: ExpertLayout, name: str) -> dict[str, Any]:
     return spec
 
 
-class Axis0ExpertKernel:
+class Axis0ExpertKernel(KernelDefaults):
     """One expert from its stored w1, w3 (gate, up) and w2 (down).
 
     By default dequantized at slot load into a workspace `gate_up [2I, H]`, `down [H, I]` in the compute dtype, then
@@ -213,7 +213,7 @@ def dequantize_expert(packed: PackedExpert) -> dict[str, torch.Tensor]:
     return {"gate_up": torch.cat([deq["w1"], deq["w3"]]), "down": deq["w2"]}
 
 
-class HqqAxis0Quantizer:
+class HqqAxis0Quantizer(QuantizerDefaults):
     """Runs experts and attention projections quantized by mixtral-offloading; it reads them, it does not quantize."""
 
     name = FORMAT

@@ -41,24 +41,21 @@ def accelerate_linears(model: nn.Module) -> int:
     return count
 
 
-def quantize_head(model: nn.Module, config: Any, dtype: torch.dtype, device: torch.device) -> int:
-    """Replace the output projection by an HQQ `config.head_bits` one (group `config.attn_group_size`); returns the
-    trunk's bytes. A head tied to the input embeddings gets its own quantized copy (the embeddings stay 16-bit)."""
+def quantize_head(model: nn.Module, quantizer: Any, spec: QuantSpec, device: torch.device) -> None:
+    """Replace the output projection by `quantizer.quantize_linear(lm_head, spec, device)`. A head tied to the input
+    embeddings gets its own quantized copy (the embeddings stay 16-bit)."""
     from ..errors import ConfigError
-    from .attention import module_bytes
-    from .hqq import HqqQuantizer, QuantizedLinear
+    from .hqq import QuantizedLinear
 
     head = model.get_output_embeddings()
     if isinstance(head, QuantizedLinear):
-        return module_bytes(model)
+        return
     if not isinstance(head, nn.Linear):
         msg = f"the output projection is a {type(head).__name__}, not an nn.Linear; it cannot be quantized (head_bits)"
         raise ConfigError(msg)
-    spec = QuantSpec(config.head_bits, config.attn_group_size, dtype, False)
     try:
-        quantized = HqqQuantizer().quantize_linear(head, spec, device)
+        quantized = quantizer.quantize_linear(head, spec, device)
     except ValueError as exc:
-        msg = f"cannot quantize lm_head: {exc} (head_bits={config.head_bits}, attn_group_size={config.attn_group_size})"
+        msg = f"cannot quantize lm_head: {exc} (head_bits={spec.bits}, head_group_size={spec.group_size})"
         raise ConfigError(msg) from None
     model.set_output_embeddings(quantized)
-    return module_bytes(model)

@@ -19,7 +19,8 @@ HF_FORMAT = "huggingface"
 
 @dataclass(frozen=True)
 class CheckpointFormat:
-    """A checkpoint layout: `detect(path)` says cheaply whether a folder is in it, `open(path, config)` reads it."""
+    """A checkpoint layout: `detect(path)` says cheaply whether a folder is in it, `open(path, config)` reads it and
+    returns a `storage.reader.CheckpointReader`."""
 
     detect: Callable[[Path], bool]
     open: Callable[[Path, Any], Any]
@@ -72,11 +73,15 @@ def format_title(name: str) -> str:
 
 
 def open_checkpoint(path: str | Path, config: Any = None) -> Any:
-    """The opened checkpoint at `path`, by the first registered format that detects it, else as plain safetensors."""
+    """The opened checkpoint at `path`, by the first registered format that detects it, else as plain safetensors:
+    a `storage.reader.CheckpointReader` with every optional member (`plugins.contracts`)."""
+    from ..plugins import contracts
+
     path = Path(path)
     name = checkpoint_format(path) if path.is_dir() else HF_FORMAT
     if name == HF_FORMAT:
         from ..storage.hf_checkpoint import HFCheckpoint
 
         return HFCheckpoint(path)
-    return plugins.registry("checkpoint_format")[name][0].open(path, config)
+    fmt, plugin = plugins.registry("checkpoint_format")[name]
+    return contracts.adapt("checkpoint_reader", fmt.open(path, config), plugin, name)

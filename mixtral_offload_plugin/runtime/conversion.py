@@ -1,12 +1,12 @@
 """Writing the offload format from a source of weights: a Hugging Face checkpoint or a synthetic model.
 
 `write_offload(source, out, config)` is the one writer behind `mixtral-offload convert`, `mixtral-offload synth` and
-the conversion cache (`converted_folder`: loading a plain checkpoint with `expert_bits` < 16 converts it once into a
-cache directory, keyed by the source's files and the settings, and later loads read that folder): it writes config.json, quantizes the attention projections into the trunk, then streams the
+the conversion cache (`conversion_folder`/`write_conversion`: loading a plain checkpoint with `expert_bits` < 16
+converts it once into a cache directory, keyed by the source's files and the settings, and later loads read that
+folder): it writes config.json, quantizes the attention projections into the trunk, then streams the
 experts one at a time (read or generated, quantized, packed, appended to their layer's file) with a progress bar and
 ETA, and writes the manifest last (`storage.offload_format.OffloadWriter`). Memory: about one expert plus the trunk.
-A source has `name`, `config_dict`, `trunk_items()` (checkpoint name, tensor) and `trunk_size()`, `expert(layer, e)`,
-`moe_layers()`, `files()` (files copied as they are: tokenizer, generation config) and `close()`.
+A source is a `WeightSource`: a checkpoint (`CheckpointSource`) or a generator (`models.synthetic.SyntheticMixtral`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -38,6 +38,36 @@ COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.js
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+class WeightSource(Protocol):
+    """What `write_offload` reads weights from."""
+
+    name: str
+    config_dict: dict[str, Any]
+    prepacked: bool  # experts (and attention) come packed: written as they are (`packed_expert`)
+    quantizer_name: str | None  # the quantizer of packed experts
+
+    def bind(self, arch: Any, model_config: Any) -> None:
+        """Called once before any tensor is asked for, with the source's family and transformers config."""
+
+    def trunk_items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(checkpoint name, tensor) of every non-expert tensor."""
+
+    def trunk_size(self) -> int:
+        """How many `trunk_items` there are (for the progress bar)."""
+
+    def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """{"gate_up": [2I, H], "down": [H, I]} of one expert."""
+
+    def moe_layers(self) -> list[int]:
+        """The layers with routed experts."""
+
+    def files(self) -> list[Path]:
+        """Files copied as they are (tokenizer, generation config)."""
+
+    def close(self) -> None:
+        """Release what the source holds."""
+
+
 class CheckpointSource:
     """The weights of a checkpoint folder read by `checkpoints.open_checkpoint`: a plain Hugging Face folder (experts
     read one at a time, never mapped, then quantized), or a reader that hands over experts and attention already
@@ -50,19 +80,18 @@ class CheckpointSource:
         self.path = Path(path)
         self.name = self.path.name
         self.ckpt = open_checkpoint(self.path, config)
-        if hasattr(self.ckpt, "attach_to"):
+        if self.ckpt.in_place:
             self.ckpt.close()
             msg = f"{self.path} is already in the offload format; load it directly (or convert its original checkpoint)"
             raise CheckpointError(msg)
         self.config_dict = self.ckpt.config_dict
-        self.prepacked = hasattr(self.ckpt, "packed_expert")
-        self.quantizer_name = getattr(self.ckpt, "quantizer_name", None)
+        self.prepacked = self.ckpt.packed
+        self.quantizer_name = self.ckpt.quantizer_name
         self._arch: Any = None
 
     def bind(self, arch: Any, model_config: Any) -> None:
         self._arch, self._config = arch, model_config
-        split = self.ckpt.split_keys(arch) if self.prepacked else arch.split_keys(self.ckpt.keys())
-        self._per_expert, self._fused, self._trunk = split
+        self._per_expert, self._fused, self._trunk = self.ckpt.split_keys(arch)
 
     def trunk_items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for key in self._trunk:
@@ -106,7 +135,7 @@ def _write_trunk(source: Any, writer: OffloadWriter, arch: Any, config: Any, dty
     from tqdm.auto import tqdm
 
     trunk, attention = {}, {}
-    quantizer = plugins.create("quantizer", "hqq") if config.attn_bits < 16 else None
+    quantizer = plugins.create("quantizer", config.quantizer) if config.attn_bits < 16 else None
     spec = QuantSpec(config.attn_bits, config.attn_group_size, dtype, False, config.quant_method)
     items = tqdm(source.trunk_items(), total=source.trunk_size(), desc="trunk", unit="tensor", leave=False,
                  disable=os.environ.get("MIXTRAL_OFFLOAD_QUIET") == "1")
@@ -117,7 +146,7 @@ def _write_trunk(source: Any, writer: OffloadWriter, arch: Any, config: Any, dty
             attention[proj] = _attention_packed(proj, t, quantizer, spec, config, device)
             continue
         trunk[key] = t.to(dtype) if t.is_floating_point() else t
-    if getattr(source, "prepacked", False):
+    if source.prepacked:
         attention.update(source.ckpt.packed_attention())
     writer.write_trunk(trunk, attention)
 
@@ -147,13 +176,12 @@ def write_offload(source: Any, out: Path, config: Any, model: tuple[Any, Any, to
     config_dict = dict(source.config_dict)
     config_dict["dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(config_dict, indent=2))
-    if hasattr(source, "bind"):
-        source.bind(arch, model_config)
-    prepacked = getattr(source, "prepacked", False)
+    source.bind(arch, model_config)
+    prepacked = source.prepacked
     if prepacked:
         log.warning("%s: keeping the checkpoint's own quantization (%s); --expert-bits, --attn-bits and their "
                     "group sizes do not apply", source.path, source.ckpt.describe())
-    qname = getattr(source, "quantizer_name", None) or ("none" if config.expert_bits == 16 else "hqq")
+    qname = source.quantizer_name or ("none" if config.expert_bits == 16 else config.quantizer)
     quantizer = plugins.create("quantizer", qname)
     device = torch.device(target)  # only picks the packed forms: nothing is allocated on it
     spec = QuantSpec(config.expert_bits, config.expert_group_size, dtype, config.quant_scales, config.quant_method)
@@ -234,31 +262,43 @@ def _prune(root: Path, src: Path, fingerprint: list[Any]) -> None:
             shutil.rmtree(origin.parent, ignore_errors=True)
 
 
-def converted_folder(src: str | os.PathLike[str], config: Any, model: tuple[Any, Any, torch.dtype]) -> Path | None:
-    """The offload-format conversion of the plain checkpoint `src` with `config`'s quantization settings: from the
-    cache when it is there, else written now (progress bar with ETA; concurrent loads of the same source wait for
-    one conversion). None when the cache is off or the disk lacks room (the caller quantizes in memory instead)."""
-    from ..storage.offload_format import write_atomically
-
+def conversion_folder(src: str | os.PathLike[str], config: Any, dtype: torch.dtype) -> tuple[Path, bool] | None:
+    """Where the offload-format conversion of the plain checkpoint `src` with `config`'s quantization settings is
+    kept, and whether it is there already. None when the cache is off or its disk lacks room (the load then
+    quantizes in memory). Writes nothing: `write_conversion` does."""
     root = cache_dir(config)
     if root is None:
         return None
     src = Path(src).resolve()
     fingerprint = _fingerprint(src)
-    settings = _settings(config, str(model[2]).removeprefix("torch."))
+    settings = _settings(config, str(dtype).removeprefix("torch."))
     key = hashlib.sha256(json.dumps([str(src), fingerprint, settings], sort_keys=True).encode()).hexdigest()[:16]
     dst = root / f"{src.name}-{key}"
     if (dst / ORIGIN).exists():
-        return dst
-    root.mkdir(parents=True, exist_ok=True)
-    _prune(root, src, fingerprint)
+        return dst, True
     need = sum(size for name, size, _ in fingerprint if name.endswith(".safetensors")) * (config.expert_bits + 2) // 16
-    free = shutil.disk_usage(root).free
+    probe = root if root.exists() else next((p for p in root.parents if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
     if free < need * 1.2:
         log.warning("not caching the %d-bit conversion of %s: %.1f GiB free in %s, about %.1f GiB needed; quantizing "
                     "in memory (set OffloadConfig.convert_cache to a folder with room)", config.expert_bits, src,
                     free / 2**30, root, need / 2**30)
         return None
+    return dst, False
+
+
+def write_conversion(src: str | os.PathLike[str], dst: Path, config: Any, model: tuple[Any, Any, torch.dtype]) -> Path:
+    """Convert the plain checkpoint `src` into the cache folder `dst` (`conversion_folder`), with a progress bar and
+    ETA; concurrent loads of the same source wait for one conversion, and conversions of a source that changed
+    since are removed first."""
+    from ..storage.offload_format import write_atomically
+
+    src = Path(src).resolve()
+    root = dst.parent
+    fingerprint = _fingerprint(src)
+    settings = _settings(config, str(model[2]).removeprefix("torch."))
+    root.mkdir(parents=True, exist_ok=True)
+    _prune(root, src, fingerprint)
     with _locked(root / f".{dst.name}.lock"):
         if not (dst / ORIGIN).exists():
             log.info("first load of %s with %d-bit experts: converting it once into %s", src, config.expert_bits, dst)

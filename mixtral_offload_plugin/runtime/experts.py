@@ -16,8 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-_NO_PROPOSE = object()  # the prefetcher has no `propose`: call `after_route` the old way
-
 
 class OffloadedExperts(nn.Module):
     """Experts of one MoE layer, served by the runtime's cache. Holds no parameters."""
@@ -43,12 +41,8 @@ class OffloadedExperts(nn.Module):
             raise ModelUnloadedError(msg)
         single, head, experts, guesses = self._route(rt, hidden_states, top_k_index)  # the layer's one host sync
         slots = rt.cache.request(self.layer_idx, experts)
-        pf = rt.prefetcher
-        if pf is not None:
-            if guesses is not _NO_PROPOSE:
-                pf.after_route(self.layer_idx, hidden_states, experts, proposal=guesses)
-            else:  # a prefetcher written before `propose` existed (it does its own transfer)
-                pf.after_route(self.layer_idx, hidden_states, experts)
+        if rt.prefetcher is not None:  # every prefetcher has `propose` (plugins.contracts supplies a default)
+            rt.prefetcher.after_route(self.layer_idx, hidden_states, experts, proposal=guesses)
         if single:
             return self._one_token(rt, hidden_states, head, top_k_weights, experts, slots)
         return self._tokens(rt, hidden_states, top_k_index, top_k_weights, experts, head, slots)
@@ -57,14 +51,12 @@ class OffloadedExperts(nn.Module):
                top_k_index: torch.Tensor) -> tuple[bool, list[int], list[int], Any]:
         """One host transfer: the routing (one token's k experts, or per-expert counts for several tokens: fixed size)
         and the prefetcher's device-side proposal together. Returns (one token?, its routing or the counts, experts,
-        the proposal as nested lists / None / `_NO_PROPOSE` when the prefetcher has no `propose`)."""
-        propose = getattr(rt.prefetcher, "propose", None) if rt.prefetcher is not None else None
-        proposal = propose(self.layer_idx, hidden) if propose is not None else None
+        the proposal as nested lists or None)."""
+        proposal = rt.prefetcher.propose(self.layer_idx, hidden) if rt.prefetcher is not None else None
         single = hidden.shape[0] == 1
         routed = top_k_index.view(-1) if single else torch.bincount(top_k_index.view(-1), minlength=self.num_experts)
         if proposal is None:
-            host = routed.tolist()
-            guesses = None if propose is not None else _NO_PROPOSE
+            host, guesses = routed.tolist(), None
         else:
             host = torch.cat([routed, proposal.reshape(-1).to(routed.dtype)]).tolist()
             guesses = _nest(host[routed.numel():], tuple(proposal.shape))

@@ -34,7 +34,7 @@ class OffloadRuntime:
     prefetcher: Any
     kernels: dict[tuple[int, int], Any]
     blocks: dict[int, Any]
-    plan: Any = None
+    plan: Any = None  # the memory plan (memory.MemoryPlan)
     path: str = ""
     lock: threading.RLock = field(default_factory=threading.RLock)
     closed: bool = False
@@ -42,6 +42,7 @@ class OffloadRuntime:
     prefix: PrefixCache = field(default_factory=PrefixCache)
     last_generation: GenerationStats | None = None
     fused: Any = None  # fused.FusedDecoder once built, False when this model cannot take that path
+    load_plan: Any = None  # the plan.LoadPlan it was built from
 
     def close(self) -> None:
         with self.lock:

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
+from .reader import ReaderDefaults
 
 INDEX_NAME = "model.safetensors.index.json"
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -44,7 +45,7 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-class HFCheckpoint:
+class HFCheckpoint(ReaderDefaults):
     """A Hugging Face checkpoint directory with safetensors weights.
 
     `key_file` maps every tensor name to its file; `names` maps a name to the one used inside that file where they
@@ -149,6 +150,9 @@ class HFCheckpoint:
             raise CheckpointError(msg)
         begin, end = entry["data_offsets"]
         return file, dtype, tuple(entry["shape"]), start + begin, start + end
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entry(key)[2]
 
     def read(self, key: str, index: int | None = None) -> torch.Tensor:
         """A tensor (or `tensor[index]` of a stacked one) read with `pread` into memory it owns.

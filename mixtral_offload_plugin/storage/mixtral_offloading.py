@@ -179,6 +179,7 @@ class MixtralOffloadingCheckpoint(HFCheckpoint):
 
     DTYPES = {**HFCheckpoint.DTYPES, "U8": torch.uint8, "I32": torch.int32}
     quantizer_name = PACKED_FORMAT
+    packed = True  # experts and attention come as the checkpoint stores them (hqq 0.1.1 axis-0 HQQ)
 
     def __init__(self, path: str | Path, packing: str = "auto", dtype: str | None = None) -> None:
         if packing not in PACKINGS:

@@ -30,6 +30,7 @@ import torch
 from ..errors import CheckpointError
 from .hf_checkpoint import read_json
 from .packing import FILE_ALIGN, ExpertLayout, PackedExpert, align_up
+from .reader import ReaderDefaults
 
 MANIFEST_NAME = "mixtral_offload.json"
 FORMAT_NAME = "mixtral-offload"
@@ -58,8 +59,11 @@ def _inside(root: Path, name: Any, what: str) -> Path:
     return path
 
 
-class OffloadCheckpoint:
+class OffloadCheckpoint(ReaderDefaults):
     """An opened offload-format folder (validated manifest, lazily opened trunk, expert files read in place)."""
+
+    packed = True  # experts and attention are stored packed
+    in_place = True  # a disk store reads the expert files where they are
 
     def __init__(self, path: str | Path, verify: bool = False) -> None:
         self.path = Path(path)
@@ -187,6 +191,9 @@ class OffloadCheckpoint:
         """Like `Architecture.split_keys`: no expert tensors here (they are in the expert files)."""
         return {}, {}, self.keys()
 
+    def attention_layouts(self) -> dict[str, ExpertLayout]:
+        return dict(self.attention)
+
     def packed_attention(self) -> dict[str, PackedExpert]:
         """The stored quantized attention projections: {module name: packed bytes and layout} (empty when none)."""
         packed = {}
@@ -229,8 +236,8 @@ class OffloadCheckpoint:
             self.packed_expert(key)
 
     def attach_to(self, store: Any) -> bool:
-        """Point a store with `attach` (the disk store) at the expert files in place; False for other stores."""
-        if not hasattr(store, "attach"):
+        """Point a store that `accepts_files` (the disk store) at the expert files in place; False for others."""
+        if not store.accepts_files:
             return False
         from .stores import DiskRecord
 

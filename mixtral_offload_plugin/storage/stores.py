@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -50,6 +50,21 @@ class ExpertStore(Protocol):
 
     def close(self) -> None:
         """Release memory, file handles and owned files."""
+
+
+class StoreDefaults:
+    """The optional members of an `ExpertStore`, as a store without them behaves (see `plugins.contracts`). A store
+    factory may also carry `mapped = True`: its experts are computed from mapped pages, with no cache slots."""
+
+    in_memory: bool = False  # reads are memory copies (loads run inline, not on a background thread)
+    accepts_files: bool = False  # `attach(key, DiskRecord)`: serves an expert from a file in place (offload format)
+    missing_bytes: Any = None  # (key) -> bytes of the expert not in memory now, for stores that map files
+
+    def reserve(self, sizes: list[int]) -> None:
+        """The sizes of every expert about to be `put`, before the first one (a store may allocate once)."""
+
+    def evict_page_cache(self) -> None:
+        """Drop the store's files from the page cache (benchmarks of cold reads)."""
 
 
 ARENA_MAX = 1 << 32  # largest pinned arena tried (torch rounds each pinned block up to a power of two)
@@ -102,7 +117,7 @@ def choose_arena(sizes: list[int]) -> int:
     return min(candidates, key=lambda a: (sum(plan_arenas(sizes, a)), len(plan_arenas(sizes, a))))
 
 
-class HostStore:
+class HostStore(StoreDefaults):
     """Experts in host RAM; pinned if `pin` and the platform allows it, else pageable with a warning.
 
     Pinned experts live in arenas (`plan_arenas`): one pinned block per expert would be rounded up to a power of two
@@ -176,12 +191,14 @@ class DiskRecord:
     crc32: int | None = None
 
 
-class DiskStore:
+class DiskStore(StoreDefaults):
     """Experts in page-aligned files, read with `os.preadv` into caller buffers.
 
     Built either by `put` (writes `layer-LLL.bin` files into `root`) or by `attach` (files of an offload-format
     checkpoint, read in place). Checksums, when known, are verified on the first read of each expert.
     """
+
+    accepts_files = True
 
     def __init__(self, root: str | os.PathLike[str] | None = None, *, owned: bool | None = None,
                  direct: bool = True) -> None:

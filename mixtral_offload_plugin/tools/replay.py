@@ -17,6 +17,7 @@ prefetches): a prefetch that is never used still costs a transfer. This module k
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -294,18 +295,19 @@ def guess_quality(events: Sequence[Route | Guess]) -> dict[tuple[int, str], dict
 
 # -- sweeps ------------------------------------------------------------------------------------------------------------
 def policy_factories(names: Sequence[str]) -> dict[str, Callable[[], Any]]:
-    """name -> policy factory from the plugin registry (the classes the live cache uses)."""
+    """name -> policy factory from the plugin registry (the objects the live cache uses, checked and completed by
+    the policy contract)."""
     from .. import plugins
 
     reg = plugins.registry("policy")
-    out = {}
+    out: dict[str, Callable[[], Any]] = {}
     for name in names:
         if name == "belady":
             continue
         if name not in reg:
             msg = f"unknown policy {name!r}; known: {sorted(reg)} and 'belady'"
             raise ValueError(msg)
-        out[name] = reg[name][0]
+        out[name] = functools.partial(plugins.create, "policy", name)
     return out
 
 

@@ -54,7 +54,7 @@ class RoutingRecorder:
         self.pos = 0
         self._last_layer = None
         self.rt.cache.listeners.append(self._on_route)
-        if self.rt.prefetcher is not None and hasattr(self.rt.prefetcher, "listeners"):
+        if self.rt.prefetcher is not None and isinstance(self.rt.prefetcher.listeners, list):
             self.rt.prefetcher.listeners.append(self._on_guess)
         self.first_layer = min(self.rt.blocks)
         self._tokens = 0
@@ -89,7 +89,7 @@ class RoutingRecorder:
     def close(self) -> None:
         if self._on_route in self.rt.cache.listeners:
             self.rt.cache.listeners.remove(self._on_route)
-        if self.rt.prefetcher is not None and self._on_guess in getattr(self.rt.prefetcher, "listeners", []):
+        if self.rt.prefetcher is not None and self._on_guess in self.rt.prefetcher.listeners:
             self.rt.prefetcher.listeners.remove(self._on_guess)
         self._hook.remove()
         self.file.close()

@@ -71,7 +71,7 @@ def test_info_reports_family_and_plan(tiny_mixtral, capsys):
     assert main(["info", str(tiny_mixtral), "--json", "--experts-per-layer", "2", "--device", "cpu"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["family"] == "mixtral" and info["experts_per_layer"] == 4 and info["top_k"] == 2
-    assert "2 experts/layer" in info["plan_cache"]
+    assert "2 of 4 experts/layer" in info["plan_cache"]
 
 
 def test_chat_session_reuses_the_kv_cache(tiny_mixtral_tok):

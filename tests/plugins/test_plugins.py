@@ -201,3 +201,95 @@ def test_plugins_command_lists_builtin_backends(capsys):
     out = capsys.readouterr().out
     for name in ("lru", "lfu", "lfru", "host", "disk", "none", "hqq", "gate", "mixtral"):
         assert re.search(rf"\b{name}\b", out)
+
+
+# -- contracts: what a plugin object must provide is checked once, with a message naming it ---------------------------
+
+
+class NoVictim:
+    """An eviction policy that forgot `victim`."""
+
+    def on_insert(self, key): ...
+
+    def on_access(self, key): ...
+
+    def on_remove(self, key): ...
+
+
+class HalfStore:
+    def put(self, key, packed): ...
+
+    def layout(self, key): ...
+
+    def close(self): ...
+
+
+def test_a_class_missing_a_required_method_is_refused_at_registration(register):
+    class Plugin:
+        @hookimpl
+        def register_cache_policies(self, register):
+            register("no-victim", NoVictim)
+
+    register(Plugin(), "no-victim-plugin")
+    with pytest.raises(PluginError, match=r"plugin 'no-victim-plugin': policy 'no-victim' \(NoVictim\) lacks victim, "
+                                          r"which every policy must provide \(see .*EvictionPolicy\)"):
+        plugins.registry("policy")
+
+
+def test_a_factory_function_is_checked_on_the_object_it_makes(tiny_mixtral, register):
+    class Plugin:
+        @hookimpl
+        def register_expert_stores(self, register):
+            register("half", lambda config, device: HalfStore())
+
+    register(Plugin(), "half-store-plugin")
+    assert "half" in plugins.registry("store")  # a function cannot be checked before it is called
+    with pytest.raises(PluginError, match=r"store 'half' \(HalfStore\) lacks read_into, host_tensor"):
+        load_model(tiny_mixtral, OffloadConfig(device="cpu", experts_per_layer=1, store="half"))
+
+
+def test_optional_members_come_from_the_contract(tiny_mixtral_8e, register):
+    """A policy without `attach` and a prefetcher without `propose` (or `listeners`) work as documented."""
+    from mixtral_offload_plugin.plugins import contracts
+
+    class Quiet:
+        def __init__(self):
+            self.calls = []
+
+        def after_route(self, layer, hidden, experts):  # the three-argument form of older plugins
+            self.calls.append(layer)
+
+    made = []
+
+    class Plugin:
+        @hookimpl
+        def register_cache_policies(self, register):
+            register("mru2", MostRecentlyUsed)
+
+        @hookimpl
+        def register_prefetchers(self, register):
+            register("quiet", lambda cache, arch, blocks, config: made.append(Quiet()) or made[-1])
+
+    register(Plugin(), "optional-plugin")
+    model = load_model(tiny_mixtral_8e, OffloadConfig(device="cpu", experts_per_layer=2, policy="mru2",
+                                                      prefetch="quiet"))
+    try:
+        model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+        pf = model._offload_runtime.prefetcher
+        assert isinstance(pf, contracts.WithDefaults) and pf.propose(0, None) is None and list(pf.listeners) == []
+        assert made[0].calls  # called once per MoE layer, without a proposal
+        assert contracts.missing("policy", MostRecentlyUsed) == [] and not hasattr(MostRecentlyUsed, "attach")
+    finally:
+        model.unload()
+
+
+def test_every_builtin_backend_has_every_optional_member():
+    """Built-ins are never wrapped: their per-token calls go straight to them."""
+    from mixtral_offload_plugin.plugins import contracts
+
+    for kind in ("policy", "store", "quantizer"):
+        for name, (factory, _) in plugins.registry(kind).items():
+            obj = factory() if kind != "store" else factory(OffloadConfig(), torch.device("cpu"))
+            assert contracts.adapt(kind, obj) is obj, (kind, name)
+            if kind == "store":
+                obj.close()

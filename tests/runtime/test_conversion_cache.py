@@ -81,7 +81,7 @@ def test_off_and_no_room_quantize_in_memory(src: Path, tmp_path: Path, monkeypat
     with caplog.at_level(logging.WARNING):
         model = load_model(src, _cfg(cache))
     assert "not caching" in caplog.text and "GiB free" in caplog.text
-    assert not [p for p in cache.iterdir() if p.is_dir()]
+    assert not cache.exists() or not [p for p in cache.iterdir() if p.is_dir()]
     model.unload()
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mixtral_offload_plugin import OffloadConfig, load_model
+from mixtral_offload_plugin.plugins import contracts
 from mixtral_offload_plugin.runtime.experts import OffloadedExperts
 
 TENSOR_SYNCS = ("tolist", "item", "numpy", "nonzero", "unique", "__bool__", "__int__", "__float__", "__index__")
@@ -119,7 +120,7 @@ def test_prefetcher_protocol_receives_proposal_and_routed_experts(tiny_mixtral_8
         with torch.no_grad():
             _, weights, index = block.gate(hidden)
         for pf in (_Recorder(), _Legacy()):
-            rt.prefetcher = pf
+            rt.prefetcher = contracts.adapt("prefetcher", pf)  # as plugins.create hands a plugin's prefetcher over
             for layer in (0, 1):
                 rt.blocks[layer].experts(hidden, index, weights)
             routed = sorted(set(index.view(-1).tolist()))

@@ -11,7 +11,7 @@ from transformers import MixtralConfig
 
 from mixtral_offload_plugin import OffloadConfig
 from mixtral_offload_plugin.errors import MemoryPlanError
-from mixtral_offload_plugin.runtime import loading, memory
+from mixtral_offload_plugin.runtime import build, loading, memory, plan
 from mixtral_offload_plugin.runtime.memory import (
     SAFETY,
     activation_bytes,
@@ -63,9 +63,9 @@ def test_load_model_reads_free_memory_before_placing_the_trunk(monkeypatch: pyte
         calls.append("trunk")
         raise Stop
 
-    monkeypatch.setattr(loading, "resolve_device", lambda name: CUDA)
-    monkeypatch.setattr(loading, "available_bytes", lambda device: calls.append(f"free:{device.type}") or 8 * GiB)
-    monkeypatch.setattr(loading, "materialise_trunk", trunk)
+    monkeypatch.setattr(plan, "resolve_device", lambda name: CUDA)
+    monkeypatch.setattr(plan, "available_bytes", lambda device: calls.append(f"free:{device.type}") or 8 * GiB)
+    monkeypatch.setattr(build, "materialise_trunk", trunk)
     with pytest.raises(Stop):
         loading.load_model(tiny_mixtral, OffloadConfig(device="cuda"))
     assert calls == ["free:cuda", "trunk"]
