@@ -1,7 +1,8 @@
 """The fields and loading logic shared by `MixtralOffloadLLM` and `ChatMixtralOffload`.
 
-A pydantic mixin: it turns the LangChain-facing options into a shared model, a tokenizer and `TokenGeneration`
-arguments, and knows nothing about LangChain's message or output types.
+A pydantic mixin: it turns the LangChain-facing options into a shared model, a tokenizer and a streamed generation
+of the model's session (`mixtral_offload_plugin.Session`), and knows nothing about LangChain's message or output
+types.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from mixtral_offload_plugin.runtime.generation import sampling_kwargs
+from mixtral_offload_plugin import GenerationError, Session
+from mixtral_offload_plugin.runtime.session import Generation
 
 from . import _runtime
 
@@ -128,8 +130,7 @@ class OffloadParams(BaseModel):
                 self._path = _runtime.resolve_path(self.model_path)
             return self._path
         model = model if model is not None else self.model
-        runtime = getattr(model, "_offload_runtime", None)
-        return getattr(runtime, "path", None) or getattr(model, "name_or_path", None) or None
+        return Session(model).path
 
     @property
     def model_name(self) -> str:
@@ -152,22 +153,24 @@ class OffloadParams(BaseModel):
         opts["stop"] = stops
         return opts
 
-    def _start(
-        self, model: Any, tok: Any, input_ids: Any, stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> _runtime.TokenGeneration:
+    def _start(self, model: Any, tok: Any, input_ids: Any, stop: list[str] | None, kwargs: dict[str, Any]) -> Generation:
         o = self._call_options(stop, kwargs)
-        return _runtime.TokenGeneration(
-            model,
-            tok,
-            input_ids,
-            max_new_tokens=o["max_tokens"],
-            stop=o["stop"],
-            seed=o["seed"],
-            timeout=o["timeout"],
-            sampling=sampling_kwargs(o["temperature"], o["top_p"], o["top_k"]),
-            source="langchain",
-            reuse_prefix=self.reuse_prefix,
-        ).start()
+        try:
+            gen = Session(model, tok).generate(
+                input_ids,
+                max_new_tokens=o["max_tokens"],
+                temperature=o["temperature"] or 0.0,
+                top_p=o["top_p"],
+                top_k=o["top_k"],
+                seed=o["seed"],
+                timeout=o["timeout"],
+                stop=o["stop"],
+                reuse_prefix=self.reuse_prefix,
+                source="langchain",
+            )
+        except GenerationError as exc:  # LangChain's callers expect ValueError for bad options
+            raise ValueError(str(exc)) from None
+        return gen.start()
 
     @property
     def _identifying_params(self) -> dict[str, Any]:

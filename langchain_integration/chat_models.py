@@ -26,8 +26,9 @@ from langchain_core.messages import (
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict
 
+from mixtral_offload_plugin.runtime.session import Generation
+
 from ._base import OffloadParams
-from ._runtime import TokenGeneration
 
 
 def _role(message: BaseMessage) -> str:
@@ -63,7 +64,7 @@ def chat_input_ids(tok: Any, messages: list[dict[str, str]]) -> Any:
     Templates that reject a system role (Mixtral-Instruct's) get the system text put before the first
     user turn.
     """
-    from mixtral_offload_plugin.chat import chat_ids
+    from mixtral_offload_plugin.runtime.session import chat_ids
 
     if not getattr(tok, "chat_template", None):
         msg = (
@@ -111,11 +112,11 @@ class ChatMixtralOffload(OffloadParams, BaseChatModel):
 
     def _begin(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> TokenGeneration:
+    ) -> Generation:
         model, tok = self._load()
         return self._start(model, tok, chat_input_ids(tok, to_chat_dicts(messages)), stop, kwargs)
 
-    def _last_chunk(self, gen: TokenGeneration) -> ChatGenerationChunk:
+    def _last_chunk(self, gen: Generation) -> ChatGenerationChunk:
         usage = {
             "input_tokens": gen.prompt_tokens,
             "output_tokens": gen.output_tokens,

@@ -13,57 +13,20 @@ import sys
 import time
 from typing import Any
 
-from .config import OffloadConfig, parse_size
-from .errors import MixtralOffloadError
+from . import options
+from .config import OffloadConfig
+from .errors import GenerationError, MixtralOffloadError
+from .options import add_config_arguments
 
 
 def add_offload_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("offload options")
-    g.add_argument("--device", default="auto", help="compute device: auto, cpu, cuda, cuda:N (default: auto)")
-    g.add_argument("--store", default=None,
-                   help="expert store: auto, host (RAM) or disk (default: auto; the embedded demo model: disk)")
-    g.add_argument("--store-dir", default=None, help="folder for the disk store's files (default: a temp folder)")
-    g.add_argument("--experts-per-layer", type=int, default=None,
-                   help="cache size k per MoE layer (default: the memory plan's; the embedded demo model: half)")
-    g.add_argument("--cache-bytes", type=parse_size, default=None, help="one global cache budget, e.g. 2G")
-    g.add_argument("--policy", default=None,
-                   help="eviction policy: history, lru, lfu, lfru or a plugin's (default: history)")
-    g.add_argument("--prefetch", default=None,
-                   help="prefetcher: gate+history, history, gate, none or a plugin's (default: gate+history)")
-    g.add_argument("--prefetch-depth", type=int, default=1, help="layers ahead the prefetcher guesses")
-    g.add_argument("--prefetch-experts", type=int, default=0, help="experts prefetched at most per layer (0 = top-k)")
-    g.add_argument("--expert-bits", type=int, default=16, help="2, 3, 4, 8 (HQQ) or 16 (unquantized)")
-    g.add_argument("--expert-group-size", type=int, default=64, help="HQQ group size of experts")
-    g.add_argument("--attn-bits", type=int, default=16, help="4, 8 (HQQ) or 16 (unquantized)")
-    g.add_argument("--attn-group-size", type=int, default=64, help="HQQ group size of attention")
-    g.add_argument("--head-bits", type=int, default=16,
-                   help="lm_head: 4, 8 (HQQ, group --attn-group-size, quantized at load) or 16 (default)")
-    g.add_argument("--quant-scales", action="store_true", help="quantize HQQ scales/zeros to 8 bits")
-    g.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
-    g.add_argument("--context-length", type=int, default=4096, help="KV cache tokens reserved by the memory plan")
-    g.add_argument("--hqq-packing", default="auto", choices=("auto", "interleaved", "planar"),
-                   help="bit order of mixtral-offloading checkpoints with re-packed W_q (their 4bit-3bit release); "
-                        "auto = interleaved")
-    g.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
-                   help="memory the plan may use, e.g. 12G (default: what is free, within the memory cgroup's limit)")
-    g.add_argument("--quant-method", default="hqq", choices=("hqq", "rtn"),
-                   help="how a plain checkpoint's experts are quantized at load (default: hqq)")
-    g.add_argument("--convert-cache", default="auto", metavar="DIR",
-                   help="where the first load of a plain checkpoint with --expert-bits < 16 keeps its converted folder "
-                        "for later loads: auto, a folder, or off (default: auto = ~/.cache/mixtral-offload/converted)")
+    """Every `OffloadConfig` field as a flag (generated from its declaration: `options.py`)."""
+    add_config_arguments(p)
 
 
 def config_from_args(a: argparse.Namespace) -> OffloadConfig:
-    """The flags' `OffloadConfig`; a flag left unset (None) keeps `OffloadConfig`'s default."""
-    chosen = {"store": a.store, "policy": a.policy, "prefetch": a.prefetch}
-    return OffloadConfig(
-        device=a.device, store_dir=a.store_dir, experts_per_layer=a.experts_per_layer,
-        cache_bytes=a.cache_bytes, prefetch_depth=a.prefetch_depth,
-        prefetch_experts=a.prefetch_experts, expert_bits=a.expert_bits, expert_group_size=a.expert_group_size,
-        attn_bits=a.attn_bits, attn_group_size=a.attn_group_size, head_bits=a.head_bits,
-        quant_scales=a.quant_scales, dtype=a.dtype, context_length=a.context_length, hqq_packing=a.hqq_packing,
-        max_memory_bytes=a.max_memory, quant_method=a.quant_method, convert_cache=a.convert_cache,
-        **{k: v for k, v in chosen.items() if v is not None})
+    """The flags' `OffloadConfig`; a flag left unset keeps `OffloadConfig`'s default."""
+    return options.config_from_args(a)
 
 
 def offload_config(a: argparse.Namespace) -> OffloadConfig:
@@ -90,112 +53,130 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _check_sampling(a: argparse.Namespace) -> None:
+    """Bad generation options fail here, in one line, before minutes of loading."""
+    from .runtime.session import check_options
+
+    check_options(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                  top_k=getattr(a, "top_k", None), stop=getattr(a, "stop", None))
+
+
 def _sampling(a: argparse.Namespace) -> dict[str, Any]:
-    from .runtime.generation import sampling_kwargs
+    return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p,
+            "top_k": getattr(a, "top_k", None), "stop": getattr(a, "stop", None) or None}
 
-    return sampling_kwargs(a.temperature, a.top_p)
 
-
-def _load(a: argparse.Namespace) -> tuple[Any, Any]:
-    from transformers import AutoTokenizer
-
+def _load(a: argparse.Namespace) -> Any:
+    """The model and its session (the checkpoint's tokenizer, or none: then prompts are token ids)."""
     from .runtime.loading import load_model
 
     path = model_path(a)
-    model = load_model(path, offload_config(a))
-    tok = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
-    return model, tok
+    config = offload_config(a)
+    tok = _tokenizer(path)
+    return load_model(path, config).session(tok)
 
 
-def _has_tokenizer(path: str) -> bool:
-    from pathlib import Path
+def _tokenizer(path: str) -> Any:
+    from .models.tokenizers import has_tokenizer
 
-    return any((Path(path) / n).exists() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    if not has_tokenizer(path):
+        return None
+    from transformers import AutoTokenizer
 
-
-def cache_line(model: Any) -> str:
-    """How the experts are held, e.g. "4 of 8 experts/layer cached, gate prefetch, disk store"."""
-    rt = model._offload_runtime
-    if rt.resident:
-        return "all experts resident (nothing offloaded)"
-    experts = rt.arch.num_experts(model.config)
-    cache = (f"{rt.plan.experts_per_layer} of {experts} experts/layer cached" if rt.plan.experts_per_layer is not None
-             else f"{rt.plan.global_slots} global slots for {experts} experts/layer")
-    prefetch = f", {rt.config.prefetch} prefetch" if rt.prefetcher is not None else ""
-    return f"{cache}{prefetch}, the rest in the {rt.config.store} store"
+    return AutoTokenizer.from_pretrained(path)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    import torch
-    from transformers import TextStreamer
-
-    if a.seed is not None:
-        torch.manual_seed(a.seed)
+    _check_sampling(a)
     # arguments that are not valid UTF-8 arrive as lone surrogates: replace them rather than fail in the tokenizer
     a.prompt = a.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    model, tok = _load(a)
+    session = _load(a)
+    model = session.model
     recorder = None
     if a.record_routing:
         from .tools.trace import RoutingRecorder
 
-        recorder = RoutingRecorder(model, a.record_routing)
-    if tok is None:
-        ids = torch.tensor([[1] + [int(t) for t in a.prompt.split() if t.isdigit()]])
-        streamer = None
+        recorder = RoutingRecorder(session, a.record_routing)
+    if session.tokenizer is None:
+        ids = [int(t) for t in a.prompt.split() if t.lstrip("-").isdigit()]
+        if not ids or len(ids) != len(a.prompt.split()):
+            model.unload()
+            msg = (f"{model_path(a)} has no tokenizer, so the prompt must be token ids separated by spaces (e.g. "
+                   "\"1 523 9\"); copy the original model's tokenizer files into the folder to use text")
+            raise GenerationError(msg)
+        prompt: Any = ids
     else:
-        ids = tok(a.prompt, return_tensors="pt").input_ids
-        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        prompt = a.prompt
         sys.stdout.write(a.prompt)
         sys.stdout.flush()
     model.reset_offload_stats()
-    start = time.perf_counter()
-    out = model.generate(ids.to(model.device), max_new_tokens=a.max_new_tokens, streamer=streamer,
-                         pad_token_id=getattr(tok, "pad_token_id", None) or 0, offload_source="cli", **_sampling(a))
-    seconds = time.perf_counter() - start
-    if tok is None:
-        print(" ".join(str(t) for t in out[0, ids.shape[1]:].tolist()))
-    if recorder is not None:
-        recorder.close()
-    new = out.shape[1] - ids.shape[1]
+    gen = session.generate(prompt, seed=a.seed, source="cli", **_sampling(a))
+    try:
+        for piece in gen:
+            sys.stdout.write(piece.text if session.tokenizer is not None else piece.text + " ")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        print(f"\n[stopped after {gen.output_tokens} tokens]", file=sys.stderr)
+        model.unload()
+        return 130
+    finally:
+        if recorder is not None:
+            recorder.close()
+    done = gen.result
     st = model.offload_stats()
-    pf = f"; prefetch precision {st.prefetch_precision:.1%}" if model._offload_runtime.prefetcher is not None else ""
-    print(f"\n[{new} tokens in {seconds:.2f} s: {new / seconds:.2f} tok/s; {cache_line(model)}; "
-          f"hit rate {st.hit_rate:.1%} ({st.hits}/{st.requests}){pf}; loaded {st.bytes_loaded / 2**20:.1f} MiB; "
-          f"peak RSS {peak_rss_mib():.0f} MiB]", file=sys.stderr)
+    pf = f"; prefetch precision {st.prefetch_precision:.1%}" if "prefetch" in session.holding() else ""
+    print(f"\n[{done.tokens} tokens in {done.seconds:.2f} s: {done.tokens_per_second:.2f} tok/s; "
+          f"{session.holding()}; hit rate {st.hit_rate:.1%} ({st.hits}/{st.requests}){pf}; loaded "
+          f"{st.bytes_loaded / 2**20:.1f} MiB; peak RSS {peak_rss_mib():.0f} MiB]", file=sys.stderr)
     model.unload()
     return 0
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
-    from .chat import ChatSession
+    from .runtime.session import Conversation
 
-    model, tok = _load(a)
-    if tok is None:
-        print("this model has no tokenizer; chat needs one", file=sys.stderr)
+    _check_sampling(a)
+    session = _load(a)
+    if session.tokenizer is None:
+        session.model.unload()
+        print("mixtral-offload: error: this model has no tokenizer; chat needs one (copy the original model's "
+              "tokenizer files into its folder)", file=sys.stderr)
         return 2
-    session = ChatSession(model, tok, system=a.system)
-    print("mixtral-offload chat: type a message, /reset to start over, /quit or Ctrl-D to leave.", file=sys.stderr)
-    while True:
-        try:
-            line = input("you> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            break
-        if line.strip() in ("/quit", "/exit"):
-            break
-        if line.strip() == "/reset":
-            session.reset()
-            continue
-        if not line.strip():
-            continue
-        sys.stdout.write("model> ")
-        for piece in session.send(line, max_new_tokens=a.max_new_tokens, **_sampling(a)):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        st = model.offload_stats()
-        print(f"\n[{session.last_tokens_per_second:.2f} tok/s, reused {session.last_reused_tokens} cached tokens, "
-              f"hit rate {st.hit_rate:.1%}]", file=sys.stderr)
-    model.unload()
+    chat = Conversation(session, system=a.system)
+    print("mixtral-offload chat: type a message; /reset starts over, /quit or Ctrl-D leaves. Ctrl-C stops a reply "
+          "(a second Ctrl-C at the prompt leaves).", file=sys.stderr)
+    try:
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                print(file=sys.stderr)
+                break
+            except KeyboardInterrupt:
+                print(file=sys.stderr)
+                return 130
+            if line.strip() in ("/quit", "/exit"):
+                break
+            if line.strip() == "/reset":
+                chat.reset()
+                continue
+            if not line.strip():
+                continue
+            sys.stdout.write("model> ")
+            gen = chat.send(line, seed=a.seed, **_sampling(a))
+            try:
+                for piece in gen:
+                    sys.stdout.write(piece.text)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:  # the reply stops; the conversation (and its KV cache) stays
+                print(f"\n[stopped after {gen.output_tokens} tokens; the reply so far stays in the conversation]",
+                      file=sys.stderr)
+                continue
+            done, st = gen.result, session.stats()
+            print(f"\n[{done.tokens_per_second:.2f} tok/s, reused {done.reused_tokens} cached tokens, "
+                  f"hit rate {st.hit_rate:.1%}]", file=sys.stderr)
+    finally:
+        session.model.unload()
     return 0
 
 
@@ -241,6 +222,18 @@ def _delegate(module: str) -> Any:
     return run
 
 
+def add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
+    g = p.add_argument_group("generation options")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="most tokens to generate (default: "
+                   f"{max_new_tokens})")
+    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default: 0.8)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold in (0, 1] (default: 0.95)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop before this text (repeat for several)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: none: a new draw each run)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixtral-offload", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -248,21 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="stream a completion of a prompt")
     g.add_argument("prompt", nargs="?", default="The meaning of life is", help="prompt text")
     g.add_argument("--model", default=None, help="checkpoint folder (default: the embedded demo model)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--seed", type=int, default=None)
+    add_sampling_args(g, max_new_tokens=64)
     g.add_argument("--record-routing", default=None, metavar="FILE", help="write routed experts as JSON lines")
-    g.add_argument("--no-echo-prompt", action="store_true", help=argparse.SUPPRESS)
     add_offload_args(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive chat with the tokenizer's chat template (KV cache kept across turns)")
     c.add_argument("--model", default=None, help="checkpoint folder (default: the embedded demo model)")
     c.add_argument("--system", default=None, help="system prompt")
-    c.add_argument("--max-new-tokens", type=int, default=128)
-    c.add_argument("--temperature", type=float, default=0.8)
-    c.add_argument("--top-p", type=float, default=0.95)
+    add_sampling_args(c, max_new_tokens=128)
     add_offload_args(c)
     c.set_defaults(func=cmd_chat)
 

@@ -7,7 +7,7 @@ extend (policy, store, prefetcher, quantizer) are checked against the plugin reg
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
@@ -35,87 +35,87 @@ def _dtype_name(value: Any) -> Any:
     return value
 
 
+def _option(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, flag: str | None = None,
+            kind: str | None = None, audience: str = "basic", textgen: bool = False) -> Any:
+    """A field of `OffloadConfig` with what every face needs to offer it: its help, its allowed values, the command
+    line flag (default `--field-name`), `kind` "size" (a byte count written like 12G), who it is for ("basic" or
+    "advanced": the CLI lists them in two groups) and whether TextGen's settings tab offers it."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "kind": kind,
+                                            "audience": audience, "textgen": textgen})
+
+
 @dataclass(frozen=True)
 class OffloadConfig:
     """How a mixture-of-experts model is offloaded, cached, prefetched and quantized.
 
-    Attributes:
-        device: compute device, "cpu", "cuda" or "cuda:N" ("auto": cuda when available, else cpu).
-        store: where the canonical expert weights live: "host" (RAM, pinned on CUDA) or "disk"
-            (page-aligned files read into cache slots), or a plugin store name. "auto": host on CUDA; on CPU,
-            host when every expert is cached, else disk.
-        store_dir: folder for the disk store's files when loading a plain checkpoint (default: a temporary
-            folder removed by `unload()`). Offload-format checkpoints are read in place.
-        experts_per_layer: cache size k per MoE layer (1..num_experts). Exclusive with `cache_bytes`.
-        cache_bytes: one global cache budget in bytes shared by all layers. Exclusive with `experts_per_layer`.
-            Neither given: every expert is cached (resident) when it fits, else the largest cache that fits.
-        policy: eviction policy name: "history" (default: evict the expert the model's own recent routing expects
-            last), "lru", "lfu", "lfru", or a plugin's.
-        prefetch: "gate+history" (default: the next layers' routers applied to the current hidden state and the
-            routing history so far vote; load the experts whose calibrated probability is at least 0.4), "history"
-            (the routing history alone), "gate" (the routers' top guesses, always), "none", or a plugin's.
-        prefetch_depth: how many layers ahead the prefetcher guesses (1..4).
-        prefetch_experts: how many experts it loads at most per guessed layer (0 = the model's top-k).
-        expert_bits: 16 (unquantized) or HQQ 2, 3, 4, 8.
-        expert_group_size: HQQ group size for experts.
-        attn_bits: 16 (unquantized) or HQQ 4, 8 for the attention projections.
-        attn_group_size: HQQ group size for attention.
-        head_bits: 16 (unquantized, default) or HQQ 4, 8 for the output projection (lm_head), quantized at load
-            with group `head_group_size`. At 4 bits it reads a quarter of the bytes per token (on CPU the head is a
-            large share of them when the model has few layers); at 8 bits half.
-        head_group_size: HQQ group size for the output projection.
-        quantizer: the registered quantizer of every part quantized below 16 bits (experts, attention, the head):
-            "hqq" (built in) or a plugin's. Checkpoints stored quantized keep their own.
-        quant_scales: quantize HQQ scales and zeros to 8 bits (about 3 bits/weight for 2-bit/g16 experts).
-        quant_method: "hqq" (HQQ's optimizer of the zero-points; about 1-2 s per Mixtral-8x7B expert matrix on
-            2 cores) or "rtn" (round to nearest: faster, a few percent more weight error).
-        convert_cache: loading a plain checkpoint with expert_bits < 16 quantizes it once into an offload-format
-            folder kept here and reused by later loads with the same source files and settings: "auto"
-            ($MIXTRAL_OFFLOAD_CACHE/converted, else ~/.cache/mixtral-offload/converted), a folder, or "off"
-            (quantize in memory at every load). Conversions of a source that changed are removed.
-        dtype: compute dtype of the trunk and activations: "float32", "bfloat16", "float16" or the torch dtype
-            itself (`torch.bfloat16`, stored as its name); "auto" = the checkpoint's dtype.
-        transfer: "auto" (CUDA: copy stream; CPU: background thread for disk reads, inline copies from RAM),
-            "sync" (load on the compute thread), "async" (always a background thread / copy stream).
-        verify: check every expert's checksum while loading (offload format), instead of lazily on first use.
-        max_memory_bytes: memory the plan may use on the compute device (default: what the machine has free).
-        context_length: tokens of KV cache the memory plan reserves (capped at the model's maximum).
-        batch_size: sequences generated at once that the memory plan reserves KV cache and activations for.
-        hqq_packing: bit order of mixtral-offloading checkpoints whose `W_q` tensors have the re-packed
-            `[ceil(out/values per word), in]` shape (its 4bit-3bit release): "auto" (= "interleaved", that project's
-            own packing) or "planar" (hqq 0.1.1's BitPack). Other checkpoints ignore it.
-        decode: "auto" (default: on CPU, when every expert is resident and quantized, one decoded token of a single
-            sequence runs all layers in one native call, `runtime/fused.py`) or "modules" (always through
-            transformers' modules; forward hooks on the decoder layers also select it for the step they see).
+    Each field is declared once, below, with its help, choices and command line flag: the CLI's offload options,
+    TextGen's settings tab and this docstring's attribute list are generated from those declarations
+    (`option_help`).
     """
 
-    device: str = "auto"
-    store: str = "auto"
-    store_dir: str | None = None
-    experts_per_layer: int | None = None
-    cache_bytes: int | None = None
-    policy: str = "history"
-    prefetch: str = "gate+history"
-    prefetch_depth: int = 1
-    prefetch_experts: int = 0
-    expert_bits: int = 16
-    expert_group_size: int = 64
-    attn_bits: int = 16
-    attn_group_size: int = 64
-    head_bits: int = 16
-    head_group_size: int = 64
-    quantizer: str = "hqq"
-    quant_scales: bool = False
-    quant_method: str = "hqq"
-    convert_cache: str = "auto"
-    dtype: str = "auto"
-    transfer: str = "auto"
-    verify: bool = False
-    max_memory_bytes: int | None = None
-    context_length: int = 4096
-    batch_size: int = 1
-    hqq_packing: str = "auto"
-    decode: str = "auto"
+    device: str = _option("auto", 'compute device: "cpu", "cuda" or "cuda:N" ("auto": cuda when available, else cpu)')
+    store: str = _option("auto", 'where the canonical expert weights live: "host" (RAM, pinned on CUDA), "disk" '
+                         '(page-aligned files read into cache slots), "mmap" (kernels compute from the mapped files, '
+                         'no cache) or a plugin store; "auto": host on CUDA; on CPU, host when every expert is cached, '
+                         'else disk')
+    store_dir: str | None = _option(None, "folder for the disk store's files when loading a plain checkpoint (default: "
+                                    "a temporary folder removed by unload()); offload-format folders are read in place",
+                                    audience="advanced")
+    experts_per_layer: int | None = _option(None, "cache size k per MoE layer (1..the model's experts); neither this nor "
+                                            "cache_bytes: every expert cached when it fits, else the largest cache "
+                                            "that fits", textgen=True)
+    cache_bytes: int | None = _option(None, "one global cache budget shared by all layers, e.g. 2G (exclusive with "
+                                      "experts_per_layer)", kind="size")
+    policy: str = _option("history", 'eviction policy: "history" (evict the expert the model\'s own recent routing '
+                          'expects last), "lru", "lfu", "lfru" or a plugin\'s', textgen=True)
+    prefetch: str = _option("gate+history", 'prefetcher: "gate+history" (the next layers\' routers on the current '
+                            'hidden state and the routing history vote; experts with a calibrated probability >= 0.4 '
+                            'are loaded), "history", "gate" (the routers\' top guesses, always), "none" or a plugin\'s',
+                            textgen=True)
+    prefetch_depth: int = _option(1, "how many layers ahead the prefetcher guesses (1..4)", audience="advanced")
+    prefetch_experts: int = _option(0, "experts prefetched at most per guessed layer (0 = the model's top-k)",
+                                    audience="advanced")
+    expert_bits: int = _option(16, "expert weight bits: 16 (as stored) or HQQ 2, 3, 4, 8", choices=EXPERT_BITS,
+                               textgen=True)
+    expert_group_size: int = _option(64, "HQQ group size of experts (a power of two >= 8)")
+    attn_bits: int = _option(16, "attention projection bits: 16 (as stored) or HQQ 4, 8", choices=ATTN_BITS)
+    attn_group_size: int = _option(64, "HQQ group size of attention (a power of two >= 8)")
+    head_bits: int = _option(16, "output layer (lm_head) bits: 16 (as stored) or HQQ 4, 8, quantized at load; on CPU "
+                             "the head is a large share of the bytes read per token, so 8 or 4 decode faster",
+                             choices=HEAD_BITS, textgen=True)
+    head_group_size: int = _option(64, "HQQ group size of the output layer (a power of two >= 8)")
+    quantizer: str = _option("hqq", 'the registered quantizer of every part quantized below 16 bits (experts, '
+                             'attention, the output layer): "hqq" or a plugin\'s; folders stored quantized keep '
+                             'their own', audience="advanced")
+    quant_scales: bool = _option(False, "quantize HQQ scales and zeros to 8 bits (about 3 bits per weight for 2-bit "
+                                 "group-16 experts)")
+    quant_method: str = _option("hqq", 'how weights are quantized: "hqq" (HQQ\'s optimizer of the zero-points, about '
+                                '1-2 s per Mixtral-8x7B expert matrix on 2 cores) or "rtn" (round to nearest: faster, '
+                                'a few percent more weight error)', choices=QUANT_METHODS)
+    convert_cache: str = _option("auto", 'where the first load of a plain checkpoint with expert_bits < 16 keeps its '
+                                 'quantized conversion for later loads: "auto" ($MIXTRAL_OFFLOAD_CACHE/converted, else '
+                                 '~/.cache/mixtral-offload/converted), a folder, or "off" (quantize at every load); '
+                                 'conversions of a source that changed are removed', audience="advanced")
+    dtype: str = _option("auto", 'compute dtype of the trunk and activations: "float32", "bfloat16", "float16" or the '
+                         'torch dtype itself; "auto": the checkpoint\'s', choices=DTYPES)
+    transfer: str = _option("auto", '"auto" (CUDA: copy stream; CPU: background thread for disk reads, inline copies '
+                            'from RAM), "sync" (load on the compute thread) or "async" (always a background thread / '
+                            'copy stream)', choices=TRANSFERS, audience="advanced")
+    verify: bool = _option(False, "check every expert's checksum while loading an offload-format folder (default: "
+                           "each at its first read)", audience="advanced")
+    max_memory_bytes: int | None = _option(None, "memory the plan may use on the compute device, e.g. 12G (default: "
+                                           "what is free, within the memory cgroup's limit)", flag="--max-memory",
+                                           kind="size")
+    context_length: int = _option(4096, "tokens of KV cache the memory plan reserves (capped at the model's maximum)")
+    batch_size: int = _option(1, "sequences generated at once that the memory plan reserves KV cache and activations "
+                              "for", audience="advanced")
+    hqq_packing: str = _option("auto", 'bit order of mixtral-offloading checkpoints with re-packed W_q (their '
+                               '4bit-3bit release): "auto" (= "interleaved", that project\'s packing) or "planar" '
+                               '(hqq 0.1.1\'s BitPack); other checkpoints ignore it', choices=HQQ_PACKINGS,
+                               audience="advanced")
+    decode: str = _option("auto", '"auto": on CPU, when every expert is resident and quantized, a decoded token of one '
+                          'sequence runs all layers in one native call; "modules": always through transformers\' '
+                          'modules', choices=DECODE_PATHS, audience="advanced")
 
     def __post_init__(self) -> None:
         dev = self.device
@@ -180,6 +180,23 @@ class OffloadConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form of the configuration."""
         return dataclasses.asdict(self)
+
+
+def option_help(name: str) -> dict[str, Any]:
+    """What `OffloadConfig` declares about field `name`: help, choices, flag, kind, audience, textgen, default."""
+    f = {f.name: f for f in dataclasses.fields(OffloadConfig)}[name]
+    return {**f.metadata, "default": f.default, "flag": f.metadata.get("flag") or "--" + name.replace("_", "-")}
+
+
+def _document() -> None:
+    """Append every field's help to `OffloadConfig.__doc__` (pydoc and IDEs show the one declaration)."""
+    lines = ["", "    Attributes:"]
+    for f in dataclasses.fields(OffloadConfig):
+        lines.append(f"        {f.name}: {f.metadata['help']} (default {f.default!r}).")
+    OffloadConfig.__doc__ = (OffloadConfig.__doc__ or "").rstrip() + "\n" + "\n".join(lines) + "\n"
+
+
+_document()
 
 
 def parse_size(text: str | int) -> int:

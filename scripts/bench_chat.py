@@ -56,7 +56,7 @@ def turn(model: Any, ids: Any, reuse: bool, max_new_tokens: int, cold: bool) -> 
 
 
 def conversation(models: dict[bool, Any], tok: Any, args: argparse.Namespace) -> list[dict[bool, dict[str, Any]]]:
-    from mixtral_offload_plugin.chat import chat_ids
+    from mixtral_offload_plugin.runtime.session import chat_ids
 
     for model in models.values():
         model._offload_runtime.prefix.clear()

@@ -1,9 +1,10 @@
 """The package layout's rules, checked on the source (ast only): which part may import which, and no import cycles.
 
-Parts: the vocabulary (`errors`, `config`, `stats`), `runtime/`, `cache/`, `storage/`, `quant/`, `models/`,
-`plugins/`, `tools/`, and the faces (`cli`, `chat`, `demo/`, `webui/`, plus the `langchain_integration` and
+Parts: the vocabulary (`errors`, `config`, `options`, `stats`), `runtime/`, `cache/`, `storage/`, `quant/`,
+`models/`, `plugins/`, `tools/`, and the faces (`cli`, `demo/`, `webui/`, plus the `langchain_integration` and
 `webui_extension` packages). Arrows run one way: faces -> runtime and plugins -> cache, storage, quant, models.
-Every import counts, including those inside functions and `if TYPE_CHECKING:` blocks.
+Every import counts, including those inside functions and `if TYPE_CHECKING:` blocks. Faces and tools talk to a
+loaded model through its public API and session only: no private runtime attribute is read outside `runtime/`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PKG = "mixtral_offload_plugin"
 PACKAGES = (PKG, "langchain_integration", "webui_extension")
-VOCAB = {"errors", "config", "stats"}
-FACES = {"cli", "chat", "demo", "webui"}
+VOCAB = {"errors", "config", "stats", "options"}
+FACES = {"cli", "demo", "webui"}
 UI_LIBS = {"gradio", "langchain_core", "langchain_integration", "langchain", "langchain_tests"}
 
 # part -> parts of this package it must not import, and third-party modules it must not import
@@ -159,6 +160,39 @@ def test_parts_import_only_what_the_layout_allows():
 def test_no_import_cycles_between_modules():
     real = [c for c in cycles() if PKG not in (c[0], c[-2])]  # the root re-exports; it is nobody's dependency
     assert real == []
+
+
+PRIVATE = {"_offload_runtime", "_runtime_or_raise", "_runtime"}  # the runtime's state, for runtime/ only
+CACHE_INTERNALS = {"pools", "pool_of", "listeners", "prefix"}  # what faces once read of the cache
+
+
+def private_reads() -> list[str]:
+    """`module:line attribute` for every read of the runtime's private state outside runtime/ (and of the cache's
+    internals in a face)."""
+    bad = []
+    for name, path in modules().items():
+        part = part_of(name)
+        if part in ("runtime", None):
+            continue
+        watched = PRIVATE | (CACHE_INTERNALS if part == "face" else set())
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and node.attr in watched:
+                bad.append(f"{name}:{node.lineno} .{node.attr}")
+            elif isinstance(node, ast.Constant) and node.value in PRIVATE:  # getattr(model, "_offload_runtime")
+                bad.append(f"{name}:{node.lineno} {node.value!r}")
+    return bad
+
+
+def test_no_face_or_tool_reads_private_runtime_state():
+    assert private_reads() == []
+
+
+def test_the_private_state_checker_catches_a_read(tmp_path, monkeypatch):
+    real = modules()
+    fake = tmp_path / "x.py"
+    fake.write_text("def f(model):\n    return model._offload_runtime.cache.pools\n")
+    monkeypatch.setitem(globals(), "modules", lambda: {**real, f"{PKG}.demo.x": fake})
+    assert {f"{PKG}.demo.x:2 ._offload_runtime", f"{PKG}.demo.x:2 .pools"} <= set(private_reads())
 
 
 def test_each_part_states_its_rules():

@@ -10,7 +10,6 @@ runtime's prefix cache) and fits the prompt into the model's context. It knows n
 from __future__ import annotations
 
 import json
-import queue
 import threading
 import time
 from collections import deque
@@ -20,7 +19,8 @@ from typing import Any
 
 from ..config import OffloadConfig
 from ..errors import CheckpointError
-from ..runtime.generation import sampling_kwargs
+from ..models.architectures import expert_count
+from ..models.tokenizers import has_tokenizer
 from .panel import heatmap_html, stats_html
 
 WINDOW = 32  # decode tokens shown by the heatmap
@@ -52,7 +52,7 @@ def byte_tokenizer() -> Any:
 def load_tokenizer(path: str | Path, vocab_size: int) -> tuple[Any, str]:
     """The checkpoint's tokenizer, or the byte fallback; returns (tokenizer, note shown in the UI)."""
     path = Path(path)
-    if any((path / n).exists() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+    if has_tokenizer(path):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(path))
@@ -70,10 +70,7 @@ def load_tokenizer(path: str | Path, vocab_size: int) -> tuple[Any, str]:
 
 def num_experts_of(path: str | Path) -> int | None:
     cfg = Path(path) / "config.json"
-    if not cfg.exists():
-        return None
-    data = json.loads(cfg.read_text())
-    return data.get("num_local_experts") or data.get("num_experts")
+    return expert_count(json.loads(cfg.read_text())) if cfg.exists() else None
 
 
 def demo_config(path: str | Path, base: OffloadConfig | None = None) -> OffloadConfig:
@@ -84,23 +81,6 @@ def demo_config(path: str | Path, base: OffloadConfig | None = None) -> OffloadC
     if base.experts_per_layer is None and base.cache_bytes is None and n:
         base = base.replace(experts_per_layer=max(1, n // 2))
     return base
-
-
-class _Streamer:
-    """Receives generated token ids from `generate()` (the first `put` is the prompt) and queues them."""
-
-    def __init__(self) -> None:
-        self.q: queue.Queue[list[int] | None] = queue.Queue()
-        self.prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.q.put(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        self.q.put(None)
 
 
 class DemoEngine:
@@ -136,13 +116,13 @@ class DemoEngine:
                 self.model = None
             plugins.load_plugins()
             self.model = plugins.pm.hook.load_offloaded_model(path=self.path, config=config)
-            rt = self.model._offload_runtime
-            self.layers = sorted(rt.blocks)
+            self.session = self.model.session(self.tok)
+            self.layers = self.session.layers
             self.window: dict[int, deque[tuple[int, ...]]] = {
                 layer: deque(maxlen=WINDOW) for layer in self.layers
             }
             self._tokens_in_forward = 0
-            rt.cache.listeners.append(self._on_route)
+            self.session.on_route(self._on_route)
             self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
             self.last = {"tokens": 0, "seconds": 0.0, "before": None}
             self.load_seconds = time.perf_counter() - start
@@ -180,77 +160,51 @@ class DemoEngine:
         stop_at_eos: bool = True,
     ) -> Iterator[str]:
         """Generate a reply to `messages` and yield the reply text so far after each token."""
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
         stop = stop or threading.Event()
-        closed = threading.Event()
-
-        class _Stop(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), stop.is_set() or closed.is_set(), dtype=torch.bool)
-
         ids, max_new_tokens = self.fit_context(messages, int(max_new_tokens))
-        sampling = sampling_kwargs(temperature, top_p)
-        streamer = _Streamer()
-        errors: list[BaseException] = []
 
-        def run() -> None:
-            try:
-                with self.lock:
-                    if stop.is_set() or closed.is_set():  # stopped while waiting for the model
-                        return
-                    if seed is not None and seed >= 0:
-                        torch.manual_seed(int(seed))
-                    self.last = {
-                        "tokens": 0,
-                        "seconds": 0.0,
-                        "before": self.model.offload_stats(),
-                        "start": time.perf_counter(),
-                        "max_new_tokens": max_new_tokens,
-                        "prompt_tokens": int(ids.shape[1]),
-                    }
-                    self.model.generate(
-                        ids.to(self.model.device),
-                        max_new_tokens=int(max_new_tokens),
-                        streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([_Stop()]),
-                        pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id or 0,
-                        offload_source="demo",
-                        reuse_prefix=True,  # a conversation's earlier turns keep their KV cache
-                        **({} if stop_at_eos or self.tok.eos_token_id is None
-                           else {"suppress_tokens": [self.tok.eos_token_id]}),
-                        **sampling,
-                    )
-                    stats = self.model.last_generation_stats()
-                    self.last["reused_tokens"] = stats.reused_tokens if stats is not None else 0
-            except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-                errors.append(exc)
-            finally:
-                streamer.end()  # a second end (generate() ends it too) is harmless: the reader stops at the first
+        def started(gen: Any) -> None:  # under the model's lock: the reply is this one from here on
+            if stop.is_set():
+                gen.cancel()
+            self.last = {"tokens": 0, "seconds": 0.0, "before": self.model.offload_stats(),
+                         "start": time.perf_counter(), "max_new_tokens": max_new_tokens,
+                         "prompt_tokens": int(ids.shape[1])}
 
+        gen = self.session.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                    seed=seed if seed is not None and seed >= 0 else None, source="demo",
+                                    ban_eos=not stop_at_eos, on_start=started)
         self.replies += 1
-        worker = threading.Thread(target=run, daemon=True, name="mixtral-offload-demo")
-        worker.start()
-        new: list[int] = []
+        done = threading.Event()
+
+        def watch() -> None:  # Stop pressed (also while the reply still waits for the model): halt it
+            while not done.wait(0.05):
+                if stop.is_set():
+                    gen.cancel()
+                    return
+
+        threading.Thread(target=watch, daemon=True, name="mixtral-offload-demo-stop").start()
+        text = ""
         try:
-            while (piece := streamer.q.get()) is not None:
-                new.extend(piece)
-                self.last["tokens"] = len(new)
-                self.last["seconds"] = time.perf_counter() - self.last["start"]
-                self.last.setdefault("first_token_seconds", self.last["seconds"])
-                yield self.tok.decode(new, skip_special_tokens=True).rstrip("\ufffd")
+            with self.lock:
+                if stop.is_set():  # pressed while the reply waited for the engine: the model never runs
+                    gen.cancel()
+                for piece in gen:
+                    text += piece.text
+                    self.last["tokens"] = piece.tokens
+                    self.last["seconds"] = time.perf_counter() - self.last["start"]
+                    self.last.setdefault("first_token_seconds", self.last["seconds"])
+                    yield text
+            if gen.result is not None and gen.result.stats is not None:
+                self.last["reused_tokens"] = gen.result.reused_tokens
         finally:
-            closed.set()  # a closed consumer (Stop, disconnect) ends the generation at the next token
-            worker.join()
-        if errors:
-            raise errors[0]
-        yield self.tok.decode(new, skip_special_tokens=True)
+            gen.cancel()  # a closed consumer (Stop, disconnect) ends the generation at the next token
+            done.set()
+        yield text
 
     def fit_context(self, messages: list[dict[str, str]], max_new_tokens: int) -> tuple[Any, int]:
         """Prompt ids that leave room for the reply in the model's context: the oldest turns are dropped first,
         then the prompt is cut from the left; `max_new_tokens` is capped to what is left."""
-        from ..chat import chat_ids
+        from ..runtime.session import chat_ids
 
         limit = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         system = [m for m in messages if m["role"] == "system"][:1]
@@ -272,7 +226,6 @@ class DemoEngine:
             return self._snapshot(psutil.Process().memory_info().rss)
 
     def _snapshot(self, rss: int) -> dict[str, Any]:
-        cache = self.model._offload_runtime.cache
         total = self.model.offload_stats()
         before = self.last.get("before")
         reply = total.minus(before) if before is not None else total.minus(total)
@@ -289,14 +242,14 @@ class DemoEngine:
             "reply": reply,
             "total": total,
             "rss_bytes": rss,
-            "experts_per_layer": {layer: cache.pools[cache.pool_of[layer]].capacity for layer in self.layers},
+            "experts_per_layer": {layer: self.session.capacity(layer) for layer in self.layers},
             "policy": cfg.policy,
             "prefetch": cfg.prefetch,
             "store": cfg.store,
             "generating": False,
             "replies": self.replies,
             "window": window,
-            "resident": {layer: _resident(cache, layer) for layer in self.layers},
+            "resident": {layer: self.session.resident(layer) for layer in self.layers},
         }
 
     def stats_html(self, snap: dict[str, Any] | None = None) -> str:
@@ -304,13 +257,3 @@ class DemoEngine:
 
     def heatmap_html(self, snap: dict[str, Any] | None = None) -> str:
         return heatmap_html(snap or self.snapshot(), self.num_experts)
-
-
-def _resident(cache: Any, layer: int) -> set[int]:
-    """Experts of `layer` in the cache now (read while the compute thread may be changing it)."""
-    for _ in range(5):
-        try:
-            return cache.resident(layer)
-        except RuntimeError:  # dict changed size during iteration
-            continue
-    return set()

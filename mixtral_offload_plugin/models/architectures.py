@@ -18,6 +18,17 @@ from torch import nn
 from ..errors import CheckpointError
 
 ROLES = ("gate", "up", "down")
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # Mixtral/Phi, Qwen/OLMoE, DeepSeek
+
+
+def expert_count(config: Any) -> int | None:
+    """Routed experts per MoE layer from a config.json dict or a transformers config, under any family's name for it
+    (None: the config names no experts: not a MoE model). `Architecture.num_experts` is the family's own rule."""
+    for key in EXPERT_COUNT_KEYS:
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def _softmax_router(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

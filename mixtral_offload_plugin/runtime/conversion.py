@@ -27,14 +27,13 @@ from torch import nn
 from .. import plugins
 from ..errors import CheckpointError, ConfigError
 from ..models.architectures import read_expert
+from ..models.tokenizers import COMPANION_FILES
 from ..quant import QuantSpec
 from ..storage.offload_format import OffloadWriter
 
 log = logging.getLogger(__name__)
 CONVERTER_VERSION = 1  # bump when the bytes written for the same settings change: cached conversions are redone
-COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
-                "chat_template.json")
+COPIED_FILES = COMPANION_FILES  # the tokenizer and the generation defaults, copied as they are
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 

@@ -129,6 +129,13 @@ class OffloadedModelMixin:
                 torch.cuda.empty_cache()
                 _empty_pinned_cache()  # the host store's arenas and staging buffers stay locked in torch's cache
 
+    def session(self, tokenizer: Any = None) -> Any:
+        """A `Session` on this model: streamed generations (text, chat messages or ids), its plan and what is cached
+        where, routing and prefetch listeners. What every face uses (see runtime/session.py)."""
+        from .session import Session
+
+        return Session(self, tokenizer)
+
     def last_generation_stats(self) -> GenerationStats | None:
         """What the last `generate()` on this model did (tokens, reused prefix, cache counters).
 

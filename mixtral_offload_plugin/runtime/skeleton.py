@@ -15,7 +15,7 @@ from torch import nn
 from .. import plugins
 from ..config import OffloadConfig
 from ..errors import CheckpointError, UnsupportedModelError
-from ..models.architectures import Architecture
+from ..models.architectures import Architecture, expert_count
 from .compat import keep_own_experts
 from .experts import OffloadedExperts
 
@@ -55,7 +55,7 @@ def find_architecture(model_config: Any) -> Architecture:
         if model_type in arch.model_types:
             return arch
     families = sorted({t for a in archs for t in a.model_types})
-    has_experts = any(hasattr(model_config, n) for n in ("num_local_experts", "num_experts", "n_routed_experts"))
+    has_experts = expert_count(model_config) is not None
     why = "is a mixture-of-experts family that is not supported" if has_experts else "has no experts (not a MoE model)"
     from ..models.families import UNSUPPORTED
 

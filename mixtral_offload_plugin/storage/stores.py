@@ -66,6 +66,10 @@ class StoreDefaults:
     def evict_page_cache(self) -> None:
         """Drop the store's files from the page cache (benchmarks of cold reads)."""
 
+    def files(self) -> list[Path]:
+        """The files the store reads experts from (none for stores in memory)."""
+        return []
+
 
 ARENA_MAX = 1 << 32  # largest pinned arena tried (torch rounds each pinned block up to a power of two)
 ARENA_MIN = 1 << 24
@@ -245,6 +249,9 @@ class DiskStore(StoreDefaults):
             written += os.pwrite(fd, buf[written:], offset + written)
         self._ends[path] = offset + len(buf)
         self._records[key] = DiskRecord(path, offset, packed.layout, None)
+
+    def files(self) -> list[Path]:
+        return sorted({Path(r.path) for r in self._records.values()})
 
     def attach(self, key: Hashable, record: DiskRecord) -> None:
         self._records[key] = record

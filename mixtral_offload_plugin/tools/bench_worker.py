@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..models.tokenizers import has_tokenizer
+
 PROMPT = ("The old lighthouse keeper climbed the stairs every evening to light the lamp, and the ships "
           "that passed the rocky coast")
 
@@ -64,7 +66,7 @@ def _evict(paths: list[Path]) -> None:
 
 
 def _prompt_ids(path: Path, n: int, vocab: int) -> list[int]:
-    if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+    if has_tokenizer(path):
         from transformers import AutoTokenizer
 
         ids = AutoTokenizer.from_pretrained(str(path))(PROMPT * 4).input_ids
@@ -107,13 +109,11 @@ def _load(spec: dict[str, Any], scratch: Path) -> tuple[Any, list[Path], dict[st
         from ..runtime.loading import load_model
 
         model = load_model(path, OffloadConfig(**{**spec["offload"], "device": device}))
-        rt = model._offload_runtime
-        files = [Path(p) for p in {r.path for r in rt.store._records.values()}] if hasattr(
-            rt.store, "_records") else []
-        resolved = {"store": "resident" if rt.resident else rt.config.store, "plan": rt.plan.describe(),
-                    "plan_needed_bytes": rt.plan.needed,
-                    "kernels": sorted({k for kern in rt.kernels.values() for k in getattr(kern, "kinds", {}).values()})}
-        return model, files, resolved
+        session = model.session()
+        plan = session.plan
+        resolved = {"store": "resident" if plan.resident else session.config.store, "plan": plan.memory.describe(),
+                    "plan_needed_bytes": plan.memory.needed, "kernels": plan.experts.kernels.split(", ")}
+        return model, session.store_files(), resolved
     from transformers import AutoModelForCausalLM
 
     dtype = {"auto": "auto", "bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[
@@ -147,10 +147,11 @@ def _weight_bytes(model: Any) -> dict[str, int] | None:
     except MixtralOffloadError:  # a family we do not know: no bound for this row
         return None
     tensors = [(n, t.numel() * t.element_size()) for n, t in (*model.named_parameters(), *model.named_buffers())]
-    rt = model.__dict__.get("_offload_runtime")
-    if rt is not None:
-        tensors += [(f"model.layers.{layer}.mlp.experts.{e}", rt.cache.nbytes_of((layer, e)))
-                    for layer, block in rt.blocks.items() for e in range(block.experts.num_experts)]
+    from ..runtime.session import Session
+
+    session = Session(model)
+    if session.offloaded:
+        tensors += [(f"model.layers.{layer}.mlp.experts.{e}", n) for (layer, e), n in session.expert_bytes().items()]
     return active_weight_bytes(tensors, arch.top_k(cfg), arch.num_experts(cfg)).to_dict()
 
 
@@ -195,10 +196,9 @@ def worker_main(spec: dict[str, Any]) -> int:
             if line.strip() != "run":
                 break
             if spec["cold"]:
-                if ours and hasattr(model._offload_runtime.store, "evict_page_cache"):
-                    model._offload_runtime.store.evict_page_cache()
-                else:
-                    _evict(files)
+                if ours:
+                    model.session().drop_page_cache()
+                _evict(files)
             before = model.offload_stats() if ours else None
             disk0 = _proc_read_bytes()
             mark: dict[str, Any] = {}

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailableError, CheckpointError
+from ..models.tokenizers import TOKENIZER_FILES
 
 CONVERTER_ENV = "MIXTRAL_OFFLOAD_LLAMACPP_CONVERTER"
 FLOAT_TYPES = ("f32", "f16", "bf16")  # written by the converter
@@ -42,8 +43,6 @@ TYPES = FLOAT_TYPES + QUANT_TYPES
 BUILD_HINT = ("run `bash scripts/build_llama_cpp.sh` (builds llama-cpp-python from its PyPI sdist with this CPU's "
               "flags into .venv and installs the matching converter), or `pip install "
               "'mixtral-offload-plugin[bench-llamacpp]'` with CMAKE_ARGS for your CPU")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json")
 _CHUNK = 16 << 20
 
 

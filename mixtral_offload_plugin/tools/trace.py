@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime.compat import cache_of
+from ..runtime.session import Session
 
 PHASES = ("prefill", "decode")
 
@@ -45,21 +46,18 @@ class Guess:
 
 
 class RoutingRecorder:
-    """Attach to a loaded model; every `generate()`/forward afterwards is recorded until `close()`."""
+    """Attach to a loaded model (or its session); every `generate()`/forward afterwards is recorded until `close()`."""
 
     def __init__(self, model: Any, path: str | Path) -> None:
-        self.rt = model._offload_runtime
+        session = model if isinstance(model, Session) else model.session()
         self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
         self.seq = 0
         self.pos = 0
-        self._last_layer = None
-        self.rt.cache.listeners.append(self._on_route)
-        if self.rt.prefetcher is not None and isinstance(self.rt.prefetcher.listeners, list):
-            self.rt.prefetcher.listeners.append(self._on_guess)
-        self.first_layer = min(self.rt.blocks)
+        self._stops = [session.on_route(self._on_route), session.on_guess(self._on_guess)]
+        self.first_layer = min(session.layers)
         self._tokens = 0
         self._phase = "prefill"
-        self._hook = self._install_hook(model)
+        self._hook = self._install_hook(session.model)
 
     def _install_hook(self, model: Any) -> Any:
         def pre(module: Any, args: Any, kwargs: Any) -> None:
@@ -87,10 +85,8 @@ class RoutingRecorder:
         self._write({"seq": self.seq, "pos": self.pos, "layer": layer, "guess_for": target, "guess": guess})
 
     def close(self) -> None:
-        if self._on_route in self.rt.cache.listeners:
-            self.rt.cache.listeners.remove(self._on_route)
-        if self.rt.prefetcher is not None and self._on_guess in self.rt.prefetcher.listeners:
-            self.rt.prefetcher.listeners.remove(self._on_guess)
+        for stop in self._stops:
+            stop()
         self._hook.remove()
         self.file.close()
 

@@ -30,7 +30,6 @@ SENTINEL = "_mixtral_offload_originals"  # set on TextGen's `modules.models` onc
 # the wiring of `gradio(loaders.get_all_params())`.
 ELEMENTS = ["ctx_size", "cpu_memory", "cpu", "bf16", "no_use_fast"]
 DEFAULT_CONTEXT = 8192  # what TextGen uses for non-llama.cpp loaders when ctx_size is 0
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 # The extension's params dict; `register()` keeps the latest one (script.py is re-executed on a UI restart).
 _params: dict[str, Any] = dict(DEFAULT_PARAMS)
@@ -216,25 +215,25 @@ def _load_ours(tg: SimpleNamespace, model_name: str) -> tuple[Any, Any]:
 
 def describe(model: Any) -> str:
     """The settings a loaded model runs with, e.g. "expert_bits=4, 2 of 8 experts/layer cached, prefetch=gate, ..."."""
-    rt = model._offload_runtime
-    cfg = rt.config
-    experts = rt.arch.num_experts(model.config)
-    plan = rt.plan
-    if rt.resident:
+    session = model.session()
+    cfg, plan = session.config, session.plan
+    memory, experts = plan.memory, session.num_experts
+    if plan.resident:
         cache = f"all {experts} experts/layer resident"
-    elif getattr(plan, "experts_per_layer", None) is not None:
-        cache = f"{plan.experts_per_layer} of {experts} experts/layer cached"
+    elif memory.experts_per_layer is not None:
+        cache = f"{memory.experts_per_layer} of {experts} experts/layer cached"
     else:
-        cache = f"{getattr(plan, 'global_slots', '?')} global slots for {experts} experts/layer"
+        cache = f"{memory.global_slots} global slots for {experts} experts/layer"
     head = f", head_bits={cfg.head_bits}" if cfg.head_bits < 16 else ""
     return (f"expert_bits={cfg.expert_bits}, {cache}, prefetch={cfg.prefetch}, policy={cfg.policy}, "
-            f"store={cfg.store}, device={rt.device}, reuse_prefix={flag(_params, 'reuse_prefix')}{head}")
+            f"store={cfg.store}, device={plan.device}, reuse_prefix={flag(_params, 'reuse_prefix')}{head}")
 
 
 def load_offload_model(model_name: str) -> tuple[Any, Any]:
     """(model, tokenizer) for a folder under TextGen's model dir (or a path), built through the plugin hook."""
     from .. import plugins
     from ..errors import CheckpointError, PluginError
+    from ..models.tokenizers import TOKENIZER_MARKERS, has_tokenizer
 
     tg = _textgen()
     path = Path(tg.utils.resolve_model_path(model_name))
@@ -242,8 +241,8 @@ def load_offload_model(model_name: str) -> tuple[Any, Any]:
         msg = (f"model folder {path} does not exist: put the checkpoint folder under the model dir "
                f"({getattr(tg.shared.args, 'model_dir', 'user_data/models')}) or give its full path")
         raise CheckpointError(msg)
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):  # before minutes of loading, not after
-        msg = (f"{path} has no tokenizer ({' / '.join(TOKENIZER_FILES)}): copy the tokenizer files of the original "
+    if not has_tokenizer(path):  # before minutes of loading, not after
+        msg = (f"{path} has no tokenizer ({' / '.join(TOKENIZER_MARKERS)}): copy the tokenizer files of the original "
                "model into this folder")
         raise CheckpointError(msg)
     config = offload_config(_params, tg.shared.args)
@@ -379,12 +378,10 @@ def release(model: Any, logger: Any = log) -> None:
         model = model.get_base_model()  # TextGen's "Apply LoRAs" wraps shared.model in a PeftModel
     if not _is_ours(model):
         return
-    runtime = model.__dict__.get("_offload_runtime")
+    session = model.session()
     model.unload()
-    thread = getattr(getattr(getattr(runtime, "cache", None), "loader", None), "_thread", None)
-    alive = thread is not None and thread.is_alive()
-    logger.info(f"{LOADER}: model released (runtime closed={getattr(runtime, 'closed', True)}, "
-                f"loader thread alive={alive})")
+    logger.info(f"{LOADER}: model released (runtime closed={session.closed}, "
+                f"loader thread alive={session.loader_alive})")
 
 
 def setup(params: dict[str, Any]) -> None:

@@ -71,9 +71,8 @@ def _report(shared: Any, integration: Any) -> str:
     if last is not None:
         lines.append(f"Last reply: {last.prompt_tokens} prompt tokens, {last.reused_tokens} of them reused from "
                      f"the KV cache, {last.new_tokens} generated.")
-    plan = getattr(model._offload_runtime, "plan", None)
-    if plan is not None and hasattr(plan, "cache_bytes"):
-        lines.append(f"Cache: {plan.slots} slots, {plan.cache_bytes / 2**20:.1f} MiB.")
+    memory = model.session().plan.memory
+    lines.append(f"Cache: {memory.slots} slots, {memory.cache_bytes / 2**20:.1f} MiB.")
     return "\n\n".join(lines)
 
 
@@ -159,10 +158,9 @@ def _experts_of(model_name: str) -> int:
         config = json.loads((Path(utils.resolve_model_path(model_name)) / "config.json").read_text())
     except Exception:  # noqa: BLE001 - no folder, no config: keep the slider as it is
         return 0
-    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
-        if isinstance(config.get(key), int):
-            return int(config[key])
-    return 0
+    from ..models.architectures import expert_count
+
+    return expert_count(config) or 0
 
 
 def _setter(params: dict[str, Any], key: str) -> Any:

@@ -78,17 +78,17 @@ def test_chat_session_reuses_the_kv_cache(tiny_mixtral_tok):
     from transformers import AutoTokenizer
 
     from mixtral_offload_plugin import OffloadConfig, load_model
-    from mixtral_offload_plugin.chat import ChatSession
+    from mixtral_offload_plugin.runtime.session import Conversation
 
     model = load_model(tiny_mixtral_tok, OffloadConfig(device="cpu", experts_per_layer=2))
     tok = AutoTokenizer.from_pretrained(tiny_mixtral_tok)
     try:
-        session = ChatSession(model, tok)
-        first = "".join(session.send("w5 w6", max_new_tokens=5, do_sample=False))
+        session = Conversation(model.session(tok))
+        first = session.send("w5 w6", max_new_tokens=5).text()
         assert first.strip()
-        assert session.last_reused_tokens == 0
-        "".join(session.send("w7", max_new_tokens=5, do_sample=False))
-        assert session.last_reused_tokens > 2  # the first turn's tokens were not recomputed
+        assert session.last.reused_tokens == 0
+        session.send("w7", max_new_tokens=5).text()
+        assert session.last.reused_tokens > 2  # the first turn's tokens were not recomputed
         # the reply equals a fresh generation on the whole conversation
         ids = tok.apply_chat_template(session.messages[:-1], add_generation_prompt=True, return_tensors="pt",
                                       return_dict=True)["input_ids"]

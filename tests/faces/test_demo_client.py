@@ -75,7 +75,7 @@ def oracle_greedy(path: Path, message: str) -> str:
     import torch
     from transformers import AutoTokenizer, MixtralForCausalLM
 
-    from mixtral_offload_plugin.chat import chat_ids
+    from mixtral_offload_plugin.runtime.session import chat_ids
 
     tok = AutoTokenizer.from_pretrained(str(path))
     model = MixtralForCausalLM.from_pretrained(str(path)).eval()

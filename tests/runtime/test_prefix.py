@@ -236,7 +236,7 @@ def test_demo_model_conversation_equals_fresh_generations(demo_model_path):
     """The trained bf16 demo model, disk store, half the experts cached, gate prefetch: 4 chat turns."""
     from transformers import AutoTokenizer
 
-    from mixtral_offload_plugin.chat import chat_ids
+    from mixtral_offload_plugin.runtime.session import chat_ids
 
     tok = AutoTokenizer.from_pretrained(demo_model_path)
     m = load_model(demo_model_path, OffloadConfig(device="cpu", store="disk", experts_per_layer=4, prefetch="gate"))
