@@ -36,12 +36,15 @@ def _dtype_name(value: Any) -> Any:
 
 
 def _option(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, flag: str | None = None,
-            kind: str | None = None, audience: str = "basic", textgen: bool = False) -> Any:
+            kind: str | None = None, audience: str = "basic", textgen: bool = False, title: str | None = None,
+            registry: str | None = None) -> Any:
     """A field of `OffloadConfig` with what every face needs to offer it: its help, its allowed values, the command
     line flag (default `--field-name`), `kind` "size" (a byte count written like 12G), who it is for ("basic" or
-    "advanced": the CLI lists them in two groups) and whether TextGen's settings tab offers it."""
+    "advanced": the CLI lists them in two groups), whether TextGen's settings tab offers it and under which `title`,
+    and the plugin `registry` kind whose registered names are its choices."""
     return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "kind": kind,
-                                            "audience": audience, "textgen": textgen})
+                                            "audience": audience, "textgen": textgen, "title": title,
+                                            "registry": registry})
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class OffloadConfig:
     """
 
     device: str = _option("auto", 'compute device: "cpu", "cuda" or "cuda:N" ("auto": cuda when available, else cpu)')
-    store: str = _option("auto", 'where the canonical expert weights live: "host" (RAM, pinned on CUDA), "disk" '
+    store: str = _option("auto", registry="store", help='where the canonical expert weights live: "host" (RAM, pinned on CUDA), "disk" '
                          '(page-aligned files read into cache slots), "mmap" (kernels compute from the mapped files, '
                          'no cache) or a plugin store; "auto": host on CUDA; on CPU, host when every expert is cached, '
                          'else disk')
@@ -63,28 +66,30 @@ class OffloadConfig:
                                     audience="advanced")
     experts_per_layer: int | None = _option(None, "cache size k per MoE layer (1..the model's experts); neither this nor "
                                             "cache_bytes: every expert cached when it fits, else the largest cache "
-                                            "that fits", textgen=True)
+                                            "that fits", textgen=True, title="Experts cached per layer (0 = automatic)")
     cache_bytes: int | None = _option(None, "one global cache budget shared by all layers, e.g. 2G (exclusive with "
                                       "experts_per_layer)", kind="size")
     policy: str = _option("history", 'eviction policy: "history" (evict the expert the model\'s own recent routing '
-                          'expects last), "lru", "lfu", "lfru" or a plugin\'s', textgen=True)
+                          'expects last), "lru", "lfu", "lfru" or a plugin\'s', textgen=True, title="Eviction policy",
+                          registry="policy")
     prefetch: str = _option("gate+history", 'prefetcher: "gate+history" (the next layers\' routers on the current '
                             'hidden state and the routing history vote; experts with a calibrated probability >= 0.4 '
                             'are loaded), "history", "gate" (the routers\' top guesses, always), "none" or a plugin\'s',
-                            textgen=True)
+                            textgen=True, title="Speculative prefetch", registry="prefetcher")
     prefetch_depth: int = _option(1, "how many layers ahead the prefetcher guesses (1..4)", audience="advanced")
     prefetch_experts: int = _option(0, "experts prefetched at most per guessed layer (0 = the model's top-k)",
                                     audience="advanced")
     expert_bits: int = _option(16, "expert weight bits: 16 (as stored) or HQQ 2, 3, 4, 8", choices=EXPERT_BITS,
-                               textgen=True)
+                               textgen=True, title="Expert bits (16 = as stored)")
     expert_group_size: int = _option(64, "HQQ group size of experts (a power of two >= 8)")
     attn_bits: int = _option(16, "attention projection bits: 16 (as stored) or HQQ 4, 8", choices=ATTN_BITS)
     attn_group_size: int = _option(64, "HQQ group size of attention (a power of two >= 8)")
     head_bits: int = _option(16, "output layer (lm_head) bits: 16 (as stored) or HQQ 4, 8, quantized at load; on CPU "
                              "the head is a large share of the bytes read per token, so 8 or 4 decode faster",
-                             choices=HEAD_BITS, textgen=True)
+                             choices=HEAD_BITS, textgen=True,
+                             title="Output layer bits (16 = as stored; 8 or 4 decode faster on CPU)")
     head_group_size: int = _option(64, "HQQ group size of the output layer (a power of two >= 8)")
-    quantizer: str = _option("hqq", 'the registered quantizer of every part quantized below 16 bits (experts, '
+    quantizer: str = _option("hqq", registry="quantizer", help='the registered quantizer of every part quantized below 16 bits (experts, '
                              'attention, the output layer): "hqq" or a plugin\'s; folders stored quantized keep '
                              'their own', audience="advanced")
     quant_scales: bool = _option(False, "quantize HQQ scales and zeros to 8 bits (about 3 bits per weight for 2-bit "
@@ -180,6 +185,11 @@ class OffloadConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form of the configuration."""
         return dataclasses.asdict(self)
+
+
+def textgen_fields() -> list[str]:
+    """The fields TextGen's settings tab offers, in declaration order."""
+    return [f.name for f in dataclasses.fields(OffloadConfig) if f.metadata["textgen"]]
 
 
 def option_help(name: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mixtral_offload_plugin.quant import axis0_native
+from mixtral_offload_plugin.kernels import axis0_native
 from mixtral_offload_plugin.quant.hqq_axis0 import Axis0ExpertKernel
 from mixtral_offload_plugin.storage.packing import pack, unpack_views
 

@@ -113,7 +113,7 @@ step cuda-tests 270 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/runtime
      tests/runtime/test_mixtral_offloading_logits.py \
      --junitxml "$OUT/pytest.xml" -W ignore::pytest.PytestConfigWarning
 # the synthetic model's folder is wherever resolve_model builds it (a name with a content hash): it says where
-step model 90 "$PY" -c "import argparse, pathlib; from mixtral_offload_plugin.tools.bench_config import resolve_model
+step model 90 "$PY" -c "import argparse, pathlib; from mixtral_offload_plugin.tools.bench.config import resolve_model
 path = resolve_model(argparse.Namespace(model=None, synthetic='$MODEL', cache_dir='$WORK'))
 pathlib.Path('$WORK/model-path').write_text(str(path)); print(path)"
 MID=$(cat "$WORK/model-path" 2>/dev/null || echo "$WORK/no-model-built")

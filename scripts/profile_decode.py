@@ -220,7 +220,7 @@ def part2(model: Any, ids: torch.Tensor, new: int, top: int) -> None:
 
     timers = Timers(model, mark=True)
     try:
-        from mixtral_offload_plugin.quant import native
+        from mixtral_offload_plugin.kernels import native
     except ImportError:  # a checkout from before the native kernels
         patched = {}
     else:

@@ -1,8 +1,9 @@
 """The package layout's rules, checked on the source (ast only): which part may import which, and no import cycles.
 
 Parts: the vocabulary (`errors`, `config`, `options`, `stats`), `runtime/`, `cache/`, `storage/`, `quant/`,
-`models/`, `plugins/`, `tools/`, and the faces (`cli`, `demo/`, `webui/`, plus the `langchain_integration` and
-`webui_extension` packages). Arrows run one way: faces -> runtime and plugins -> cache, storage, quant, models.
+`kernels/`, `models/`, `plugins/`, `tools/`, and the faces (`cli`, `demo/`, `webui/`, plus the `langchain_integration` and
+`webui_extension` packages). Arrows run one way: faces -> runtime and plugins -> cache, storage, quant -> kernels, models
+(kernels read only the byte forms of quant/).
 Every import counts, including those inside functions and `if TYPE_CHECKING:` blocks. Faces and tools talk to a
 loaded model through its public API and session only: no private runtime attribute is read outside `runtime/`.
 """
@@ -29,15 +30,18 @@ FORBIDDEN: dict[str, tuple[set[str], set[str]]] = {
     "storage": ({"runtime", "cache", "quant", "models", "plugins", "tools"} | FACES,
                 {"transformers", "hqq", "torch.nn"} | UI_LIBS),
     "quant": ({"runtime", "cache", "models", "plugins", "tools"} | FACES, UI_LIBS),
+    "kernels": ({"runtime", "cache", "models", "plugins", "tools"} | FACES, UI_LIBS),
     "models": ({"runtime", "cache", "storage", "quant", "plugins", "tools"} | FACES, UI_LIBS),
     "plugins": ({"tools"} | FACES, UI_LIBS),
     "runtime": ({"tools"} | FACES, UI_LIBS),
     "tools": (FACES, UI_LIBS),
-    "face": ({"cache", "storage", "quant"}, set()),
+    "face": ({"cache", "storage", "quant", "kernels"}, set()),
 }
 # narrower allowances inside a part
 ONLY_FROM: dict[str, dict[str, set[str]]] = {
     "quant": {"storage": {f"{PKG}.storage.packing"}},  # quant lays its bytes out with storage's packing only
+    # kernels read the byte forms the quantizers write (and nothing else of quant/) in storage's packed buffers
+    "kernels": {"storage": {f"{PKG}.storage.packing"}, "quant": {f"{PKG}.quant.formats", f"{PKG}.quant.bitpacking"}},
 }
 HOOK_CORE = {f"{PKG}.plugins.hookspecs", f"{PKG}.plugins.manager"}  # import only the vocabulary
 
@@ -196,7 +200,7 @@ def test_the_private_state_checker_catches_a_read(tmp_path, monkeypatch):
 
 
 def test_each_part_states_its_rules():
-    for part in ("runtime", "cache", "storage", "quant", "models", "plugins", "tools", "demo", "webui"):
+    for part in ("runtime", "cache", "storage", "quant", "kernels", "models", "plugins", "tools", "demo", "webui"):
         doc = ast.get_docstring(ast.parse((ROOT / PKG / part / "__init__.py").read_text()))
         assert doc and len(doc.split()) >= 15, f"{part}/__init__.py needs a docstring saying what it does"
     for part in ("runtime", "cache", "storage", "models", "tools"):

@@ -31,7 +31,7 @@ import torch
 
 from ..storage.packing import ALIGN, ExpertLayout, align_up
 from . import KernelDefaults, native
-from .cpu import _scratch
+from .torch_cpu import _scratch
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("native_axis0.c")

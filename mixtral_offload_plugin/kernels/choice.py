@@ -4,7 +4,7 @@ into int4pack form for torch's kernel).
 
 On CPU our native kernels (`native.py`) read every int4pack and bit-plane form in place (no workspace: a slot costs its
 packed bytes); without a C compiler, torch's int4 kernel runs them, with the 2/3-bit forms expanded into a workspace at
-slot load. The byte forms and their exact math are `formats.py`; the kernels themselves `cpu.py`, `native.py` and
+slot load. The byte forms and their exact math are `quant/formats.py`; the kernels themselves `torch_cpu.py`, `native.py` and
 `cuda.py`. This module knows nothing about experts, caches or files.
 """
 
@@ -16,10 +16,8 @@ from typing import Any
 import torch
 
 from ..storage.packing import ALIGN, align_up
-from . import native
-from .bitpacking import int4_offset, lut_unpack
-from .cpu import DenseMatmul, Int4Matmul, Pad16Int4Matmul, _scratch
-from .formats import (
+from ..quant.bitpacking import int4_offset, lut_unpack
+from ..quant.formats import (
     dequantize,
     int4_ok,
     int4_scale_zeros,
@@ -27,6 +25,8 @@ from .formats import (
     matrix_values,
     pad16_unpack,
 )
+from . import native
+from .torch_cpu import DenseMatmul, Int4Matmul, Pad16Int4Matmul, _scratch
 
 
 @dataclass(frozen=True)

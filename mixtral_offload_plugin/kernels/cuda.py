@@ -6,9 +6,8 @@
   one dense `F.linear`. A slot costs the packed bytes plus the dense matrix, and the memory plan counts both.
 - "per-call" (quantized attention; experts when the memory plan finds expanded slots too large, see
   `runtime.memory.choose_cuda_slots`): dequantized into a temporary on every call; the resident bytes stay packed.
-- a fused low-bit kernel registered with `register_fused_kernel` and chosen with `MIXTRAL_OFFLOAD_CUDA_KERNEL=<name>`:
-  the hook for kernels that multiply by the packed form directly (gemlite, torchao, Marlin-style); none ships yet,
-  because choosing one needs measurements on a GPU.
+`MIXTRAL_OFFLOAD_CUDA_KERNEL=expand|per-call` forces one for every matrix. (A kernel that multiplies by the packed
+form directly, gemlite/torchao/Marlin-style, would come in as a quantizer plugin whose `expert_kernel` returns it.)
 
 Every plan reads the device-neutral "bitpack" form (experts packed for the CPU are repacked at load, see
 `hqq.repack_for`). The code here is plain torch: the CPU tests run it on CPU tensors. This module knows nothing about
@@ -26,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from ..storage.packing import ALIGN, align_up
-from .cpu import DenseMatmul
-from .formats import dequantize_into
+from ..quant.formats import dequantize_into
+from .torch_cpu import DenseMatmul
 
-KERNEL_ENV = "MIXTRAL_OFFLOAD_CUDA_KERNEL"  # "expand" (default), "per-call", or a registered fused kernel's name
+KERNEL_ENV = "MIXTRAL_OFFLOAD_CUDA_KERNEL"  # "expand" (default for experts) or "per-call"
 DEQUANT_CHUNK = 1 << 22  # values dequantized per row block (`dequantize_into`)
 TEMP_BYTES_PER_VALUE = 20  # float32 values, unpacked bytes and 3-bit int32 words alive at once in one row block
 CUBLAS_WORKSPACE_BYTES = 64 << 20  # cuBLAS + cuBLASLt workspaces of the compute and copy streams (32 MiB each, Hopper)
@@ -39,31 +38,6 @@ def dequant_temp_bytes() -> int:
     """Device bytes one row-blocked dequantization holds at its peak (it runs on the copy stream for slot loads and
     on the compute stream for per-call matrices: count it twice when both happen)."""
     return DEQUANT_CHUNK * TEMP_BYTES_PER_VALUE
-
-
-class FusedKernel(Protocol):
-    """A low-bit matmul that reads a packed matrix directly (registered with `register_fused_kernel`)."""
-
-    name: str
-
-    def supports(self, shape: tuple[int, int], bits: int, group_size: int, dtype: torch.dtype) -> bool:
-        """Whether it can compute this matrix exactly (within the dtype's rounding)."""
-
-    def workspace_nbytes(self, shape: tuple[int, int], bits: int, group_size: int, dtype: torch.dtype) -> int:
-        """Bytes it wants after the packed bytes in a slot (its own repacked layout), 0 for none."""
-
-    def prepare(self, views: dict[str, torch.Tensor], prefix: str, shape: tuple[int, int], bits: int,
-                group_size: int, dtype: torch.dtype,
-                workspace: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Called once per slot load on the copy stream: returns `x [n, K] -> y [n, N]`."""
-
-
-_FUSED: dict[str, FusedKernel] = {}
-
-
-def register_fused_kernel(kernel: FusedKernel) -> None:
-    """Make a fused kernel selectable by name through `MIXTRAL_OFFLOAD_CUDA_KERNEL`."""
-    _FUSED[kernel.name] = kernel
 
 
 @dataclass
@@ -88,7 +62,7 @@ class CudaMatrixPlan:
     """How one stored matrix is computed on a CUDA device (same surface as `kernels.MatrixPlan`)."""
 
     prefix: str
-    kind: str  # "expand", "per-call", or "fused:<name>"
+    kind: str  # "expand" or "per-call"
     shape: tuple[int, int]
     bits: int
     group_size: int
@@ -99,8 +73,6 @@ class CudaMatrixPlan:
         n, k = self.shape
         if self.kind == "expand":
             return align_up(n * k * torch.empty((), dtype=self.dtype).element_size(), ALIGN)
-        if self.kind.startswith("fused:"):
-            return _FUSED[self.kind[6:]].workspace_nbytes(self.shape, self.bits, self.group_size, self.dtype)
         return 0
 
     @property
@@ -113,9 +85,6 @@ class CudaMatrixPlan:
         n, k = self.shape
         if self.kind == "per-call":
             return PerCallMatmul(views, self.prefix, self.shape, self.bits, self.group_size, self.dtype)
-        if self.kind.startswith("fused:"):
-            return _FUSED[self.kind[6:]].prepare(views, self.prefix, self.shape, self.bits, self.group_size,
-                                                 self.dtype, workspace)
         assert workspace is not None and workspace.numel() >= self.workspace_nbytes, "slot lacks its workspace"
         el = torch.empty((), dtype=self.dtype).element_size()
         w = workspace[: n * k * el].view(self.dtype).view(n, k)
@@ -125,12 +94,9 @@ class CudaMatrixPlan:
 
 def plan_cuda_matrix(prefix: str, shape: tuple[int, int], bits: int, group_size: int, dtype: torch.dtype,
                      per_call: bool = False) -> CudaMatrixPlan:
-    """The CUDA plan for a matrix in the bit-packed form: a fused kernel when one is selected and supports it, else
+    """The CUDA plan for a matrix in the bit-packed form: the kind `MIXTRAL_OFFLOAD_CUDA_KERNEL` forces, else
     "per-call" when asked (memory matters more than speed: attention), else "expand"."""
     choice = os.environ.get(KERNEL_ENV, "")
     if choice in ("per-call", "expand"):
         return CudaMatrixPlan(prefix, choice, shape, bits, group_size, dtype)
-    fused = _FUSED.get(choice)
-    if fused is not None and fused.supports(shape, bits, group_size, dtype):
-        return CudaMatrixPlan(prefix, f"fused:{fused.name}", shape, bits, group_size, dtype)
     return CudaMatrixPlan(prefix, "per-call" if per_call else "expand", shape, bits, group_size, dtype)

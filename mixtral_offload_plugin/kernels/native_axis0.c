@@ -1,7 +1,7 @@
 /* Native CPU kernel for HQQ matrices grouped along axis 0 (hqq 0.1.1, as mixtral-offloading stores them): y = x W^T
  * for a few tokens, reading the packed words in place, with every weight rebuilt exactly as hqq dequantizes it.
  *
- * Built at first use by quant/axis0_native.py (the same compiler, flags and cache as native.c) and called through
+ * Built at first use by kernels/axis0_native.py (the same compiler, flags and cache as native.c) and called through
  * ctypes, which releases the GIL; word rows are split over OpenMP threads.
  *
  * A matrix W [out, in] in groups of g rows along axis 0 has R = out / g row classes: weight (r, c) belongs to group

@@ -1,5 +1,5 @@
 /* Class-major kernel for 3-bit HQQ axis-0 matrices (the 4bit-3bit mixtral-offloading release: group 64), a companion
- * of native_axis0.c built and loaded the same way by quant/axis0_native.py.
+ * of native_axis0.c built and loaded the same way by kernels/axis0_native.py.
  *
  * In an axis-0 group (k, c) (row class k = r mod R, column c) the g = out / R weights share one scale and zero, so
  * they take only 8 values: T[v] = fp16(fp16(v - z) * s), v < 8, exactly hqq's dequantized weights. Vectorizing over

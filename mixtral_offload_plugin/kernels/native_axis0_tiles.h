@@ -1,6 +1,6 @@
 /* Included by native_axis0.c (inside its AVX-512 part; not a standalone header): the paths for several tokens that
  * build weights once into a float32 tile in L1 and then run register-blocked dot products, `wordrow_tile` (any layout)
- * and `class_2bit16_tile` (the demo layout). quant/native.py hashes this file with native_axis0.c for its cache. */
+ * and `class_2bit16_tile` (the demo layout). kernels/native.py hashes this file with native_axis0.c for its cache. */
 /* sums[f][t] += tile row f . x[t] over `width` columns (tile rows TILE_COLS apart, zero-padded to whole blocks of
  * 16; x rows `in` apart) for NF rows and NT tokens: NF * NT sums in registers, NF + NT loads per NF * NT products */
 #define MO_DOT(NF, NT)                                                                                               \

@@ -31,7 +31,8 @@ class Contract:
 def _contracts() -> dict[str, Contract]:
     from ..cache.policies import PolicyDefaults
     from ..cache.prefetch import PrefetcherDefaults
-    from ..quant import KernelDefaults, QuantizerDefaults
+    from ..kernels import KernelDefaults
+    from ..quant import QuantizerDefaults
     from ..storage.reader import ReaderDefaults
     from ..storage.stores import StoreDefaults
 
@@ -42,7 +43,7 @@ def _contracts() -> dict[str, Contract]:
                  "mixtral_offload_plugin.storage.stores.ExpertStore"),
         Contract("quantizer", ("pack_expert", "expert_kernel", "quantize_linear"), QuantizerDefaults,
                  "mixtral_offload_plugin.quant.Quantizer"),
-        Contract("expert_kernel", ("prepare", "__call__"), KernelDefaults, "mixtral_offload_plugin.quant.ExpertKernel"),
+        Contract("expert_kernel", ("prepare", "__call__"), KernelDefaults, "mixtral_offload_plugin.kernels.ExpertKernel"),
         Contract("prefetcher", ("after_route",), PrefetcherDefaults, "mixtral_offload_plugin.cache.prefetch.Prefetcher"),
         Contract("checkpoint_reader", ("config_dict", "keys", "get", "nbytes", "close"), ReaderDefaults,
                  "mixtral_offload_plugin.storage.reader.CheckpointReader"),

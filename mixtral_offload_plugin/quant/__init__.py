@@ -1,9 +1,12 @@
-"""Quantizers: how an expert's weights become a packed buffer, and which kernel computes with that buffer.
+"""Quantizers and the byte forms they write: how an expert's weights become a packed buffer.
 
-A quantizer is a small object registered by name through the `register_quantizers` hook. It packs one expert
-(`pack_expert`), picks the kernel for a packed layout on a device (`expert_kernel`), and can replace an attention
-projection by a quantized module (`quantize_linear`). The package must not import `runtime/`, `cache/`, `models/`,
-`tools/` or a face; from `storage/` it uses only the packed-buffer layout (`storage.packing`).
+A quantizer (`Quantizer`, optional members in `QuantizerDefaults`) is a small object registered by name through the
+`register_quantizers` hook. It packs one expert (`pack_expert`), picks the kernel for a packed layout on a device
+(`expert_kernel`, from `kernels/`), and can replace a projection by a quantized module (`quantize_linear`). Here:
+the built-in quantizers (`NoQuantizer`; `hqq.py`; `hqq_axis0.py` for mixtral-offloading's checkpoints), the byte
+forms and their exact math (`formats.py`, `bitpacking.py`), the zero-point optimizer (`optimizer.py`), quantized
+attention and output layer modules (`attention.py`, `linear.py`). The package must not import `runtime/`, `cache/`,
+`models/`, `tools/` or a face; from `storage/` it uses only the packed-buffer layout (`storage.packing`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
+from ..kernels import ExpertKernel, KernelDefaults
 from ..storage.packing import ExpertLayout, PackedExpert, pack
 
 
@@ -30,26 +34,9 @@ class QuantSpec:
     method: str = "hqq"  # "hqq" (HQQ's zero-point optimizer) or "rtn" (round to nearest)
 
 
-class ExpertKernel(Protocol):
-    """Computes one expert's MLP from the typed views of its slot (made by `Quantizer.expert_kernel`)."""
-
-    def prepare(self, views: dict[str, torch.Tensor]) -> Any:
-        """Called once after a slot is (re)loaded; returns what `__call__` receives as `state`."""
-
-    def __call__(self, state: Any, x: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """x: [n, H] in the compute dtype -> [n, H]."""
-
-
 def _stand_in(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     """Weights of an [n, k] shape whose values vary inside every group (a layout plan needs no real ones)."""
     return (torch.arange(n * k, dtype=torch.float32).remainder_(251).sub_(125) / 1000).view(n, k).to(dtype)
-
-
-class KernelDefaults:
-    """The optional members of an `ExpertKernel` (see `plugins.contracts`)."""
-
-    workspace_nbytes: int = 0  # bytes a slot holds after the packed expert for `prepare` to fill (expanded weights)
-    kinds: dict[str, str] = {}  # noqa: RUF012  # matrix -> kernel name, for `info` and the load report (read-only)
 
 
 class Quantizer(Protocol):
@@ -132,7 +119,7 @@ class DenseKernel(KernelDefaults):
     CPU run a few tokens on our native kernel, float32 sums)."""
 
     def prepare(self, views: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        from . import native
+        from ..kernels import native
 
         return views["gate_up"], views["down"], native.dense_library(views["gate_up"])
 
@@ -142,7 +129,7 @@ class DenseKernel(KernelDefaults):
         if lib is None:
             gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each
             return F.linear(act_fn(gate) * up, down)  # [n, H]
-        from .native import linear
+        from ..kernels.native import linear
 
         gate, up = linear(lib, x, gate_up).chunk(2, dim=-1)
         return linear(lib, act_fn(gate) * up, down)

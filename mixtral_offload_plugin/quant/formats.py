@@ -12,7 +12,8 @@ A quantized matrix W [N, K] is HQQ's affine group quantization along K (axis=1):
 
 `dequantize` defines the exact math (float32) every kernel must reproduce; tests build their reference from it.
 This module owns the byte forms and that math only (bit packing and 8-bit meta quantization are `bitpacking.py`):
-the kernels that multiply are in `cpu.py` and `cuda.py`, the choice between them in `kernels.py`. It knows nothing about experts, caches or files.
+the kernels that multiply are in `kernels/` (`torch_cpu.py`, `native.py`, `cuda.py`), the choice between them in
+`kernels/choice.py`. It knows nothing about experts, caches or files.
 """
 
 from __future__ import annotations

@@ -33,9 +33,10 @@ from ..storage.packing import (
     pack,
     unpack_views,
 )
-from . import KernelDefaults, QuantizerDefaults, QuantSpec, native
+from ..kernels import KernelDefaults, native
+from ..kernels.choice import plan_matrix
+from . import QuantizerDefaults, QuantSpec
 from .formats import CPU_FORMS, dequantize, hqq_quantize, int4_ok, int4_pad16_ok, store_matrix, to_bitpack
-from .kernels import plan_matrix
 
 BITS = (2, 3, 4, 8)
 MATRICES = ("gate_up", "down")
@@ -156,7 +157,7 @@ def _plans(layout: ExpertLayout, device: torch.device, dtype: torch.dtype | None
             if form in CPU_FORMS:
                 msg = f"{m} is packed for the CPU ({form}); repack it for {device} first (hqq.repack_for)"
                 raise CheckpointError(msg)
-            from .cuda import plan_cuda_matrix
+            from ..kernels.cuda import plan_cuda_matrix
 
             out[m] = plan_cuda_matrix(m, _shape(layout, m), bits, gs, compute, per_call)
         else:

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import QuantSpec, native
+from ..kernels import native
+from . import QuantSpec
 
 
 class NativeLinear(nn.Linear):

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quant import native
+from ..kernels import native
 from .compat import cache_of, model_output
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class FusedDecoder:
     """The descriptors of one loaded model for `decode.c`, and the KV buffers it appends to."""
 
     def __init__(self, model: nn.Module, rt: Any, lib: Any) -> None:
-        from ..quant.native import is_silu
+        from ..kernels.native import is_silu
         from .experts import OffloadedExperts
 
         kl = native.library()

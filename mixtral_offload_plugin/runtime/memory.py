@@ -200,7 +200,7 @@ def cuda_overhead_bytes(model_config: Any, tokens: int, dtype_bytes: int, batch:
     """Device bytes a CUDA model needs besides weights, KV cache and slots: activations, the row-blocked
     dequantization of slot loads (copy stream) and of per-call matrices (compute stream, `call_temp` for the largest
     one's dense copy), and the cuBLAS workspaces."""
-    from ..quant.cuda import CUBLAS_WORKSPACE_BYTES, dequant_temp_bytes
+    from ..kernels.cuda import CUBLAS_WORKSPACE_BYTES, dequant_temp_bytes
 
     temps = dequant_temp_bytes() * (2 if call_temp else 1) + call_temp
     return activation_bytes(model_config, tokens, dtype_bytes, batch) + temps + CUBLAS_WORKSPACE_BYTES

@@ -337,7 +337,7 @@ def _dense_8bit_notes(config: OffloadConfig, device: torch.device) -> tuple[str,
     """8-bit matrices run on our native CPU kernel (1 byte a weight, read in place). Where it cannot run (no C compiler
     or AVX-512, 8-bit scales, groups not a multiple of 16), each is dequantized once into a dense workspace beside its
     bytes, so it computes at 16-bit speed with 1.5x the memory. Say so, with what to use instead."""
-    from ..quant.kernels import native_8bit
+    from ..kernels.choice import native_8bit
 
     eight = [name for name in ("expert_bits", "attn_bits", "head_bits") if getattr(config, name) == 8]
     if device.type != "cpu" or not eight:

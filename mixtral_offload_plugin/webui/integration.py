@@ -333,40 +333,52 @@ def flag(params: dict[str, Any], key: str) -> bool:
     return bool(value)
 
 
+PREFETCH_SWITCH = {True: "gate+history", False: "none"}  # settings.yaml of older versions held an on/off switch
+
+
+def setting(params: dict[str, Any], name: str) -> Any:
+    """The extension's value of `OffloadConfig` field `name`, in the field's type (settings.yaml and text fields may
+    hold strings): ConfigError naming `mixtral_offload-<name>` when it cannot be read."""
+    from ..config import option_help
+    from ..errors import ConfigError
+
+    value = params.get(name, DEFAULT_PARAMS[name])
+    o = option_help(name)
+    if name == "prefetch" and (isinstance(value, bool) or str(value).strip().lower() in
+                               ("true", "false", "on", "off", "yes", "no", "1", "0", "")):
+        return PREFETCH_SWITCH[flag(params, name)]
+    if o["registry"]:
+        return str(value or DEFAULT_PARAMS[name])
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        msg = (f"mixtral_offload-{name}={value!r} is not an integer: fix it in the Mixtral Offload tab or in "
+               "settings.yaml")
+        raise ConfigError(msg) from None
+
+
 def offload_config(params: dict[str, Any], args: Any) -> Any:
-    """The `OffloadConfig` for the extension's params and TextGen's Model-tab values (ctx_size, cpu, cpu_memory, bf16).
+    """The `OffloadConfig` for the extension's params (the fields `config.textgen_fields` names) and TextGen's
+    Model-tab values (ctx_size, cpu, cpu_memory, bf16).
 
     cpu_memory (GiB) bounds the memory plan only when the model runs on the CPU; on a GPU the plan uses the free
     device memory. Bad values raise ConfigError naming the setting.
     """
     import torch
 
-    from ..config import OffloadConfig
-    from ..errors import ConfigError
+    from ..config import OffloadConfig, textgen_fields
 
-    def integer(key: str) -> int:
-        value = params.get(key, DEFAULT_PARAMS[key])
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            msg = (f"mixtral_offload-{key}={value!r} is not an integer: fix it in the Mixtral Offload tab or in "
-                   "settings.yaml")
-            raise ConfigError(msg) from None
-
-    prefetch = flag(params, "prefetch")
+    values = {name: setting(params, name) for name in textgen_fields()}
+    values["experts_per_layer"] = values["experts_per_layer"] or None  # 0: automatic
     device = "cpu" if getattr(args, "cpu", False) else "auto"
     on_cpu = device == "cpu" or not torch.cuda.is_available()
     cpu_memory = float(getattr(args, "cpu_memory", 0) or 0)
     return OffloadConfig(
         device=device,
-        experts_per_layer=integer("experts_per_layer") or None,
-        expert_bits=integer("expert_bits"),
-        head_bits=integer("head_bits"),
-        prefetch="gate+history" if prefetch else "none",
-        policy=str(params.get("policy") or DEFAULT_PARAMS["policy"]),
         dtype="bfloat16" if getattr(args, "bf16", False) else "auto",
         context_length=int(getattr(args, "ctx_size", 0) or DEFAULT_CONTEXT),
         max_memory_bytes=int(cpu_memory * (1 << 30)) if on_cpu and cpu_memory > 0 else None,
+        **values,
     )
 
 

@@ -7,12 +7,11 @@ ships its own gradio; `--nowebui` never builds it).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from . import DEFAULT_PARAMS, LOADER
 
-BITS = [16, 8, 4, 3, 2]
-HEAD_BITS = [16, 8, 4]
 HELP = (
     f"Settings of the **{LOADER}** loader, used at the next load (pick *{LOADER}* in the Model tab; plain folders of "
     "a supported mixture-of-experts family select it by themselves). Saved by the Session tab's *Save extensions "
@@ -30,12 +29,6 @@ def _gradio() -> Any:
         msg = "the settings tab needs gradio (TextGen ships it; elsewhere: pip install gradio)"
         raise ImportError(msg) from None
     return gr
-
-
-def _policies() -> list[str]:
-    from .. import plugins
-
-    return sorted(plugins.registry("policy"))
 
 
 def cache_report() -> str:
@@ -79,31 +72,17 @@ def _report(shared: Any, integration: Any) -> str:
 def build(params: dict[str, Any]) -> dict[str, Any]:
     """Create the widgets in the current gradio block; returns them by params key (for tests).
 
+    The loader's settings are generated from `OffloadConfig`'s declarations (`config.textgen_fields`: title, help,
+    choices or the plugin registry they name); TextGen's own (folder auto-selection, prefix reuse, autoload) follow.
     Values are callables, so every page load shows the live settings (not those of the UI's build), and the report
     follows TextGen's Load and Unload.
     """
     gr = _gradio()
     for key, value in DEFAULT_PARAMS.items():
         params.setdefault(key, value)
-    policies = _policies()
     gr.Markdown(HELP)
     with gr.Row():
-        widgets = {
-            "experts_per_layer": gr.Slider(0, 128, step=1, value=lambda: int(params["experts_per_layer"]),
-                                           label="Experts cached per layer (0 = automatic)",
-                                           elem_id="mixtral-offload-experts-per-layer"),
-            "expert_bits": gr.Dropdown(BITS, value=lambda: int(params["expert_bits"]),
-                                       label="Expert bits (16 = as stored)", elem_id="mixtral-offload-expert-bits"),
-            "head_bits": gr.Dropdown(HEAD_BITS, value=lambda: int(params["head_bits"]),
-                                     label="Output layer bits (16 = as stored; 8 or 4 decode faster on CPU)",
-                                     elem_id="mixtral-offload-head-bits"),
-        }
-    with gr.Row():
-        widgets["prefetch"] = gr.Checkbox(value=lambda: bool(params["prefetch"]),
-                                          label="Speculative prefetch (routers + routing history)",
-                                          elem_id="mixtral-offload-prefetch")
-        widgets["policy"] = gr.Dropdown(policies, value=lambda: params["policy"] if params["policy"] in policies
-                                        else "history", label="Eviction policy", elem_id="mixtral-offload-policy")
+        widgets = config_widgets(gr, params)
     with gr.Row():
         widgets["auto_select"] = gr.Checkbox(
             value=lambda: bool(params["auto_select"]), elem_id="mixtral-offload-auto-select",
@@ -121,6 +100,27 @@ def build(params: dict[str, Any]) -> dict[str, Any]:
     refresh.click(cache_report, None, report)
     _follow_model_tab(gr, report, widgets["experts_per_layer"])
     widgets["report"] = report
+    return widgets
+
+
+def config_widgets(gr: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """One widget per `OffloadConfig` field TextGen offers: a dropdown of the registered names (a plugin kind) or of
+    the allowed values, else a slider for a count (0 = automatic)."""
+    from .. import plugins
+    from ..config import option_help, textgen_fields
+    from .integration import setting
+
+    widgets = {}
+    for name in textgen_fields():
+        o = option_help(name)
+        common = {"label": o["title"], "info": o["help"], "elem_id": f"mixtral-offload-{name.replace('_', '-')}"}
+        current = functools.partial(setting, params, name)
+        if o["registry"]:
+            widgets[name] = gr.Dropdown(sorted(plugins.registry(o["registry"])), value=current, **common)
+        elif o["choices"]:
+            widgets[name] = gr.Dropdown(sorted(o["choices"], reverse=True), value=current, **common)
+        else:
+            widgets[name] = gr.Slider(0, 128, step=1, value=lambda n=name: setting(params, n) or 0, **common)
     return widgets
 
 

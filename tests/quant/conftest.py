@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(params=["torch", "native", "portable"])
 def kernel_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Which CPU kernels `plan_matrix` picks: torch's, our native build, or our portable (no SIMD) build."""
-    from mixtral_offload_plugin.quant import native
+    from mixtral_offload_plugin.kernels import native
 
     impl = request.param
     monkeypatch.setattr(native, "_override_impl", None if impl == "native" else impl)

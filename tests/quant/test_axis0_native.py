@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from mo_layout import quantize_linear
 from mo_reference import np_dequantize
 
-from mixtral_offload_plugin.quant import axis0_native, native
+from mixtral_offload_plugin.kernels import axis0_native, native
 from mixtral_offload_plugin.quant.hqq_axis0 import Axis0ExpertKernel, HqqAxis0Quantizer
 from mixtral_offload_plugin.storage.packing import pack, unpack_views
 

@@ -148,29 +148,17 @@ def test_cpu_form_on_cuda_is_refused_not_misread() -> None:
     assert HqqExpertKernel(repack_for(packed, CUDA).layout, CUDA).kinds == {"gate_up": "expand", "down": "expand"}
 
 
-def test_cuda_kernel_choice_hook(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`MIXTRAL_OFFLOAD_CUDA_KERNEL` selects "per-call" (slots hold only packed bytes) or a registered fused kernel."""
-    from mixtral_offload_plugin.quant import cuda
+def test_cuda_kernel_choice_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`MIXTRAL_OFFLOAD_CUDA_KERNEL` forces "per-call" (slots hold only packed bytes) or "expand"."""
+    from mixtral_offload_plugin.kernels import cuda
 
-    class Fused:
-        name = "test-fused"
-
-        def supports(self, shape, bits, group_size, dtype):  # noqa: ANN001, ANN202
-            return bits == 4
-
-        def workspace_nbytes(self, shape, bits, group_size, dtype):  # noqa: ANN001, ANN202
-            return 1024
-
-        def prepare(self, views, prefix, shape, bits, group_size, dtype, workspace):  # noqa: ANN001, ANN202
-            return lambda x: F.linear(x, dequantize(views, prefix, shape, bits, group_size))
-
-    monkeypatch.setitem(cuda._FUSED, "test-fused", Fused())
-    monkeypatch.setenv(cuda.KERNEL_ENV, "test-fused")
-    assert cuda.plan_cuda_matrix("m", (64, 128), 4, 64, torch.float32).kind == "fused:test-fused"
-    assert cuda.plan_cuda_matrix("m", (64, 128), 4, 64, torch.float32).workspace_nbytes == 1024
-    assert cuda.plan_cuda_matrix("m", (64, 128), 2, 16, torch.float32).kind == "expand"  # unsupported: default
+    assert cuda.plan_cuda_matrix("m", (64, 128), 4, 64, torch.float32).kind == "expand"
+    assert cuda.plan_cuda_matrix("m", (64, 128), 4, 64, torch.float32, per_call=True).kind == "per-call"
     monkeypatch.setenv(cuda.KERNEL_ENV, "per-call")
-    assert cuda.plan_cuda_matrix("m", (64, 128), 2, 16, torch.float32).workspace_nbytes == 0
+    plan = cuda.plan_cuda_matrix("m", (64, 128), 2, 16, torch.float32)
+    assert plan.kind == "per-call" and plan.workspace_nbytes == 0 and plan.call_temp_nbytes == 64 * 128 * 4
+    monkeypatch.setenv(cuda.KERNEL_ENV, "expand")
+    assert cuda.plan_cuda_matrix("m", (64, 128), 2, 16, torch.float32, per_call=True).workspace_nbytes >= 64 * 128 * 4
 
 
 def test_quantized_attention_keeps_no_view_after_unload(tmp_path: Path) -> None:

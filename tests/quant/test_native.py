@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixtral_offload_plugin.quant import QuantSpec, native
+from mixtral_offload_plugin.kernels import native
+from mixtral_offload_plugin.quant import QuantSpec
 from mixtral_offload_plugin.quant.formats import dequantize, store_matrix
-from mixtral_offload_plugin.quant.kernels import plan_matrix
+from mixtral_offload_plugin.kernels.choice import plan_matrix
 
 from mixtral_offload_plugin.quant.hqq import HqqQuantizer, choose_form  # noqa: E402
 

@@ -13,7 +13,7 @@ from mixtral_offload_plugin import OffloadConfig, load_model
 from mixtral_offload_plugin.quant import QuantSpec
 from mixtral_offload_plugin.quant.bitpacking import bitpack, bitunpack, dequantize_meta, quantize_meta
 from mixtral_offload_plugin.quant.formats import int4pack_values, store_matrix
-from mixtral_offload_plugin.quant.kernels import plan_matrix
+from mixtral_offload_plugin.kernels.choice import plan_matrix
 from mixtral_offload_plugin.storage.packing import unpack_views
 
 from mixtral_offload_plugin.quant.hqq import HqqQuantizer  # noqa: E402

@@ -223,7 +223,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_quantized_matches_dequantized_reference(quant_src, folders, monkeypatch, source, bits, group, kernel):
     """(c) 2/3/4-bit experts (2-bit: 8-bit scales) and 4-bit attention, resident: same greedy tokens as transformers
     holding the dequantized weights; peak device memory within the plan; pinned memory released by unload."""
-    from mixtral_offload_plugin.quant.cuda import KERNEL_ENV
+    from mixtral_offload_plugin.kernels.cuda import KERNEL_ENV
     from mixtral_offload_plugin.tools.convert import convert
 
     monkeypatch.setenv(KERNEL_ENV, kernel)

@@ -173,7 +173,7 @@ def test_prequantized_checkpoint_is_refused(tiny_mixtral, tmp_path, method):
 def test_8_bit_on_cpu_warns_only_without_the_native_kernel(tiny_mixtral, monkeypatch: pytest.MonkeyPatch) -> None:
     import warnings
 
-    from mixtral_offload_plugin.quant import native
+    from mixtral_offload_plugin.kernels import native
     from mixtral_offload_plugin.quant.hqq import QuantizedLinear
 
     monkeypatch.setattr(native, "_override_impl", "torch")  # no native kernels: dense workspaces, and a warning

@@ -13,7 +13,7 @@ from slot_reference import copy_slot_weights
 
 from mixtral_offload_plugin import OffloadConfig, load_model
 from mixtral_offload_plugin.errors import ConfigError
-from mixtral_offload_plugin.quant import native
+from mixtral_offload_plugin.kernels import native
 from mixtral_offload_plugin.runtime import fused
 from mixtral_offload_plugin.runtime.compat import cache_kwarg
 

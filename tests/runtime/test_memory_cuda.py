@@ -99,7 +99,7 @@ def test_kv_cache_and_activations_scale_with_the_batch() -> None:
 
 
 def test_overhead_counts_temporaries_and_cublas(free_gpu) -> None:
-    from mixtral_offload_plugin.quant.cuda import CUBLAS_WORKSPACE_BYTES, dequant_temp_bytes
+    from mixtral_offload_plugin.kernels.cuda import CUBLAS_WORKSPACE_BYTES, dequant_temp_bytes
 
     act = activation_bytes(MIXTRAL, 4096, 2)
     attn = 4096 * 4096 * 2  # the largest quantized projection, dequantized per call

@@ -96,7 +96,7 @@ def test_three_bit_all_resident_runs_the_class_major_kernel(src: Path, tmp_path:
     """Every expert resident on CPU: 3-bit values laid out class-major at load (the faster kernel), same logits;
     `info` reports the slot that plan uses."""
     from mixtral_offload_plugin.cli import main
-    from mixtral_offload_plugin.quant import axis0_native
+    from mixtral_offload_plugin.kernels import axis0_native
 
     if axis0_native.class_library() is None:
         pytest.skip("the class-major axis-0 kernel cannot be built here (no AVX-512 VBMI)")
@@ -262,7 +262,7 @@ def test_cpu_runs_the_packed_kernel_by_default_and_dense_slots_on_request(demo, 
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU default computes experts from the packed bytes (when the native kernel builds here); the dense slots
     stay one switch away. Both match the reference to REL."""
-    from mixtral_offload_plugin.quant import axis0_native
+    from mixtral_offload_plugin.kernels import axis0_native
 
     if slots == "dense":
         monkeypatch.setenv("MIXTRAL_OFFLOAD_AXIS0", "dense")
@@ -285,7 +285,7 @@ def test_cpu_runs_the_packed_kernel_by_default_and_dense_slots_on_request(demo, 
 def test_info_and_the_plan_count_the_packed_slot(demo, capsys: pytest.CaptureFixture,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from mixtral_offload_plugin.cli import main
-    from mixtral_offload_plugin.quant import axis0_native
+    from mixtral_offload_plugin.kernels import axis0_native
 
     if axis0_native.library() is None:
         pytest.skip("the native axis-0 kernel cannot be built here (no compiler or no AVX-512)")

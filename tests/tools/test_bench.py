@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mixtral_offload_plugin.tools.bench import parse_config
+from mixtral_offload_plugin.tools.bench.command import parse_config
 
 
 def test_parse_config_presets_and_overrides() -> None:
@@ -87,7 +87,7 @@ def test_schedule_runs_one_worker_at_a_time_when_they_do_not_fit(monkeypatch) ->
     """Three workers in 12 GiB groups on a machine with 20 GiB free must not be alive together."""
     import psutil
 
-    from mixtral_offload_plugin.tools.bench import _schedule
+    from mixtral_offload_plugin.tools.bench.command import _schedule
 
     class Mem:
         available = 20 << 30
@@ -106,7 +106,7 @@ def test_schedule_counts_each_rows_own_checkpoint(monkeypatch, tmp_path) -> None
 
     import psutil
 
-    from mixtral_offload_plugin.tools.bench import _schedule
+    from mixtral_offload_plugin.tools.bench.command import _schedule
 
     class Mem:
         available = 20 << 30
@@ -123,7 +123,7 @@ def test_schedule_counts_each_rows_own_checkpoint(monkeypatch, tmp_path) -> None
 
 
 def test_best_disk_rate_keeps_both_measurements() -> None:
-    from mixtral_offload_plugin.tools.disk_rate import best_rate
+    from mixtral_offload_plugin.tools.bench.disk_rate import best_rate
 
     before = {"rate": 9e8, "bytes": 1, "seconds": 1, "method": "O_DIRECT", "memory": "cgroup"}
     after = {"rate": 1.8e9, "bytes": 2, "seconds": 1, "method": "O_DIRECT", "memory": "cgroup"}

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from mixtral_offload_plugin.errors import BackendUnavailableError
-from mixtral_offload_plugin.tools import gguf
-from mixtral_offload_plugin.tools.bandwidth import active_weight_bytes, bound, measure_in_child
-from mixtral_offload_plugin.tools.bench import format_table, parse_config
-from mixtral_offload_plugin.tools.bench_compare import annotate, failed_checks, reference_row
+from mixtral_offload_plugin.tools.bench import gguf
+from mixtral_offload_plugin.tools.bench.bandwidth import active_weight_bytes, bound, measure_in_child
+from mixtral_offload_plugin.tools.bench.command import format_table, parse_config
+from mixtral_offload_plugin.tools.bench.compare import annotate, failed_checks, reference_row
 
 
 def _llamacpp_missing() -> str | None:
@@ -185,8 +185,8 @@ def test_llamacpp_rows_side_by_side(tmp_path: Path, capsys) -> None:
     # no EOS stop: with EOS set to the first greedy token, llama.cpp still returns exactly max_new_tokens tokens
     import torch
 
-    from mixtral_offload_plugin.tools.bench_llamacpp import LlamaCppModel
-    from mixtral_offload_plugin.tools.bench_worker import _prompt_ids
+    from mixtral_offload_plugin.tools.bench.llamacpp import LlamaCppModel
+    from mixtral_offload_plugin.tools.bench.worker import _prompt_ids
 
     model = LlamaCppModel(Path(f16["resolved"]["gguf"]), threads=1, n_ctx=64,
                           kv_overrides={"tokenizer.ggml.eos_token_id": f16["tokens"][0]})

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mixtral_offload_plugin.errors import BackendUnavailableError, CheckpointError
-from mixtral_offload_plugin.tools import gguf
+from mixtral_offload_plugin.tools.bench import gguf
 
 # Records each call (argv and the staged files) in calls.jsonl next to itself and writes the staged tokenizer's
 # vocabulary size into the output file; exits like llama.cpp's converter does when it cannot read a vocabulary if

@@ -113,7 +113,7 @@ def parse_config(spec: str) -> BenchConfig:
         elif key == "limit":
             cfg.limited = bool(_coerce(value))
         elif key == "device":
-            from ..config import OffloadConfig
+            from ...config import OffloadConfig
 
             cfg.device = OffloadConfig(device=value).device  # validated: cpu, cuda, cuda:N
             if cfg.engine == "accelerate" and value != "cpu":
@@ -127,7 +127,7 @@ def parse_config(spec: str) -> BenchConfig:
             msg = f"override {key!r} applies only to our configurations, not {name!r}"
             raise ValueError(msg)
     if cfg.engine == "ours":
-        from ..config import OffloadConfig
+        from ...config import OffloadConfig
 
         OffloadConfig(**cfg.offload)  # validate now, before any process starts
     return cfg
@@ -145,11 +145,11 @@ def resolve_model(args: argparse.Namespace) -> Path:
             raise ValueError(msg)
         return path
     if args.synthetic:
-        from ..models.synthetic import parse_spec
-        from .synth import ensure_synthetic
+        from ...models.synthetic import parse_spec
+        from ..synth import ensure_synthetic
 
         return ensure_synthetic(parse_spec(args.synthetic), args.cache_dir)
-    from ..models.demo_model import default_model_path
+    from ...models.demo_model import default_model_path
 
     return default_model_path()
 
@@ -157,10 +157,10 @@ def resolve_model(args: argparse.Namespace) -> Path:
 def checkpoint_bytes(path: Path) -> tuple[int, int, int]:
     """(trunk bytes, expert bytes, number of experts) from the safetensors headers or, for an offload-format folder,
     its manifest (no weight is read)."""
-    from ..runtime.checkpoints import checkpoint_format
+    from ...runtime.checkpoints import checkpoint_format
 
     if checkpoint_format(path) == "mixtral-offloading":  # its shards name experts module-relatively: ask the reader
-        from ..runtime.checkpoints import open_checkpoint
+        from ...runtime.checkpoints import open_checkpoint
 
         ckpt = open_checkpoint(path)
         try:

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackendUnavailableError, CheckpointError
-from ..models.tokenizers import TOKENIZER_FILES
+from ...errors import BackendUnavailableError, CheckpointError
+from ...models.tokenizers import TOKENIZER_FILES
 
 CONVERTER_ENV = "MIXTRAL_OFFLOAD_LLAMACPP_CONVERTER"
 FLOAT_TYPES = ("f32", "f16", "bf16")  # written by the converter
@@ -332,7 +332,7 @@ def read_gguf(path: Path) -> GgufInfo:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mixtral_offload_plugin.tools.gguf")
+    p = argparse.ArgumentParser(prog="python -m mixtral_offload_plugin.tools.bench.gguf")
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("quantize", help="llama.cpp's quantizer, in this process")
     q.add_argument("src")

@@ -40,10 +40,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import MixtralOffloadError
+from ...errors import MixtralOffloadError
 from .bandwidth import measure_in_child
-from .bench_compare import annotate, failed_checks
-from .bench_config import (
+from .compare import annotate, failed_checks
+from .config import (
     _BUDGETED,
     DEFAULT_CONFIGS,
     WORKING_MEMORY,
@@ -52,7 +52,7 @@ from .bench_config import (
     parse_config,
     resolve_model,
 )
-from .bench_report import format_table, mib, print_report, summarize_row
+from .report import format_table, mib, print_report, summarize_row
 from .cgroups import CGROUP_ROOT, MemoryGroup
 from .disk_rate import add_bounds, best_rate, measure_disk_rate, resident_compute_seconds
 from .gguf import find_converter
@@ -77,7 +77,7 @@ class Worker:
         env = dict(os.environ, MIXTRAL_OFFLOAD_QUIET="1", TRANSFORMERS_VERBOSITY="error",
                    TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mixtral_offload_plugin.tools.bench_worker", "--worker", json.dumps(spec)],
+            [sys.executable, "-m", "mixtral_offload_plugin.tools.bench.worker", "--worker", json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
             pass_fds=(wfd,), env=env, text=True, preexec_fn=self.group.enter if self.group else None)
         os.close(wfd)
@@ -127,7 +127,7 @@ def _trace_path(base: str | None, cfg: BenchConfig, n_ours: int) -> str | None:
 def measure_runtime_baseline(log_dir: Path) -> int:
     """RSS of a worker after importing torch, transformers and this package, with no model loaded."""
     code = ("import torch, transformers, mixtral_offload_plugin.runtime.loading;"
-            "from mixtral_offload_plugin.tools.bench_worker import _peak_rss; print(_peak_rss())")
+            "from mixtral_offload_plugin.tools.bench.worker import _peak_rss; print(_peak_rss())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -135,7 +135,7 @@ def measure_runtime_baseline(log_dir: Path) -> int:
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    from ..config import parse_size
+    from ...config import parse_size
 
     configs = _with_reference([parse_config(s) for s in _split_configs(args.configs)], args.check_tokens)
     path = resolve_model(args)
@@ -287,7 +287,7 @@ def _prepare_llamacpp(configs: list[BenchConfig], path: Path, args: argparse.Nam
     wanted = [(Path(c.model) if c.model else path, c.dtype) for c in configs if c.engine == "llamacpp"]
     if not wanted:
         return {}
-    from .bench_llamacpp import prepare
+    from .llamacpp import prepare
 
     def say(text: str) -> None:
         if not args.quiet:
@@ -356,7 +356,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _validate(args: argparse.Namespace) -> None:
     """Every option error before anything is built or started."""
-    from ..config import parse_size
+    from ...config import parse_size
 
     if args.repeats < 1 or args.new_tokens < 2 or args.prompt_tokens < 1:
         msg = "--repeats must be >= 1, --new-tokens >= 2 and --prompt-tokens >= 1"

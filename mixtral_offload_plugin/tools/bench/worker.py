@@ -1,6 +1,6 @@
 """One `mixtral-offload bench` configuration in its own process: the measurement inside the worker.
 
-The parent (`bench.Worker`) starts `python -m mixtral_offload_plugin.tools.bench_worker --worker SPEC`, optionally
+The parent (`bench.Worker`) starts `python -m mixtral_offload_plugin.tools.bench.worker --worker SPEC`, optionally
 inside a memory group, and exchanges one JSON line per command over a pipe. `worker_main` (child side) loads the model with
 its engine (ours, transformers dense, accelerate offloading, or llama.cpp through bench_llamacpp.py), warms it up,
 reports the weight bytes each decoded token reads (bandwidth.py), and for each "run" decodes the prompt greedily and
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..models.tokenizers import has_tokenizer
+from ...models.tokenizers import has_tokenizer
 
 PROMPT = ("The old lighthouse keeper climbed the stairs every evening to light the lamp, and the ships "
           "that passed the rocky coast")
@@ -100,13 +100,13 @@ def _load(spec: dict[str, Any], scratch: Path) -> tuple[Any, list[Path], dict[st
 
     path = Path(spec["model"])
     if spec["engine"] == "llamacpp":
-        from .bench_llamacpp import load
+        from .llamacpp import load
 
         return load(spec)
     device = spec.get("device", "cpu")
     if spec["engine"] == "ours":
-        from ..config import OffloadConfig
-        from ..runtime.loading import load_model
+        from ...config import OffloadConfig
+        from ...runtime.loading import load_model
 
         model = load_model(path, OffloadConfig(**{**spec["offload"], "device": device}))
         session = model.session()
@@ -138,8 +138,8 @@ def _weight_bytes(model: Any) -> dict[str, int] | None:
 
     if hasattr(model, "weight_bytes"):
         return model.weight_bytes().to_dict()
-    from ..errors import MixtralOffloadError
-    from ..runtime.skeleton import find_architecture
+    from ...errors import MixtralOffloadError
+    from ...runtime.skeleton import find_architecture
 
     cfg = model.config.get_text_config()
     try:
@@ -147,7 +147,7 @@ def _weight_bytes(model: Any) -> dict[str, int] | None:
     except MixtralOffloadError:  # a family we do not know: no bound for this row
         return None
     tensors = [(n, t.numel() * t.element_size()) for n, t in (*model.named_parameters(), *model.named_buffers())]
-    from ..runtime.session import Session
+    from ...runtime.session import Session
 
     session = Session(model)
     if session.offloaded:
@@ -186,7 +186,7 @@ def worker_main(spec: dict[str, Any]) -> int:
         if ours:
             model.reset_offload_stats()
             if spec.get("trace"):  # after the warm-up, so the trace and the reported counters cover the same calls
-                from .trace import RoutingRecorder
+                from ..trace import RoutingRecorder
 
                 recorder = RoutingRecorder(model, spec["trace"])
         send({"load_seconds": load_seconds, "resolved": resolved, "weight_bytes": _weight_bytes(model),

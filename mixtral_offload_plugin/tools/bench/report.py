@@ -7,8 +7,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from .bench_compare import extra_columns
-from .bench_config import BenchConfig
+from .compare import extra_columns
+from .config import BenchConfig
 
 
 def summarize_row(cfg: BenchConfig, load: dict[str, Any] | None, reps: list[dict[str, Any]], final: dict[str, Any] | None,

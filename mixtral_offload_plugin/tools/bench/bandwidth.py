@@ -101,7 +101,7 @@ def measure_in_child(nbytes: int = 1 << 30, threads: int | None = None) -> dict[
 
 
 if __name__ == "__main__":
-    _p = argparse.ArgumentParser(prog="python -m mixtral_offload_plugin.tools.bandwidth")
+    _p = argparse.ArgumentParser(prog="python -m mixtral_offload_plugin.tools.bench.bandwidth")
     _p.add_argument("--bytes", type=int, default=1 << 30)
     _p.add_argument("--threads", type=int, default=None)
     _a = _p.parse_args()

@@ -3,7 +3,7 @@
 `read_rate(paths)` reads the files (the model's expert files: what decoding reads) from the start, in large blocks,
 with direct I/O (`O_DIRECT`, page-aligned buffer: nothing comes from or goes into the page cache), or, where the
 filesystem refuses direct I/O, with buffered reads after dropping the files from the page cache. `bench` runs it as
-`python -m mixtral_offload_plugin.tools.disk_rate FILE...` inside the same memory cgroup as the offloaded rows.
+`python -m mixtral_offload_plugin.tools.bench.disk_rate FILE...` inside the same memory cgroup as the offloaded rows.
 
 `tokens_per_second_bound(bytes_per_token, rate, compute_s)`: a token cannot take less than reading the bytes it must
 read from disk plus computing it at the speed of the model with every expert in memory (no overlap assumed: an
@@ -113,7 +113,7 @@ def measure_disk_rate(path: Path, limit: int | None) -> dict[str, Any]:
     group = MemoryGroup(f"mixtral-bench-{os.getpid()}-disk", limit) if limit is not None else None
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "mixtral_offload_plugin.tools.disk_rate", *map(str, files)], capture_output=True,
+            [sys.executable, "-m", "mixtral_offload_plugin.tools.bench.disk_rate", *map(str, files)], capture_output=True,
             text=True, check=True, preexec_fn=group.enter if group is not None and group.ok else None)
     finally:
         if group is not None:
