@@ -67,8 +67,9 @@ def default_converter_dir(version: str) -> Path:
 
 
 def find_converter(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """The converter folder (holding convert_hf_to_gguf.py and gguf-py/): `explicit`, else $MIXTRAL_OFFLOAD_LLAMACPP_
-    CONVERTER, else `default_converter_dir()`. A folder with a VERSION file must match the installed version."""
+    """The converter folder (holding convert_hf_to_gguf.py and gguf-py/): `explicit`, else
+    $MIXTRAL_OFFLOAD_LLAMACPP_CONVERTER, else `default_converter_dir()`. A folder with a VERSION file must match the
+    installed version."""
     version = llamacpp_version()
     given = explicit or os.environ.get(CONVERTER_ENV)
     where = Path(given) if given else default_converter_dir(version)
