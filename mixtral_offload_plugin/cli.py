@@ -63,7 +63,8 @@ def _check_sampling(a: argparse.Namespace) -> None:
 
 def _sampling(a: argparse.Namespace) -> dict[str, Any]:
     return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p,
-            "top_k": getattr(a, "top_k", None), "stop": getattr(a, "stop", None) or None}
+            "top_k": getattr(a, "top_k", None), "stop": getattr(a, "stop", None) or None,
+            "ban_eos": bool(getattr(a, "ignore_eos", False))}
 
 
 def _load(a: argparse.Namespace) -> Any:
@@ -183,12 +184,40 @@ def cmd_chat(a: argparse.Namespace) -> int:
 def cmd_info(a: argparse.Namespace) -> int:
     from .tools.info import describe_checkpoint
 
-    info = describe_checkpoint(a.path, config_from_args(a))
+    info = describe_checkpoint(a.path or model_path(a), config_from_args(a))
     if a.json:
         print(json.dumps(info, indent=2))
     else:
         for key, value in info.items():
             print(f"{key:>24}: {value}")
+    return 0
+
+
+def cmd_cache(a: argparse.Namespace) -> int:
+    """The folders the first quantized load of a plain checkpoint converts it into (OffloadConfig.convert_cache)."""
+    from .runtime.conversion import cache_dir, conversions, remove_conversions
+
+    config = config_from_args(a)
+    root = cache_dir(config)
+    if a.action == "clear":
+        removed = remove_conversions(config, stale_only=a.stale)
+        print(f"removed {len(removed)} converted folder(s) from {root}" + "".join(f"\n  {p}" for p in removed))
+        return 0
+    entries = conversions(config)
+    if a.json:
+        print(json.dumps({"root": str(root), "folders": entries}, indent=2))
+        return 0
+    if not entries:
+        print(f"no converted folders in {root}")
+        return 0
+    total = sum(e["bytes"] for e in entries)
+    print(f"{len(entries)} converted folder(s) in {root}, {total / 2**30:.2f} GiB:")
+    for e in entries:
+        s = e["settings"]
+        what = f"{s.get('expert_bits', '?')}-bit experts g{s.get('expert_group_size', '?')}, attention " \
+               f"{s.get('attn_bits', '?')}-bit"
+        state = "" if e["current"] else " [source changed or gone: `cache clear --stale` removes it]"
+        print(f"  {e['path']}  {e['bytes'] / 2**30:.2f} GiB  from {e['source']} ({what}){state}")
     return 0
 
 
@@ -232,10 +261,15 @@ def add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int) -> Non
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop before this text (repeat for several)")
     g.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: none: a new draw each run)")
+    g.add_argument("--ignore-eos", action="store_true", help="never stop at the end-of-sequence token (only at "
+                   "--max-new-tokens or a --stop text): benchmarks of a fixed length")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="mixtral-offload", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"mixtral-offload {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="stream a completion of a prompt")
@@ -253,11 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_offload_args(c)
     c.set_defaults(func=cmd_chat)
 
-    i = sub.add_parser("info", help="what a checkpoint is and the memory it needs for a cache budget")
-    i.add_argument("path", help="checkpoint folder (plain HF or offload format)")
+    i = sub.add_parser("info", help="what a checkpoint is and the plan a load would follow (memory, cache, kernels)")
+    i.add_argument("path", nargs="?", default=None,
+                   help="checkpoint folder (plain HF, offload format, mixtral-offloading; default: the embedded demo "
+                        "model)")
     i.add_argument("--json", action="store_true")
     add_offload_args(i)
     i.set_defaults(func=cmd_info)
+
+    ca = sub.add_parser("cache", help="list or clear the converted folders kept by quantized loads of plain "
+                                      "checkpoints")
+    ca.add_argument("action", nargs="?", choices=("list", "clear"), default="list")
+    ca.add_argument("--stale", action="store_true", help="clear only folders whose source changed or is gone")
+    ca.add_argument("--json", action="store_true")
+    add_config_arguments(ca, names=["convert_cache"])
+    ca.set_defaults(func=cmd_cache)
 
     pl = sub.add_parser("plugins", help="list installed plugins and what each registers")
     pl.add_argument("--json", action="store_true")
@@ -289,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     except MixtralOffloadError as exc:
         print(f"mixtral-offload: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # every command writes its output atomically (or not at all): say so and leave
+        print(f"\nmixtral-offload {args.command}: interrupted; nothing was left half-written", file=sys.stderr)
         return 130
 
 

@@ -312,6 +312,39 @@ def write_conversion(src: str | os.PathLike[str], dst: Path, config: Any, model:
     return dst
 
 
+def conversions(config: Any) -> list[dict[str, Any]]:
+    """The folders kept in the conversion cache: path, source, settings, size, whether the source still exists and is
+    unchanged (`mixtral-offload cache list`)."""
+    root = cache_dir(config)
+    out: list[dict[str, Any]] = []
+    if root is None or not root.exists():
+        return out
+    for origin in sorted(root.glob(f"*/{ORIGIN}")):
+        folder = origin.parent
+        try:
+            meta = json.loads(origin.read_text())
+            source = Path(meta["source"])
+            current = source.exists() and json.loads(json.dumps(_fingerprint(source))) == meta["fingerprint"]
+            settings = meta.get("settings", {})
+        except (OSError, ValueError, KeyError, TypeError):
+            source, current, settings = Path("?"), False, {}
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        out.append({"path": str(folder), "source": str(source), "current": current, "bytes": size,
+                    "settings": settings})
+    return out
+
+
+def remove_conversions(config: Any, *, stale_only: bool = False) -> list[str]:
+    """Remove the kept conversions (only those whose source changed or is gone with `stale_only`); returns them."""
+    removed = []
+    for entry in conversions(config):
+        if stale_only and entry["current"]:
+            continue
+        shutil.rmtree(entry["path"], ignore_errors=True)
+        removed.append(entry["path"])
+    return removed
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """One process at a time converts a given source and settings (the lock file stays: removing it would race)."""

@@ -138,6 +138,8 @@ def plan_load(path: str | os.PathLike[str], config: OffloadConfig | None = None)
         msg = f"config must be an OffloadConfig, got {type(config).__name__}"
         raise ConfigError(msg)
     path = Path(path)
+    if not path.exists():
+        _missing_folder(path)
     plugins.load_plugins()
     for kind, name in (("policy", config.policy), ("prefetcher", config.prefetch), ("quantizer", config.quantizer)):
         plugins.resolve(kind, name)
@@ -167,6 +169,21 @@ def plan_load(path: str | os.PathLike[str], config: OffloadConfig | None = None)
                      free_before, notes)
     finally:
         reader.close()
+
+
+def _missing_folder(path: Path) -> None:
+    """A folder that is not there: say so, and for what looks like a Hugging Face Hub id, how to get the model."""
+    from ..errors import CheckpointError
+
+    parts = str(path).split("/")
+    if len(parts) == 2 and all(parts) and not str(path).startswith((".", "~")):
+        msg = (f"{path} is not a folder here; it looks like a Hugging Face Hub id, and mixtral-offload never downloads "
+               f"models. Download it first, e.g. `huggingface-cli download {path} --local-dir ~/models/{parts[1]}` "
+               "(safetensors weights, config.json and the tokenizer), then give that folder")
+    else:
+        msg = (f"checkpoint folder not found: {path} (give a folder holding config.json and *.safetensors, or a "
+               "folder written by `mixtral-offload convert`)")
+    raise CheckpointError(msg)
 
 
 def _plan(path: Path, fmt_name: str, read_from: Path, conversion: str | None, reader: Any, model_config: Any,

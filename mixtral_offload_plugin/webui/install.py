@@ -1,8 +1,11 @@
-"""`python -m mixtral_offload_plugin.webui install --tgw-dir DIR [--copy]`: put the extension into a TextGen checkout.
+"""`python -m mixtral_offload_plugin.webui install --tgw-dir DIR [--link]`: put the extension into a TextGen checkout.
 
-Links (or copies) `webui_extension/mixtral_offload` into the extensions folder that TextGen version reads: the
-user-data `extensions/` folder for v3.7 and later (it wins over the repo's), the repo's `extensions/` before that.
-It touches nothing else; the package itself must be pip-installed into TextGen's Python (`cmd_linux.sh`).
+Copies (or, with `--link`, symlinks) `webui_extension/mixtral_offload` into the extensions folder that TextGen version
+reads: the user-data `extensions/` folder for v3.7 and later (it wins over the repo's), the repo's `extensions/`
+before that. The extension is a small shim that imports the installed package, so a copy (the default, on every
+platform) survives moving the source checkout and reinstalling the package; a link (development) follows the
+checkout. It touches nothing else; run it with TextGen's own Python (`cmd_linux.sh`, `cmd_macos.sh`,
+`cmd_windows.bat` open a shell with it), into which the package must be installed.
 """
 
 from __future__ import annotations
@@ -56,8 +59,8 @@ def _is_ours(path: Path) -> bool:
     return script.is_file() and "mixtral_offload_plugin.webui" in script.read_text(encoding="utf-8", errors="replace")
 
 
-def install(tgw_dir: Path, copy: bool = False, force: bool = False, user_data_dir: Path | None = None) -> Path:
-    """Link (default) or copy the extension; replaces an earlier install of ours. Returns the target path."""
+def install(tgw_dir: Path, copy: bool = True, force: bool = False, user_data_dir: Path | None = None) -> Path:
+    """Copy (default) or link the extension; replaces an earlier install of ours. Returns the target path."""
     src, dst = extension_source(), target_dir(tgw_dir, user_data_dir)
     if dst.is_symlink() or dst.exists():
         if not (force or dst.is_symlink() or _is_ours(dst)):
@@ -81,18 +84,26 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     inst = sub.add_parser("install", help="link or copy the extension into a TextGen checkout")
     inst.add_argument("--tgw-dir", required=True, type=Path, help="the TextGen (text-generation-webui) folder")
-    inst.add_argument("--copy", action="store_true", help="copy instead of symlinking (Windows)")
+    how = inst.add_mutually_exclusive_group()
+    how.add_argument("--copy", action="store_true", help="copy the extension folder (the default, on every platform: "
+                     "it survives moving or deleting the source checkout)")
+    how.add_argument("--link", action="store_true", help="symlink it to this package's copy instead (development: "
+                     "edits show at the next TextGen start; breaks if the package moves)")
     inst.add_argument("--force", action="store_true", help="replace an existing folder of the same name")
     inst.add_argument("--user-data-dir", type=Path, default=None,
                       help="TextGen's --user-data-dir, if you use one (default: DIR/user_data)")
     args = parser.parse_args(argv)
     try:
-        dst = install(args.tgw_dir, copy=args.copy, force=args.force, user_data_dir=args.user_data_dir)
+        dst = install(args.tgw_dir, copy=not args.link, force=args.force, user_data_dir=args.user_data_dir)
     except (InstallError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    how = "copied to" if args.copy else "linked at"
+    how = "linked at" if args.link else "copied to"
+    tgw = args.tgw_dir.expanduser().resolve()
+    models = (args.user_data_dir.expanduser().resolve() if args.user_data_dir else tgw / "user_data") / "models"
     print(f"extension {EXTENSION_NAME} {how} {dst}\n"
-          f"next: install this package into TextGen's Python (cmd_linux.sh, then pip install mixtral-offload-plugin),"
-          f"\n      start TextGen with --extensions {EXTENSION_NAME} and pick the {LOADER} loader in the Model tab")
+          f"this Python ({sys.executable}) has the package; TextGen must run with the same one (its cmd_* shell).\n"
+          f"next: put model folders in {models}, then from {tgw} run `python server.py --extensions {EXTENSION_NAME}` "
+          f"(or add {EXTENSION_NAME} to default_extensions in settings.yaml), pick a Mixtral folder in the Model "
+          f"tab ({LOADER} is selected for it) and Load")
     return 0

@@ -458,11 +458,11 @@ def test_install_links_copies_and_refuses(tmp_path):
     from mixtral_offload_plugin.webui import install
 
     new = fake_checkout(tmp_path / "new", user_extensions=True)
-    dst = install.install(new)
-    assert dst == new / "user_data" / "extensions" / "mixtral_offload" and dst.is_symlink()
+    dst = install.install(new)  # a copy by default: it survives moving the checkout or reinstalling the package
+    assert dst == new / "user_data" / "extensions" / "mixtral_offload" and not dst.is_symlink()
     assert (dst / "script.py").read_text() == (install.extension_source() / "script.py").read_text()
-    dst = install.install(new, copy=True)  # replaces our earlier link
-    assert not dst.is_symlink() and (dst / "script.py").is_file()
+    dst = install.install(new, copy=False)  # a link (development) replaces our earlier copy
+    assert dst.is_symlink() and (dst / "script.py").is_file()
     ud = install.install(new, user_data_dir=tmp_path / "ud")
     assert ud == tmp_path / "ud" / "extensions" / "mixtral_offload"
 
@@ -472,12 +472,12 @@ def test_install_links_copies_and_refuses(tmp_path):
     foreign = new / "user_data" / "extensions" / "mixtral_offload"
     import shutil
 
-    shutil.rmtree(foreign)
+    foreign.unlink() if foreign.is_symlink() else shutil.rmtree(foreign)
     foreign.mkdir()
     (foreign / "script.py").write_text("print('someone else')\n")
     with pytest.raises(install.InstallError, match="--force"):
         install.install(new)
-    assert install.install(new, force=True).is_symlink()
+    assert not install.install(new, force=True).is_symlink()
     with pytest.raises(install.InstallError, match="not a text-generation-webui"):
         install.install(tmp_path)
 
