@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from transformers import MixtralForCausalLM
 
 from mixtral_offload_plugin.cli import main
@@ -96,3 +97,33 @@ def test_chat_session_reuses_the_kv_cache(tiny_mixtral_tok):
         assert tok.decode(fresh[0, ids.shape[1]:], skip_special_tokens=True).strip() == session.messages[-1]["content"].strip()
     finally:
         model.unload()
+
+
+def test_bad_options_are_one_line_errors_before_loading(capsys, monkeypatch):
+    """Each bad option is refused before any model is loaded (a load would take minutes on a real model)."""
+    import mixtral_offload_plugin.runtime.loading as loading
+
+    monkeypatch.setattr(loading, "build", lambda plan: (_ for _ in ()).throw(AssertionError("loaded")))
+    for args, said in ((["--max-new-tokens", "0"], "max_new_tokens=0 is invalid: use an integer >= 1"),
+                       (["--top-p", "1.5"], "top_p=1.5 is invalid: use a number in (0, 1]"),
+                       (["--temperature", "-1"], "temperature=-1.0 is invalid: use 0 (greedy)"),
+                       (["--top-k", "0"], "top_k=0 is invalid"),
+                       (["--model", "someorg/somemodel"], "never downloads models")):
+        assert main(["generate", "x", "--device", "cpu", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert said in err and len(err.splitlines()) == 1, err
+    for args, said in ((["--cache-bytes", "lots"], "use a byte count or a number with K, M, G or T"),
+                       (["--expert-bits", "5"], "invalid choice: 5")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["generate", "x", *args])
+        assert exit_.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_help_shows_defaults_and_version(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 64)" in out and "(default: history)" in out and "--ignore-eos" in out
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("mixtral-offload 0.")
