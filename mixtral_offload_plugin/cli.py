@@ -10,7 +10,6 @@ import argparse
 import json
 import resource
 import sys
-import time
 from typing import Any
 
 from . import options

@@ -42,7 +42,7 @@ def as_load_error(exc: BaseException, key: Hashable) -> BaseException:
 class Slot:
     """One preallocated cache buffer and what it currently holds."""
 
-    __slots__ = ("index", "buffer", "key", "state", "done", "error", "event", "freed", "from_prefetch", "used")
+    __slots__ = ("buffer", "done", "error", "event", "freed", "from_prefetch", "index", "key", "state", "used")
 
     def __init__(self, index: int, buffer: torch.Tensor) -> None:
         self.index = index
@@ -78,7 +78,7 @@ class SyncLoader:
                     self.store.read_into(key, src)
                 slot.buffer[: src.numel()].copy_(src)
             slot.state = self.prepare(key, slot.buffer)
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+        except BaseException as exc:  # handed to the waiter
             slot.error = as_load_error(exc, key)
         finally:
             slot.done.set()
@@ -196,7 +196,7 @@ class CudaLoader(ThreadLoader):
             slot.event = event
             if staged is not None:
                 self._staged[staged] = event
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             slot.error = as_load_error(exc, key)
         finally:
             slot.done.set()

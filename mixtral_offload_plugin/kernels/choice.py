@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from ..storage.packing import ALIGN, align_up
 from ..quant.bitpacking import int4_offset, lut_unpack
 from ..quant.formats import (
     dequantize,
@@ -25,6 +24,7 @@ from ..quant.formats import (
     matrix_values,
     pad16_unpack,
 )
+from ..storage.packing import ALIGN, align_up
 from . import native
 from .torch_cpu import DenseMatmul, Int4Matmul, Pad16Int4Matmul, _scratch
 

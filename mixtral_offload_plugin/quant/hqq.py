@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..kernels import KernelDefaults, native
+from ..kernels.choice import plan_matrix
 from ..storage.packing import (
     ALIGN,
     ExpertLayout,
@@ -33,8 +35,6 @@ from ..storage.packing import (
     pack,
     unpack_views,
 )
-from ..kernels import KernelDefaults, native
-from ..kernels.choice import plan_matrix
 from . import QuantizerDefaults, QuantSpec
 from .formats import CPU_FORMS, dequantize, hqq_quantize, int4_ok, int4_pad16_ok, store_matrix, to_bitpack
 

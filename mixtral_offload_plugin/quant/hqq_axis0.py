@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..storage.packing import ALIGN, ExpertLayout, PackedExpert, align_up, dtype_from_name, unpack_views
 from ..kernels import KernelDefaults, axis0_native
 from ..kernels.torch_cpu import _scratch
+from ..storage.packing import ALIGN, ExpertLayout, PackedExpert, align_up, dtype_from_name, unpack_views
 from . import DenseKernel, QuantizerDefaults, QuantSpec
 
 FORMAT = "hqq_axis0"

@@ -19,7 +19,7 @@ from typing import Any
 CACHE_NAMES = ("cache", "past_key_values")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_params(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)
 

@@ -14,11 +14,11 @@ import pytest
 
 pytest.importorskip("langchain_core")
 
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage  # noqa: E402
-from test_langchain_standard import lc_model_params  # noqa: E402
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from test_langchain_standard import lc_model_params
 
-from langchain_integration import ChatMixtralOffload, MixtralOffloadLLM  # noqa: E402
-from mixtral_offload_plugin import OffloadConfig  # noqa: E402
+from langchain_integration import ChatMixtralOffload, MixtralOffloadLLM
+from mixtral_offload_plugin import OffloadConfig
 
 OFFLOAD = {"device": "cpu", "experts_per_layer": 4, "store": "disk", "prefetch": "gate"}
 TURNS = ["Tell me a fortune.", "Why?", "And tomorrow?"]

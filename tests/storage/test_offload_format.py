@@ -17,7 +17,6 @@ from mixtral_offload_plugin.storage.offload_format import (
     open_offload_checkpoint,
 )
 
-
 IDS = torch.tensor([[1, 17, 42, 99, 5]])
 
 

@@ -42,6 +42,7 @@ from typing import Any
 
 from ...errors import MixtralOffloadError
 from .bandwidth import measure_in_child
+from .cgroups import CGROUP_ROOT, MemoryGroup
 from .compare import annotate, failed_checks
 from .config import (
     _BUDGETED,
@@ -52,10 +53,9 @@ from .config import (
     parse_config,
     resolve_model,
 )
-from .report import format_table, mib, print_report, summarize_row
-from .cgroups import CGROUP_ROOT, MemoryGroup
 from .disk_rate import add_bounds, best_rate, measure_disk_rate, resident_compute_seconds
 from .gguf import find_converter
+from .report import format_table, mib, print_report, summarize_row
 
 __all__ = [  # the configurations' and the memory group's names stay importable from here
     "CGROUP_ROOT", "DEFAULT_CONFIGS", "WORKING_MEMORY", "BenchConfig", "MemoryGroup", "Worker",
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     rows: dict[int, dict[str, Any]] = {}
     meta["schedule"] = _schedule(args.schedule, configs, limit, trunk + expert_bytes)
     bar = tqdm(total=len(configs) * (1 + args.repeats), desc="bench", unit="step",
-               disable=args.quiet or not sys.stderr.isatty() and not args.progress)
+               disable=args.quiet or (not sys.stderr.isatty() and not args.progress))
 
     def start(i: int, cfg: BenchConfig) -> None:
         group, memory = None, "unlimited"
