@@ -192,7 +192,9 @@ class ExpertCache:
 
     # -- speculative path ------------------------------------------------------------------------------------
     def prefetch(self, layer: int, experts: Sequence[int], protected: Iterable[Key] = ()) -> int:
-        """Start loading guessed experts of `layer`; never evicts `protected` or in-flight slots. Returns loads started."""
+        """Start loading guessed experts of `layer`; never evicts `protected` or in-flight slots.
+
+        Returns loads started."""
         pid = self.pool_of[layer]
         pool = self.pools[pid]
         keep = set(protected) | {(layer, e) for e in experts}

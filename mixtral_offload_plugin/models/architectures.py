@@ -111,7 +111,8 @@ def read_expert(ckpt: Any, layer: int, expert: int, per_expert: dict[tuple[int, 
         return {"gate_up": torch.cat([read(roles["gate"]), read(roles["up"])], dim=0), "down": read(roles["down"])}
     kinds = fused.get(layer, {})
     if "gate_up_proj" in kinds and "down_proj" in kinds:
-        return {"gate_up": ckpt.get_rows(kinds["gate_up_proj"], expert), "down": ckpt.get_rows(kinds["down_proj"], expert)}
+        return {"gate_up": ckpt.get_rows(kinds["gate_up_proj"], expert),
+                "down": ckpt.get_rows(kinds["down_proj"], expert)}
     msg = f"no weights for layer {layer} expert {expert} in the checkpoint; it is incomplete or of another model"
     raise CheckpointError(msg)
 

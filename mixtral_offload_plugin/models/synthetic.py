@@ -132,8 +132,8 @@ class SyntheticSpec:
                 msg = f"synthetic model {self.preset!r}: {name}={value!r} must be a positive integer"
                 raise ConfigError(msg)
         if self.hidden % self.heads or self.heads % self.kv_heads or self.top_k > self.experts:
-            msg = (f"synthetic model {self.preset!r}: heads ({self.heads}) must divide hidden ({self.hidden}), kv_heads "
-                   f"({self.kv_heads}) must divide heads, top_k ({self.top_k}) <= experts ({self.experts})")
+            msg = (f"synthetic model {self.preset!r}: heads ({self.heads}) must divide hidden ({self.hidden}), "
+                   f"kv_heads ({self.kv_heads}) must divide heads, top_k ({self.top_k}) <= experts ({self.experts})")
             raise ConfigError(msg)
         if self.format not in FORMATS:
             msg = f"synthetic model {self.preset!r}: format={self.format!r}; use one of {FORMATS}"

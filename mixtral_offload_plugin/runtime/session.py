@@ -120,7 +120,8 @@ class Session:
         rt = self._rt()
         return {"offloaded": True, "path": rt.path, "holding": self.holding(),
                 "plan": rt.load_plan.describe() if rt.load_plan is not None else None,
-                "config": rt.config.to_dict(), "resident": {layer: sorted(self.resident(layer)) for layer in self.layers},
+                "config": rt.config.to_dict(),
+                "resident": {layer: sorted(self.resident(layer)) for layer in self.layers},
                 "capacity": {layer: self.capacity(layer) for layer in self.layers},
                 "stats": rt.cache.stats().to_dict(), "loader_alive": self.loader_alive,
                 "fused_decode": bool(rt.fused)}

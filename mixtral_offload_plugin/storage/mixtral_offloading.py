@@ -24,7 +24,7 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -177,7 +177,7 @@ def _count(cfg: dict[str, Any], name: str, path: Path) -> int:
 class MixtralOffloadingCheckpoint(HFCheckpoint):
     """An opened mixtral-offloading folder: every shard's header checked at open, tensors read on demand."""
 
-    DTYPES = {**HFCheckpoint.DTYPES, "U8": torch.uint8, "I32": torch.int32}
+    DTYPES: ClassVar[dict[str, torch.dtype]] = {**HFCheckpoint.DTYPES, "U8": torch.uint8, "I32": torch.int32}
     quantizer_name = PACKED_FORMAT
     packed = True  # experts and attention come as the checkpoint stores them (hqq 0.1.1 axis-0 HQQ)
 

@@ -11,6 +11,7 @@ our own (the page-cache baseline). Stores never evict and are never written back
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import mmap
@@ -275,7 +276,8 @@ class DiskStore(StoreDefaults):
     def _direct_span(self, rec: DiskRecord, out: torch.Tensor) -> int | None:
         """Bytes to read with direct I/O (whole pages into a page-aligned buffer), or None to read through the cache."""
         span = align_up(rec.layout.nbytes, PAGE)
-        if not self.direct or rec.path in self._ends or out.numel() < span or out.data_ptr() % PAGE or rec.offset % PAGE:
+        if (not self.direct or rec.path in self._ends or out.numel() < span or out.data_ptr() % PAGE
+                or rec.offset % PAGE):
             return None
         if self._direct_fd(rec.path) is None or self._sizes[rec.path] < rec.offset + span:
             return None
@@ -326,10 +328,8 @@ class DiskStore(StoreDefaults):
 
 def _release(fds: dict[Path, int], direct_fds: dict[Path, int | None], owned_root: Path | None) -> None:
     for fd in [*fds.values(), *(d for d in direct_fds.values() if d is not None)]:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
     fds.clear()
     direct_fds.clear()
     if owned_root is not None:
@@ -401,8 +401,7 @@ class MmapStore(DiskStore):
         maps, self._maps = self._maps, {}
         for mm, view in maps.values():
             del view
-            try:
+            # BufferError: a tensor still views the mapping: it is unmapped when that tensor goes
+            with contextlib.suppress(BufferError):
                 mm.close()
-            except BufferError:  # a tensor still views the mapping: it is unmapped when that tensor goes
-                pass
         super().close()

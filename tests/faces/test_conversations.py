@@ -77,7 +77,7 @@ def test_chat_with_a_seed_samples_what_a_fresh_generation_samples(params: dict[s
 
 def test_llm_prompt_that_extends_the_last_one_reuses_it(params: dict[str, Any]) -> None:
     llm = MixtralOffloadLLM(**params)
-    model, tok = llm._load()
+    model, _ = llm._load()
     first = llm.invoke("Once upon a time")
     prompt_tokens = model.last_generation_stats().prompt_tokens
     longer = "Once upon a time" + first + " and then"

@@ -198,7 +198,7 @@ def test_two_hundred_generations_do_not_leak(demo_model_path):
             model.generate(ids, max_new_tokens=8, do_sample=True, pad_token_id=0)
         gc.collect()
         rss0, threads0 = proc.memory_info().rss, threading.active_count()
-        for i in range(200):
+        for _ in range(200):
             model.generate(ids, max_new_tokens=8, do_sample=True, pad_token_id=0)
         gc.collect()
         rss1, threads1 = proc.memory_info().rss, threading.active_count()

@@ -76,10 +76,11 @@ class Worker:
         spec = dict(spec, result_fd=wfd)
         env = dict(os.environ, MIXTRAL_OFFLOAD_QUIET="1", TRANSFORMERS_VERBOSITY="error",
                    TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mixtral_offload_plugin.tools.bench.worker", "--worker", json.dumps(spec)],
-            stdin=subprocess.PIPE, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
-            pass_fds=(wfd,), env=env, text=True, preexec_fn=self.group.enter if self.group else None)
+        with open(self.log_path, "w") as log:  # the child writes to its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mixtral_offload_plugin.tools.bench.worker", "--worker", json.dumps(spec)],
+                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                pass_fds=(wfd,), env=env, text=True, preexec_fn=self.group.enter if self.group else None)
         os.close(wfd)
         self.results = os.fdopen(rfd, "r")
         self.error: str | None = None
@@ -316,8 +317,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "bf16, f32, q8_0, q4_0, q4_k_m, ...; needs llama-cpp-python, see "
                         "scripts/build_llama_cpp.sh); add :key=value overrides "
                         "(OffloadConfig fields, cold, limit, device; model=PATH: this row's checkpoint instead of "
-                        "--model, e.g. a folder made by convert; name=LABEL), e.g. disk-k4-cold-prefetch:prefetch_depth=2 "
-                        "(default: %(default)s)")
+                        "--model, e.g. a folder made by convert; name=LABEL), e.g. "
+                        "disk-k4-cold-prefetch:prefetch_depth=2 (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (default: 3)")
     p.add_argument("--schedule", default="auto", choices=("auto", "interleaved", "sequential"),
                    help="interleaved: all workers loaded, repeats taken in turn (drift spreads over every row); "
