@@ -49,6 +49,14 @@ class LayerCounters:
         "hits", "misses", "prefetch_issued", "prefetch_hits", "prefetch_wasted", "loads", "bytes_loaded",
     )
 
+    hits: int
+    misses: int
+    prefetch_issued: int
+    prefetch_hits: int
+    prefetch_wasted: int
+    loads: int
+    bytes_loaded: int
+
     def __init__(self) -> None:
         for name in self.__slots__:
             setattr(self, name, 0)

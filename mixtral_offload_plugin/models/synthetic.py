@@ -66,7 +66,8 @@ def make_random_mixtral(out: str | Path, *, hidden: int = 64, intermediate: int 
     cfg = mixtral_config(hidden=hidden, intermediate=intermediate, layers=layers, experts=experts, top_k=top_k,
                          heads=heads, kv_heads=kv_heads, vocab=vocab, context=context, std=std, **extra)
     torch.manual_seed(seed)
-    model = MixtralForCausalLM(cfg).to(dtype).eval()
+    # transformers wraps to() in a decorator whose stub loses the bound self: mypy takes dtype for the model
+    model = MixtralForCausalLM(cfg).to(dtype).eval()  # type: ignore[arg-type]
     out = Path(out)
     model.save_pretrained(out, save_original_format=not fused)
     return out

@@ -208,6 +208,9 @@ class QuantizedLinear(nn.Module):
     stay packed, which is what quantizing attention is for.
     """
 
+    packed: torch.Tensor  # buffers, registered in __init__
+    workspace: torch.Tensor
+
     def __init__(self, layout: ExpertLayout, data: torch.Tensor, bias: torch.Tensor | None,
                  device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()

@@ -78,7 +78,7 @@ def _step_full(ws: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, maxv: 
     return (d - shrunk / scale).mean(dim=1, keepdim=True), a.sum(dim=1, keepdim=True).sum()
 
 
-_EAGER = {"prepare": _prepare, "codes": _codes, "fast": _step_fast, "full": _step_full}
+_EAGER: dict[str, Callable[..., Any]] = {"prepare": _prepare, "codes": _codes, "fast": _step_fast, "full": _step_full}
 _compiled: dict[str, Any] = {}
 
 

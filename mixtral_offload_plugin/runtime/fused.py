@@ -80,7 +80,7 @@ class Unsupported(Exception):
     """This model cannot take the fused path (the reason is logged once at debug level)."""
 
 
-def _fn(lib: Any, name: str) -> int:
+def _fn(lib: Any, name: str) -> int | None:
     return ctypes.cast(getattr(lib, name), P).value
 
 
@@ -120,7 +120,7 @@ def _weight(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], keep: l
 class FusedDecoder:
     """The descriptors of one loaded model for `decode.c`, and the KV buffers it appends to."""
 
-    def __init__(self, model: nn.Module, rt: Any, lib: Any) -> None:
+    def __init__(self, model: Any, rt: Any, lib: Any) -> None:  # model: read as a Mixtral model, checked below
         from ..kernels.native import is_silu
         from .experts import OffloadedExperts
 
@@ -166,7 +166,9 @@ class FusedDecoder:
             ptrs = (P * (2 * n_exp))()
             for e in range(n_exp):
                 state = rt.cache.state_of(experts.layer_idx, e)
-                pair = (state.get("gate_up"), state.get("down")) if isinstance(state, dict) else (None, None)
+                pair: tuple[Any, Any] = (None, None)
+                if isinstance(state, dict):
+                    pair = (state.get("gate_up"), state.get("down"))
                 if not all(type(m) is native.QuantMatrix for m in pair):
                     msg = "experts that are not resident on the native quantized kernels"
                     raise Unsupported(msg)
@@ -283,7 +285,7 @@ def fused_forward(model: nn.Module, rt: Any, args: tuple[Any, ...], kwargs: dict
     fused = _decoder(model, rt)
     if fused is None or len(cache.layers) != fused.model.n_layers or fused.hooked():
         return None
-    first = cache.layers[0]
+    first: Any = cache.layers[0]  # a DynamicLayer with 4-d keys: the checks below, or the last step's views
     owned = fused.owns(cache)  # the layers hold the last step's views: checked then, the same now
     if not owned and (type(first) is not DynamicLayer or not first.is_initialized or first.keys is None or
                       first.keys.dim() != 4):

@@ -327,7 +327,7 @@ def _layout_bits(layout: Any) -> tuple[int, int | None]:
     """(bits, group size) a packed layout records (mixtral-offloading's per matrix); (16, None) for dense ones."""
     meta = layout.meta
     if "matrices" in meta:
-        first = next(iter(meta["matrices"].values()), {})
+        first: dict[str, Any] = next(iter(meta["matrices"].values()), {})
         return int(first.get("bits", 16)), first.get("group_size")
     bits = int(meta.get("bits", 16))
     return bits, (int(meta["group_size"]) if bits < 16 and meta.get("group_size") else None)

@@ -323,7 +323,7 @@ class OffloadWriter:
             self._file = open(self.out / expert_file_name(layer), "wb")  # noqa: SIM115 - closed in _close_file
             self._layer, self._offset = layer, 0
         self._file.seek(self._offset)
-        self._file.write(memoryview(packed.data.numpy()))
+        self._file.write(packed.data.numpy().data)
         self.entries.append({"layer": layer, "expert": expert, "file": expert_file_name(layer), "offset": self._offset,
                              "size": packed.nbytes, "crc32": packed.checksum(), "layout": packed.layout.to_dict()})
         self.expert_bytes += sum(r.nbytes for r in packed.layout.tensors)

@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 from ...errors import MixtralOffloadError
 from .bandwidth import measure_in_child
@@ -99,9 +99,10 @@ class Worker:
     def ask(self, command: str) -> dict[str, Any] | None:
         if self.error is not None:
             return None
+        stdin = cast(IO[str], self.proc.stdin)  # the worker was started with stdin=PIPE
         try:
-            self.proc.stdin.write(command + "\n")
-            self.proc.stdin.flush()
+            stdin.write(command + "\n")
+            stdin.flush()
         except (BrokenPipeError, OSError):
             pass
         return self.receive()
