@@ -110,10 +110,7 @@ class OffloadParams(BaseModel):
 
     def _load(self) -> tuple[Any, Any]:
         """The shared model and tokenizer, loaded on first use."""
-        if self.model is not None:
-            model = self.model
-        else:
-            model = _runtime.shared_model(self._checkpoint_dir(), self._config)
+        model = self.model if self.model is not None else _runtime.shared_model(self._checkpoint_dir(), self._config)
         source = self.tokenizer
         if source is None:
             source = self._checkpoint_dir(model)
@@ -153,7 +150,9 @@ class OffloadParams(BaseModel):
         opts["stop"] = stops
         return opts
 
-    def _start(self, model: Any, tok: Any, input_ids: Any, stop: list[str] | None, kwargs: dict[str, Any]) -> Generation:
+    def _start(
+        self, model: Any, tok: Any, input_ids: Any, stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> Generation:
         o = self._call_options(stop, kwargs)
         try:
             gen = Session(model, tok).generate(

@@ -10,13 +10,15 @@ import argparse
 import json
 import resource
 import sys
-import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from . import options
 from .config import OffloadConfig
 from .errors import GenerationError, MixtralOffloadError
 from .options import add_config_arguments
+
+if TYPE_CHECKING:
+    from .runtime.streaming import Finished
 
 
 def add_offload_args(p: argparse.ArgumentParser) -> None:
@@ -173,7 +175,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
                 print(f"\n[stopped after {gen.output_tokens} tokens; the reply so far stays in the conversation]",
                       file=sys.stderr)
                 continue
-            done, st = gen.result, session.stats()
+            done, st = cast("Finished", gen.result), session.stats()  # set once the iteration has ended
             print(f"\n[{done.tokens_per_second:.2f} tok/s, reused {done.reused_tokens} cached tokens, "
                   f"hit rate {st.hit_rate:.1%}]", file=sys.stderr)
     finally:
@@ -225,7 +227,7 @@ def cmd_plugins(a: argparse.Namespace) -> int:
     from . import plugins
 
     pm = plugins.load_plugins()
-    listing = {name: {} for name, _ in pm.list_name_plugin()}
+    listing: dict[str, dict[str, list[str]]] = {name: {} for name, _ in pm.list_name_plugin()}
     for kind in plugins.KINDS:
         for name, (_, plugin) in plugins.registry(kind).items():
             listing.setdefault(plugin, {}).setdefault(kind, []).append(name)

@@ -57,16 +57,17 @@ class OffloadConfig:
     """
 
     device: str = _option("auto", 'compute device: "cpu", "cuda" or "cuda:N" ("auto": cuda when available, else cpu)')
-    store: str = _option("auto", registry="store", help='where the canonical expert weights live: "host" (RAM, pinned on CUDA), "disk" '
-                         '(page-aligned files read into cache slots), "mmap" (kernels compute from the mapped files, '
-                         'no cache) or a plugin store; "auto": host on CUDA; on CPU, host when every expert is cached, '
-                         'else disk')
+    store: str = _option("auto", registry="store", help='where the canonical expert weights live: "host" (RAM, '
+                         'pinned on CUDA), "disk" (page-aligned files read into cache slots), "mmap" (kernels compute '
+                         'from the mapped files, no cache) or a plugin store; "auto": host on CUDA; on CPU, host when '
+                         'every expert is cached, else disk')
     store_dir: str | None = _option(None, "folder for the disk store's files when loading a plain checkpoint (default: "
                                     "a temporary folder removed by unload()); offload-format folders are read in place",
                                     audience="advanced")
-    experts_per_layer: int | None = _option(None, "cache size k per MoE layer (1..the model's experts); neither this nor "
-                                            "cache_bytes: every expert cached when it fits, else the largest cache "
-                                            "that fits", textgen=True, title="Experts cached per layer (0 = automatic)")
+    experts_per_layer: int | None = _option(None, "cache size k per MoE layer (1..the model's experts); neither "
+                                            "this nor cache_bytes: every expert cached when it fits, else the "
+                                            "largest cache that fits", textgen=True,
+                                            title="Experts cached per layer (0 = automatic)")
     cache_bytes: int | None = _option(None, "one global cache budget shared by all layers, e.g. 2G (exclusive with "
                                       "experts_per_layer)", kind="size")
     policy: str = _option("history", 'eviction policy: "history" (evict the expert the model\'s own recent routing '
@@ -89,9 +90,9 @@ class OffloadConfig:
                              choices=HEAD_BITS, textgen=True,
                              title="Output layer bits (16 = as stored; 8 or 4 decode faster on CPU)")
     head_group_size: int = _option(64, "HQQ group size of the output layer (a power of two >= 8)")
-    quantizer: str = _option("hqq", registry="quantizer", help='the registered quantizer of every part quantized below 16 bits (experts, '
-                             'attention, the output layer): "hqq" or a plugin\'s; folders stored quantized keep '
-                             'their own', audience="advanced")
+    quantizer: str = _option("hqq", registry="quantizer", help='the registered quantizer of every part quantized '
+                             'below 16 bits (experts, attention, the output layer): "hqq" or a plugin\'s; folders '
+                             'stored quantized keep their own', audience="advanced")
     quant_scales: bool = _option(False, "quantize HQQ scales and zeros to 8 bits (about 3 bits per weight for 2-bit "
                                  "group-16 experts)")
     quant_method: str = _option("hqq", 'how weights are quantized: "hqq" (HQQ\'s optimizer of the zero-points, about '
@@ -138,7 +139,8 @@ class OffloadConfig:
             not isinstance(self.experts_per_layer, int) or isinstance(self.experts_per_layer, bool)
             or self.experts_per_layer < 1
         ):
-            _fail("experts_per_layer", self.experts_per_layer, "must be an integer >= 1 (at most the number of experts)")
+            _fail("experts_per_layer", self.experts_per_layer,
+                  "must be an integer >= 1 (at most the number of experts)")
         if self.cache_bytes is not None and (not isinstance(self.cache_bytes, int) or self.cache_bytes <= 0):
             _fail("cache_bytes", self.cache_bytes, "must be a positive number of bytes")
         if not isinstance(self.prefetch_depth, int) or not 1 <= self.prefetch_depth <= 4:

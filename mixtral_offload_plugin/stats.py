@@ -45,7 +45,17 @@ class LayerStats(_Rates):
 class LayerCounters:
     """Live, mutable counters of one MoE layer (updated on the compute thread only); fields as `LayerStats`."""
 
-    __slots__ = ("hits", "misses", "prefetch_issued", "prefetch_hits", "prefetch_wasted", "loads", "bytes_loaded")
+    __slots__ = (  # noqa: RUF023  # LayerStats' field order, not sorted: freeze() passes the values positionally
+        "hits", "misses", "prefetch_issued", "prefetch_hits", "prefetch_wasted", "loads", "bytes_loaded",
+    )
+
+    hits: int
+    misses: int
+    prefetch_issued: int
+    prefetch_hits: int
+    prefetch_wasted: int
+    loads: int
+    bytes_loaded: int
 
     def __init__(self) -> None:
         for name in self.__slots__:

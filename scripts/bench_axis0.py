@@ -102,7 +102,8 @@ def main() -> None:
     if lib is None:
         raise SystemExit("the native axis-0 kernel is unavailable here (no compiler or no AVX-512)")
     print(f"threads {args.threads}, activations {args.dtype}, medians of {args.repeats}\n")
-    print("| layout | slot | slot MiB | slot load ms | " + " | ".join(f"{n} token{'s' * (n > 1)} ms" for n in TOKENS) + " |")
+    token_columns = " | ".join(f"{n} token{'s' * (n > 1)} ms" for n in TOKENS)
+    print("| layout | slot | slot MiB | slot load ms | " + token_columns + " |")
     print("|---|---|---:|---:|" + "---:|" * len(TOKENS))
     for name, (bits, group, packing) in LAYOUTS.items():
         packed = random_expert(bits, group, packing)

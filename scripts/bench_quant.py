@@ -69,7 +69,7 @@ def convert_child(args: argparse.Namespace) -> None:
 
         orig = hq.Quantizer.quantize.__func__
 
-        def rtn(cls, tensor, **kw):  # noqa: ANN001, ANN003, ANN202
+        def rtn(cls, tensor, **kw):
             return orig(cls, tensor, **{**kw, "optimize": False})
 
         hq.Quantizer.quantize = classmethod(rtn)

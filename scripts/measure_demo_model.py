@@ -131,20 +131,20 @@ def main(argv=None) -> int:
         "top_k": top_k,
         "chance_reuse": chance,
         "layers": layers,
-        "all_experts_used": all(l["min_usage"] > 0 for l in layers),
-        "no_expert_above_50pct": all(l["max_usage"] <= 0.5 for l in layers),
+        "all_experts_used": all(row["min_usage"] > 0 for row in layers),
+        "no_expert_above_50pct": all(row["max_usage"] <= 0.5 for row in layers),
     }
 
     print(f"model: {args.model}")
     print(f"validation: {count} scored tokens, loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
     print("\nexpert usage (% of routings) per layer:")
     print("layer | " + " | ".join(f"E{e}" for e in range(n_exp)) + " | max")
-    for l in layers:
-        print(f"{l['layer']:5d} | " + " | ".join(f"{100 * u:4.1f}" for u in l["usage"])
-              + f" | {100 * l['max_usage']:.1f}")
+    for row in layers:
+        print(f"{row['layer']:5d} | " + " | ".join(f"{100 * u:4.1f}" for u in row["usage"])
+              + f" | {100 * row['max_usage']:.1f}")
     print(f"\nP(token reuses >=1 of previous token's experts), chance = {100 * chance:.1f}%:")
-    for l in layers:
-        print(f"  layer {l['layer']}: {100 * l['reuse']:.1f}%  ({l['reuse'] / chance:.2f}x chance)")
+    for row in layers:
+        print(f"  layer {row['layer']}: {100 * row['reuse']:.1f}%  ({row['reuse'] / chance:.2f}x chance)")
     print(f"\nall experts used: {result['all_experts_used']}; "
           f"no expert above 50%: {result['no_expert_above_50pct']}")
 

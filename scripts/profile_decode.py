@@ -9,7 +9,8 @@ around it (logits processors, sampling, stopping criteria, cache bookkeeping) = 
 Part 2 (torch.profiler over the same decode, regions marked by the same hooks): for each region, the aten ops with
 the most self time and the time left to Python (region time - its ops' time). The profiler inflates short ops; read
 its numbers as shares inside a region, part 1's as the absolute split. Prefill is excluded from both.
-Our native kernels are ctypes calls, not aten ops: part 2 marks them `native::quant_mm`, `native::expert_silu`, `native::dense_bf16`.
+Our native kernels are ctypes calls, not aten ops: part 2 marks them `native::quant_mm`, `native::expert_silu`,
+`native::dense_bf16`.
 `--clock cpu` times with the calling thread's CPU time instead of wall time (with `--threads 1` on a busy machine,
 that is the time the work would take on a quiet one).
 Part 0, for a model on the fused decode path (resident, quantized, CPU: `runtime/fused.py`): forward hooks send every
@@ -257,7 +258,7 @@ def part2(model: Any, ids: torch.Tensor, new: int, top: int) -> None:
 
 def weight_bytes_per_token(model: Any, engine: str) -> int:
     """Bytes of weights one decoded token reads: the trunk without the embedding table, plus top-k experts per layer."""
-    seen, trunk, experts_total, n_experts = set(), 0, 0, 0
+    seen, trunk, experts_total = set(), 0, 0
     embed = model.get_input_embeddings().weight
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_meta or t.data_ptr() in seen or t is embed:
@@ -313,7 +314,7 @@ def main() -> None:
     with torch.no_grad():
         model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
     print(f"model {Path(args.model).name}, engine {args.engine} {' '.join(args.set)}, threads {args.threads}, "
-          f"prompt {args.prompt}, new {args.new}; load average {open('/proc/loadavg').read().split()[:3]}")
+          f"prompt {args.prompt}, new {args.new}; load average {Path('/proc/loadavg').read_text().split()[:3]}")
     part0(model, ids, args.new, args.repeats)
     part1(model, ids, args.new, args.repeats)
     wb = weight_bytes_per_token(model, args.engine)

@@ -40,7 +40,7 @@ def main() -> None:
     for w in mats:
         w_mo = torch.from_numpy(np_dequantize(quantize_linear(w.numpy(), 2, 16, 128), tuple(w.shape), "planar"))
         w_mo = w_mo.float()
-        rel = lambda a, b: ((a - b).norm() / w.norm()).item()  # noqa: E731
+        rel = lambda a, b, w=w: ((a - b).norm() / w.norm()).item()  # noqa: E731
         rows.setdefault("mixtral-offloading 2-bit g16 axis 0 vs W", []).append(rel(w_mo, w))
         rows.setdefault("ours 2-bit g16 from W vs W", []).append(rel(ours(w, 2, 16, True), w))
         for name, bits, group, qs in FORMS:

@@ -310,6 +310,7 @@ def main(argv=None) -> int:
 
     total_steps = args.steps
     calib_steps = 10
+    t_calib = None  # --minutes: set when step 3 starts, read when step calib_steps + 3 starts
     history = []
     t_train = time.time()
     step = 0

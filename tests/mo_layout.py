@@ -57,7 +57,7 @@ def pack_planar(q: np.ndarray, nbits: int) -> np.ndarray:
     if nbits == 8:
         return q.astype(np.uint8)
     if nbits == 3:
-        padded = np.zeros((10 * math.ceil(q.shape[0] / 10),) + q.shape[1:], np.int32)
+        padded = np.zeros((10 * math.ceil(q.shape[0] / 10), *q.shape[1:]), np.int32)
         padded[: q.shape[0]] = q
         step = padded.shape[0] // 10
         return np.bitwise_or.reduce([padded[k * step:(k + 1) * step] << (27 - 3 * k) for k in range(10)]).astype(
@@ -75,7 +75,7 @@ def pack_interleaved(q: np.ndarray, nbits: int) -> np.ndarray:
     4-bit MO src/packing.py:10-17, 2-bit :36-41, 3-bit :62-81 (int32, missing tail rows are zeros), @ce54518."""
     per = PER[nbits]
     rows = math.ceil(q.shape[0] / per)
-    padded = np.zeros((rows * per,) + q.shape[1:], np.int64)
+    padded = np.zeros((rows * per, *q.shape[1:]), np.int64)
     padded[: q.shape[0]] = q
     if nbits == 3:
         return np.bitwise_or.reduce([padded[k::10] << (27 - 3 * k) for k in range(10)]).astype(np.int32)

@@ -1,9 +1,9 @@
 """The package layout's rules, checked on the source (ast only): which part may import which, and no import cycles.
 
 Parts: the vocabulary (`errors`, `config`, `options`, `stats`), `runtime/`, `cache/`, `storage/`, `quant/`,
-`kernels/`, `models/`, `plugins/`, `tools/`, and the faces (`cli`, `demo/`, `webui/`, plus the `langchain_integration` and
-`webui_extension` packages). Arrows run one way: faces -> runtime and plugins -> cache, storage, quant -> kernels, models
-(kernels read only the byte forms of quant/).
+`kernels/`, `models/`, `plugins/`, `tools/`, and the faces (`cli`, `demo/`, `webui/`, plus the `langchain_integration`
+and `webui_extension` packages). Arrows run one way: faces -> runtime and plugins -> cache, storage, quant -> kernels,
+models (kernels read only the byte forms of quant/).
 Every import counts, including those inside functions and `if TYPE_CHECKING:` blocks. Faces and tools talk to a
 loaded model through its public API and session only: no private runtime attribute is read outside `runtime/`.
 """
@@ -145,7 +145,7 @@ def cycles() -> list[list[str]]:
             if mods[dep].name == "__init__.py" and dep != PKG and part_of(dep) == part_of(node):
                 continue  # a module importing its own package's __init__ (re-exports) is not a design cycle
             if state.get(dep) == 1:
-                found.append(stack[stack.index(dep):] + [dep])
+                found.append([*stack[stack.index(dep):], dep])
             elif dep not in state:
                 visit(dep, stack)
         stack.pop()

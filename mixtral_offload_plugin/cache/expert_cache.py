@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import sys
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 import torch
 
@@ -20,6 +20,7 @@ from .policies import EvictionPolicy
 from .transfer import Slot, SyncLoader
 
 Key = tuple[int, int]  # (layer, expert)
+K = TypeVar("K", bound=Hashable)
 
 
 PAGE = 4096
@@ -61,19 +62,19 @@ def _slot_rows(count: int, nbytes: int, device: torch.device) -> torch.Tensor:
     return raw[start:start + count * stride].view(count, stride)
 
 
-class SlotPool:
+class SlotPool(Generic[K]):
     """`capacity` slots ranked by one eviction policy. No tensors here."""
 
     def __init__(self, capacity: int, policy: EvictionPolicy) -> None:
         self.capacity = capacity
         self.policy = policy
-        self.where: dict[Hashable, int] = {}
-        self.owner: list[Hashable | None] = [None] * capacity
+        self.where: dict[K, int] = {}
+        self.owner: list[K | None] = [None] * capacity
 
-    def lookup(self, key: Hashable) -> int | None:
+    def lookup(self, key: K) -> int | None:
         return self.where.get(key)
 
-    def admit(self, key: Hashable, protected: Iterable[Hashable] = ()) -> tuple[int, Hashable | None] | None:
+    def admit(self, key: K, protected: Iterable[Hashable] = ()) -> tuple[int, K | None] | None:
         """Give `key` a slot: a free one, else evict the policy's victim among unprotected keys.
 
         Returns (slot index, evicted key or None), or None when every resident key is protected.
@@ -86,7 +87,7 @@ class SlotPool:
             candidates = [k for k in self.where if k not in keep]
             if not candidates:
                 return None
-            evicted = self.policy.victim(candidates)
+            evicted = cast(K, self.policy.victim(candidates))  # a policy picks one of the candidates
             idx = self.where.pop(evicted)
             self.policy.on_remove(evicted)
         self.where[key] = idx
@@ -94,7 +95,7 @@ class SlotPool:
         self.policy.on_insert(key)
         return idx, evicted
 
-    def drop(self, key: Hashable) -> None:
+    def drop(self, key: K) -> None:
         idx = self.where.pop(key, None)
         if idx is not None:
             self.owner[idx] = None
@@ -127,16 +128,17 @@ class ExpertCache:
         self.top_k = top_k
         self.listeners: list[Callable[[int, Sequence[int]], None]] = []  # routing observers (traces, statistics)
         self.shared: dict[str, Any] = {}  # per-cache state a policy and a prefetcher share (routing statistics)
-        self.pools = {pid: SlotPool(cap, policy_factory()) for pid, cap in capacities.items()}
+        self.pools: dict[int, SlotPool[Key]] = {pid: SlotPool(cap, policy_factory()) for pid, cap in capacities.items()}
         attach_policies(self)
         self.buffers = {pid: _slot_rows(cap, slot_nbytes[pid], device) for pid, cap in capacities.items()}
-        self.slots = {pid: [Slot(i, self.buffers[pid][i]) for i in range(cap)] for pid, cap in capacities.items()}
+        self.slots: dict[int, list[Slot[Key]]] = {
+            pid: [Slot(i, self.buffers[pid][i]) for i in range(cap)] for pid, cap in capacities.items()}
         self.loader = loader
         self.nbytes_of = nbytes_of
         self.counters = {layer: LayerCounters() for layer in pools}
 
     # -- demand path -----------------------------------------------------------------------------------------
-    def request(self, layer: int, experts: Sequence[int], record: bool = True) -> list[Slot | None]:
+    def request(self, layer: int, experts: Sequence[int], record: bool = True) -> list[Slot[Key] | None]:
         """Count hits and misses for `experts` of `layer` and start loading the misses. Does not wait.
 
         An entry is None when every slot of the pool is taken by the other experts of this request (the cache is
@@ -148,9 +150,10 @@ class ExpertCache:
         pid = self.pool_of[layer]
         pool, slots, c = self.pools[pid], self.slots[pid], self.counters[layer]
         protected = [(layer, e) for e in experts]
-        chosen: list[Slot | None] = []
+        chosen: list[Slot[Key] | None] = []
         for key in protected:
             idx = pool.lookup(key)
+            slot: Slot[Key] | None
             if idx is not None:
                 slot = slots[idx]
                 c.hits += 1
@@ -167,7 +170,7 @@ class ExpertCache:
             chosen.append(slot)
         return chosen
 
-    def wait(self, slot: Slot) -> Any:
+    def wait(self, slot: Slot[Key]) -> Any:
         """Block until `slot` is loaded and return its kernel state; a failed load empties the slot and raises."""
         key = slot.key
         try:
@@ -186,16 +189,20 @@ class ExpertCache:
         """`request` then `wait` for each: the kernel states of `experts`, in order."""
         states = []
         for e, slot in zip(experts, self.request(layer, experts), strict=True):
-            slot = slot if slot is not None else self.request(layer, [e], record=False)[0]
+            # requested alone, an expert always gets a slot (every pool has at least one)
+            slot = slot if slot is not None else cast("Slot[Key]", self.request(layer, [e], record=False)[0])
             states.append(self.wait(slot))
         return states
 
     # -- speculative path ------------------------------------------------------------------------------------
     def prefetch(self, layer: int, experts: Sequence[int], protected: Iterable[Key] = ()) -> int:
-        """Start loading guessed experts of `layer`; never evicts `protected` or in-flight slots. Returns loads started."""
+        """Start loading guessed experts of `layer`; never evicts `protected` or in-flight slots.
+
+        Returns loads started."""
         pid = self.pool_of[layer]
         pool = self.pools[pid]
-        keep = set(protected) | {(layer, e) for e in experts}
+        keep: set[Key | None] = set(protected)
+        keep |= {(layer, e) for e in experts}
         keep |= {s.key for s in self.slots[pid] if not self.loader.ready(s)}  # CUDA: a copy still running
         started = 0
         for e in experts:
@@ -209,7 +216,7 @@ class ExpertCache:
         return started
 
     # -- internals -------------------------------------------------------------------------------------------
-    def _load(self, pid: int, key: Key, protected: Iterable[Key], prefetch: bool) -> Slot | None:
+    def _load(self, pid: int, key: Key, protected: Iterable[Key | None], prefetch: bool) -> Slot[Key] | None:
         pool = self.pools[pid]
         placed = pool.admit(key, protected)
         if placed is None:
@@ -227,7 +234,7 @@ class ExpertCache:
         self.loader.start(slot, key)
         return slot
 
-    def _invalidate(self, pid: int, key: Key, slot: Slot) -> None:
+    def _invalidate(self, pid: int, key: Key, slot: Slot[Key]) -> None:
         self.pools[pid].drop(key)
         slot.key, slot.state, slot.error = None, None, None
 

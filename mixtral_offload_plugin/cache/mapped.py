@@ -12,7 +12,7 @@ the pages that were not. This module knows nothing about files or formats.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -36,14 +36,14 @@ class MappedExperts:
         self.listeners: list[Callable[[int, Sequence[int]], None]] = []
         self.pool_of = {layer: layer for layer in layers}
         self.pools: dict[int, Any] = {}
-        self._slots: dict[Key, Slot] = {}
+        self._slots: dict[Key, Slot[Key]] = {}
 
-    def request(self, layer: int, experts: Sequence[int], record: bool = True) -> list[Slot | None]:
+    def request(self, layer: int, experts: Sequence[int], record: bool = True) -> list[Slot[Key] | None]:
         if record:
             for listener in self.listeners:
                 listener(layer, experts)
         c = self.counters[layer]
-        out: list[Slot | None] = []
+        out: list[Slot[Key] | None] = []
         for e in experts:
             key = (layer, e)
             slot = self._slots.get(key)
@@ -60,8 +60,8 @@ class MappedExperts:
             out.append(slot)
         return out
 
-    def wait(self, slot: Slot) -> Any:
-        return self.prepare(slot.key, slot.buffer, self.workspace)
+    def wait(self, slot: Slot[Key]) -> Any:
+        return self.prepare(cast(Key, slot.key), slot.buffer, self.workspace)  # request() gave every slot its key
 
     def is_ready(self, slot: Slot) -> bool:
         return True  # nothing loads: the kernel's page faults read what is missing

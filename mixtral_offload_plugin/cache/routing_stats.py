@@ -50,7 +50,7 @@ class _Counts:
     """Decayed counts of routed experts over `n` observations (each observation weighs 1 when it is made, then
     `decay` times less at each later one). Stored scaled by 1/`scale`, so an update costs O(routed), not O(experts)."""
 
-    __slots__ = ("stored", "n_stored", "scale", "decay")
+    __slots__ = ("decay", "n_stored", "scale", "stored")
 
     def __init__(self, decay: float) -> None:
         self.stored: dict[int, float] = {}

@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -39,15 +39,19 @@ def as_load_error(exc: BaseException, key: Hashable) -> BaseException:
     return err
 
 
-class Slot:
-    """One preallocated cache buffer and what it currently holds."""
+K = TypeVar("K", bound=Hashable)
 
-    __slots__ = ("index", "buffer", "key", "state", "done", "error", "event", "freed", "from_prefetch", "used")
+
+class Slot(Generic[K]):
+    """One preallocated cache buffer and what it currently holds (a key of type K: the expert cache's (layer,
+    expert) pairs; loaders take any hashable key)."""
+
+    __slots__ = ("buffer", "done", "error", "event", "freed", "from_prefetch", "index", "key", "state", "used")
 
     def __init__(self, index: int, buffer: torch.Tensor) -> None:
         self.index = index
         self.buffer = buffer  # uint8 [slot_nbytes] on the compute device
-        self.key: Hashable | None = None
+        self.key: K | None = None
         self.state: Any = None  # what the kernel's prepare() returned
         self.done = threading.Event()  # the loader is finished with the slot (CUDA: its copy is queued)
         self.done.set()
@@ -58,7 +62,7 @@ class Slot:
         self.used = False
 
 
-PrepareFn = Callable[[Hashable, torch.Tensor], Any]  # (key, buffer) -> kernel state
+PrepareFn = Callable[[Any, torch.Tensor], Any]  # (key, buffer) -> kernel state; the key as the cache gave it
 
 
 class SyncLoader:
@@ -78,7 +82,7 @@ class SyncLoader:
                     self.store.read_into(key, src)
                 slot.buffer[: src.numel()].copy_(src)
             slot.state = self.prepare(key, slot.buffer)
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+        except BaseException as exc:  # handed to the waiter
             slot.error = as_load_error(exc, key)
         finally:
             slot.done.set()
@@ -196,7 +200,7 @@ class CudaLoader(ThreadLoader):
             slot.event = event
             if staged is not None:
                 self._staged[staged] = event
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             slot.error = as_load_error(exc, key)
         finally:
             slot.done.set()

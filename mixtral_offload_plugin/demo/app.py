@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..cli import add_offload_args, config_from_args, model_path
 from ..config import OffloadConfig
@@ -33,6 +33,9 @@ from .engine import (
     num_experts_of,
 )
 from .panel import heatmap_html, stats_html
+
+if TYPE_CHECKING:
+    from gradio import Request
 
 __all__ = [
     "BYTE_CHAT_TEMPLATE",
@@ -114,7 +117,7 @@ def build_app(
         max_new: float,
         seed: float | None,
         stop_at_eos: bool,
-        request: gr.Request,
+        request: Request,
     ) -> Iterator[tuple[str, list[dict[str, str]], str, str]]:
         history = [
             {"role": m["role"], "content": _text(m.get("content"))}
@@ -155,24 +158,24 @@ def build_app(
             reply["content"] += " [stopped]"
         yield "", [*messages, dict(reply)], *panels()
 
-    def enqueue(request: gr.Request) -> None:
+    def enqueue(request: Request) -> None:
         """Runs (unqueued) when a message is sent, before its reply joins the queue: a Stop pressed from now on
         also reaches that reply. The session's replies share one event until Stop is pressed."""
         key = _session(request)
         if key not in stops or stops[key].is_set():
             stops[key] = threading.Event()
 
-    def stop_generation(request: gr.Request) -> None:
+    def stop_generation(request: Request) -> None:
         """Stop this session's running reply at its next token, and its replies still waiting in the queue."""
         event = stops.get(_session(request))
         if event is not None:
             event.set()
 
-    def forget_session(request: gr.Request) -> None:
+    def forget_session(request: Request) -> None:
         stop_generation(request)
         stops.pop(_session(request), None)
 
-    def clear_chat(request: gr.Request) -> tuple[list[Any], str]:
+    def clear_chat(request: Request) -> tuple[list[Any], str]:
         stop_generation(request)  # a running reply of this session stops at its next token
         return [], ""
 

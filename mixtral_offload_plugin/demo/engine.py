@@ -99,7 +99,7 @@ class DemoEngine:
         self.num_experts = num_experts_of(path) or 0
         vocab = AutoConfig.from_pretrained(self.path, local_files_only=True).vocab_size
         self.tok, self.note = load_tokenizer(path, vocab)
-        self.last = {"tokens": 0, "seconds": 0.0, "before": None}
+        self.last: dict[str, Any] = {"tokens": 0, "seconds": 0.0, "before": None}  # the last reply's figures
         self.load_seconds = 0.0
         self.replies = 0  # replies started since the demo began (the panel shows it, so a page can await one)
         self.reconfigure(config)

@@ -4,8 +4,8 @@ into int4pack form for torch's kernel).
 
 On CPU our native kernels (`native.py`) read every int4pack and bit-plane form in place (no workspace: a slot costs its
 packed bytes); without a C compiler, torch's int4 kernel runs them, with the 2/3-bit forms expanded into a workspace at
-slot load. The byte forms and their exact math are `quant/formats.py`; the kernels themselves `torch_cpu.py`, `native.py` and
-`cuda.py`. This module knows nothing about experts, caches or files.
+slot load. The byte forms and their exact math are `quant/formats.py`; the kernels themselves `torch_cpu.py`,
+`native.py` and `cuda.py`. This module knows nothing about experts, caches or files.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from ..storage.packing import ALIGN, align_up
 from ..quant.bitpacking import int4_offset, lut_unpack
 from ..quant.formats import (
     dequantize,
@@ -25,6 +24,7 @@ from ..quant.formats import (
     matrix_values,
     pad16_unpack,
 )
+from ..storage.packing import ALIGN, align_up
 from . import native
 from .torch_cpu import DenseMatmul, Int4Matmul, Pad16Int4Matmul, _scratch
 
@@ -34,7 +34,8 @@ class MatrixPlan:
     """How one stored matrix is computed on one device.
 
     kind: "native-int4" / "native-lut" (CPU, our kernels reading the int4pack form / the 2/3-bit planes in place,
-    8-bit scales included), "native-u8" (CPU, 8-bit values with 16/32-bit scales and zeros, read in place), "int4" (CPU int4 kernel reads the stored int4pack form), "int4-lut16" (CPU, group 16:
+    8-bit scales included), "native-u8" (CPU, 8-bit values with 16/32-bit scales and zeros, read in place), "int4"
+    (CPU int4 kernel reads the stored int4pack form), "int4-lut16" (CPU, group 16:
     the same for the matrix padded to group 32 with zero activations), "int4-lut" (CPU: 2/3-bit planes stored in
     int4pack nibble order, expanded into the workspace by a table lookup at slot load), "int4-unpack" (CPU: 2/3-bit
     values unpacked into int4pack form in the workspace at slot load), "dense" (dequantized into the workspace at slot
@@ -155,12 +156,13 @@ def plan_matrix(prefix: str, form: str, shape: tuple[int, int], bits: int, group
         return plan_cuda_matrix(prefix, shape, bits, group_size, dtype)
     if form == "bitpack" and bits == 8 and plain_meta and native_8bit(group_size):
         return MatrixPlan(prefix, "native-u8", shape, bits, group_size, act)  # bytes read in place: 1 byte a weight
-    if form in ("int4pack", "int4lut", "int4lut16") and native.library() is not None:
-        # the portable build (CPUs without AVX-512) is 2-3x slower than torch's int4 kernel, even on padded group-16
-        # matrices (measured with an AVX2 build): there torch's path runs; tests force the portable build for its sums
-        if native.simd_level() > 0 or native._override_impl == "portable":
-            kind = "native-int4" if form == "int4pack" else "native-lut"
-            return MatrixPlan(prefix, kind, shape, bits, group_size, sz_dtype or act)
+    # the portable build (CPUs without AVX-512) is 2-3x slower than torch's int4 kernel, even on padded group-16
+    # matrices (measured with an AVX2 build): there torch's path runs; tests force the portable build for its sums
+    if form in ("int4pack", "int4lut", "int4lut16") and native.library() is not None and (
+        native.simd_level() > 0 or native._override_impl == "portable"
+    ):
+        kind = "native-int4" if form == "int4pack" else "native-lut"
+        return MatrixPlan(prefix, kind, shape, bits, group_size, sz_dtype or act)
     if form == "int4pack":
         return MatrixPlan(prefix, "int4", shape, bits, group_size, sz_dtype or act)
     if form == "int4lut":

@@ -17,15 +17,14 @@ experts, caches or files.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..storage.packing import ALIGN, align_up
 from ..quant.formats import dequantize_into
+from ..storage.packing import ALIGN, align_up
 from .torch_cpu import DenseMatmul
 
 KERNEL_ENV = "MIXTRAL_OFFLOAD_CUDA_KERNEL"  # "expand" (default for experts) or "per-call"

@@ -175,7 +175,8 @@ class QuantMatrix:
         """q: int4pack bytes (`planes=False`) or the 2-bit plane (+ `hi`, the 1-bit plane of 3-bit values); scales as
         `sz` [G, N, 2] (values stored + `offset`) or `meta8` = (scale_q, scale_mm, zero_q, zero_mm), row-major [N, G]
         or, with `meta_blocks`, in the kernel's block order (`bitpacking.quantize_meta_blocks`). With `scale_zero`
-        (scale, zero), both [N, G] of one 16/32-bit dtype, q is 8-bit values [N, K] row-major: w = (q - zero) * scale."""
+        (scale, zero), both [N, G] of one 16/32-bit dtype, q is 8-bit values [N, K] row-major:
+        w = (q - zero) * scale."""
         self.lib, self.n, self.k = lib, n, k
         self.keep = [t for t in (q, hi, sz, *(meta8 or ()), *(scale_zero or ())) if t is not None]
         mat = QuantMat(q=_ptr(q), hi=_ptr(hi), n=n, k=k, gs=group_size, form=int(planes), offset=offset)
@@ -183,7 +184,8 @@ class QuantMatrix:
             scale, zero = scale_zero
             assert scale.dtype == zero.dtype and scale.dtype in (torch.bfloat16, torch.float32)
             assert scale.is_contiguous() and zero.is_contiguous() and q.is_contiguous()
-            mat.form, mat.sz, mat.zp, mat.sz_bf16 = 2, scale.data_ptr(), zero.data_ptr(), int(scale.dtype == torch.bfloat16)
+            mat.form, mat.sz, mat.zp = 2, scale.data_ptr(), zero.data_ptr()
+            mat.sz_bf16 = int(scale.dtype == torch.bfloat16)
         elif meta8 is not None:
             sq, smm, zq, zmm = meta8
             mat.sq, mat.smm, mat.zq, mat.zmm = sq.data_ptr(), smm.data_ptr(), zq.data_ptr(), zmm.data_ptr()
@@ -203,7 +205,8 @@ class QuantMatrix:
         rc = self.lib.mo_quant_mm(self.ref, xs.data_ptr(), x_bf16, y.data_ptr(), int(y.dtype == torch.bfloat16), m,
                                   torch.get_num_threads())
         if rc:
-            raise MemoryError("native kernel scratch allocation failed")
+            msg = "native kernel scratch allocation failed"
+            raise MemoryError(msg)
         return y if y.dtype == dtype else y.to(dtype)
 
 

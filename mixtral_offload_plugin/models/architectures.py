@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +33,14 @@ def expert_count(config: Any) -> int | None:
 
 def _softmax_router(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """[T, H] -> [T, E] routing probabilities from the block's router weight (Mixtral-style softmax router)."""
-    return F.softmax(F.linear(hidden, block.gate.weight).float(), dim=-1)
+    gate: Any = block.gate  # the block's router, found by name
+    return F.softmax(F.linear(hidden, gate.weight).float(), dim=-1)
 
 
 def default_moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
     """{layer index: the layer's MLP} for every decoder layer whose MLP has `experts`."""
-    return {i: layer.mlp for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")}
+    decoder: Any = model.model  # a transformers causal LM's decoder stack, found by name
+    return {i: layer.mlp for i, layer in enumerate(decoder.layers) if hasattr(layer.mlp, "experts")}
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,8 @@ def read_expert(ckpt: Any, layer: int, expert: int, per_expert: dict[tuple[int, 
         return {"gate_up": torch.cat([read(roles["gate"]), read(roles["up"])], dim=0), "down": read(roles["down"])}
     kinds = fused.get(layer, {})
     if "gate_up_proj" in kinds and "down_proj" in kinds:
-        return {"gate_up": ckpt.get_rows(kinds["gate_up_proj"], expert), "down": ckpt.get_rows(kinds["down_proj"], expert)}
+        return {"gate_up": ckpt.get_rows(kinds["gate_up_proj"], expert),
+                "down": ckpt.get_rows(kinds["down_proj"], expert)}
     msg = f"no weights for layer {layer} expert {expert} in the checkpoint; it is incomplete or of another model"
     raise CheckpointError(msg)
 
@@ -127,7 +130,8 @@ def expert_shapes(ckpt: Any, layer: int, expert: int, per_expert: dict[tuple[int
     if "gate_up_proj" in kinds and "down_proj" in kinds:
         gu, dn = tuple(ckpt.shape(kinds["gate_up_proj"]))[1:], tuple(ckpt.shape(kinds["down_proj"]))[1:]
         return {"gate_up": (int(gu[0]), int(gu[1])), "down": (int(dn[0]), int(dn[1]))}
-    return {m: tuple(t.shape) for m, t in read_expert(ckpt, layer, expert, per_expert, fused).items()}  # raises
+    return {m: cast(tuple[int, int], tuple(t.shape))  # two-dimensional matrices
+            for m, t in read_expert(ckpt, layer, expert, per_expert, fused).items()}  # raises
 
 
 MIXTRAL = Architecture(

@@ -49,7 +49,8 @@ def routed_votes(router_attr: str) -> Any:
 def _block_route(block: nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices, weights) from a block's own `route_tokens_to_experts` ([T, E] logits; DeepSeek-V2's unpacks
     [batch, seq, E] and raises ValueError on [T, E])."""
-    route = type(block).route_tokens_to_experts
+    cls: Any = type(block)  # a transformers MoE block class that routes by itself
+    route = cls.route_tokens_to_experts
     try:
         return route(block, logits)
     except ValueError:
@@ -73,6 +74,7 @@ def _deepseek_v2_blocks(model: nn.Module) -> dict[int, nn.Module]:
     group-limited routing reads `self.num_experts`, which `DeepseekV2Moe.__init__` never sets: set it, or every
     checkpoint with `topk_method="group_limited_greedy"` (DeepSeek-V2 itself) fails in transformers' own code."""
     blocks = default_moe_blocks(model)
+    block: Any  # DeepseekV2Moe: attributes read and set by name
     for block in blocks.values():
         if hasattr(block, "route_tokens_to_experts") and not hasattr(block, "num_experts"):
             block.num_experts = int(block.config.n_routed_experts)

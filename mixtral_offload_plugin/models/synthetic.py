@@ -66,7 +66,8 @@ def make_random_mixtral(out: str | Path, *, hidden: int = 64, intermediate: int 
     cfg = mixtral_config(hidden=hidden, intermediate=intermediate, layers=layers, experts=experts, top_k=top_k,
                          heads=heads, kv_heads=kv_heads, vocab=vocab, context=context, std=std, **extra)
     torch.manual_seed(seed)
-    model = MixtralForCausalLM(cfg).to(dtype).eval()
+    # transformers wraps to() in a decorator whose stub loses the bound self: mypy takes dtype for the model
+    model = MixtralForCausalLM(cfg).to(dtype).eval()  # type: ignore[arg-type]
     out = Path(out)
     model.save_pretrained(out, save_original_format=not fused)
     return out
@@ -132,8 +133,8 @@ class SyntheticSpec:
                 msg = f"synthetic model {self.preset!r}: {name}={value!r} must be a positive integer"
                 raise ConfigError(msg)
         if self.hidden % self.heads or self.heads % self.kv_heads or self.top_k > self.experts:
-            msg = (f"synthetic model {self.preset!r}: heads ({self.heads}) must divide hidden ({self.hidden}), kv_heads "
-                   f"({self.kv_heads}) must divide heads, top_k ({self.top_k}) <= experts ({self.experts})")
+            msg = (f"synthetic model {self.preset!r}: heads ({self.heads}) must divide hidden ({self.hidden}), "
+                   f"kv_heads ({self.kv_heads}) must divide heads, top_k ({self.top_k}) <= experts ({self.experts})")
             raise ConfigError(msg)
         if self.format not in FORMATS:
             msg = f"synthetic model {self.preset!r}: format={self.format!r}; use one of {FORMATS}"

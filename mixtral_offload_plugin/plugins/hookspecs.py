@@ -7,7 +7,8 @@ adapters (LangChain, Gradio demo, TextGen loader) obtain the runtime through it,
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pluggy
 

@@ -11,8 +11,9 @@ attention and output layer modules (`attention.py`, `linear.py`). The package mu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F

@@ -2,8 +2,9 @@
 
 Routers, norms, embeddings and lm_head stay 16-bit. `attention_linears` finds the projections;
 `quantize_attention` quantizes them at load time with the quantizer it is given (plain checkpoints) and
-`install_packed_attention` rebuilds them from packed bytes (offload-format checkpoints: no quantization work; mixtral-offloading's axis-0 HQQ projections
-become dense `nn.Linear`s holding their exact dequantized weights). This module knows nothing about experts.
+`install_packed_attention` rebuilds them from packed bytes (offload-format checkpoints: no quantization work;
+mixtral-offloading's axis-0 HQQ projections become dense `nn.Linear`s holding their exact dequantized weights). This
+module knows nothing about experts.
 """
 
 from __future__ import annotations

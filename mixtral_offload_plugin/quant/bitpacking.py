@@ -7,6 +7,7 @@ forms from these. Knows nothing about matrices' meaning, experts, caches or file
 from __future__ import annotations
 
 import functools
+from typing import cast
 
 import torch
 
@@ -29,7 +30,7 @@ def bitpack(q: torch.Tensor, bits: int) -> torch.Tensor:
         return v[:, 0] | (v[:, 1] << 2) | (v[:, 2] << 4) | (v[:, 3] << 6)
     if bits == 3:
         v = flat.view(-1, 8).to(torch.int32)
-        acc = sum(v[:, i] << (3 * i) for i in range(8))
+        acc = cast(torch.Tensor, sum(v[:, i] << (3 * i) for i in range(8)))  # 0 + tensors: a tensor
         return torch.stack([acc & 255, (acc >> 8) & 255, (acc >> 16) & 255], dim=1).to(torch.uint8).reshape(-1)
     msg = f"cannot bit-pack {bits}-bit values (supported: 2, 3, 4, 8)"
     raise ConfigError(msg)
@@ -84,7 +85,7 @@ def lut_pack(packed: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
     out = {"lo": (lo[:, 0] | (lo[:, 1] << 2) | (lo[:, 2] << 4) | (lo[:, 3] << 6)).contiguous()}
     if bits == 3:
         hi = (v >> 2).view(-1, 8)
-        out["hi"] = sum((hi[:, t] << t) for t in range(8)).to(torch.uint8).contiguous()
+        out["hi"] = cast(torch.Tensor, sum((hi[:, t] << t) for t in range(8))).to(torch.uint8).contiguous()
     return out
 
 

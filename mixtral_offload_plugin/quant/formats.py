@@ -289,9 +289,7 @@ def dequantize_into(views: dict[str, torch.Tensor], prefix: str, shape: tuple[in
         b0, b1 = packed_numel(r0 * k, bits), packed_numel(r1 * k, bits)
         q = bitunpack(packed[b0:b1], bits, (r1 - r0) * k).float().view(r1 - r0, g, group_size)
         s, z, zero_t = _meta_rows(views, prefix, bits, r0, r1, n)
-        if zero_t:
-            w = (q - (1 << (bits - 1))) * s[..., None] + z[..., None]
-        else:
-            w = (q - z[..., None]) * s[..., None]
+        w = ((q - (1 << (bits - 1))) * s[..., None] + z[..., None] if zero_t
+             else (q - z[..., None]) * s[..., None])
         out[r0:r1].copy_(w.view(r1 - r0, k))
     return out

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..kernels import KernelDefaults, native
+from ..kernels.choice import plan_matrix
 from ..storage.packing import (
     ALIGN,
     ExpertLayout,
@@ -33,8 +35,6 @@ from ..storage.packing import (
     pack,
     unpack_views,
 )
-from ..kernels import KernelDefaults, native
-from ..kernels.choice import plan_matrix
 from . import QuantizerDefaults, QuantSpec
 from .formats import CPU_FORMS, dequantize, hqq_quantize, int4_ok, int4_pad16_ok, store_matrix, to_bitpack
 
@@ -207,6 +207,9 @@ class QuantizedLinear(nn.Module):
     so no view keeps freed device memory alive. On CUDA the matrix is dequantized on every call: the resident bytes
     stay packed, which is what quantizing attention is for.
     """
+
+    packed: torch.Tensor  # buffers, registered in __init__
+    workspace: torch.Tensor
 
     def __init__(self, layout: ExpertLayout, data: torch.Tensor, bias: torch.Tensor | None,
                  device: torch.device, dtype: torch.dtype) -> None:

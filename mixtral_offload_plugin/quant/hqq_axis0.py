@@ -6,9 +6,9 @@ j holds the weights at flat positions j, j + G, j + 2G, ..., i.e. one input colu
 Our int4 forms group along the input dimension (axis 1: g consecutive columns of one row share a scale). An axis-0
 group spans g output rows of one column, so no re-layout expresses it exactly in those forms (every weight would need
 its own scale); `y[r] = sum_c (q - z[r mod R, c]) s[r mod R, c] x[c]` needs, per row class, its own scaled input.
-So the exact ways are: on CPU, the native kernel of `kernels/axis0_native.py`, which rebuilds each weight in registers from
-the packed words (the slot keeps the packed bytes plus fp16 scales and zeros); without it (no AVX-512 or compiler, or
-`MIXTRAL_OFFLOAD_AXIS0=dense`), dequantizing once per cache-slot load into a dense workspace in the compute dtype
+So the exact ways are: on CPU, the native kernel of `kernels/axis0_native.py`, which rebuilds each weight in registers
+from the packed words (the slot keeps the packed bytes plus fp16 scales and zeros); without it (no AVX-512 or compiler,
+or `MIXTRAL_OFFLOAD_AXIS0=dense`), dequantizing once per cache-slot load into a dense workspace in the compute dtype
 (`F.linear` then runs at dense speed; the slot holds 2 bytes per weight in bf16); on CUDA, the same dense slots or,
 when the memory plan prefers small slots, dequantizing on every call. Requantizing into our axis-1 forms is possible
 from `dequantize_expert` but lossy.
@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..storage.packing import ALIGN, ExpertLayout, PackedExpert, align_up, dtype_from_name, unpack_views
 from ..kernels import KernelDefaults, axis0_native
 from ..kernels.torch_cpu import _scratch
+from ..storage.packing import ALIGN, ExpertLayout, PackedExpert, align_up, dtype_from_name, unpack_views
 from . import DenseKernel, QuantizerDefaults, QuantSpec
 
 FORMAT = "hqq_axis0"

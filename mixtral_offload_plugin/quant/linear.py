@@ -7,13 +7,16 @@ dtypes and other devices go through `nn.Linear.forward` unchanged. This module k
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..kernels import native
 from . import QuantSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class NativeLinear(nn.Linear):
@@ -42,7 +45,7 @@ def accelerate_linears(model: nn.Module) -> int:
     return count
 
 
-def quantize_head(model: nn.Module, quantizer: Any, spec: QuantSpec, device: torch.device) -> None:
+def quantize_head(model: PreTrainedModel, quantizer: Any, spec: QuantSpec, device: torch.device) -> None:
     """Replace the output projection by `quantizer.quantize_linear(lm_head, spec, device)`. A head tied to the input
     embeddings gets its own quantized copy (the embeddings stay 16-bit)."""
     from ..errors import ConfigError

@@ -14,8 +14,9 @@ below the shrink threshold (the common case: it needs a group range above about 
 exactly zero and the step is the residual's mean; groups near the threshold take the full formula.
 Differences from hqq, all measured to keep or improve its error (docs/benchmarks.md): groups are processed in chunks
 that stop when their own mean error stops falling (hqq stops the whole matrix at once), the best zero-points seen are
-kept when a step makes the error worse (hqq returns those after the failing step), and the steps run as one fused kernel per step when torch.compile
-works here (a C++ compiler is needed; otherwise eager torch, same math). This module knows nothing about byte forms.
+kept when a step makes the error worse (hqq returns those after the failing step), and the steps run as one fused
+kernel per step when torch.compile works here (a C++ compiler is needed; otherwise eager torch, same math). This module
+knows nothing about byte forms.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _step_full(ws: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, maxv: 
     return (d - shrunk / scale).mean(dim=1, keepdim=True), a.sum(dim=1, keepdim=True).sum()
 
 
-_EAGER = {"prepare": _prepare, "codes": _codes, "fast": _step_fast, "full": _step_full}
+_EAGER: dict[str, Callable[..., Any]] = {"prepare": _prepare, "codes": _codes, "fast": _step_fast, "full": _step_full}
 _compiled: dict[str, Any] = {}
 
 

@@ -13,7 +13,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -26,9 +26,13 @@ from ..models.architectures import read_expert
 from ..quant import QuantSpec
 from ..storage.packing import PackedExpert, unpack_views
 from .checkpoints import open_checkpoint
-from .model import OffloadRuntime, offloaded_class
+from .experts import OffloadedExperts
+from .model import OffloadedModelMixin, OffloadRuntime, offloaded_class
 from .plan import LoadPlan
 from .skeleton import build_skeleton, materialise_trunk
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +56,15 @@ def build(plan: LoadPlan) -> Any:
     finally:
         ckpt.close()
     model.__class__ = offloaded_class(type(model))
-    model._offload_runtime = runtime
+    cast(OffloadedModelMixin, model)._offload_runtime = runtime  # the same object, of the offloaded class now
     _load_generation_config(model, read_from)
     model.eval()
     plugins.pm.hook.on_model_loaded(model=model, config=config)
     return model
 
 
-def _build_trunk(plan: LoadPlan, ckpt: Any, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
+def _build_trunk(plan: LoadPlan, ckpt: Any, dtype: torch.dtype,
+                 device: torch.device) -> tuple[PreTrainedModel, Any]:
     """The skeleton with every non-expert tensor in place: stored quantized projections installed, the rest
     materialised, then attention and the output layer quantized as planned; bf16 CPU linears on our kernels."""
     from ..quant.attention import install_packed_attention, quantize_attention
@@ -105,7 +110,8 @@ def _build_runtime(plan: LoadPlan, ckpt: Any, blocks: dict[int, nn.Module], dtyp
     stream = _expert_stream(ckpt, arch, keys, split[:2], quantizer, spec, device)
     memory, resident = plan.memory, plan.resident
 
-    store = None if resident else plugins.create("store", plan.store, config, device)
+    # a plan that is not resident names its store
+    store = None if resident else plugins.create("store", cast(str, plan.store), config, device)
     if store is not None:
         store.reserve([layouts[k].nbytes for k in keys])  # pinned arenas sized for exactly these experts
         if plan.repacked or not ckpt.attach_to(store):  # offload-format expert files are read in place
@@ -152,7 +158,7 @@ def _build_runtime(plan: LoadPlan, ckpt: Any, blocks: dict[int, nn.Module], dtyp
     runtime = OffloadRuntime(config, arch, device, cache, store, prefetcher, kernels, blocks, memory, plan.path,
                              resident=resident, load_plan=plan)
     for block in blocks.values():
-        block.experts._runtime = runtime
+        cast(OffloadedExperts, block.experts)._runtime = runtime  # installed by build_skeleton
     return runtime
 
 
@@ -172,7 +178,7 @@ def _expert_stream(ckpt: Any, arch: Any, keys: list[tuple[int, int]], split: Any
                                                          device)
 
 
-def _load_generation_config(model: nn.Module, path: Path) -> None:
+def _load_generation_config(model: PreTrainedModel, path: Path) -> None:
     """Use the checkpoint's generation_config.json (token ids, sampling defaults), as from_pretrained does."""
     from transformers import GenerationConfig
 

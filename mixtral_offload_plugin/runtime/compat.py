@@ -19,14 +19,15 @@ from typing import Any
 CACHE_NAMES = ("cache", "past_key_values")
 
 
-@functools.lru_cache(maxsize=None)
-def _forward_params(cls: type) -> frozenset[str]:
+@functools.cache
+def _forward_params(cls: type[Any]) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)
 
 
 def cache_kwarg(model: Any) -> str:
     """The name the model's forward takes its KV cache under: `cache` (newer 5.x) or `past_key_values`."""
-    return "cache" if "cache" in _forward_params(type(model)) else "past_key_values"
+    # a class is hashable: mypy checks the __hash__ of its instances
+    return "cache" if "cache" in _forward_params(type(model)) else "past_key_values"  # type: ignore[arg-type]
 
 
 def cache_of(kwargs: dict[str, Any]) -> Any:
@@ -47,6 +48,6 @@ def keep_own_experts(model: Any) -> None:
     """Tell transformers that the experts modules are the model's own (ours): transformers 5.0's generate() switches a
     "grouped_mm" experts implementation to "batched_mm" for decoding and raises for a model class that does not
     declare support. Our `OffloadedExperts` ignore the setting; "eager" makes generate() leave it alone."""
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     if getattr(config, "_experts_implementation", None) not in (None, "eager"):
         config._experts_implementation = "eager"

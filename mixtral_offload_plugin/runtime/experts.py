@@ -11,7 +11,7 @@ or prefetched. One decoded token (T = 1) takes a path that builds no index tenso
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -88,8 +88,9 @@ class OffloadedExperts(nn.Module):
             j = routed.index(e)
             y = rt.kernels[self.layer_idx, e](self._state(rt, e, slots[i]), hidden, self.act_fn)  # [1, H]
             outputs[i] = y * weights[:, j:j + 1]
-        final = outputs[0].to(hidden.dtype)  # expert order: the same sum whatever was cached
-        for out in outputs[1:]:
+        done = cast(list[torch.Tensor], outputs)  # _order visits every index
+        final = done[0].to(hidden.dtype)  # expert order: the same sum whatever was cached
+        for out in done[1:]:
             final = final + out.to(hidden.dtype)
         return final
 

@@ -80,7 +80,7 @@ class Unsupported(Exception):
     """This model cannot take the fused path (the reason is logged once at debug level)."""
 
 
-def _fn(lib: Any, name: str) -> int:
+def _fn(lib: Any, name: str) -> int | None:
     return ctypes.cast(getattr(lib, name), P).value
 
 
@@ -89,11 +89,13 @@ def _mat(module: nn.Module, dtype: torch.dtype, keep: list[Any]) -> Mat:
     from ..quant.linear import NativeLinear
 
     if getattr(module, "bias", None) is not None:
-        raise Unsupported("a projection with a bias")
+        msg = "a projection with a bias"
+        raise Unsupported(msg)
     if isinstance(module, QuantizedLinear):
         kernel = module._kernel()
         if type(kernel) is not native.QuantMatrix:
-            raise Unsupported(f"a quantized projection on the {module.plan.kind} kernel")
+            msg = f"a quantized projection on the {module.plan.kind} kernel"
+            raise Unsupported(msg)
         keep.append(kernel)
         return Mat(ctypes.addressof(kernel.mat), kernel.n, kernel.k, MAT_QUANT)
     if type(module) in (nn.Linear, NativeLinear) and module.weight.device.type == "cpu" and \
@@ -102,12 +104,14 @@ def _mat(module: nn.Module, dtype: torch.dtype, keep: list[Any]) -> Mat:
         keep.append(w)
         kind = MAT_DENSE_BF16 if dtype == torch.bfloat16 else MAT_DENSE_F32
         return Mat(w.data_ptr(), w.shape[0], w.shape[1], kind)
-    raise Unsupported(f"a {type(module).__name__} projection")
+    msg = f"a {type(module).__name__} projection"
+    raise Unsupported(msg)
 
 
 def _weight(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], keep: list[Any]) -> int:
     if t.dtype != dtype or t.device.type != "cpu" or tuple(t.shape) != shape:
-        raise Unsupported(f"a weight of {t.dtype} {tuple(t.shape)} (expected {dtype} {shape})")
+        msg = f"a weight of {t.dtype} {tuple(t.shape)} (expected {dtype} {shape})"
+        raise Unsupported(msg)
     t = t.detach().contiguous()
     keep.append(t)
     return t.data_ptr()
@@ -116,7 +120,7 @@ def _weight(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], keep: l
 class FusedDecoder:
     """The descriptors of one loaded model for `decode.c`, and the KV buffers it appends to."""
 
-    def __init__(self, model: nn.Module, rt: Any, lib: Any) -> None:
+    def __init__(self, model: Any, rt: Any, lib: Any) -> None:  # model: read as a Mixtral model, checked below
         from ..kernels.native import is_silu
         from .experts import OffloadedExperts
 
@@ -124,15 +128,19 @@ class FusedDecoder:
         cfg = model.config
         dtype = model.get_input_embeddings().weight.dtype
         if dtype not in (torch.bfloat16, torch.float32):
-            raise Unsupported(f"a {dtype} model")
+            msg = f"a {dtype} model"
+            raise Unsupported(msg)
         if getattr(cfg, "model_type", "") != "mixtral" or getattr(cfg, "sliding_window", None) is not None:
-            raise Unsupported("not a Mixtral model without a sliding window")
+            msg = "not a Mixtral model without a sliding window"
+            raise Unsupported(msg)
         inner = model.model
         rotary = inner.rotary_emb
         if getattr(rotary, "rope_type", "default") != "default":
-            raise Unsupported(f"rope type {rotary.rope_type}")
+            msg = f"rope type {rotary.rope_type}"
+            raise Unsupported(msg)
         if not hasattr(rt.cache, "state_of"):
-            raise Unsupported(f"a {type(rt.cache).__name__} expert cache")
+            msg = f"a {type(rt.cache).__name__} expert cache"
+            raise Unsupported(msg)
         self.keep: list[Any] = []
         keep = self.keep
         layers = list(inner.layers[: cfg.num_hidden_layers])
@@ -143,22 +151,27 @@ class FusedDecoder:
                                                                        layer.post_attention_layernorm)}
         eps.add(float(inner.norm.variance_epsilon))
         if len(eps) != 1:
-            raise Unsupported("norms with different epsilons")
+            msg = "norms with different epsilons"
+            raise Unsupported(msg)
         self.layers = (Layer * len(layers))()
         self.experts = []
         for i, layer in enumerate(layers):
             attn, block = layer.self_attn, layer.mlp
             experts = getattr(block, "experts", None)
             if not isinstance(experts, OffloadedExperts) or not is_silu(experts.act_fn):
-                raise Unsupported("experts that are not offloaded SiLU experts")
+                msg = "experts that are not offloaded SiLU experts"
+                raise Unsupported(msg)
             router = block.gate
             top_k = int(router.top_k)
             ptrs = (P * (2 * n_exp))()
             for e in range(n_exp):
                 state = rt.cache.state_of(experts.layer_idx, e)
-                pair = (state.get("gate_up"), state.get("down")) if isinstance(state, dict) else (None, None)
+                pair: tuple[Any, Any] = (None, None)
+                if isinstance(state, dict):
+                    pair = (state.get("gate_up"), state.get("down"))
                 if not all(type(m) is native.QuantMatrix for m in pair):
-                    raise Unsupported("experts that are not resident on the native quantized kernels")
+                    msg = "experts that are not resident on the native quantized kernels"
+                    raise Unsupported(msg)
                 keep.append(pair)
                 ptrs[2 * e], ptrs[2 * e + 1] = ctypes.addressof(pair[0].mat), ctypes.addressof(pair[1].mat)
             self.experts.append(ptrs)
@@ -217,7 +230,8 @@ class FusedDecoder:
     def owns(self, cache: Any) -> bool:
         """Whether every layer of `cache` still holds the views the last step left there (then it needs no checks)."""
         return len(self.views) == len(cache.layers) and all(
-            layer.keys is view[0] and layer.values is view[1] for layer, view in zip(cache.layers, self.views))
+            layer.keys is view[0] and layer.values is view[1]
+            for layer, view in zip(cache.layers, self.views, strict=True))
 
     def step(self, cache: Any, token: int, length: int, owned: bool) -> torch.Tensor:
         layers = cache.layers
@@ -230,7 +244,7 @@ class FusedDecoder:
             msg = "fused decode: scratch allocation failed" if rc == -1 else f"fused decode failed (code {rc})"
             raise MemoryError(msg) if rc == -1 else RuntimeError(msg)
         views = []
-        for layer, (kb, vb) in zip(layers, self.buffers):
+        for layer, (kb, vb) in zip(layers, self.buffers, strict=True):
             layer.keys, layer.values = kb[:, :, :length + 1], vb[:, :, :length + 1]
             views.append((layer.keys, layer.values))
         self.views = views
@@ -271,7 +285,7 @@ def fused_forward(model: nn.Module, rt: Any, args: tuple[Any, ...], kwargs: dict
     fused = _decoder(model, rt)
     if fused is None or len(cache.layers) != fused.model.n_layers or fused.hooked():
         return None
-    first = cache.layers[0]
+    first: Any = cache.layers[0]  # a DynamicLayer with 4-d keys: the checks below, or the last step's views
     owned = fused.owns(cache)  # the layers hold the last step's views: checked then, the same now
     if not owned and (type(first) is not DynamicLayer or not first.is_initialized or first.keys is None or
                       first.keys.dim() != 4):
@@ -289,6 +303,7 @@ def fused_forward(model: nn.Module, rt: Any, args: tuple[Any, ...], kwargs: dict
             return None
     token = int(ids.view(-1)[0])
     logits = fused.step(cache, token, length, owned)
-    for layer, routed in zip(fused.layer_ids, fused.routed.tolist()):  # distinct and ascending (decode.c's route)
+    # routed: distinct and ascending (decode.c's route)
+    for layer, routed in zip(fused.layer_ids, fused.routed.tolist(), strict=True):
         rt.cache.request(layer, routed)  # counters, policy and listeners, as the modules do
     return model_output(MoeCausalLMOutputWithPast, logits=logits, cache=cache)

@@ -282,7 +282,8 @@ def make_plan(config: Any, *, device: torch.device, layers: int, experts: int, t
     if config.experts_per_layer is not None:
         k = config.experts_per_layer
         if k > experts:
-            msg = f"OffloadConfig.experts_per_layer={k} is invalid: this model has {experts} experts per layer (1..{experts})"
+            msg = (f"OffloadConfig.experts_per_layer={k} is invalid: this model has {experts} experts per layer "
+                   f"(1..{experts})")
             raise ConfigError(msg)
         p = plan(k, None)
     elif config.cache_bytes is not None:

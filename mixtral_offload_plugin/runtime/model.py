@@ -12,14 +12,22 @@ import functools
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from ..errors import ModelUnloadedError
 from ..stats import GenerationStats, OffloadStats
 from .fused import fused_forward
 from .prefix import PrefixCache
+
+if TYPE_CHECKING:  # what the mixin is mixed into: a transformers causal LM (`offloaded_class`)
+    from transformers import GenerationMixin, PreTrainedModel
+
+    class _MixedInto(PreTrainedModel, GenerationMixin): ...
+else:
+    _MixedInto = object  # at run time the mixin's base is object
 
 
 @dataclass
@@ -77,7 +85,7 @@ def _prompt_shape(ids: Any) -> tuple[int, int]:
     return 1, 0
 
 
-def offloaded_class(cls: type) -> type:
+def offloaded_class(cls: type[nn.Module]) -> type:
     """`cls` with the mixin, and a forward that takes the runtime lock but keeps `cls.forward`'s signature
     (generate() inspects it: hiding `position_ids` would silently break left-padded batches)."""
     base_forward = cls.forward
@@ -92,7 +100,7 @@ def offloaded_class(cls: type) -> type:
     return type(f"Offloaded{cls.__name__}", (OffloadedModelMixin, cls), {"forward": forward})
 
 
-class OffloadedModelMixin:
+class OffloadedModelMixin(_MixedInto):
     """Adds `offload_stats()`, `reset_offload_stats()`, `unload()` and request serialization to an HF model."""
 
     _offload_runtime: OffloadRuntime

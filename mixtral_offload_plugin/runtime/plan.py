@@ -113,7 +113,8 @@ class LoadPlan:
             "dtype": self.dtype,
         }
         if self.read_from != self.path:
-            out["read_from"] = f"{self.read_from} ({'written at the first load' if self.conversion == 'write' else 'converted earlier'})"
+            when = "written at the first load" if self.conversion == "write" else "converted earlier"
+            out["read_from"] = f"{self.read_from} ({when})"
         out |= {"experts": self.experts.describe(), "attention": self.attention.describe(),
                 "head": self.head.describe(), "kernels": self.kernel_mode + (", repacked for this device" if
                                                                              self.repacked else ""),
@@ -193,7 +194,6 @@ def _plan(path: Path, fmt_name: str, read_from: Path, conversion: str | None, re
     blocks = arch.moe_layers(model_config)
     num_experts, top_k = arch.num_experts(model_config), arch.top_k(model_config)
     keys = [(layer, e) for layer in blocks for e in range(num_experts)]
-    stored_packed = reader.packed or conversion == "write"
     qname = reader.quantizer_name or ("none" if config.expert_bits == 16 else config.quantizer)
     quantizer = plugins.create("quantizer", qname)
     spec = QuantSpec(config.expert_bits, config.expert_group_size, dtype, config.quant_scales, config.quant_method)
@@ -344,7 +344,7 @@ def _layout_bits(layout: Any) -> tuple[int, int | None]:
     """(bits, group size) a packed layout records (mixtral-offloading's per matrix); (16, None) for dense ones."""
     meta = layout.meta
     if "matrices" in meta:
-        first = next(iter(meta["matrices"].values()), {})
+        first: dict[str, Any] = next(iter(meta["matrices"].values()), {})
         return int(first.get("bits", 16)), first.get("group_size")
     bits = int(meta.get("bits", 16))
     return bits, (int(meta["group_size"]) if bits < 16 and meta.get("group_size") else None)

@@ -16,7 +16,7 @@ ROUTER_ATTRS = ("gate", "router")
 _subclasses: dict[type, type] = {}
 
 
-def _without_onednn(cls: type) -> type:
+def _without_onednn(cls: type[nn.Module]) -> type:
     sub = _subclasses.get(cls)
     if sub is None:
         def forward(self: Any, *args: Any, **kwargs: Any) -> Any:

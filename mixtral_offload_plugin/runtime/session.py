@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -120,7 +120,8 @@ class Session:
         rt = self._rt()
         return {"offloaded": True, "path": rt.path, "holding": self.holding(),
                 "plan": rt.load_plan.describe() if rt.load_plan is not None else None,
-                "config": rt.config.to_dict(), "resident": {layer: sorted(self.resident(layer)) for layer in self.layers},
+                "config": rt.config.to_dict(),
+                "resident": {layer: sorted(self.resident(layer)) for layer in self.layers},
                 "capacity": {layer: self.capacity(layer) for layer in self.layers},
                 "stats": rt.cache.stats().to_dict(), "loader_alive": self.loader_alive,
                 "fused_decode": bool(rt.fused)}
@@ -153,7 +154,12 @@ class Session:
         function that stops it. Runs on the compute thread: keep it short."""
         listeners = self._rt().cache.listeners
         listeners.append(fn)
-        return lambda: fn in listeners and listeners.remove(fn)
+
+        def stop() -> None:
+            if fn in listeners:
+                listeners.remove(fn)
+
+        return stop
 
     def on_guess(self, fn: Callable[[int, int, list[int]], None]) -> Callable[[], None]:
         """Call `fn(from_layer, layer, guesses)` for each prefetch guess (nothing without a prefetcher that reports
@@ -163,7 +169,12 @@ class Session:
         if listeners is None:
             return lambda: None
         listeners.append(fn)
-        return lambda: fn in listeners and listeners.remove(fn)
+
+        def stop() -> None:
+            if fn in listeners:
+                listeners.remove(fn)
+
+        return stop
 
     # -- text ----------------------------------------------------------------------------------------------------
     def eos_ids(self) -> set[int]:
@@ -192,7 +203,7 @@ class Session:
             raise GenerationError(msg)
         if isinstance(prompt, str):
             return self.tokenizer(prompt, return_tensors="pt").input_ids
-        return chat_ids(self.tokenizer, list(prompt))
+        return chat_ids(self.tokenizer, list(cast(Messages, prompt)))  # not text, not ids: chat messages
 
     # -- generating ----------------------------------------------------------------------------------------------
     def generate(self, prompt: str | Messages | Sequence[int] | torch.Tensor, *, max_new_tokens: int = 256,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from ..errors import CheckpointError, UnsupportedModelError
 from ..models.architectures import Architecture, expert_count
 from .compat import keep_own_experts
 from .experts import OffloadedExperts
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -118,7 +121,7 @@ def inspect_checkpoint(path: Path, config_dict: dict[str, Any], config: OffloadC
     return model_config, arch, resolve_dtype(config, model_config)
 
 
-def build_skeleton(model_config: Any, arch: Architecture) -> tuple[nn.Module, dict[int, nn.Module]]:
+def build_skeleton(model_config: Any, arch: Architecture) -> tuple[PreTrainedModel, dict[int, nn.Module]]:
     """The transformers model on the meta device, its experts modules replaced by `OffloadedExperts`."""
     from transformers import AutoModelForCausalLM
     from transformers.activations import ACT2FN
@@ -140,10 +143,10 @@ def build_skeleton(model_config: Any, arch: Architecture) -> tuple[nn.Module, di
     return model, blocks
 
 
-def materialise_trunk(model: nn.Module, ckpt: Any, arch: Architecture, trunk_keys: list[str], dtype: torch.dtype,
+def materialise_trunk(model: PreTrainedModel, ckpt: Any, arch: Architecture, trunk_keys: list[str], dtype: torch.dtype,
                       device: torch.device) -> int:
     """Load every non-expert tensor (converted to `dtype`) onto `device`; returns bytes loaded."""
-    expected = dict(model.named_parameters())
+    expected: dict[str, torch.Tensor] = dict(model.named_parameters())
     persistent = set(model.state_dict())  # persistent buffers are saved (e.g. DeepSeek-V3's e_score_correction_bias)
     expected.update((n, b) for n, b in model.named_buffers() if n in persistent)
     state, total = {}, 0

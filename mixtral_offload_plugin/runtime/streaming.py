@@ -160,7 +160,7 @@ class Generation:
                     self.stats = self.model.last_generation_stats()
             if self.ids and self.ids[-1] in eos and not self.stopped_by_string:
                 self.finish_reason = "stop"
-        except BaseException as exc:  # noqa: BLE001 - handed to the reading thread and raised there
+        except BaseException as exc:  # handed to the reading thread and raised there
             self.error = exc
         finally:
             self._flush()

@@ -11,7 +11,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors import safe_open
@@ -52,7 +52,7 @@ class HFCheckpoint(ReaderDefaults):
     differ (readers of layouts whose shards use module-relative names fill it).
     """
 
-    DTYPES = _ST_DTYPES  # safetensors dtypes `read` returns; others are refused
+    DTYPES: ClassVar[dict[str, torch.dtype]] = _ST_DTYPES  # safetensors dtypes `read` returns; others are refused
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -95,11 +95,11 @@ class HFCheckpoint(ReaderDefaults):
             raise CheckpointError(msg)
         out = {}
         for file in files:
-            for key in self._open(file).keys():
+            for key in self._open(file).keys():  # noqa: SIM118  # safetensors' safe_open is not iterable
                 out[key] = file
         if any(key.endswith(".W_q") for key in out):
-            msg = (f"{self.path} holds HQQ tensors (*.W_q) but no {INDEX_NAME}: a mixtral-offloading checkpoint is read "
-                   "through its index (it says which shard is the trunk and which expert each shard holds); copy "
+            msg = (f"{self.path} holds HQQ tensors (*.W_q) but no {INDEX_NAME}: a mixtral-offloading checkpoint is "
+                   "read through its index (it says which shard is the trunk and which expert each shard holds); copy "
                    "the index file into the folder")
             raise CheckpointError(msg)
         return out

@@ -41,7 +41,7 @@ def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[in
                 if piece.dtype != dtype:
                     msg = f"{name}: a piece of dtype {piece.dtype} for a {dtype} tensor"
                     raise ValueError(msg)
-                f.write(memoryview(piece.contiguous().view(torch.uint8).reshape(-1).numpy()))
+                f.write(piece.contiguous().view(torch.uint8).reshape(-1).numpy().data)
                 got += piece.numel()
             if got != want:
                 msg = f"{name}: {got} values written for shape {tuple(shape)}"

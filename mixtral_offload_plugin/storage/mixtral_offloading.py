@@ -24,7 +24,7 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -85,9 +85,9 @@ def describe_linear(entries: dict[str, dict[str, Any]], shape: tuple[int, int], 
     if unknown:
         msg = f"unexpected tensors {unknown} (a quantized linear holds W_q and {list(TENSORS[1:])})"
         raise DamagedLinearError(where, msg)
-    for group, plain in ((SCALE_Q, "meta.scale"), (ZERO_Q, "meta.zero")):
-        if "W_q" not in entries or not (all(k in entries for k in group) or plain in entries):
-            msg = f"tensors {[k for k in ('W_q', *group) if k not in entries]} are missing"
+    for quantized, plain in ((SCALE_Q, "meta.scale"), (ZERO_Q, "meta.zero")):
+        if "W_q" not in entries or not (all(k in entries for k in quantized) or plain in entries):
+            msg = f"tensors {[k for k in ('W_q', *quantized) if k not in entries]} are missing"
             raise DamagedLinearError(where, msg)
     out_f, in_f = shape
     groups = _numel(entries["meta.zero_q" if "meta.zero_q" in entries else "meta.zero"]["shape"])
@@ -154,7 +154,7 @@ def _check_meta(entries: dict[str, dict[str, Any]], groups: int, where: str) -> 
 def _config_shapes(cfg: dict[str, Any], path: Path) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
     """[out, in] of each expert matrix and attention projection, from config.json."""
     names = ("hidden_size", "intermediate_size", "num_attention_heads")
-    vals = {n: cfg.get(n) for n in (*names, "num_key_value_heads", "head_dim")}
+    vals: dict[str, Any] = {n: cfg.get(n) for n in (*names, "num_key_value_heads", "head_dim")}
     if any(not isinstance(vals[n], int) or isinstance(vals[n], bool) or vals[n] < 1 for n in names):
         msg = f"config.json in {path}: {', '.join(f'{n}={vals[n]!r}' for n in names)} must be positive integers"
         raise CheckpointError(msg)
@@ -177,7 +177,7 @@ def _count(cfg: dict[str, Any], name: str, path: Path) -> int:
 class MixtralOffloadingCheckpoint(HFCheckpoint):
     """An opened mixtral-offloading folder: every shard's header checked at open, tensors read on demand."""
 
-    DTYPES = {**HFCheckpoint.DTYPES, "U8": torch.uint8, "I32": torch.int32}
+    DTYPES: ClassVar[dict[str, torch.dtype]] = {**HFCheckpoint.DTYPES, "U8": torch.uint8, "I32": torch.int32}
     quantizer_name = PACKED_FORMAT
     packed = True  # experts and attention come as the checkpoint stores them (hqq 0.1.1 axis-0 HQQ)
 
@@ -215,7 +215,8 @@ class MixtralOffloadingCheckpoint(HFCheckpoint):
     def _scan_trunk(self) -> tuple[list[str], dict[str, dict[str, Any]]]:
         """Plain trunk tensor names, and {attention module name: linear description} of the quantized ones."""
         header, _ = self.header(self.trunk_file)
-        plain, groups = [], {}
+        plain: list[str] = []
+        groups: dict[str, dict[str, Any]] = {}
         for key in header:
             if key == "__metadata__":
                 continue
@@ -321,7 +322,7 @@ class MixtralOffloadingCheckpoint(HFCheckpoint):
 
     # -- descriptions --------------------------------------------------------------------------------------------
     @property
-    def expert_bits(self) -> int:
+    def expert_bits(self) -> int:  # type: ignore[override]  # ReaderDefaults' plain attribute is only ever read
         return int(self.experts[0, 0]["w1"]["bits"])
 
     def expert_numel(self) -> int:

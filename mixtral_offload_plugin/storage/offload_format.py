@@ -10,14 +10,15 @@ Layout of a folder (written by `OffloadWriter`, fed by `runtime/conversion.py` f
 - `experts-LLL.bin`: the packed experts of layer LLL, each starting on a `FILE_ALIGN` boundary.
 
 `open_offload_checkpoint` validates the manifest against the files (version, paths, ranges, sizes) and returns an
-`OffloadCheckpoint` with the surface `runtime/loading.py` uses. Checksums are verified on an expert's first read (or all at
-open with `OffloadConfig(verify=True)`). `OffloadWriter` writes a folder from packed bytes (alignment, checksums, the
-manifest last) and `write_atomically` builds it beside its destination and renames it into place when complete.
-This module knows nothing about caches, kernels or how the bytes were quantized.
+`OffloadCheckpoint` with the surface `runtime/loading.py` uses. Checksums are verified on an expert's first read (or
+all at open with `OffloadConfig(verify=True)`). `OffloadWriter` writes a folder from packed bytes (alignment,
+checksums, the manifest last) and `write_atomically` builds it beside its destination and renames it into place when
+complete. This module knows nothing about caches, kernels or how the bytes were quantized.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -143,7 +144,7 @@ class OffloadCheckpoint(ReaderDefaults):
             records[key] = {"path": path, "offset": offset, "layout": layout, "crc32": crc}
         for path, ranges in spans.items():
             ranges.sort()
-            for (_, end, a), (start, _, b) in zip(ranges, ranges[1:]):
+            for (_, end, a), (start, _, b) in itertools.pairwise(ranges):
                 if start < end:
                     msg = (f"{MANIFEST_NAME}: experts {a} and {b} overlap in {path.name} (bytes {start}..{end}); "
                            f"the manifest is damaged; {RECONVERT}")
@@ -178,7 +179,8 @@ class OffloadCheckpoint(ReaderDefaults):
         return self._trunk
 
     def keys(self) -> list[str]:
-        return [k for k in self._handle().keys() if not k.endswith(PACKED_SUFFIX)]
+        # SIM118 would break this: safetensors' safe_open has keys() but is not iterable
+        return [k for k in self._handle().keys() if not k.endswith(PACKED_SUFFIX)]  # noqa: SIM118
 
     def get(self, key: str) -> torch.Tensor:
         try:
@@ -321,7 +323,7 @@ class OffloadWriter:
             self._file = open(self.out / expert_file_name(layer), "wb")  # noqa: SIM115 - closed in _close_file
             self._layer, self._offset = layer, 0
         self._file.seek(self._offset)
-        self._file.write(memoryview(packed.data.numpy()))
+        self._file.write(packed.data.numpy().data)
         self.entries.append({"layer": layer, "expert": expert, "file": expert_file_name(layer), "offset": self._offset,
                              "size": packed.nbytes, "crc32": packed.checksum(), "layout": packed.layout.to_dict()})
         self.expert_bytes += sum(r.nbytes for r in packed.layout.tensors)

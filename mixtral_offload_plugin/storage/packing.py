@@ -110,7 +110,7 @@ class PackedExpert:
 
 def checksum(data: torch.Tensor) -> int:
     """CRC-32 of a uint8 CPU tensor's bytes."""
-    return zlib.crc32(memoryview(data.contiguous().numpy()))
+    return zlib.crc32(data.contiguous().numpy().data)
 
 
 def plan_layout(format: str, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],

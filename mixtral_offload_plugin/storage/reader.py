@@ -52,15 +52,15 @@ class ReaderDefaults:
     quantizer_name: str | None = None  # the registered quantizer that runs its packed experts
     expert_bits: int | None = None  # bits of its stored experts, when it knows them
 
-    def split_keys(self, arch: Any) -> tuple[dict[Any, Any], dict[Any, Any], list[str]]:
+    def split_keys(self: CheckpointReader, arch: Any) -> tuple[dict[Any, Any], dict[Any, Any], list[str]]:
         """(per-expert names, fused names, trunk names) of the checkpoint, by the family's naming rules."""
         return arch.split_keys(self.keys())
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self: CheckpointReader, key: str) -> torch.Tensor:
         """One tensor in memory of its own (not a view of a mapping)."""
         return self.get(key).clone()
 
-    def get_rows(self, key: str, index: int) -> torch.Tensor:
+    def get_rows(self: CheckpointReader, key: str, index: int) -> torch.Tensor:
         """Row `index` of a stacked tensor (one expert of a fused [E, ...] tensor)."""
         return self.get(key)[index].clone()
 
@@ -72,7 +72,7 @@ class ReaderDefaults:
         msg = f"{getattr(self, 'path', 'this checkpoint')} holds no packed experts"
         raise CheckpointError(msg)
 
-    def shape(self, key: str) -> tuple[int, ...]:
+    def shape(self: CheckpointReader, key: str) -> tuple[int, ...]:
         """A tensor's shape, without reading its data where the format allows."""
         return tuple(self.get(key).shape)
 

@@ -11,6 +11,7 @@ our own (the page-cache baseline). Stores never evict and are never written back
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import mmap
@@ -19,10 +20,10 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -243,7 +244,7 @@ class DiskStore(StoreDefaults):
         path = self.root / f"layer-{int(layer):03d}.bin"
         fd = self._fd(path, write=True)
         offset = align_up(self._ends.get(path, 0), FILE_ALIGN)
-        buf = memoryview(packed.data.contiguous().numpy())
+        buf = packed.data.contiguous().numpy().data
         written = 0
         while written < len(buf):
             written += os.pwrite(fd, buf[written:], offset + written)
@@ -266,8 +267,8 @@ class DiskStore(StoreDefaults):
         """A second, O_DIRECT descriptor of `path`, or None where the filesystem refuses direct I/O (tmpfs)."""
         if path not in self._direct_fds:
             try:
-                self._direct_fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECT)
-                self._sizes[path] = os.fstat(self._direct_fds[path]).st_size
+                fd = self._direct_fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                self._sizes[path] = os.fstat(fd).st_size
             except OSError:
                 self._direct_fds[path] = None
         return self._direct_fds[path]
@@ -275,7 +276,8 @@ class DiskStore(StoreDefaults):
     def _direct_span(self, rec: DiskRecord, out: torch.Tensor) -> int | None:
         """Bytes to read with direct I/O (whole pages into a page-aligned buffer), or None to read through the cache."""
         span = align_up(rec.layout.nbytes, PAGE)
-        if not self.direct or rec.path in self._ends or out.numel() < span or out.data_ptr() % PAGE or rec.offset % PAGE:
+        if (not self.direct or rec.path in self._ends or out.numel() < span or out.data_ptr() % PAGE
+                or rec.offset % PAGE):
             return None
         if self._direct_fd(rec.path) is None or self._sizes[rec.path] < rec.offset + span:
             return None
@@ -285,9 +287,10 @@ class DiskStore(StoreDefaults):
         rec = self._records[key]
         n = rec.layout.nbytes
         span = self._direct_span(rec, out)
-        view = memoryview(out[: span or n].numpy())
+        view = out[: span or n].numpy().data
         try:
-            fd = self._fd(rec.path) if span is None else self._direct_fds[rec.path]
+            # a span means _direct_span found the direct descriptor
+            fd = self._fd(rec.path) if span is None else cast(int, self._direct_fds[rec.path])
             done = 0
             while done < n:
                 got = os.preadv(fd, [view[done:]], rec.offset + done)
@@ -326,17 +329,15 @@ class DiskStore(StoreDefaults):
 
 def _release(fds: dict[Path, int], direct_fds: dict[Path, int | None], owned_root: Path | None) -> None:
     for fd in [*fds.values(), *(d for d in direct_fds.values() if d is not None)]:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
     fds.clear()
     direct_fds.clear()
     if owned_root is not None:
         shutil.rmtree(owned_root, ignore_errors=True)
 
 
-def _mincore() -> object | None:
+def _mincore() -> Callable[..., int] | None:
     try:
         fn = ctypes.CDLL(None, use_errno=True).mincore
     except (OSError, AttributeError):
@@ -367,7 +368,7 @@ class MmapStore(DiskStore):
             self._maps[path] = (mm, torch.frombuffer(mm, dtype=torch.uint8))
         return self._maps[path][1]
 
-    def host_tensor(self, key: Hashable) -> torch.Tensor | None:
+    def host_tensor(self, key: Hashable) -> torch.Tensor:
         rec = self._records[key]
         view = self._mapped(rec.path)[rec.offset:rec.offset + rec.layout.nbytes]
         if rec.crc32 is not None and key not in self._verified:
@@ -401,8 +402,7 @@ class MmapStore(DiskStore):
         maps, self._maps = self._maps, {}
         for mm, view in maps.values():
             del view
-            try:
+            # BufferError: a tensor still views the mapping: it is unmapped when that tensor goes
+            with contextlib.suppress(BufferError):
                 mm.close()
-            except BufferError:  # a tensor still views the mapping: it is unmapped when that tensor goes
-                pass
         super().close()

@@ -1,5 +1,6 @@
-"""`mixtral-offload convert SRC DST`: turn a Hugging Face checkpoint into the offload format (see storage/offload_format.py).
+"""`mixtral-offload convert SRC DST`: turn a Hugging Face checkpoint into the offload format.
 
+The format is described in storage/offload_format.py.
 Reads a Hugging Face checkpoint or a mixtral-offloading one (whose quantization is kept, bytes as they are).
 Streams the source one expert at a time (peak memory: about one expert plus the 16-bit trunk), quantizes experts and
 attention with the chosen settings (`runtime/conversion.py`, the writer `synth` and the conversion cache use too),

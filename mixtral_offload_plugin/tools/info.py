@@ -35,7 +35,8 @@ def describe_checkpoint(path: str | Path, config: OffloadConfig) -> dict[str, An
             f"{fmt(m.expert_bytes - first.nbytes)} (kernels: {plan.experts.kernels}"
             f"{'; every expert resident' if plan.kernel_mode == 'resident' else ''})")
     return {
-        "path": str(path), "format": format_title(plan.format), **({"quantization": quantization} if quantization else {}),
+        "path": str(path), "format": format_title(plan.format),
+        **({"quantization": quantization} if quantization else {}),
         "family": arch.name, "model_type": mc.model_type,
         "offloaded": arch.offloaded, "layers": mc.num_hidden_layers, "moe_layers": len(plan.moe_layers),
         "experts_per_layer": arch.num_experts(mc), "top_k": arch.top_k(mc),

@@ -103,6 +103,7 @@ class ReplayCache:
         if (k is None) == (global_slots is None):
             msg = "give exactly one of k (per-layer slots) or global_slots"
             raise ValueError(msg)
+        self.pools: dict[int, SlotPool[tuple[int, int]]]
         if k is not None:
             self.pool_of = {layer: layer for layer in layers}
             self.pools = {layer: SlotPool(k, policy_factory()) for layer in layers}
@@ -199,7 +200,7 @@ def replay_policy(events: Sequence[Route | Guess], policy_factory: Callable[[], 
     recorded guesses' depth, else 1; the trace's top-k). Recorded guesses are cut to `experts`, as the live gate's."""
     layers = list(layers) if layers is not None else trace_shape(events)[0]
     top_k = trace_top_k(events)
-    name = {True: "gate", False: "none"}.get(prefetch, prefetch) if isinstance(prefetch, bool) else prefetch
+    name = ("gate" if prefetch else "none") if isinstance(prefetch, bool) else prefetch
     depth = depth or recorded_depth(events) or 1
     experts = experts or top_k or 1
     cache = ReplayCache(layers, policy_factory, k, global_slots, top_k)

@@ -112,7 +112,8 @@ def _sweeper(args: argparse.Namespace, events: Any, kw: dict[str, Any]) -> Calla
     if args.each and len(args.trace) > 1:
         traces = [load_events(t) for t in args.trace]
         return lambda *a, **k: sweep_each(traces, *a, **kw, **k)
-    return lambda *a, **k: sweep(events, *a, **kw, **k)
+    # kw holds prefetch, depth and experts only; mypy cannot tell it has no `names` or `sizes`
+    return lambda *a, **k: sweep(events, *a, **kw, **k)  # type: ignore[misc]
 
 
 def _detail(results: dict[str, dict[int, Counts]], layers: Sequence[int], k: int) -> list[str]:

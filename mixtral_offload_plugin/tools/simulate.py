@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 # -- Mixtral-8x7B shape (config.json of mistralai/Mixtral-8x7B-v0.1) -------------------------------------------------
 LAYERS = 32
@@ -73,7 +73,7 @@ PROFILES = {
 }
 
 # Paper Table 2 (anchors.md): decode tok/s, Mixtral-8x7B-Instruct, batch 1. None = not usable (a likely typo).
-PAPER = {
+PAPER: dict[int, dict[str, dict[str, float | None]]] = {
     2: {"full": {"a100": 3.061, "rtx3080m": 2.655, "rtx3060": 2.278, "t4": 2.092},
         "lru": {"a100": 2.918, "rtx3080m": 2.227, "rtx3060": 2.051, "t4": 1.567},
         "nocache": {"a100": 2.265, "rtx3080m": 1.758, "rtx3060": 1.547, "t4": 1.168},
@@ -88,7 +88,7 @@ ROWS = (("full", "LRU + prefetch"), ("lru", "LRU only"), ("nocache", "no cache")
 
 def fit_overhead_ms(p: Profile) -> float:
     """The per-layer overhead that makes the 2-bit no-cache prediction equal the paper (how the defaults were set)."""
-    per_layer_s = 1.0 / PAPER[2]["nocache"][_key(p)] / LAYERS
+    per_layer_s = 1.0 / cast(float, PAPER[2]["nocache"][_key(p)]) / LAYERS  # the no-cache row is complete
     return 1e3 * (per_layer_s - _weights_s(p, 2) - TOP_K * EXPERT_BYTES[2] / (p.pcie_gbs * 1e9))
 
 

@@ -70,7 +70,7 @@ def register(params: dict[str, Any] | None = None) -> None:
     tg.loaders.loaders_and_params.setdefault(LOADER, list(ELEMENTS))
     tg.loaders.loaders_samplers.setdefault(LOADER, set(tg.loaders.transformers_samplers()))
     for name in ("get_all_params", "list_all_samplers"):
-        cached = getattr(tg.loaders, name, None)
+        cached: Any = getattr(tg.loaders, name, None)
         if hasattr(cached, "cache_clear"):
             cached.cache_clear()
     _patch_textgen(tg)
@@ -142,7 +142,7 @@ def _patch_textgen(tg: SimpleNamespace) -> None:
 
 def _wrap_truncation_length(tg: SimpleNamespace, originals: dict[str, Any]) -> None:
     """Part of `_patch_textgen`: the UI's truncation length is min(ctx_size, the model's context) for our loader."""
-    menu = sys.modules.get("modules.ui_model_menu")  # UI mode only; never imported here (absent with --nowebui)
+    menu: Any = sys.modules.get("modules.ui_model_menu")  # UI mode only; never imported here (absent with --nowebui)
     if menu is None or not hasattr(menu, "update_truncation_length") or "update_truncation_length" in originals:
         return
     orig = menu.update_truncation_length
@@ -296,7 +296,7 @@ def check_reply(reply: str) -> str:
 
 def _error_class() -> type:
     """An exception TextGen's UI shows (gradio's `Error`) and its API turns into an error response (`OpenAIError`)."""
-    bases: list[type] = []
+    bases: list[type[Exception]] = []
     try:
         import gradio as gr
 

@@ -156,7 +156,7 @@ def _experts_of(model_name: str) -> int:
         from modules import utils
 
         config = json.loads((Path(utils.resolve_model_path(model_name)) / "config.json").read_text())
-    except Exception:  # noqa: BLE001 - no folder, no config: keep the slider as it is
+    except Exception:  # no folder, no config: keep the slider as it is
         return 0
     from ..models.architectures import expert_count
 

@@ -32,7 +32,7 @@ def test_lru_exact_hits_misses_and_eviction_order():
     script = [[0, 1], [0], [2], [1], [0, 3], [2]]
     for experts in script:
         states = cache.fetch(0, experts)
-        for e, state in zip(experts, states):
+        for e, state in zip(experts, states, strict=True):
             assert torch.equal(state, torch.full((8,), float(e)))  # the right bytes landed in the slot
     # by hand: [0,1] miss miss | [0] hit | [2] miss, evict 1 (LRU) | [1] miss, evict 0 | [0,3] miss miss,
     # evict 2 then 1 | [2] miss, evict 0

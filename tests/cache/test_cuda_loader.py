@@ -56,10 +56,10 @@ class FakeCuda:
         self.compute = FakeStream(self, "compute")
         self.devices: list[tuple[torch.device, str]] = []
 
-    def Stream(self, device: torch.device) -> FakeStream:  # noqa: N802 - torch.cuda's name
+    def Stream(self, device: torch.device) -> FakeStream:  # torch.cuda's name
         return FakeStream(self, f"copy:{device}")
 
-    def Event(self) -> FakeEvent:  # noqa: N802
+    def Event(self) -> FakeEvent:
         return FakeEvent(self)
 
     def current_stream(self, device: Any = None) -> FakeStream:

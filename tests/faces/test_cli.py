@@ -94,7 +94,8 @@ def test_chat_session_reuses_the_kv_cache(tiny_mixtral_tok):
         ids = tok.apply_chat_template(session.messages[:-1], add_generation_prompt=True, return_tensors="pt",
                                       return_dict=True)["input_ids"]
         fresh = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
-        assert tok.decode(fresh[0, ids.shape[1]:], skip_special_tokens=True).strip() == session.messages[-1]["content"].strip()
+        reply = session.messages[-1]["content"].strip()
+        assert tok.decode(fresh[0, ids.shape[1]:], skip_special_tokens=True).strip() == reply
     finally:
         model.unload()
 

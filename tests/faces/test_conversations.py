@@ -14,11 +14,11 @@ import pytest
 
 pytest.importorskip("langchain_core")
 
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage  # noqa: E402
-from test_langchain_standard import lc_model_params  # noqa: E402
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from test_langchain_standard import lc_model_params
 
-from langchain_integration import ChatMixtralOffload, MixtralOffloadLLM  # noqa: E402
-from mixtral_offload_plugin import OffloadConfig  # noqa: E402
+from langchain_integration import ChatMixtralOffload, MixtralOffloadLLM
+from mixtral_offload_plugin import OffloadConfig
 
 OFFLOAD = {"device": "cpu", "experts_per_layer": 4, "store": "disk", "prefetch": "gate"}
 TURNS = ["Tell me a fortune.", "Why?", "And tomorrow?"]
@@ -77,7 +77,7 @@ def test_chat_with_a_seed_samples_what_a_fresh_generation_samples(params: dict[s
 
 def test_llm_prompt_that_extends_the_last_one_reuses_it(params: dict[str, Any]) -> None:
     llm = MixtralOffloadLLM(**params)
-    model, tok = llm._load()
+    model, _ = llm._load()
     first = llm.invoke("Once upon a time")
     prompt_tokens = model.last_generation_stats().prompt_tokens
     longer = "Once upon a time" + first + " and then"

@@ -2,7 +2,8 @@
 
 Types a message, watches the reply stream in and the stats panel and heatmap update, stops a long reply (and one
 waiting in the queue behind it), changes the cache size and checks the reloaded model uses it; saves a screenshot
-(test-artifacts/demo.png; copied to docs/demo.png for the README when MIXTRAL_OFFLOAD_UPDATE_DOCS=1, so a test run leaves the checkout clean). Assertions never depend on the quality of the text.
+(test-artifacts/demo.png; copied to docs/demo.png for the README when MIXTRAL_OFFLOAD_UPDATE_DOCS=1, so a test run
+leaves the checkout clean). Assertions never depend on the quality of the text.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ if not CHROMIUM.exists():
 pytest.importorskip("playwright.sync_api", reason="needs Python playwright (pip install playwright)")
 pytest.importorskip("gradio", reason='needs gradio (pip install "mixtral-offload-plugin[demo]")')
 
-from mixtral_offload_plugin import OffloadConfig
-from mixtral_offload_plugin.demo.app import build_app, num_experts_of
+from mixtral_offload_plugin import OffloadConfig  # noqa: E402  # after the skips above
+from mixtral_offload_plugin.demo.app import build_app, num_experts_of  # noqa: E402  # needs gradio: after the skips
 
 # records every distinct text of the last bot message, so the test sees the streaming, not just the end state
 WATCH_JS = """() => {

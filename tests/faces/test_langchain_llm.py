@@ -157,7 +157,7 @@ def test_concurrent_invokes_from_threads(params: dict[str, Any]) -> None:
     def work(i: int) -> None:
         try:
             results[i] = llm.invoke(PROMPTS[i], seed=i)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(PROMPTS)) for _ in range(2)]

@@ -232,7 +232,7 @@ def test_router_votes_pick_exactly_the_routed_experts(checkpoints: dict) -> None
 
         hidden = torch.randn(20, ref.config.hidden_size)
         seen = []  # what the block itself hands its experts (the routing, in every transformers release)
-        hook = block.experts.register_forward_pre_hook(lambda m, args: seen.append(args[1]))
+        hook = block.experts.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[1]))
         try:
             with torch.no_grad():
                 block(hidden.unsqueeze(0))

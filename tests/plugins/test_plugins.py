@@ -8,6 +8,7 @@ import re
 import sys
 import types
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def register():
 class MostRecentlyUsed:
     """Evicts the most recently used expert; records what it decided and what the cache did."""
 
-    instances: list[MostRecentlyUsed] = []
+    instances: ClassVar[list[MostRecentlyUsed]] = []
 
     def __init__(self) -> None:
         self.order: list = []
@@ -147,7 +148,8 @@ def test_factory_that_raises_is_reported_with_its_plugin(tiny_mixtral, register)
             register("broken", factory)
 
     register(BrokenStore(), "broken-store-plugin")
-    with pytest.raises(PluginError, match="plugin 'broken-store-plugin' failed to create store 'broken'.*no such volume"):
+    with pytest.raises(PluginError,
+                       match=r"plugin 'broken-store-plugin' failed to create store 'broken'.*no such volume"):
         load_model(tiny_mixtral, OffloadConfig(device="cpu", experts_per_layer=2, store="broken"))
 
 
@@ -163,8 +165,9 @@ def fake_distribution(monkeypatch):
     monkeypatch.setitem(sys.modules, "fake_mo_plugin", module)
 
     class Dist:
-        metadata = {"name": "mixtral-offload-fake"}
-        entry_points = [importlib.metadata.EntryPoint("fakeplug", "fake_mo_plugin", plugins.ENTRY_POINT_GROUP)]
+        metadata: ClassVar[dict[str, str]] = {"name": "mixtral-offload-fake"}
+        entry_points: ClassVar[list[importlib.metadata.EntryPoint]] = [
+            importlib.metadata.EntryPoint("fakeplug", "fake_mo_plugin", plugins.ENTRY_POINT_GROUP)]
 
     real = importlib.metadata.distributions
     monkeypatch.setattr(importlib.metadata, "distributions", lambda: [*real(), Dist()])

@@ -169,7 +169,7 @@ def test_scales_and_zeros_dequantized_bit_for_bit(impl, period):
              "w.meta.zero_q": q.reshape(1, -1), "w.meta.meta_zero.scale": meta_scale[0, :1].reshape(()),
              "w.meta.meta_zero.zero": meta_zero[0, :1].reshape(())}
     expected = scale_zero(views, "w")
-    for which, ref in zip(("scale", "zero"), expected):
+    for which, ref in zip(("scale", "zero"), expected, strict=True):
         out = torch.empty(n, dtype=torch.float16)
         axis0_native.dequantize_meta(axis0_native.library(), views, "w", which, out)
         assert torch.equal(out.view(torch.int16), ref.view(torch.int16))

@@ -21,9 +21,7 @@ from mixtral_offload_plugin.quant.formats import (
     hqq_quantize,
     store_matrix,
 )
-from mixtral_offload_plugin.storage.packing import unpack_views
-
-from mixtral_offload_plugin.quant.hqq import (  # noqa: E402
+from mixtral_offload_plugin.quant.hqq import (
     HqqExpertKernel,
     HqqQuantizer,
     QuantizedLinear,
@@ -31,6 +29,7 @@ from mixtral_offload_plugin.quant.hqq import (  # noqa: E402
     layout_for,
     repack_for,
 )
+from mixtral_offload_plugin.storage.packing import unpack_views
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # CUDA: only chooses forms and plans here, never allocates
 CONFIGS = {  # name: (expert bits, group size, 8-bit scales) -> the CPU forms int4lut16, int4lut, int4pack

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from mixtral_offload_plugin.kernels import native
+from mixtral_offload_plugin.kernels.choice import plan_matrix
 from mixtral_offload_plugin.quant import QuantSpec
 from mixtral_offload_plugin.quant.formats import dequantize, store_matrix
-from mixtral_offload_plugin.kernels.choice import plan_matrix
-
-from mixtral_offload_plugin.quant.hqq import HqqQuantizer, choose_form  # noqa: E402
+from mixtral_offload_plugin.quant.hqq import HqqQuantizer, choose_form
 
 CPU = torch.device("cpu")
 # float32 activations: float32 sums in another order than the reference matmul; bf16: the output's rounding

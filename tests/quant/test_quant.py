@@ -10,13 +10,12 @@ import torch
 from slot_reference import copy_slot_weights
 
 from mixtral_offload_plugin import OffloadConfig, load_model
+from mixtral_offload_plugin.kernels.choice import plan_matrix
 from mixtral_offload_plugin.quant import QuantSpec
 from mixtral_offload_plugin.quant.bitpacking import bitpack, bitunpack, dequantize_meta, quantize_meta
 from mixtral_offload_plugin.quant.formats import int4pack_values, store_matrix
-from mixtral_offload_plugin.kernels.choice import plan_matrix
+from mixtral_offload_plugin.quant.hqq import HqqQuantizer
 from mixtral_offload_plugin.storage.packing import unpack_views
-
-from mixtral_offload_plugin.quant.hqq import HqqQuantizer  # noqa: E402
 
 CPU = torch.device("cpu")
 NATIVE_KINDS = {"int4": "native-int4", "int4-lut": "native-lut", "int4-lut16": "native-lut", "dense8": "native-u8"}

@@ -76,20 +76,20 @@ def _slow_down(monkeypatch: pytest.MonkeyPatch, model) -> None:
 
     copy = CudaLoader._copy
 
-    def slow_copy(self, slot, src):  # noqa: ANN001, ANN202 - runs inside the copy stream's context
+    def slow_copy(self, slot, src):  # runs inside the copy stream's context
         torch.cuda._sleep(SLEEP)
         copy(self, slot, src)
 
     monkeypatch.setattr(CudaLoader, "_copy", slow_copy)
 
     class Slow:
-        def __init__(self, kernel) -> None:  # noqa: ANN001
+        def __init__(self, kernel) -> None:
             self.kernel = kernel
 
-        def __getattr__(self, name: str):  # noqa: ANN204
+        def __getattr__(self, name: str):
             return getattr(self.kernel, name)
 
-        def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
+        def __call__(self, *args, **kwargs):
             y = self.kernel(*args, **kwargs)
             torch.cuda._sleep(SLEEP)
             return y
@@ -134,7 +134,7 @@ def test_one_host_sync_per_moe_layer(mid_model):
     counts: list[int] = []
     state: dict = {}
 
-    def pre(module, args):  # noqa: ANN001, ANN202
+    def pre(module, args):
         if args[0].shape[0] != 1:  # the prefill: not counted
             return
         torch.cuda.synchronize()
@@ -143,7 +143,7 @@ def test_one_host_sync_per_moe_layer(mid_model):
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
 
-    def post(module, args, output):  # noqa: ANN001, ANN202
+    def post(module, args, output):
         if "ctx" not in state:
             return
         torch.cuda.set_sync_debug_mode(0)
@@ -189,7 +189,7 @@ def test_pinned_copies_on_the_copy_stream_overlap_compute(mid_model, monkeypatch
         on_copy = {k["name"] for k in kernels if k["args"]["stream"] in copy_streams}
         assert all("spin" in n.lower() for n in on_copy), on_copy  # dense experts: only the injected sleeps there
 
-        def overlaps(a, b) -> bool:  # noqa: ANN001
+        def overlaps(a, b) -> bool:
             return a["ts"] < b["ts"] + b["dur"] and b["ts"] < a["ts"] + a["dur"]
 
         other = [k for k in kernels if k["args"]["stream"] not in copy_streams]

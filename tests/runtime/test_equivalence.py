@@ -81,7 +81,7 @@ def test_fused_expert_names_load_and_match(tiny_mixtral, tiny_mixtral_fused, ref
     from safetensors import safe_open
 
     with safe_open(str(tiny_mixtral_fused / "model.safetensors"), "pt") as f:
-        assert any(k.endswith("mlp.experts.gate_up_proj") for k in f.keys())
+        assert any(k.endswith("mlp.experts.gate_up_proj") for k in f.keys())  # noqa: SIM118  # safe_open: no __iter__
     model = load_model(tiny_mixtral_fused, OffloadConfig(device="cpu", experts_per_layer=1, store="host"))
     try:
         ids = torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(2))

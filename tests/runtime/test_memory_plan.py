@@ -87,7 +87,8 @@ def test_plan_sizes_the_cache_from_the_cgroup(tmp_path: Path, fake_cgroup, tiny_
         load_model(tiny_mixtral_8e, OffloadConfig(device="cpu", transfer="sync", context_length=256))
 
 
-@pytest.mark.skipif(not os.access("/sys/fs/cgroup/memory", os.W_OK), reason="needs a writable cgroup v1 memory controller")
+@pytest.mark.skipif(not os.access("/sys/fs/cgroup/memory", os.W_OK),
+                    reason="needs a writable cgroup v1 memory controller")
 def test_real_cgroup_limit_is_seen(tmp_path: Path) -> None:
     from mixtral_offload_plugin.tools.bench.cgroups import MemoryGroup
 

@@ -174,7 +174,7 @@ def test_two_interleaved_conversations_from_threads_stay_correct(model, oracle):
                 with turn_lock:
                     state["next"] = 1 - c
                     turn_lock.notify_all()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
             with turn_lock:
                 state["next"] = 1 - c

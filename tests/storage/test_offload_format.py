@@ -17,7 +17,6 @@ from mixtral_offload_plugin.storage.offload_format import (
     open_offload_checkpoint,
 )
 
-
 IDS = torch.tensor([[1, 17, 42, 99, 5]])
 
 
@@ -95,7 +94,7 @@ def test_asking_for_other_bits_than_stored_warns_and_loads_as_stored(
 def test_newer_format_version_is_refused(converted: tuple[Path, Path, OffloadConfig], tmp_path: Path) -> None:
     path = _copy(converted, tmp_path)
     _edit_manifest(path, lambda m: m.update(format_version=99))
-    with pytest.raises(ManifestError, match="newer.*upgrade"):
+    with pytest.raises(ManifestError, match=r"newer.*upgrade"):
         open_offload_checkpoint(path)
 
 
@@ -109,7 +108,7 @@ def test_overlapping_offsets_are_refused(converted: tuple[Path, Path, OffloadCon
 def test_offset_past_file_end_is_refused(converted: tuple[Path, Path, OffloadConfig], tmp_path: Path) -> None:
     path = _copy(converted, tmp_path)
     _edit_manifest(path, lambda m: m["experts"][3].update(offset=m["experts"][3]["offset"] + 1 << 20))
-    with pytest.raises(CheckpointError, match="truncated|aligned"):
+    with pytest.raises(CheckpointError, match=r"truncated|aligned"):
         open_offload_checkpoint(path)
 
 

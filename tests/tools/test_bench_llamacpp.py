@@ -7,6 +7,7 @@ llama-cpp-python and its converter (`bash scripts/build_llama_cpp.sh`) and is sk
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ def test_parse_llamacpp_configs() -> None:
         parse_config("llamacpp-q9_0")
     with pytest.raises(ValueError, match="applies only to our configurations"):
         parse_config("llamacpp-f16:experts_per_layer=2")
-    with pytest.raises(ValueError, match="unknown bench configuration 'llamacpp'.*llamacpp-TYPE"):
+    with pytest.raises(ValueError, match=r"unknown bench configuration 'llamacpp'.*llamacpp-TYPE"):
         parse_config("llamacpp")
     named = parse_config("resident:model=/data/mid-4bit:name=ours-4bit")
     assert (named.label, named.model, named.offload) == ("ours-4bit", "/data/mid-4bit", {"store": "auto"})
@@ -99,7 +100,7 @@ def test_weight_bytes_per_token_from_names() -> None:
     g = active_weight_bytes(gg, 2, 8)
     assert (g.dense, g.experts, g.embedding, g.per_token) == (554, 640, 500, 554 + 160)
     assert g.to_dict()["per_token"] == g.per_token
-    with pytest.raises(ValueError, match="top_k must be in 1..num_experts"):
+    with pytest.raises(ValueError, match=re.escape("top_k must be in 1..num_experts")):
         active_weight_bytes(gg, 3, 2)
 
 
@@ -142,7 +143,7 @@ def test_rows_are_compared_with_the_fp32_reference() -> None:
     assert failed_checks(rows, got) == []  # the quantized and bf16 rows only report
     annotate(rows, None, compared=2)
     assert rows[2]["agree"] == 2 and rows[1]["bound_tps"] is None
-    rows[1]["tokens"] = ref[:5] + [0, 0, 0]
+    rows[1]["tokens"] = [*ref[:5], 0, 0, 0]
     annotate(rows, 10e9, compared=8)
     assert failed_checks(rows, got) == [
         "llamacpp-f16 agrees with transformers-fp32 on 5 of 8 tokens ([5, 6, 7, 8, 9, 0, 0, 0] vs "

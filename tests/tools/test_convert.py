@@ -11,7 +11,6 @@ from mixtral_offload_plugin.cli import main as cli_main
 from mixtral_offload_plugin.errors import CheckpointError
 
 
-
 @pytest.fixture(scope="module")
 def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mixtral_offload_plugin.models.synthetic import make_random_mixtral
@@ -59,7 +58,7 @@ def test_interrupted_conversion_leaves_nothing(src: Path, tmp_path: Path, monkey
     calls = {"n": 0}
     real = HqqQuantizer.pack_expert
 
-    def boom(self, *a, **k):  # noqa: ANN001, ANN002, ANN003
+    def boom(self, *a, **k):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt

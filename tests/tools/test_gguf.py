@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -31,7 +32,8 @@ minimal = tok is not None and not (stage / "tokenizer.json").is_symlink()
 with open(here / "calls.jsonl", "a") as f:
     f.write(json.dumps({"argv": sys.argv[1:], "files": files, "minimal": minimal}) + "\n")
 if os.environ.get("FAIL_VOCAB") and not minimal:
-    print("Traceback (most recent call last):\n  in set_vocab\nNotImplementedError: BPE pre-tokenizer was not recognized")
+    print("Traceback (most recent call last):\n  in set_vocab\n"
+          "NotImplementedError: BPE pre-tokenizer was not recognized")
     sys.exit(1)
 out.write_text(json.dumps({"vocab": len(tok["model"]["vocab"]) if tok else None}))
 '''
@@ -80,7 +82,7 @@ def test_converter_location_and_version(fake_converter: Path, tmp_path: Path,
         gguf.find_converter()
     monkeypatch.delenv(gguf.CONVERTER_ENV)
     assert gguf.default_converter_dir("9.9.9") == Path(sys.prefix) / "share/mixtral-offload/llama.cpp-converter-9.9.9"
-    with pytest.raises(BackendUnavailableError, match="build_llama_cpp.sh --converter-only"):
+    with pytest.raises(BackendUnavailableError, match=re.escape("build_llama_cpp.sh --converter-only")):
         gguf.find_converter(tmp_path / "nowhere")
 
 
@@ -165,7 +167,7 @@ def test_converter_failure_is_reported_with_its_log(tmp_path: Path, checkpoint: 
 
 
 def test_bad_inputs(fake_converter: Path, checkpoint: Path, tmp_path: Path) -> None:
-    with pytest.raises(BackendUnavailableError, match="unknown llama.cpp type 'q9_9'"):
+    with pytest.raises(BackendUnavailableError, match=re.escape("unknown llama.cpp type 'q9_9'")):
         gguf.ensure_gguf(checkpoint, "q9_9", tmp_path, fake_converter)
     (checkpoint / "mixtral_offload.json").write_text("{}")
     with pytest.raises(CheckpointError, match="not a plain Hugging Face checkpoint"):

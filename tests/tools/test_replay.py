@@ -148,7 +148,8 @@ def test_replay_command(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "belady" in out and "per-layer decode hit rate at k=4" in out
     data = json.loads((tmp_path / "out.json").read_text())
-    assert data["per_layer_k"]["belady"]["4"]["decode"]["hit_rate"] >= data["per_layer_k"]["lru"]["4"]["decode"]["hit_rate"]
+    per_k = data["per_layer_k"]
+    assert per_k["belady"]["4"]["decode"]["hit_rate"] >= per_k["lru"]["4"]["decode"]["hit_rate"]
     assert main(["replay", str(tmp_path / "missing.jsonl")]) == 2
     assert main(["replay", str(path), "--policies", "nope"]) == 2
     # the history rows and what every row moves; several traces play through one cache

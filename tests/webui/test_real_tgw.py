@@ -182,7 +182,7 @@ def test_logits_endpoint(server: Server, checkpoint: Path) -> None:
     with torch.no_grad():
         probs = torch.softmax(model(input_ids=torch.tensor([tok.encode(PROMPT)])).logits[0, -1], -1)
     values, ids = torch.topk(probs, 3)
-    expected = dict(zip(tok.convert_ids_to_tokens(ids.tolist()), values.tolist()))
+    expected = dict(zip(tok.convert_ids_to_tokens(ids.tolist()), values.tolist(), strict=True))
     assert list(top) == list(expected)
     assert list(top.values()) == pytest.approx(list(expected.values()), abs=1e-5)
 

@@ -96,7 +96,7 @@ def measure_bandwidth(nbytes: int = 1 << 30, threads: int | None = None, repeats
 def measure_in_child(nbytes: int = 1 << 30, threads: int | None = None) -> dict[str, Any]:
     """`measure_bandwidth` in a fresh process (the parent of bench stays free of torch and of its memory)."""
     cmd = [sys.executable, "-m", __name__, "--bytes", str(nbytes)] + (["--threads", str(threads)] if threads else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)  # noqa: S603 - our own module
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)  # our own module
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -38,10 +38,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 from ...errors import MixtralOffloadError
 from .bandwidth import measure_in_child
+from .cgroups import CGROUP_ROOT, MemoryGroup
 from .compare import annotate, failed_checks
 from .config import (
     _BUDGETED,
@@ -52,10 +53,9 @@ from .config import (
     parse_config,
     resolve_model,
 )
-from .report import format_table, mib, print_report, summarize_row
-from .cgroups import CGROUP_ROOT, MemoryGroup
 from .disk_rate import add_bounds, best_rate, measure_disk_rate, resident_compute_seconds
 from .gguf import find_converter
+from .report import format_table, mib, print_report, summarize_row
 
 __all__ = [  # the configurations' and the memory group's names stay importable from here
     "CGROUP_ROOT", "DEFAULT_CONFIGS", "WORKING_MEMORY", "BenchConfig", "MemoryGroup", "Worker",
@@ -76,10 +76,11 @@ class Worker:
         spec = dict(spec, result_fd=wfd)
         env = dict(os.environ, MIXTRAL_OFFLOAD_QUIET="1", TRANSFORMERS_VERBOSITY="error",
                    TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mixtral_offload_plugin.tools.bench.worker", "--worker", json.dumps(spec)],
-            stdin=subprocess.PIPE, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
-            pass_fds=(wfd,), env=env, text=True, preexec_fn=self.group.enter if self.group else None)
+        with open(self.log_path, "w") as log:  # the child writes to its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mixtral_offload_plugin.tools.bench.worker", "--worker", json.dumps(spec)],
+                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                pass_fds=(wfd,), env=env, text=True, preexec_fn=self.group.enter if self.group else None)
         os.close(wfd)
         self.results = os.fdopen(rfd, "r")
         self.error: str | None = None
@@ -98,9 +99,10 @@ class Worker:
     def ask(self, command: str) -> dict[str, Any] | None:
         if self.error is not None:
             return None
+        stdin = cast(IO[str], self.proc.stdin)  # the worker was started with stdin=PIPE
         try:
-            self.proc.stdin.write(command + "\n")
-            self.proc.stdin.flush()
+            stdin.write(command + "\n")
+            stdin.flush()
         except (BrokenPipeError, OSError):
             pass
         return self.receive()
@@ -167,7 +169,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     rows: dict[int, dict[str, Any]] = {}
     meta["schedule"] = _schedule(args.schedule, configs, limit, trunk + expert_bytes)
     bar = tqdm(total=len(configs) * (1 + args.repeats), desc="bench", unit="step",
-               disable=args.quiet or not sys.stderr.isatty() and not args.progress)
+               disable=args.quiet or (not sys.stderr.isatty() and not args.progress))
 
     def start(i: int, cfg: BenchConfig) -> None:
         group, memory = None, "unlimited"
@@ -316,8 +318,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "bf16, f32, q8_0, q4_0, q4_k_m, ...; needs llama-cpp-python, see "
                         "scripts/build_llama_cpp.sh); add :key=value overrides "
                         "(OffloadConfig fields, cold, limit, device; model=PATH: this row's checkpoint instead of "
-                        "--model, e.g. a folder made by convert; name=LABEL), e.g. disk-k4-cold-prefetch:prefetch_depth=2 "
-                        "(default: %(default)s)")
+                        "--model, e.g. a folder made by convert; name=LABEL), e.g. "
+                        "disk-k4-cold-prefetch:prefetch_depth=2 (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (default: 3)")
     p.add_argument("--schedule", default="auto", choices=("auto", "interleaved", "sequential"),
                    help="interleaved: all workers loaded, repeats taken in turn (drift spreads over every row); "

@@ -113,8 +113,9 @@ def measure_disk_rate(path: Path, limit: int | None) -> dict[str, Any]:
     group = MemoryGroup(f"mixtral-bench-{os.getpid()}-disk", limit) if limit is not None else None
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "mixtral_offload_plugin.tools.bench.disk_rate", *map(str, files)], capture_output=True,
-            text=True, check=True, preexec_fn=group.enter if group is not None and group.ok else None)
+            [sys.executable, "-m", "mixtral_offload_plugin.tools.bench.disk_rate", *map(str, files)],
+            capture_output=True, text=True, check=True,
+            preexec_fn=group.enter if group is not None and group.ok else None)
     finally:
         if group is not None:
             group.remove()

@@ -165,7 +165,7 @@ def _stage(src: Path, stage: Path, minimal: bool) -> None:
 def _run_logged(cmd: list[str], log: Path) -> tuple[int, str]:
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # the converter must use its own gguf-py
     with open(log, "w") as out:
-        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode  # noqa: S603
+        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode
     return rc, log.read_text(errors="replace")
 
 

@@ -11,8 +11,9 @@ from .compare import extra_columns
 from .config import BenchConfig
 
 
-def summarize_row(cfg: BenchConfig, load: dict[str, Any] | None, reps: list[dict[str, Any]], final: dict[str, Any] | None,
-                  memory: str, group_peak: int | None, error: str | None) -> dict[str, Any]:
+def summarize_row(cfg: BenchConfig, load: dict[str, Any] | None, reps: list[dict[str, Any]],
+                  final: dict[str, Any] | None, memory: str, group_peak: int | None,
+                  error: str | None) -> dict[str, Any]:
     """One configuration's row: its settings, load figures and the medians of its repeats."""
     row: dict[str, Any] = {"config": cfg.label, "engine": cfg.engine, "offload": cfg.offload, "dtype": cfg.dtype,
                            "device": cfg.device, "cold": cfg.cold, "memory": memory, "repeats": reps, "error": error,
@@ -33,7 +34,8 @@ def summarize_row(cfg: BenchConfig, load: dict[str, Any] | None, reps: list[dict
             row[key] = statistics.median(vals) if vals else None
         row["new_tokens"] = reps[0]["new_tokens"]
         row["tokens"] = reps[0]["tokens"]
-    row["peak_rss_bytes"] = (final or {}).get("peak_rss_bytes") or max((r["peak_rss_bytes"] for r in reps), default=None)
+    row["peak_rss_bytes"] = ((final or {}).get("peak_rss_bytes")
+                             or max((r["peak_rss_bytes"] for r in reps), default=None))
     gpu = [r["peak_gpu_bytes"] for r in reps if r.get("peak_gpu_bytes") is not None]
     row["peak_gpu_bytes"] = max(gpu) if gpu else None
     row["cgroup_peak_bytes"] = group_peak

@@ -1,8 +1,8 @@
 """One `mixtral-offload bench` configuration in its own process: the measurement inside the worker.
 
 The parent (`bench.Worker`) starts `python -m mixtral_offload_plugin.tools.bench.worker --worker SPEC`, optionally
-inside a memory group, and exchanges one JSON line per command over a pipe. `worker_main` (child side) loads the model with
-its engine (ours, transformers dense, accelerate offloading, or llama.cpp through bench_llamacpp.py), warms it up,
+inside a memory group, and exchanges one JSON line per command over a pipe. `worker_main` (child side) loads the model
+with its engine (ours, transformers dense, accelerate offloading, or llama.cpp through bench_llamacpp.py), warms it up,
 reports the weight bytes each decoded token reads (bandwidth.py), and for each "run" decodes the prompt greedily and
 reports time to first token, decode tokens/s, peak RSS, disk reads and, for our engine, cache and prefetch counters.
 It knows nothing about the other configurations, the interleaving or the table (bench.py).

@@ -43,9 +43,9 @@ def encode(prompt):
 
 def decode_reply(output_ids, starting_from):
     reply = shared.tokenizer.decode(output_ids[starting_from:], skip_special_tokens=True)
-    if len(output_ids) > starting_from and not reply.startswith(" "):
-        if shared.tokenizer.convert_ids_to_tokens(int(output_ids[starting_from])).startswith("\u2581"):
-            reply = " " + reply
+    if (len(output_ids) > starting_from and not reply.startswith(" ")
+            and shared.tokenizer.convert_ids_to_tokens(int(output_ids[starting_from])).startswith("\u2581")):
+        reply = " " + reply
     return reply
 
 
