@@ -82,12 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mixtral_offload_plugin.webui",
                                      description=f"TextGen integration of the {LOADER} loader")
     sub = parser.add_subparsers(dest="command", required=True)
-    inst = sub.add_parser("install", help="link or copy the extension into a TextGen checkout")
+    inst = sub.add_parser("install", help="copy (or link) the extension into a TextGen checkout")
     inst.add_argument("--tgw-dir", required=True, type=Path, help="the TextGen (text-generation-webui) folder")
-    how = inst.add_mutually_exclusive_group()
-    how.add_argument("--copy", action="store_true", help="copy the extension folder (the default, on every platform: "
+    mode = inst.add_mutually_exclusive_group()
+    mode.add_argument("--copy", action="store_true", help="copy the extension folder (the default, on every platform: "
                      "it survives moving or deleting the source checkout)")
-    how.add_argument("--link", action="store_true", help="symlink it to this package's copy instead (development: "
+    mode.add_argument("--link", action="store_true", help="symlink it to this package's copy instead (development: "
                      "edits show at the next TextGen start; breaks if the package moves)")
     inst.add_argument("--force", action="store_true", help="replace an existing folder of the same name")
     inst.add_argument("--user-data-dir", type=Path, default=None,

@@ -46,14 +46,14 @@ class Reader:
 
 
 def test_ctrl_c_stops_a_chat_reply_and_keeps_the_conversation(demo_model_path: Path) -> None:
-    proc = subprocess.Popen([*CLI, "chat", "--max-new-tokens", "1000", "--temperature", "0.9", "--seed", "1", "--ignore-eos",
-                             "--device", "cpu", "--experts-per-layer", "1", "--prefetch", "none"],
+    proc = subprocess.Popen([*CLI, "chat", "--max-new-tokens", "1000", "--temperature", "0.9", "--seed", "1",
+                             "--ignore-eos", "--device", "cpu", "--experts-per-layer", "1", "--prefetch", "none"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
     out = Reader(proc.stdout)
     try:
         at = out.wait_for("you> ")
         stopped = False
-        for attempt in range(4):  # a reply that ends (EOS) before the signal arrives: ask again
+        for _ in range(4):  # a reply that ends (EOS) before the signal arrives: ask again
             proc.stdin.write(b"Tell me a long story about the sea.\n")
             proc.stdin.flush()
             at = out.wait_for("model> ", at)
