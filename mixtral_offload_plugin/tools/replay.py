@@ -194,10 +194,12 @@ def recorded_depth(events: Sequence[Route | Guess]) -> int | None:
 
 def replay_policy(events: Sequence[Route | Guess], policy_factory: Callable[[], Any], *, k: int | None = None,
                   global_slots: int | None = None, prefetch: bool | str = False, layers: Sequence[int] | None = None,
-                  depth: int | None = None, experts: int | None = None) -> Counts:
+                  depth: int | None = None, experts: int | None = None,
+                  occupancy: tuple[int, list[list[int]]] | None = None) -> Counts:
     """Replay `events` through the policy (and prefetcher, `PREFETCHERS`; True = "gate") at `k` slots per layer or
     `global_slots` in all; `depth`/`experts` as OffloadConfig's prefetch_depth/prefetch_experts (defaults: the
-    recorded guesses' depth, else 1; the trace's top-k). Recorded guesses are cut to `experts`, as the live gate's."""
+    recorded guesses' depth, else 1; the trace's top-k). Recorded guesses are cut to `experts`, as the live gate's.
+    `occupancy` = (layer, list): after each decode call of that layer, the experts resident in it are appended."""
     layers = list(layers) if layers is not None else trace_shape(events)[0]
     top_k = trace_top_k(events)
     name = ("gate" if prefetch else "none") if isinstance(prefetch, bool) else prefetch
@@ -218,6 +220,8 @@ def replay_policy(events: Sequence[Route | Guess], policy_factory: Callable[[], 
             pf.after_route(route.layer, None, route.experts, proposal)
         for e in left:
             cache.request(route.layer, [e], record=False)
+        if occupancy is not None and route.layer == occupancy[0] and route.phase == "decode":
+            occupancy[1].append(sorted(cache.resident(route.layer)))
 
     for ev in events:
         if isinstance(ev, Route):

@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replay each trace alone from an empty cache (as separate processes) and sum the counts")
     p.add_argument("--no-prefetch", action="store_true", help="replay without prefetch (same as --prefetch none)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every number as JSON")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw hit rate per k and per layer, and the cache's "
+                   "occupancy over time for the first policy (needs matplotlib)")
 
 
 def _fmt_table(title: str, results: dict[str, dict[int, Counts]], sizes: Sequence[int], phase: str | None,
@@ -171,4 +173,23 @@ def main(args: argparse.Namespace) -> int:
                 "guesses": {f"depth{d}/{ph}": q for (d, ph), q in quality.items()}}
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
+    if args.plot:
+        print(f"plot: {_plot(args, events, names, per_layer, sizes, layers, n_experts, detail_k, prefetch, depth)}")
     return 0
+
+
+def _plot(args: argparse.Namespace, events: Any, names: list[str], per_layer: dict[str, dict[int, Counts]],
+          sizes: list[int], layers: list[int], n_experts: int, detail_k: int, prefetch: Any, depth: int) -> Any:
+    """The figure of `--plot`: the tables' hit rates, and one policy's occupancy of one layer over the trace."""
+    from .plots import replay_figure
+    from .replay import policy_factories, replay_policy
+
+    name = next(n for n in names if n != "belady") if any(n != "belady" for n in names) else None
+    layer = layers[len(layers) // 2]
+    steps: list[list[int]] = []
+    pf = prefetch[-1] if prefetch else "none"  # the last (most informed) prefetcher of the tables
+    if name is not None:
+        replay_policy(events, policy_factories([name])[name], k=detail_k, prefetch=pf, depth=depth,
+                      experts=args.prefetch_experts, occupancy=(layer, steps))
+    return replay_figure(per_layer, sizes, layers, detail_k, {"policy": f"{name}, prefetch {pf}", "layer": layer,
+                                                              "experts": n_experts, "steps": steps}, args.plot)

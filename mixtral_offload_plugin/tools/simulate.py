@@ -200,6 +200,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overhead-ms", type=float, default=8.0, help="fixed ms per layer")
     g.add_argument("--k", type=int, default=4, help="experts per layer cached (of 8)")
     p.add_argument("--json", default=None, metavar="FILE")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw the predictions (needs matplotlib)")
 
 
 def _trace_routing(args: argparse.Namespace, k: int) -> Routing:
@@ -267,4 +268,8 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=2)
+    if args.plot:
+        from .plots import simulate_figure
+
+        print(f"plot: {simulate_figure(out, args.plot)}")
     return 0

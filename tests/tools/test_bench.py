@@ -51,6 +51,7 @@ def test_bench_smoke(tmp_path, capsys) -> None:
     trace = tmp_path / "trace.jsonl"
     rc = main(["bench", "--synthetic", "tiny", "--cache-dir", str(tmp_path), "--repeats", "1", "--new-tokens", "4",
                "--prompt-tokens", "3", "--threads", "1", "--quiet", "--json", str(out), "--record-routing", str(trace),
+               "--plot", str(tmp_path / "bench.png"),
                "--configs", "resident:device=cpu,disk-k2-cold-prefetch,accelerate-disk,mmap-cold"])
     assert rc == 0, capsys.readouterr()
     data = json.loads(out.read_text())
@@ -81,6 +82,16 @@ def test_bench_smoke(tmp_path, capsys) -> None:
     assert (tmp_path / "trace.resident_device_cpu.jsonl").exists()
     out = capsys.readouterr().out
     assert "tok/s med" in out and "before and" in out and "after the rows" in out
+    assert_png(tmp_path / "bench.png")
+
+
+def assert_png(path) -> None:
+    """A real picture: PNG signature and a readable, non-trivial size."""
+    from PIL import Image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as img:
+        assert img.size[0] > 300 and img.size[1] > 150 and len(set(img.convert("L").getdata())) > 8
 
 
 def test_schedule_runs_one_worker_at_a_time_when_they_do_not_fit(monkeypatch) -> None:

@@ -144,7 +144,12 @@ def test_replay_command(tmp_path, capsys) -> None:
     path = tmp_path / "t.jsonl"
     path.write_text("\n".join(json.dumps({"layer": r.layer, "experts": list(r.experts), "phase": r.phase})
                               for r in random_trace(3, calls=20)))
-    assert main(["replay", str(path), "--json", str(tmp_path / "out.json"), "--global"]) == 0
+    pytest.importorskip("matplotlib")
+    from test_bench import assert_png
+
+    assert main(["replay", str(path), "--json", str(tmp_path / "out.json"), "--global", "--plot",
+                 str(tmp_path / "replay.png")]) == 0
+    assert_png(tmp_path / "replay.png")
     out = capsys.readouterr().out
     assert "belady" in out and "per-layer decode hit rate at k=4" in out
     data = json.loads((tmp_path / "out.json").read_text())

@@ -48,7 +48,10 @@ def test_trace_drives_the_rates(tmp_path, capsys) -> None:
     r = routing_from_trace(str(path), 4)  # k=4 of 8 -> k=2 of 4
     assert r.lru_misses == pytest.approx(2.0)
     assert main(["simulate", str(path), "--profile", "a100", "--expert-bits", "2",
-                 "--json", str(tmp_path / "o.json")]) == 0
+                 "--json", str(tmp_path / "o.json"), "--plot", str(tmp_path / "sim.png")]) == 0
+    from test_bench import assert_png
+
+    assert_png(tmp_path / "sim.png")
     assert "A100" in capsys.readouterr().out
     assert main(["simulate"]) == 2
 

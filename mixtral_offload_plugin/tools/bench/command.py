@@ -352,6 +352,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compare every row's first N (default 8) greedy tokens with transformers fp32 (added if "
                         "absent); exit 1 if a llama.cpp F32/F16/BF16 row disagrees (quantized rows only report)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every number as JSON")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw decode tok/s per row (median, min-max) and "
+                   "time to first token (needs matplotlib)")
     p.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a tty")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -368,6 +370,10 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(msg)
     if args.bandwidth:
         parse_size(args.bandwidth)
+    if args.plot:
+        from ..plots import _pyplot
+
+        _pyplot()  # matplotlib is there before minutes of benchmarking
     configs = [parse_config(s) for s in _split_configs(args.configs)]
     for c in configs:
         if c.model and not (Path(c.model) / "config.json").is_file():
@@ -388,4 +394,8 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2, default=str)
+    if args.plot:
+        from ..plots import bench_figure
+
+        print(f"plot: {bench_figure(rows, args.plot, title=str(meta.get('model', '')))}")
     return 0 if all(r.get("error") is None for r in rows) and not meta.get("check_failures") else 1
