@@ -49,8 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replay each trace alone from an empty cache (as separate processes) and sum the counts")
     p.add_argument("--no-prefetch", action="store_true", help="replay without prefetch (same as --prefetch none)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every number as JSON")
-    p.add_argument("--plot", default=None, metavar="PNG", help="also draw hit rate per k and per layer, and the cache's "
-                   "occupancy over time for the first policy (needs matplotlib)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw hit rate per k and per layer, and the "
+                   "cache's occupancy over time for the first policy (needs matplotlib)")
 
 
 def _fmt_table(title: str, results: dict[str, dict[int, Counts]], sizes: Sequence[int], phase: str | None,
