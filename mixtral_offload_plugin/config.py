@@ -112,6 +112,11 @@ class OffloadConfig:
     max_memory_bytes: int | None = _option(None, "memory the plan may use on the compute device, e.g. 12G (default: "
                                            "what is free, within the memory cgroup's limit)", flag="--max-memory",
                                            kind="size")
+    threads: int | None = _option(None, "CPU threads of the model's computation (None: adaptive: prefill uses every "
+                                  "core this process may use, and each decoded token 1 or all of them, whichever "
+                                  "ran faster over the recent tokens, so a busy machine or a small model does not "
+                                  "wait on threads that gain nothing)", textgen=True,
+                                  title="CPU threads (0 = adaptive)")
     context_length: int = _option(4096, "tokens of KV cache the memory plan reserves (capped at the model's maximum)")
     batch_size: int = _option(1, "sequences generated at once that the memory plan reserves KV cache and activations "
                               "for", audience="advanced")
@@ -171,6 +176,9 @@ class OffloadConfig:
         ):
             _fail("max_memory_bytes", self.max_memory_bytes, "must be a positive number of bytes")
 
+        if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
+                                         or self.threads < 1):
+            _fail("threads", self.threads, "must be an integer >= 1, or None (adaptive)")
         if not isinstance(self.context_length, int) or self.context_length < 1:
             _fail("context_length", self.context_length, "must be a positive number of tokens")
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:

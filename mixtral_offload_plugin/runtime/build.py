@@ -30,6 +30,7 @@ from .experts import OffloadedExperts
 from .model import OffloadedModelMixin, OffloadRuntime, offloaded_class
 from .plan import LoadPlan
 from .skeleton import build_skeleton, materialise_trunk
+from .threads import ThreadGovernor
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -156,7 +157,8 @@ def _build_runtime(plan: LoadPlan, ckpt: Any, blocks: dict[int, nn.Module], dtyp
     prefetcher = None if plan.mapped or resident else plugins.create("prefetcher", config.prefetch, cache, arch,
                                                                     blocks, config)
     runtime = OffloadRuntime(config, arch, device, cache, store, prefetcher, kernels, blocks, memory, plan.path,
-                             resident=resident, load_plan=plan)
+                             resident=resident, load_plan=plan,
+                             threads=ThreadGovernor(config.threads) if device.type == "cpu" else None)
     for block in blocks.values():
         cast(OffloadedExperts, block.experts)._runtime = runtime  # installed by build_skeleton
     return runtime

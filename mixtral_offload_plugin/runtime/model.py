@@ -21,6 +21,7 @@ from ..errors import ModelUnloadedError
 from ..stats import GenerationStats, OffloadStats
 from .fused import fused_forward
 from .prefix import PrefixCache
+from .threads import ThreadGovernor, run_with_threads
 
 if TYPE_CHECKING:  # what the mixin is mixed into: a transformers causal LM (`offloaded_class`)
     from transformers import GenerationMixin, PreTrainedModel
@@ -51,6 +52,7 @@ class OffloadRuntime:
     last_generation: GenerationStats | None = None
     fused: Any = None  # fused.FusedDecoder once built, False when this model cannot take that path
     load_plan: Any = None  # the plan.LoadPlan it was built from
+    threads: ThreadGovernor | None = None  # CPU models: the thread count of each forward
 
     def close(self) -> None:
         with self.lock:
@@ -85,17 +87,38 @@ def _prompt_shape(ids: Any) -> tuple[int, int]:
     return 1, 0
 
 
+def _one_new_token(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a forward computes one new token per sequence (a decode step)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+        return isinstance(ids, torch.Tensor) and ids.dim() == 3 and ids.shape[1] == 1
+    return isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] == 1
+
+
 def offloaded_class(cls: type[nn.Module]) -> type:
     """`cls` with the mixin, and a forward that takes the runtime lock but keeps `cls.forward`'s signature
     (generate() inspects it: hiding `position_ids` would silently break left-padded batches)."""
     base_forward = cls.forward
 
+    def once(self: Any, rt: OffloadRuntime, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        out = fused_forward(self, rt, args, kwargs)
+        return out if out is not None else base_forward(self, *args, **kwargs)
+
     @functools.wraps(base_forward)
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         rt = self._runtime_or_raise()
         with rt.lock:
-            out = fused_forward(self, rt, args, kwargs)
-            return out if out is not None else base_forward(self, *args, **kwargs)
+            gov = rt.threads
+            if gov is None:  # not on the CPU
+                return once(self, rt, args, kwargs)
+            decode = _one_new_token(args, kwargs)
+            threads = gov.pick(decode)
+            start = time.perf_counter()
+            out = run_with_threads(threads, once, self, rt, args, kwargs)
+            if decode:
+                gov.record(threads, time.perf_counter() - start)
+            return out
 
     return type(f"Offloaded{cls.__name__}", (OffloadedModelMixin, cls), {"forward": forward})
 

@@ -21,6 +21,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "experts_per_layer": 0,  # 0 = automatic: every expert cached when it fits, else the largest cache that fits
     "expert_bits": 4,
     "head_bits": 16,  # the output layer; 8 or 4 read 1/2 or 1/4 of its bytes per token (on CPU a large share)
+    "threads": 0,  # 0 = adaptive (OffloadConfig.threads=None)
     "prefetch": "gate+history",
     "policy": "history",
     "autoload_model": "",

@@ -366,10 +366,12 @@ def offload_config(params: dict[str, Any], args: Any) -> Any:
     """
     import torch
 
-    from ..config import OffloadConfig, textgen_fields
+    from ..config import OffloadConfig, option_help, textgen_fields
 
     values = {name: setting(params, name) for name in textgen_fields()}
-    values["experts_per_layer"] = values["experts_per_layer"] or None  # 0: automatic
+    for name in textgen_fields():  # counts whose default is "automatic" (None) are 0 in the tab
+        if option_help(name)["default"] is None:
+            values[name] = values[name] or None
     device = "cpu" if getattr(args, "cpu", False) else "auto"
     on_cpu = device == "cpu" or not torch.cuda.is_available()
     cpu_memory = float(getattr(args, "cpu_memory", 0) or 0)

@@ -441,7 +441,7 @@ def test_ui_tab_writes_params():
                             "auto_select", "reuse_prefix"}
     assert params["policy"] == "history" and params["expert_bits"] == 16  # defaults filled, given values kept
     setters = [f.fn for f in blocks.fns.values() if getattr(f.fn, "__name__", "") == "set_value"]
-    assert len(setters) == 8
+    assert len(setters) == 9  # 6 OffloadConfig fields (config.textgen_fields), 3 of TextGen's own
     for fn in setters:
         fn(2)
     assert params["expert_bits"] == 2 and params["experts_per_layer"] == 2

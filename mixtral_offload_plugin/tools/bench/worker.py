@@ -108,7 +108,9 @@ def _load(spec: dict[str, Any], scratch: Path) -> tuple[Any, list[Path], dict[st
         from ...config import OffloadConfig
         from ...runtime.loading import load_model
 
-        model = load_model(path, OffloadConfig(**{**spec["offload"], "device": device}))
+        # the row's --threads, fixed (as llama.cpp's rows get), unless the row sets its own
+        threads = {"threads": int(spec["threads"])} if spec.get("threads") else {}
+        model = load_model(path, OffloadConfig(**{**threads, **spec["offload"], "device": device}))
         session = model.session()
         plan = session.plan
         resolved = {"store": "resident" if plan.resident else session.config.store, "plan": plan.memory.describe(),
