@@ -55,7 +55,7 @@ CHAT_TEMPLATE = (
 normalise, split_docs = corpus.normalise, corpus.split_docs
 
 
-def load_fortunes(fortune_dir: Path = corpus.FORTUNE_DIR) -> tuple[list[str], list[str]]:
+def load_fortunes(fortune_dir: Path | None = None) -> tuple[list[str], list[str]]:
     """Return (documents, source file names) in a deterministic order."""
     try:
         return corpus.load_fortunes(fortune_dir)

@@ -21,7 +21,7 @@ from ...errors import BackendUnavailableError, CheckpointError
 FORTUNE_DIR = Path("/usr/share/games/fortunes")
 SKIP_FILES = frozenset({"ascii-art"})  # drawings, not prose; the offensive collection (off/) is never read
 SEED, VAL_FRAC = 0, 0.05  # the split the embedded model was trained with
-PACKAGES = "fortunes fortunes-min (Debian 12, 1:1.99.1-7.3)"
+PACKAGES = "fortunes and fortunes-min packages (Debian 12, version 1:1.99.1-7.3)"
 # what the recipe gives from those packages (the model card's numbers)
 FORTUNES, HELD_OUT, HELD_OUT_TOKENS = 15_108, 755, 40_478
 HELD_OUT_SHA256 = "025154c2426c42a6aa0cdc4ef766472038695a9ec4d6c8d6f85cb71fbc629760"
@@ -39,11 +39,13 @@ def normalise(text: str) -> str:
     return "\n".join(out)
 
 
-def load_fortunes(fortune_dir: Path = FORTUNE_DIR) -> tuple[list[str], list[str]]:
-    """(documents, `file:count` per file read), in a fixed order: the regular files of `fortune_dir` by name."""
+def load_fortunes(fortune_dir: Path | None = None) -> tuple[list[str], list[str]]:
+    """(documents, `file:count` per file read), in a fixed order: the regular files of `fortune_dir` (default
+    `FORTUNE_DIR`) by name."""
+    fortune_dir = Path(fortune_dir or FORTUNE_DIR)
     if not fortune_dir.is_dir():
-        msg = (f"{fortune_dir} not found: the demo model's text comes from Debian's {PACKAGES} packages; install them "
-               "with `apt-get install fortunes fortunes-min`")
+        msg = (f"{fortune_dir} not found: the demo model's text comes from Debian's {PACKAGES}; install them with "
+               "`apt-get install fortunes fortunes-min`")
         raise BackendUnavailableError(msg)
     docs: list[str] = []
     used: list[str] = []
@@ -89,18 +91,19 @@ def documents_digest(docs: list[str]) -> str:
     return hashlib.sha256("\x1e".join(docs).encode("utf-8")).hexdigest()
 
 
-def held_out_documents(fortune_dir: Path = FORTUNE_DIR) -> list[str]:
+def held_out_documents(fortune_dir: Path | None = None) -> list[str]:
     """The held-out fortunes, checked against the split the embedded model was trained without."""
+    fortune_dir = Path(fortune_dir or FORTUNE_DIR)
     docs, _ = load_fortunes(fortune_dir)
     _, val = split_docs(docs)
     if documents_digest(val) != HELD_OUT_SHA256:
         msg = (f"the fortune files in {fortune_dir} are not the ones the demo model was trained on ({len(docs)} "
-               f"fortunes, {len(val)} held out; expected {FORTUNES} and {HELD_OUT} from {PACKAGES}), so their "
+               f"fortunes, {len(val)} held out; expected {FORTUNES} and {HELD_OUT} from the {PACKAGES}), so their "
                "held-out split is not the model's: pass a text of your own with --text")
         raise CheckpointError(msg)
     return val
 
 
-def held_out_ids(tokenizer: Any, fortune_dir: Path = FORTUNE_DIR) -> list[int]:
+def held_out_ids(tokenizer: Any, fortune_dir: Path | None = None) -> list[int]:
     """The demo model's held-out text as token ids (40,478 with the embedded tokenizer)."""
     return encode_stream(tokenizer, held_out_documents(fortune_dir))
