@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import save_word_tokenizer
 
 from mixtral_offload_plugin.cli import main
 from mixtral_offload_plugin.tools.eval_stats import Scores
@@ -60,19 +59,20 @@ def tiny8(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mixtral_offload_plugin.models.synthetic import make_random_mixtral
 
     path = make_random_mixtral(tmp_path_factory.mktemp("eval-tiny8") / "model", layers=3, experts=8, seed=1)
-    save_word_tokenizer(path, 128)
+    _word_tokenizer(path)
     return path
 
 
-def _bos_tokenizer(path: Path) -> None:
-    """The word tokenizer of conftest, putting `<s>` in front of every text (as Llama/Mixtral tokenizers do)."""
+def _word_tokenizer(path: Path, vocab_size: int = 128, *, bos: bool = False) -> None:
+    """conftest's word tokenizer (w3 .. wN); with `bos`, putting `<s>` in front of every text (as Llama/Mixtral's)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, 128)}
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(
         path)
 
@@ -84,7 +84,7 @@ def tiny_bos(tiny_mixtral_tok: Path, tmp_path_factory: pytest.TempPathFactory) -
     shutil.copytree(tiny_mixtral_tok, path)
     for f in path.glob("tokenizer*"):
         f.unlink()
-    _bos_tokenizer(path)
+    _word_tokenizer(path, bos=True)
     return path
 
 
@@ -245,7 +245,9 @@ def test_bad_input_is_one_line(tiny_mixtral_tok: Path, tiny_mixtral: Path, text:
     assert "holds only 10 windows" in fails(capsys, str(tiny_mixtral_tok), "--base", str(base), "--chunks", "11")
     retok = tmp_path / "retok"
     shutil.copytree(tiny_mixtral_tok, retok)
-    save_word_tokenizer(retok, 120)  # another vocabulary
+    for f in retok.glob("tokenizer*"):
+        f.unlink()
+    _word_tokenizer(retok, 120)  # another vocabulary
     assert "another tokenizer" in fails(capsys, str(retok), "--base", str(base))
     assert "give one of them" in fails(capsys, str(tiny_mixtral_tok), "--base", str(base), "--save-base", "x")
 
