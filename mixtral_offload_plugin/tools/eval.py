@@ -246,7 +246,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..models.demo_model import default_model_path
 
     base = BaseReader(args.base) if args.base else None
-    model = args.model or (None if args.gguf is not None and base is not None else str(default_model_path()))
+    gguf_file = args.gguf is not None and not _gguf_type(args.gguf)
+    model = args.model or (None if gguf_file and base is not None else str(default_model_path()))
     tokenizer = _tokenizer(model, args.reference)
     if base is not None:
         _check_tokenizer(base, tokenizer, model)
@@ -323,12 +324,18 @@ def _ours(path: str, config: OffloadConfig) -> Any:
     return OursEngine(path, config)
 
 
-def _llamacpp(args: argparse.Namespace, model: str | None, ctx: int) -> Any:
+def _gguf_type(gguf: str) -> bool:
+    """Whether --gguf names a llama.cpp type to convert MODEL to (rather than a file)."""
     from .bench.gguf import TYPES
+
+    return not Path(gguf).is_file() and gguf.lower() in TYPES
+
+
+def _llamacpp(args: argparse.Namespace, model: str | None, ctx: int) -> Any:
     from .eval_engines import LlamaCppEngine, gguf_for
 
     gguf = args.gguf
-    if not Path(gguf).is_file() and gguf.lower() in TYPES:
+    if _gguf_type(gguf):
         if model is None:
             msg = f"--gguf {gguf} converts MODEL to GGUF: give MODEL (a plain checkpoint folder)"
             raise ConfigError(msg)

@@ -14,6 +14,7 @@ window), read window by window. Knows nothing about models, engines or statistic
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -150,7 +151,7 @@ class BaseReader:
                    "(truncated or corrupt: write it again)")
             raise CheckpointError(msg)
 
-    @property
+    @functools.cached_property
     def ids(self) -> list[int]:
         """The token ids of every window, as given to the reference (before the BOS of each window)."""
         with open(self.path, "rb") as f:

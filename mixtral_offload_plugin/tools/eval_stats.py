@@ -32,6 +32,7 @@ class Scores:
 
     def __init__(self) -> None:
         self._parts: dict[str, list[np.ndarray]] = {k: [] for k in ("nll", "nll_base", "kld", "dp", "same_top")}
+        self._sums = {"nll": 0.0, "kld": 0.0}
 
     def add(self, logits: torch.Tensor, base_logits: torch.Tensor, targets: torch.Tensor) -> None:
         """One window: `logits` and `base_logits` ([positions, vocab], any float dtype) predict `targets`."""
@@ -53,6 +54,8 @@ class Scores:
         dp = torch.exp(-nll) - torch.exp(-nll_base)
         for key, value in (("nll", nll), ("nll_base", nll_base), ("kld", kld), ("dp", dp), ("same_top", same_top)):
             self._parts[key].append(value.numpy().copy())
+        self._sums["nll"] += float(nll.sum())
+        self._sums["kld"] += float(kld.sum())
 
     @property
     def count(self) -> int:
@@ -68,8 +71,7 @@ class Scores:
         n = self.count
         if not n:
             return {}
-        return {"ppl": math.exp(sum(float(a.sum()) for a in self._parts["nll"]) / n),
-                "kld": sum(float(a.sum()) for a in self._parts["kld"]) / n}
+        return {"ppl": math.exp(self._sums["nll"] / n), "kld": self._sums["kld"] / n}
 
     def summary(self) -> dict[str, Any]:
         """The statistics, as plain floats (probabilities and Δp as fractions, not percent)."""
