@@ -1,4 +1,4 @@
-"""The `mixtral-offload` command: generate, chat, info, plugins, convert, synth, bench, replay, simulate, demo.
+"""The `mixtral-offload` command: generate, chat, info, plugins, convert, synth, bench, eval, replay, simulate, demo.
 
 Each subcommand translates flags into an `OffloadConfig` and calls the public API; heavy modules are imported only by
 the subcommand that needs them.
@@ -313,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("convert", "tools.convert", "convert a HF checkpoint to the offload format"),
         ("synth", "tools.synth", "write a seeded random model of a named shape (e.g. mixtral-8x7b), plain or offload"),
         ("bench", "tools.bench", "side-by-side benchmark of offload configurations and baselines"),
+        ("eval", "tools.eval", "perplexity and KL divergence of a configuration (or a GGUF file) against the 16-bit "
+                               "reference, over a text (llama.cpp's --kl-divergence statistics)"),
         ("replay", "tools.replay_report", "replay routing traces against cache policies, prefetchers and Belady"),
         ("simulate", "tools.simulate", "predict GPU tokens/s from a routing trace and a device profile"),
         ("demo", "demo.app", "start the Gradio demo"),

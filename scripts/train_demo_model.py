@@ -35,10 +35,8 @@ from pathlib import Path
 
 import torch
 
-FORTUNE_DIR = Path("/usr/share/games/fortunes")
-# Files that are not prose (ASCII drawings).  The offensive collection under
-# off/ is never read: only regular files directly in FORTUNE_DIR are used.
-SKIP_FILES = {"ascii-art"}
+from mixtral_offload_plugin.errors import MixtralOffloadError
+from mixtral_offload_plugin.models.demo_model import corpus
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 
@@ -52,57 +50,17 @@ CHAT_TEMPLATE = (
 
 
 # --------------------------------------------------------------------------- data
-def normalise(text: str) -> str:
-    lines = [" ".join(line.split()) for line in text.splitlines()]
-    # drop leading/trailing blank lines, collapse runs of blank lines
-    out: list[str] = []
-    for line in lines:
-        if not line and (not out or not out[-1]):
-            continue
-        out.append(line)
-    while out and not out[-1]:
-        out.pop()
-    return "\n".join(out)
+# The recipe (files read, preparation, the seeded split) lives in the package (models/demo_model/corpus.py), so
+# `mixtral-offload eval` rebuilds the very held-out split this script trains without.
+normalise, split_docs = corpus.normalise, corpus.split_docs
 
 
-def load_fortunes(fortune_dir: Path = FORTUNE_DIR) -> tuple[list[str], list[str]]:
+def load_fortunes(fortune_dir: Path | None = None) -> tuple[list[str], list[str]]:
     """Return (documents, source file names) in a deterministic order."""
-    if not fortune_dir.is_dir():
-        sys.exit(
-            f"{fortune_dir} not found: install the corpus with "
-            "`apt-get install fortunes fortunes-min`"
-        )
-    docs: list[str] = []
-    used: list[str] = []
-    seen: set[str] = set()
-    for path in sorted(fortune_dir.iterdir()):
-        if (
-            not path.is_file()
-            or path.is_symlink()
-            or path.suffix in {".dat", ".u8"}
-            or path.name in SKIP_FILES
-        ):
-            continue
-        raw = path.read_bytes().decode("utf-8", errors="replace")
-        n = 0
-        for chunk in raw.split("\n%\n"):
-            text = normalise(chunk.strip("%\n"))
-            if len(text) < 8 or text in seen:
-                continue
-            seen.add(text)
-            docs.append(text)
-            n += 1
-        used.append(f"{path.name}:{n}")
-    return docs, used
-
-
-def split_docs(docs: list[str], seed: int, val_frac: float) -> tuple[list[str], list[str]]:
-    order = list(range(len(docs)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, int(len(docs) * val_frac))
-    val = [docs[i] for i in sorted(order[:n_val])]
-    train = [docs[i] for i in sorted(order[n_val:])]
-    return train, val
+    try:
+        return corpus.load_fortunes(fortune_dir)
+    except MixtralOffloadError as exc:
+        sys.exit(str(exc))
 
 
 # ---------------------------------------------------------------------- tokenizer
@@ -154,13 +112,7 @@ def save_tokenizer(tokenizer, out_dir: Path) -> None:
 
 
 def encode_stream(tokenizer, docs: list[str]) -> torch.Tensor:
-    ids: list[int] = []
-    enc = tokenizer(docs, add_special_tokens=False)["input_ids"]
-    for e in enc:
-        ids.append(tokenizer.bos_token_id)
-        ids.extend(e)
-        ids.append(tokenizer.eos_token_id)
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor(corpus.encode_stream(tokenizer, docs), dtype=torch.long)
 
 
 # -------------------------------------------------------------------------- model

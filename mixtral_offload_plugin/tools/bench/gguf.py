@@ -204,8 +204,8 @@ def _convert(src: Path, out: Path, converter: Path, outtype: str, say: Callable[
             return vocab
         partial.unlink(missing_ok=True)
         if vocab == "checkpoint" and "set_vocab" in text:
-            say("llama.cpp: the converter cannot read this checkpoint's tokenizer; using a minimal one (bench feeds "
-                "token ids, so every row still decodes the same ids)")
+            say("llama.cpp: the converter cannot read this checkpoint's tokenizer; using a minimal one (bench and eval "
+                "feed token ids, never text, so llama.cpp still sees the same ids)")
             continue
         break
     what = f"llama.cpp's converter on {src}"
