@@ -16,7 +16,7 @@ def test_levels_always_start_quiet_and_bad_ones_say_how_to_fix() -> None:
     assert parse_levels("2, 1") == [0, 1, 2]  # quiet is always measured: the shares are relative to it
     assert parse_levels("0") == [0]
     for bad in ("one", "-1", "", "0,100"):
-        with pytest.raises(ValueError, match="--busy .*between 0 and 64, e.g. --busy 0,1"):
+        with pytest.raises(ValueError, match=r"--busy .*between 0 and 64, e\.g\. --busy 0,1"):
             parse_levels(bad)
 
 

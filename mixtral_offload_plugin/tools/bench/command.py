@@ -43,7 +43,7 @@ from typing import IO, Any, cast
 
 from ...errors import MixtralOffloadError
 from .bandwidth import measure_in_child
-from .busy import Competitors, format_busy, kept_shares, parse_levels
+from .busy import Competitors, kept_shares, parse_levels
 from .busy import label as busy_label
 from .cgroups import CGROUP_ROOT, MemoryGroup
 from .compare import annotate, failed_checks
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                             "experts": n_experts, "repeats": args.repeats, "new_tokens": args.new_tokens,
                             "prompt_tokens": args.prompt_tokens, "threads": args.threads, "logs": str(log_dir),
                             "loadavg_before": os.getloadavg(), "busy_levels": levels,
-                            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+                            "cores": len(os.sched_getaffinity(0))}
     if args.bandwidth:
         meta["bandwidth_before"] = measure_in_child(parse_size(args.bandwidth), args.threads)["bytes_per_second"]
     limit = None
