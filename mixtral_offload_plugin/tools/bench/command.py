@@ -141,6 +141,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     from tqdm.auto import tqdm
 
     from ...config import parse_size
+    from ...runtime.threads import available_cores
 
     configs = _with_reference([parse_config(s) for s in _split_configs(args.configs)], args.check_tokens)
     levels = parse_levels(getattr(args, "busy", None) or "0")
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                             "experts": n_experts, "repeats": args.repeats, "new_tokens": args.new_tokens,
                             "prompt_tokens": args.prompt_tokens, "threads": args.threads, "logs": str(log_dir),
                             "loadavg_before": os.getloadavg(), "busy_levels": levels,
-                            "cores": len(os.sched_getaffinity(0))}
+                            "cores": available_cores()}
     if args.bandwidth:
         meta["bandwidth_before"] = measure_in_child(parse_size(args.bandwidth), args.threads)["bytes_per_second"]
     limit = None
