@@ -1,0 +1,178 @@
+"""`ConstraintProcessor`: the logits processor that keeps one generation inside a compiled constraint.
+
+At every decoding step and for every sequence of the batch it advances that sequence's matcher by the tokens added
+since the last step and sets the scores of the tokens that cannot continue the constraint to -inf (EOS is allowed once
+the output is complete, and is all that is left when nothing may follow). transformers applies it before the sampling
+warpers (temperature, top-k, top-p), so sampling draws among allowed tokens only, and greedy decoding picks the best
+allowed token: the unconstrained choice whenever that one is allowed. It starts matching where the prompt it first
+sees ends, so it works the same whether the prompt's KV cache was reused or computed, on every decode path (it sees
+the logits, not how they were computed).
+
+The budget: given `max_new_tokens`, it watches the closing path, the tokens that reach a complete output soonest from
+here as a greedy walk finds them (two walks, the shorter wins: a one-byte closer `"` `}` `]` `)` when allowed, then
+a token of punctuation and spaces, else the longest allowed token; or the closers, then the longest: strings, words,
+numbers and arrays end, optional parts are left out). While the budget is far off it only checks now and then; once
+the closing path plus a small margin no longer fits in what is left, it keeps only the model's best few tokens whose
+own closing path still fits (or the path's next token), so a reply ends complete whenever the greedy walk finds a
+complete one that fits, and ends cut (`constraint_complete` False, finish reason "length") otherwise. The walk is a
+heuristic, not a shortest-path search. Knows nothing about the model, text or the faces.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConstraintError
+
+MARGIN = 4  # free tokens kept beyond the closing path before the budget takes over
+CANDIDATES = 3  # the model's best tokens tried first once it has
+PERIOD = 8  # steps between checks of the closing path while the budget is far off
+WHAT = {"json_schema": "JSON schema", "regex": "regex", "grammar": "grammar"}
+
+
+class ConstraintProcessor:
+    """The logits processor of one generation (see the module docstring). A transformers `LogitsProcessor` by its call
+    signature; `complete(row)` says whether that row's output so far is a complete output of the constraint."""
+
+    def __init__(self, compiled: Any, max_new_tokens: int | None = None) -> None:
+        self.compiled = compiled
+        self.max_new_tokens = max_new_tokens
+        self.matchers: list[Any] = []
+        self.ended: list[bool] = []  # rows that chose EOS (what follows is padding)
+        self.closing: list[int] = []  # each row's last closing-path length
+        self.prompt = 0  # the prompt's length: the constraint starts after it
+        self.seen = 0  # the sequence length the matchers have consumed up to
+        self.steps = 0
+        self.forced = 0  # steps at which the budget narrowed the choice
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        batch, length = input_ids.shape
+        if not self.matchers:
+            self.matchers = [self.compiled.matcher() for _ in range(batch)]
+            self.ended, self.closing = [False] * batch, [0] * batch
+            self.prompt = length
+        elif batch != len(self.matchers) or length < self.seen:
+            msg = ("a constraint's logits processor serves one generation: the sequences changed under it (beam "
+                   "search, speculative decoding or a reused processor); make one per generation")
+            raise ConstraintError(msg)
+        else:
+            for row, tokens in enumerate(input_ids[:, self.seen:].tolist()):
+                self._consume(row, tokens)
+        self.seen = length
+        left = None if self.max_new_tokens is None else self.max_new_tokens - (length - self.prompt)
+        for row in range(batch):
+            if not self.ended[row]:
+                self._mask_row(row, scores[row], left)
+        self.steps += 1
+        return scores
+
+    def _consume(self, row: int, tokens: list[int]) -> None:
+        m = self.matchers[row]
+        for token in tokens:
+            if self.ended[row]:
+                return
+            if token in self.compiled.eos:
+                self.ended[row] = True
+                return
+            if not m.consume_token(token) or m.is_error():
+                msg = (f"token {token} was generated but the constraint does not allow it there "
+                       f"({_first_line(m.get_error()) or 'rejected'}): a logits processor or sampler after the "
+                       "constraint must not raise scores the constraint set to -inf")
+                raise ConstraintError(msg)
+
+    def _mask_row(self, row: int, scores: torch.Tensor, left: int | None) -> None:
+        allowed = self.compiled.row_mask(self.matchers[row])
+        if left is not None and left > 0:
+            allowed = self._within_budget(row, allowed, scores, left)
+        width = scores.shape[-1]
+        if width == allowed.shape[0]:
+            off = ~allowed
+        else:  # logits wider than the tokenizer's vocabulary (padded heads): the extra ids are never allowed
+            off = np.ones(width, dtype=bool)
+            n = min(width, allowed.shape[0])
+            off[:n] = ~allowed[:n]
+        scores.masked_fill_(torch.from_numpy(off).to(scores.device), float("-inf"))
+        if bool(torch.isinf(scores).all()):
+            self._nothing_left(row, scores, allowed)
+
+    def _nothing_left(self, row: int, scores: torch.Tensor, allowed: np.ndarray) -> None:
+        """Every token the constraint allows had already been ruled out (suppressed EOS, banned words, ...)."""
+        if self.matchers[row].is_accepting() and self.compiled.eos:
+            scores[self.compiled.eos[0]] = 0.0  # the output is complete: end it (a constraint beats ban_eos)
+            return
+        msg = (f"after {self.steps} generated tokens no token may continue the {WHAT[self.compiled.kind]}: the "
+               f"{int(allowed.sum())} tokens it allows were all ruled out by other generation options (suppressed "
+               "tokens, bad words, repetition limits); drop those options or loosen the constraint")
+        raise ConstraintError(msg)
+
+    # -- the budget ----------------------------------------------------------------------------------------------
+    def _within_budget(self, row: int, allowed: np.ndarray, scores: torch.Tensor, left: int) -> np.ndarray:
+        """`allowed`, narrowed once the closing path (plus MARGIN) no longer fits in the `left` tokens."""
+        far = left > 2 * self.closing[row] + 4 * MARGIN
+        if far and self.steps % PERIOD:
+            return allowed
+        m = self.matchers[row]
+        path = self.closing_path(m, allowed, cap=left)
+        self.closing[row] = len(path) if path is not None else left
+        if path is not None and (not path or len(path) + MARGIN < left):
+            return allowed  # complete here (EOS allowed), or room to spare
+        fits = [t for t in self._best(allowed, scores) if self._fits_after(m, t, left - 1)]
+        if not fits and not path:
+            return allowed  # no complete output within the budget that the walk can find: it will be cut
+        self.forced += 1
+        narrowed = np.zeros_like(allowed)
+        narrowed[fits or path[:1]] = True
+        return narrowed
+
+    def _best(self, allowed: np.ndarray, scores: torch.Tensor) -> list[int]:
+        masked = scores.detach().float().cpu().clone()
+        n = min(masked.shape[0], allowed.shape[0])
+        masked[:n][torch.from_numpy(~allowed[:n])] = float("-inf")
+        masked[n:] = float("-inf")
+        top = masked.topk(min(CANDIDATES, masked.shape[0]))
+        return [int(t) for t, v in zip(top.indices, top.values, strict=True)
+                if torch.isfinite(v) and int(t) not in self.compiled.eos]
+
+    def _fits_after(self, matcher: Any, token: int, left: int) -> bool:
+        m = matcher.deep_copy()
+        if not m.consume_token(token) or m.is_error():
+            return False
+        return self.closing_path(m, self.compiled.row_mask(m), cap=left) is not None
+
+    def closing_path(self, matcher: Any, allowed: np.ndarray, cap: int) -> list[int] | None:
+        """The shorter of the two greedy closing paths (closing_ranks) from `matcher`'s state ([] when it is complete
+        now), or None when both are longer than `cap` tokens or stall."""
+        if matcher.is_accepting():
+            return []
+        best = None
+        for ranks in self.compiled.ranks:
+            path = self._walk(matcher, allowed, ranks, cap if best is None else len(best) - 1)
+            if path is not None:
+                best = path
+        return best
+
+    def _walk(self, matcher: Any, allowed: np.ndarray, ranks: np.ndarray, cap: int) -> list[int] | None:
+        m, path = matcher.deep_copy(), []
+        while len(path) < cap:
+            pick = np.where(allowed, ranks, -1.0)
+            token = int(pick.argmax())
+            if pick[token] < 0 or not m.consume_token(token) or m.is_error():
+                return None
+            path.append(token)
+            if m.is_accepting():
+                return path
+            allowed = self.compiled.row_mask(m)
+        return None
+
+    def complete(self, row: int = 0) -> bool:
+        """Whether row `row` ended (EOS) or could end here as a complete output of the constraint."""
+        if not self.matchers:
+            return False
+        return self.ended[row] or bool(self.matchers[row].is_accepting())
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
