@@ -75,6 +75,24 @@ def schema_text(schema: Any) -> str:
         raise ConstraintError(msg) from None
 
 
+def strict_schema(schema: Any) -> Any:
+    """`schema` with `"additionalProperties": false` on every object schema that does not say otherwise (nested ones,
+    array items, $defs and anyOf branches included): JSON Schema lets an object carry keys it does not list, so a
+    model constrained by a plain tool or pydantic schema could add made-up ones. A copy; the input is unchanged."""
+    if isinstance(schema, list):
+        return [strict_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (v if k in ("enum", "const", "default", "examples", "required") else strict_schema(v))
+           for k, v in schema.items()}
+    if "properties" in schema and isinstance(schema["properties"], dict):
+        out["properties"] = {name: strict_schema(s) for name, s in schema["properties"].items()}
+    is_object = schema.get("type") == "object" or "properties" in schema
+    if is_object and "additionalProperties" not in schema and "patternProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
+
+
 def _source(kind: str, value: Any) -> str:
     if kind == "json_schema":
         return schema_text(value)

@@ -25,9 +25,11 @@ _END = object()
 Messages = Sequence[dict[str, str]]
 
 
-def chat_ids(tok: Any, messages: Messages) -> torch.Tensor:
-    """The tokenizer's chat template applied to `messages` with a generation prompt, as [1, T] token ids."""
-    out = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_tensors="pt")
+def chat_ids(tok: Any, messages: Messages, **template_kwargs: Any) -> torch.Tensor:
+    """The tokenizer's chat template applied to `messages` with a generation prompt, as [1, T] token ids
+    (`template_kwargs`, e.g. `tools=[...]`, go to `apply_chat_template`)."""
+    out = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_tensors="pt",
+                                  **template_kwargs)
     if not isinstance(out, torch.Tensor):
         out = out["input_ids"]
     return out if out.dim() == 2 else out.unsqueeze(0)
