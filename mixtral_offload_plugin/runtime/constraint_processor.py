@@ -9,17 +9,20 @@ sees ends, so it works the same whether the prompt's KV cache was reused or comp
 the logits, not how they were computed).
 
 The budget: given `max_new_tokens`, it watches the closing path, the tokens that reach a complete output soonest from
-here as a greedy walk finds them (two walks, the shorter wins: a one-byte closer `"` `}` `]` `)` when allowed, then
-a token of punctuation and spaces, else the longest allowed token; or the closers, then the longest: strings, words,
-numbers and arrays end, optional parts are left out). While the budget is far off it only checks now and then; once
-the closing path plus a small margin no longer fits in what is left, it keeps only the model's best few tokens whose
-own closing path still fits (or the path's next token), so a reply ends complete whenever the greedy walk finds a
-complete one that fits, and ends cut (`constraint_complete` False, finish reason "length") otherwise. The walk is a
-heuristic, not a shortest-path search. Knows nothing about the model, text or the faces.
+here as a greedy walk finds them (a one-byte closer `"` `}` `]` `)` when allowed, then a token of punctuation and
+spaces, else the longest allowed token; should that walk stall or run too long, the closers then the longest:
+strings, words, numbers and arrays end, optional parts are left out). It checks the path at the start and then at
+geometrically closer points (half the slack each time); once the path plus a small margin no longer fits in what is
+left, it follows the path to its end (when the output is complete already, it keeps EOS and those of the model's best
+tokens that leave it complete), so a reply ends complete whenever the walk finds a complete one that fits, and ends
+cut (`constraint_complete` False, finish reason "length") otherwise. The walk is a heuristic, not a shortest-path
+search, and a token that deepens the output a lot between two checks can still outrun it. Knows nothing about the
+model, text or the faces.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -28,8 +31,7 @@ import torch
 from ..errors import ConstraintError
 
 MARGIN = 4  # free tokens kept beyond the closing path before the budget takes over
-CANDIDATES = 3  # the model's best tokens tried first once it has
-PERIOD = 8  # steps between checks of the closing path while the budget is far off
+CANDIDATES = 3  # the model's best tokens tried, near the end, for one that keeps a complete output complete
 WHAT = {"json_schema": "JSON schema", "regex": "regex", "grammar": "grammar"}
 
 
@@ -42,17 +44,21 @@ class ConstraintProcessor:
         self.max_new_tokens = max_new_tokens
         self.matchers: list[Any] = []
         self.ended: list[bool] = []  # rows that chose EOS (what follows is padding)
-        self.closing: list[int] = []  # each row's last closing-path length
+        self.check_at: list[int] = []  # per row: check the closing path once this many tokens are left
+        self.following: list[list[int]] = []  # per row: the rest of the closing path being followed
         self.prompt = 0  # the prompt's length: the constraint starts after it
         self.seen = 0  # the sequence length the matchers have consumed up to
         self.steps = 0
         self.forced = 0  # steps at which the budget narrowed the choice
+        self.checks, self.check_seconds = 0, 0.0  # closing-path checks, and the time they took (benchmarks)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         batch, length = input_ids.shape
         if not self.matchers:
             self.matchers = [self.compiled.matcher() for _ in range(batch)]
-            self.ended, self.closing = [False] * batch, [0] * batch
+            self.ended = [False] * batch
+            self.check_at = [self.max_new_tokens or 0] * batch
+            self.following = [[] for _ in range(batch)]
             self.prompt = length
         elif batch != len(self.matchers) or length < self.seen:
             msg = ("a constraint's logits processor serves one generation: the sequences changed under it (beam "
@@ -95,7 +101,7 @@ class ConstraintProcessor:
             n = min(width, allowed.shape[0])
             off[:n] = ~allowed[:n]
         scores.masked_fill_(torch.from_numpy(off).to(scores.device), float("-inf"))
-        if bool(torch.isinf(scores).all()):
+        if not bool(torch.isfinite(scores.max())):
             self._nothing_left(row, scores, allowed)
 
     def _nothing_left(self, row: int, scores: torch.Tensor, allowed: np.ndarray) -> None:
@@ -110,49 +116,57 @@ class ConstraintProcessor:
 
     # -- the budget ----------------------------------------------------------------------------------------------
     def _within_budget(self, row: int, allowed: np.ndarray, scores: torch.Tensor, left: int) -> np.ndarray:
-        """`allowed`, narrowed once the closing path (plus MARGIN) no longer fits in the `left` tokens."""
-        far = left > 2 * self.closing[row] + 4 * MARGIN
-        if far and self.steps % PERIOD:
+        """`allowed`, or only the next token of the closing path once that path (plus MARGIN) no longer fits in the
+        `left` tokens. The path is checked at geometrically closer points (half the slack each time), then followed
+        from its cached tokens: a greedy walk's continuation from its own next state is the rest of the walk."""
+        path = self.following[row]
+        if path:
+            token = path.pop(0)
+            if allowed[token]:
+                return _only(allowed, token)
+            self.following[row] = []  # cannot happen for a deterministic walk; recompute below
+        if left > self.check_at[row]:
             return allowed
-        m = self.matchers[row]
-        path = self.closing_path(m, allowed, cap=left)
-        self.closing[row] = len(path) if path is not None else left
-        if path is not None and (not path or len(path) + MARGIN < left):
-            return allowed  # complete here (EOS allowed), or room to spare
-        fits = [t for t in self._best(allowed, scores) if self._fits_after(m, t, left - 1)]
-        if not fits and not path:
-            return allowed  # no complete output within the budget that the walk can find: it will be cut
+        start = time.perf_counter()
+        found = self.closing_path(self.matchers[row], allowed, cap=left)
+        self.checks += 1
+        self.check_seconds += time.perf_counter() - start
+        if found is None:  # no complete output within the budget that the walk can find: it will be cut
+            self.check_at[row] = -1
+            return allowed
+        slack = left - len(found) - MARGIN
+        if slack > 0:
+            self.check_at[row] = left - max(1, slack // 2)
+            return allowed
         self.forced += 1
-        narrowed = np.zeros_like(allowed)
-        narrowed[fits or path[:1]] = True
-        return narrowed
+        if not found:  # complete here and close to the end: EOS, or one of the model's best tokens that keeps it so
+            return self._staying_complete(row, allowed, scores)
+        self.following[row] = found[1:]
+        return _only(allowed, found[0])
 
-    def _best(self, allowed: np.ndarray, scores: torch.Tensor) -> list[int]:
-        masked = scores.detach().float().cpu().clone()
-        n = min(masked.shape[0], allowed.shape[0])
-        masked[:n][torch.from_numpy(~allowed[:n])] = float("-inf")
-        masked[n:] = float("-inf")
-        top = masked.topk(min(CANDIDATES, masked.shape[0]))
-        return [int(t) for t, v in zip(top.indices, top.values, strict=True)
-                if torch.isfinite(v) and int(t) not in self.compiled.eos]
-
-    def _fits_after(self, matcher: Any, token: int, left: int) -> bool:
-        m = matcher.deep_copy()
-        if not m.consume_token(token) or m.is_error():
-            return False
-        return self.closing_path(m, self.compiled.row_mask(m), cap=left) is not None
+    def _staying_complete(self, row: int, allowed: np.ndarray, scores: torch.Tensor) -> np.ndarray:
+        keep = np.zeros_like(allowed)
+        for e in self.compiled.eos:
+            if e < keep.shape[0]:
+                keep[e] = allowed[e]
+        n = min(scores.shape[-1], allowed.shape[0])
+        masked = scores[:n].detach().float().cpu().masked_fill(torch.from_numpy(~allowed[:n]), float("-inf"))
+        for token in masked.topk(min(CANDIDATES, n)).indices.tolist():
+            if not keep[token] and allowed[token]:
+                m = self.matchers[row].deep_copy()
+                keep[token] = bool(m.consume_token(token)) and not m.is_error() and m.is_accepting()
+        return keep if keep.any() else allowed
 
     def closing_path(self, matcher: Any, allowed: np.ndarray, cap: int) -> list[int] | None:
-        """The shorter of the two greedy closing paths (closing_ranks) from `matcher`'s state ([] when it is complete
-        now), or None when both are longer than `cap` tokens or stall."""
+        """The greedy closing path from `matcher`'s state ([] when it is complete now): the first of the two walks
+        (closing_ranks) that reaches a complete output within `cap` tokens, or None."""
         if matcher.is_accepting():
             return []
-        best = None
         for ranks in self.compiled.ranks:
-            path = self._walk(matcher, allowed, ranks, cap if best is None else len(best) - 1)
+            path = self._walk(matcher, allowed, ranks, cap)
             if path is not None:
-                best = path
-        return best
+                return path
+        return None
 
     def _walk(self, matcher: Any, allowed: np.ndarray, ranks: np.ndarray, cap: int) -> list[int] | None:
         m, path = matcher.deep_copy(), []
@@ -172,6 +186,12 @@ class ConstraintProcessor:
         if not self.matchers:
             return False
         return self.ended[row] or bool(self.matchers[row].is_accepting())
+
+
+def _only(allowed: np.ndarray, token: int) -> np.ndarray:
+    out = np.zeros_like(allowed)
+    out[token] = True
+    return out
 
 
 def _first_line(text: str) -> str:
