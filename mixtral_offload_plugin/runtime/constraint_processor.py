@@ -52,6 +52,10 @@ class ConstraintProcessor:
         self.forced = 0  # steps at which the budget narrowed the choice
         self.checks, self.check_seconds = 0, 0.0  # closing-path checks, and the time they took (benchmarks)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> ConstraintProcessor:
+        return self  # one generation's state, and llguidance's objects cannot be copied: a copy is this processor
+        # (TextGen deep-copies a request's state, its logits processors included, then puts the originals back)
+
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         batch, length = input_ids.shape
         if not self.matchers:

@@ -116,9 +116,30 @@ def _ll_tokenizer(tokenizer: Any, vocab_size: int, eos: tuple[int, ...]) -> tupl
         per = _tokenizers.setdefault(tokenizer, {})
         key = (int(vocab_size), eos)
         if key not in per:
-            lltok = llg.hf.from_tokenizer(tokenizer, n_vocab=int(vocab_size), eos_token=list(eos) or None)
+            lltok = _llg_view(llg, tokenizer, int(vocab_size), list(eos) or None)
             per[key] = (lltok, closing_ranks(lltok, int(vocab_size)))
         return per[key]
+
+
+def _llg_view(llg: Any, tokenizer: Any, vocab_size: int, eos: list[int] | None) -> Any:
+    """llguidance's tokenizer; a bare Metaspace decoder (which it cannot read) is given as the Replace + Strip
+    sequence that decodes the same, as Llama's and Mistral's tokenizers spell it."""
+    try:
+        return llg.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
+    except ValueError as exc:
+        from copy import copy
+
+        from tokenizers import decoders
+
+        backend = copy(tokenizer.backend_tokenizer)
+        if type(backend.decoder).__name__ != "Metaspace":
+            msg = f"llguidance cannot read this tokenizer ({exc}); constrained decoding needs one it can"
+            raise ConstraintError(msg) from None
+        backend.no_padding()
+        backend.no_truncation()
+        backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                             decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+        return llg.LLTokenizer(backend.to_str(), n_vocab=vocab_size, eos_token=eos)
 
 
 CLOSERS = (b'"', b"}", b"]", b")")  # tokens that end what is open, most preferred first
@@ -206,6 +227,9 @@ class CompiledConstraint:
     vocab_size: int = 0
     eos: tuple[int, ...] = ()
     ranks: np.ndarray = field(default=None, repr=False, compare=False)  # closing_ranks()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CompiledConstraint:
+        return self  # immutable (llguidance's tokenizer cannot be copied, and need not be)
 
     def matcher(self) -> Any:
         m = llguidance().LLMatcher(self.tokenizer, self.grammar)

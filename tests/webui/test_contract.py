@@ -7,6 +7,8 @@ setup, the side effects TextGen's load_model has (reproduced for our loader), ge
 
 from __future__ import annotations
 
+import copy
+import itertools
 import subprocess
 import sys
 import threading
@@ -101,7 +103,7 @@ def test_other_loaders_are_untouched(textgen, tmp_path):
     from modules import models, sampler_hijack
 
     load_extensions()
-    model, tokenizer = models.load_model("tiny-mixtral", loader="Transformers")
+    model, _ = models.load_model("tiny-mixtral", loader="Transformers")
     assert type(model).__name__ == "BuiltinModel" and textgen.args.loader == "Transformers"
     model, _ = models.load_model("tiny-mixtral", loader="llama.cpp")
     assert type(model).__name__ == "BuiltinModel" and textgen.args.loader == "llama.cpp"
@@ -198,7 +200,7 @@ def test_hf_path_streams_and_matches_transformers(loaded, tgw_checkpoint):
     expected = reference_text(tgw_checkpoint, "w5 w9 w17", 12)
     assert full[-1] == expected
     assert len(chunks) == 12 and chunks[-1] == expected  # one cumulative chunk per token
-    assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(chunks, chunks[1:]))
+    assert all(b.startswith(a) and len(b) > len(a) for a, b in itertools.pairwise(chunks))
     assert [(s.source, s.prompt_tokens, s.new_tokens) for s in spy.seen] == [("webui", 4, 12)] * 2
 
 
@@ -409,7 +411,8 @@ def test_offload_config_from_params():
     args = types.SimpleNamespace(cpu=True, cpu_memory=2, bf16=True, ctx_size=512)
     cfg = integration.offload_config({"experts_per_layer": "3", "expert_bits": "4", "prefetch": "false",
                                       "policy": "lfu"}, args)
-    assert (cfg.device, cfg.experts_per_layer, cfg.expert_bits, cfg.prefetch, cfg.policy) == ("cpu", 3, 4, "none", "lfu")
+    got = (cfg.device, cfg.experts_per_layer, cfg.expert_bits, cfg.prefetch, cfg.policy)
+    assert got == ("cpu", 3, 4, "none", "lfu")
     assert (cfg.dtype, cfg.context_length, cfg.max_memory_bytes) == ("bfloat16", 512, 2 << 30)
     auto = integration.offload_config({"experts_per_layer": 0}, types.SimpleNamespace(ctx_size=0))
     assert auto.experts_per_layer is None and auto.context_length == 8192 and auto.prefetch == "gate+history"
@@ -526,10 +529,58 @@ def test_a_failed_generation_raises_textgen_errors_and_a_stop_does_not() -> None
         raise StopNowException
 
     for fn, failed in ((failing, True), (stopped, False)):
-        with pytest.raises(Exception):
+        with pytest.raises((RuntimeError, StopNowException)):
             integration._webui_generate(fn)(input_ids=None)
         if failed:
             with pytest.raises(Exception, match=r"generation failed \(RuntimeError: disk gone\)") as err:
                 integration.check_reply("partial")
             assert getattr(err.value, "code", None) == 500  # TextGen's API handler reads it
         assert integration.check_reply("a whole reply") == "a whole reply"  # raised once, then clear
+
+
+def test_a_grammar_becomes_our_constraint(textgen, demo_model_path):
+    """The extension's state_modifier: with our model loaded, TextGen's grammar_string (GBNF) is compiled by
+    llguidance and passed as the state's logits processor (beside one already there); TextGen's own is not used.
+    On the demo model: its byte-level BPE is a tokenizer llguidance reads (the tests' word-level one is not)."""
+    import json
+    import re
+
+    from modules.api import models as api_models
+    from transformers import LogitsProcessor
+
+    from mixtral_offload_plugin.webui import constrain_grammar
+
+    (Path(textgen.args.model_dir) / "demo").symlink_to(demo_model_path, target_is_directory=True)
+    load_extensions()
+    api_models._load_model({"model_name": "demo", "args": {"loader": LOADER}})
+
+    class Seen(LogitsProcessor):
+        calls = 0
+
+        def __call__(self, input_ids, scores):
+            Seen.calls += 1
+            return scores
+
+    grammar = 'root ::= "{\\"mood\\": \\"" ("happy" | "sad") "\\", \\"count\\": " [0-9] "}"'
+    for stream in (False, True):
+        state = {**STATE, "stream": stream, "max_new_tokens": 24, "grammar_string": grammar,
+                 "logits_processor": [Seen()]}
+        new = constrain_grammar(state)
+        assert new["grammar_string"] == "" and state["grammar_string"] == grammar  # a copy of the state
+        copy.deepcopy(new)  # TextGen deep-copies a request's state when it has stop strings
+        reply = run("How do you feel?", **new)[-1]
+        assert re.fullmatch(r'\{"mood": "(happy|sad)", "count": [0-9]\}', reply.strip()), reply
+        assert json.loads(reply)["mood"] in ("happy", "sad")
+    assert Seen.calls > 0
+    assert constrain_grammar({**STATE, "grammar_string": ""}) == {**STATE, "grammar_string": ""}
+    with pytest.raises(Exception, match="MixtralOffload: the grammar cannot be used") as err:
+        constrain_grammar({**STATE, "grammar_string": "root ::= undefined_rule"})
+    assert err.value.code == 500  # TextGen's API answers it as an error
+
+
+def test_a_grammar_is_left_to_textgen_for_other_loaders(textgen):
+    from mixtral_offload_plugin.webui import constrain_grammar
+
+    load_extensions()
+    state = {**STATE, "grammar_string": 'root ::= "a"'}
+    assert constrain_grammar(state) is state  # no model of ours: TextGen's own grammar processor applies
