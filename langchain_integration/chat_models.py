@@ -16,7 +16,7 @@ from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models.chat_models import BaseChatModel, generate_from_stream
-from langchain_core.messages import AIMessageChunk, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 from pydantic import ConfigDict
@@ -210,9 +210,9 @@ class ChatMixtralOffload(OffloadParams, BaseChatModel):
 
     @staticmethod
     def _result(result: ChatResult, reply: _Reply) -> ChatResult:
-        if reply.parsed is not None and reply.parsed.invalid:  # say why each unreadable call was refused
-            generation = result.generations[0]
-            generation.message = with_errors(generation.message, reply.parsed)
+        generation = result.generations[0]
+        if reply.parsed is not None and reply.parsed.invalid and isinstance(generation.message, AIMessage):
+            generation.message = with_errors(generation.message, reply.parsed)  # why each unreadable call was refused
         return result
 
     async def _astream(

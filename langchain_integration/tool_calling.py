@@ -138,7 +138,7 @@ def with_errors(message: AIMessage, parsed: ParsedReply) -> AIMessage:
     errors = {bad.name: bad.error for bad in parsed.invalid if bad.name is not None}
     if not errors or not message.invalid_tool_calls:
         return message
-    fixed = [{**call, "error": call.get("error") or errors.get(call.get("name"))}
+    fixed = [{**call, "error": call.get("error") or errors.get(call.get("name") or "")}
              for call in message.invalid_tool_calls]
     return message.model_copy(update={"invalid_tool_calls": fixed})
 
@@ -158,18 +158,20 @@ def structured_runnable(model: Any, schema: dict[str, Any] | type | None, *, met
     if schema is None and method != "json_mode":
         msg = f"method={method!r} needs a schema (a pydantic class, a TypedDict or a JSON schema dict)"
         raise ValueError(msg)
-    pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
-    trace = {"kwargs": {"method": method}, "schema": schema} if schema is not None else None
+    spec: Any = schema
+    pydantic = isinstance(spec, type) and is_basemodel_subclass(spec)
+    trace = {"kwargs": {"method": method}, "schema": spec} if spec is not None else None
     if method == "function_calling":
-        name = convert_to_openai_tool(schema)["function"]["name"]
-        llm = model.bind_tools([schema], tool_choice=name, ls_structured_output_format=trace)
-        parser: Runnable = (PydanticToolsParser(tools=[schema], first_tool_only=True) if pydantic
+        name = convert_to_openai_tool(spec)["function"]["name"]
+        llm = model.bind_tools([spec], tool_choice=name, ls_structured_output_format=trace)
+        parser: Runnable = (PydanticToolsParser(tools=[spec], first_tool_only=True) if pydantic
                             else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
     else:
-        json_schema = convert_to_json_schema(schema) if schema is not None else {"type": "object"}
+        json_schema = convert_to_json_schema(spec) if spec is not None else {"type": "object"}
         extra = {"ls_structured_output_format": trace} if trace else {}
         llm = model.bind(json_schema=_constraint_schema(json_schema), **extra)
-        parser = RunnableLambda(_parse_json(schema if pydantic else None, text_of), name="parse_structured_output")
+        parse: Any = _parse_json(spec if pydantic else None, text_of)
+        parser = RunnableLambda(parse, name="parse_structured_output")
     if not include_raw:
         return llm | parser
     parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
@@ -192,7 +194,9 @@ def _parse_json(model_class: type | None, text_of: Callable[[Any], str]) -> Call
             value = json.loads(text)
             if model_class is None:
                 return value
-            validate = getattr(model_class, "model_validate", None) or model_class.parse_obj  # pydantic 2, or 1
+            validate: Any = getattr(model_class, "model_validate", None)  # pydantic 2
+            if validate is None:
+                validate = model_class.parse_obj  # type: ignore[attr-defined]  # pydantic 1
             return validate(value)
         except ValueError as exc:  # json's and pydantic's errors are ValueErrors
             msg = (f"the reply is not the structured output asked for ({type(exc).__name__}: {exc}); a reply cut "

@@ -173,7 +173,7 @@ class ConstraintProcessor:
         return None
 
     def _walk(self, matcher: Any, allowed: np.ndarray, ranks: np.ndarray, cap: int) -> list[int] | None:
-        m, path = matcher.deep_copy(), []
+        m, path = matcher.deep_copy(), list[int]()
         while len(path) < cap:
             pick = np.where(allowed, ranks, -1.0)
             token = int(pick.argmax())

@@ -226,7 +226,7 @@ class CompiledConstraint:
     tokenizer: Any = field(repr=False)  # llguidance's view of the tokenizer
     vocab_size: int = 0
     eos: tuple[int, ...] = ()
-    ranks: np.ndarray = field(default=None, repr=False, compare=False)  # closing_ranks()
+    ranks: Any = field(default=None, repr=False, compare=False)  # closing_ranks(): [2, vocab_size] float32
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CompiledConstraint:
         return self  # immutable (llguidance's tokenizer cannot be copied, and need not be)

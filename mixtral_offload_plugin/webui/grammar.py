@@ -46,6 +46,8 @@ def constrain(state: dict[str, Any], model: Any, tokenizer: Any, error: type[Exc
     except ConstraintError as exc:
         msg = f"{LOADER}: the grammar cannot be used: {exc}"
         raise error(msg) from None
+    if compiled is None:
+        return state
     from transformers import LogitsProcessorList
 
     budget = None if state.get("auto_max_new_tokens") else int(state.get("max_new_tokens") or 0) or None
