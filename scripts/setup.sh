@@ -19,5 +19,5 @@ if [ "${1:-}" = "--test" ]; then
       || echo "setup: could not install chromium; the browser test will be skipped" >&2
   fi
 else
-  python -m pip install -q -e ".[langchain,demo]"
+  python -m pip install -q -e ".[langchain,demo,constrained]"
 fi
