@@ -43,6 +43,11 @@ def test_kept_share_is_the_busy_median_over_the_same_configs_quiet_median() -> N
     table = format_busy(rows).splitlines()
     assert "quiet tok/s" in table[0] and "busy=1 tok/s" in table[0]
     assert table[2].split() == ["a", "40.00", "30.00", "75%"] and table[3].split() == ["b", "10.00", "2.00", "20%"]
+    # a name longer than the column widens it: every row's numbers stay under their headings
+    long = "resident:expert_bits=4:attn_bits=4:head_bits=8:threads=none"
+    rows = [{**r, "busy_of": long if r["busy_of"] == "a" else r["busy_of"]} for r in rows]
+    table = format_busy(rows).splitlines()
+    assert table[2].startswith(long + " ") and table[0].index("kept") + 4 == len(table[2]) == len(table[3])
 
 
 def test_bench_busy_measures_every_row_quiet_and_busy(tmp_path, capsys) -> None:

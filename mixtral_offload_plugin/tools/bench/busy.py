@@ -77,7 +77,10 @@ def kept_shares(rows: list[dict[str, Any]]) -> None:
 def format_busy(rows: list[dict[str, Any]]) -> str:
     """One line per configuration: quiet tok/s, then tok/s and the share kept at each busy level."""
     levels = sorted({r["busy"] for r in rows if r.get("busy") is not None})
-    head = f"{'config':<28} " + " ".join(f"{f'busy={n} tok/s':>12} {'kept':>6}" if n else f"{'quiet tok/s':>12}"
+    from .report import name_width  # report imports this module
+
+    w = name_width(r["busy_of"] for r in rows if r.get("busy") is not None)
+    head = f"{'config':<{w}} " + " ".join(f"{f'busy={n} tok/s':>12} {'kept':>6}" if n else f"{'quiet tok/s':>12}"
                                          for n in levels)
     lines = [head, "-" * len(head)]
     by_config: dict[str, dict[int, dict[str, Any]]] = {}
@@ -94,5 +97,5 @@ def format_busy(rows: list[dict[str, Any]]) -> str:
                 cells.append(f"{cell:>12} {'-' if kept is None else f'{kept:.0%}':>6}")
             else:
                 cells.append(f"{cell:>12}")
-        lines.append(f"{name:<28} " + " ".join(cells))
+        lines.append(f"{name:<{w}} " + " ".join(cells))
     return "\n".join(lines)
