@@ -15,10 +15,12 @@ WHICH=${1:-both}
 TESTS=(tests/runtime tests/models tests/quant tests/cache tests/storage tests/plugins tests/webui
        tests/faces/test_cli.py tests/faces/test_conversations.py)
 
-floors() {  # every core dependency pinned at its declared floor, one per line
+floors() {  # every core dependency (and the constrained extra) pinned at its declared floor, one per line
   "$PY" - <<'EOF'
 import re, tomllib
-deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+# the core, and the extra these tests import (constrained decoding: tests/runtime/test_constraints.py)
+deps = project["dependencies"] + project["optional-dependencies"]["constrained"]
 for dep in deps:
     m = re.fullmatch(r"([A-Za-z0-9_.\-]+)\s*>=\s*([0-9][^,;\s]*)(,.*)?", dep.strip())
     if not m:
@@ -57,5 +59,5 @@ if [ "$WHICH" = lowest ] || [ "$WHICH" = both ]; then
   run lowest "${PINS[@]}"
 fi
 if [ "$WHICH" = newest ] || [ "$WHICH" = both ]; then
-  run newest --upgrade --upgrade-strategy eager torch transformers safetensors pluggy hqq tqdm psutil
+  run newest --upgrade --upgrade-strategy eager torch transformers safetensors pluggy hqq tqdm psutil llguidance
 fi

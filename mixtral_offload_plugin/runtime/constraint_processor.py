@@ -31,7 +31,7 @@ import torch
 from ..errors import ConstraintError
 
 MARGIN = 4  # free tokens kept beyond the closing path before the budget takes over
-CANDIDATES = 3  # the model's best tokens tried, near the end, for one that keeps a complete output complete
+CANDIDATES = 3  # the model's best tokens (and ties with the third) tried, near the end, for ones that keep it complete
 WHAT = {"json_schema": "JSON schema", "regex": "regex", "grammar": "grammar"}
 
 
@@ -155,7 +155,11 @@ class ConstraintProcessor:
                 keep[e] = allowed[e]
         n = min(scores.shape[-1], allowed.shape[0])
         masked = scores[:n].detach().float().cpu().masked_fill(torch.from_numpy(~allowed[:n]), float("-inf"))
-        for token in masked.topk(min(CANDIDATES, n)).indices.tolist():
+        # the best CANDIDATES, and every token tied with the last of them (top-k sampling keeps ties too, so the
+        # choice does not depend on how topk breaks them)
+        floor = masked.topk(min(CANDIDATES, n)).values[-1]
+        tied = torch.nonzero((masked >= floor) & torch.isfinite(masked)).view(-1).tolist()
+        for token in tied:
             if not keep[token] and allowed[token]:
                 m = self.matchers[row].deep_copy()
                 keep[token] = bool(m.consume_token(token)) and not m.is_error() and m.is_accepting()
