@@ -279,7 +279,7 @@ def test_a_cache_that_cannot_roll_back_is_replaced_by_a_fresh_one(model):
             raise RuntimeError(msg)
 
     cache = PrefixCache()
-    cache.ids, cache.kv = torch.arange(8), NoRollback()
+    cache._keep(torch.arange(8), NoRollback())
     kv, reused = cache._take(model, torch.cat([torch.arange(4), torch.tensor([99, 98])]).unsqueeze(0))
     assert reused == 0 and isinstance(kv, DynamicCache) and kv.get_seq_length() == 0
     assert cache.kv is None  # the slot stays empty until the request finishes
