@@ -7,6 +7,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from .busy import format_busy
 from .compare import extra_columns
 from .config import BenchConfig
 
@@ -118,4 +119,7 @@ def print_report(rows: list[dict[str, Any]], meta: dict[str, Any], *, with_bound
     print(format_table(rows, with_bound=with_bound))
     if any("disk_bound_tps" in r for r in rows):
         print(format_bounds(rows))
+    if any(r.get("busy") for r in rows):
+        print(f"under load (other CPU-bound processes running; {meta.get('cores', '?')} cores):")
+        print(format_busy(rows))
     _print_notes(meta)
