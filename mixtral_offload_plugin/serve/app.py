@@ -32,7 +32,7 @@ from .protocol import (
 def create_app(engine: ServeEngine, *, api_key: str | None = None) -> Any:
     """The FastAPI app serving `engine` (see the module docstring)."""
     try:
-        from fastapi import FastAPI
+        from fastapi import Depends, FastAPI
         from fastapi.responses import JSONResponse, StreamingResponse
         from starlette.concurrency import run_in_threadpool
         from starlette.requests import Request as HttpRequest
@@ -40,7 +40,17 @@ def create_app(engine: ServeEngine, *, api_key: str | None = None) -> Any:
         msg = "the server needs fastapi and uvicorn: pip install 'mixtral-offload-plugin[serve]'"
         raise ImportError(msg) from exc
 
-    app = FastAPI(title="mixtral-offload", docs_url=None, redoc_url=None)
+    async def authenticate(request: HttpRequest) -> None:
+        # a dependency, not an HTTP middleware: Starlette's BaseHTTPMiddleware hides a client's disconnect
+        if api_key is None or request.url.path == "/health":
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:].strip() if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), api_key.encode()):
+            what = "Incorrect API key provided" if token else "No API key provided (Authorization: Bearer <key>)"
+            raise ApiError(401, what, code="invalid_api_key")
+
+    app = FastAPI(title="mixtral-offload", docs_url=None, redoc_url=None, dependencies=[Depends(authenticate)])
     app.state.engine = engine
 
     @app.exception_handler(ApiError)
@@ -53,17 +63,6 @@ def create_app(engine: ServeEngine, *, api_key: str | None = None) -> Any:
         err = ApiError(404, f"no route {request.method} {request.url.path}; this server offers /v1/chat/completions, "
                             "/v1/completions and /v1/models", code="unknown_url")
         return JSONResponse(err.body(), status_code=404)
-
-    @app.middleware("http")
-    async def authenticate(request: HttpRequest, call_next: Any) -> Any:
-        if api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            token = given[7:].strip() if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), api_key.encode()):
-                what = "Incorrect API key provided" if token else "No API key provided (Authorization: Bearer <key>)"
-                err = ApiError(401, what, code="invalid_api_key")
-                return JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
 
     async def body_of(request: HttpRequest) -> Any:
         try:
