@@ -210,11 +210,13 @@ class Ingress:
 def build_app(model_path: str | None = None, *, offload: dict[str, Any] | None = None, replicas: int = 2,
               autoscaling: dict[str, Any] | None = None, served_name: str | None = None, api_key: str | None = None,
               max_waiting: int = 16, max_tokens: int = 512, max_ongoing_requests: int | None = None,
-              ray_actor_options: dict[str, Any] | None = None) -> Any:
+              ray_actor_options: dict[str, Any] | None = None, affinity: bool = True) -> Any:
     """The Ray Serve application: `replicas` model replicas (or Ray Serve's `autoscaling` config: min_replicas,
     max_replicas, target_ongoing_requests, ...) behind the ingress. `offload` are `OffloadConfig` fields of every
     replica (batch_size 4 unless given); a replica takes `max_ongoing_requests` requests at once (default: its batch
-    and waiting room), more go to the next replica of the conversation's ranking. Run it with `serve.run(app)`."""
+    and waiting room), more go to the next replica of the conversation's ranking. `affinity=False` leaves routing
+    to Ray Serve's default router (power of two choices: the baseline of the affinity measurement). Run it with
+    `serve.run(app)`."""
     from ray.serve.config import RequestRouterConfig
 
     router_config: Any = RequestRouterConfig  # (a pydantic model: its stubs type the fields wrongly)
@@ -223,9 +225,10 @@ def build_app(model_path: str | None = None, *, offload: dict[str, Any] | None =
     ongoing = max_ongoing_requests or offload["batch_size"] + max_waiting
     scale: dict[str, Any] = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
     deployment: Any = serve.deployment  # (its stubs do not say it returns a Deployment when given the class)
+    if affinity:
+        scale["request_router_config"] = router_config(request_router_class=f"{__name__}.ConversationRouter")
     model = deployment(
         ModelReplica, name="MixtralOffloadModel", max_ongoing_requests=ongoing,
-        request_router_config=router_config(request_router_class=f"{__name__}.ConversationRouter"),
         ray_actor_options=ray_actor_options or {"num_cpus": 0}, **scale,
     ).bind(model_path, offload, served_name, api_key, max_waiting, max_tokens)
     ingress = deployment(Ingress, name="MixtralOffloadIngress",

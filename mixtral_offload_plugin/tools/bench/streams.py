@@ -6,7 +6,8 @@ generation of its own prompt (random token ids, seeded: different streams route 
 every stream makes exactly `--new-tokens` tokens, no prefix reuse. The levels are interleaved: repeat 1 runs 1, 2,
 4, 8 streams, repeat 2 runs them backwards, and so on, so drift of a shared machine spreads over every level. A
 level's time runs from the first request to the last token of the last stream (prefills included); its tok/s is
-N x new tokens / that time. Bytes are the expert cache's `bytes_loaded` counter over the level's run.
+N x new tokens / that time. Bytes are the expert cache's `bytes_loaded` counter over the level's run; experts/call
+is the mean number of distinct experts a MoE layer call routed (a batched step's union; prefills included).
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ def _configs(args: argparse.Namespace) -> list[Any]:
 def _level(session: Any, prompts: list[list[int]], n: int, new_tokens: int) -> dict[str, float]:
     model = session.model
     before = model.offload_stats().bytes_loaded
+    routed = [0, 0]  # MoE layer calls (prefills included) and the distinct experts they routed
+
+    def count(layer: int, experts: Any) -> None:
+        routed[0] += 1
+        routed[1] += len(experts)
+
+    stop = session.on_route(count)
     gens = [session.generate(prompts[i], max_new_tokens=new_tokens, ban_eos=True, temperature=0.0,
                              reuse_prefix=False) for i in range(n)]
     start = time.perf_counter()
@@ -57,13 +65,15 @@ def _level(session: Any, prompts: list[list[int]], n: int, new_tokens: int) -> d
     for reader in readers:
         reader.join()
     seconds = time.perf_counter() - start
+    stop()
     tokens = sum(len(gen.ids) for gen in gens)
     if tokens != n * new_tokens:
         msg = f"{n} streams made {tokens} tokens, not {n * new_tokens}"
         raise RuntimeError(msg)
     return {"seconds": seconds, "tok_s": tokens / seconds,
             "bytes_per_token": (model.offload_stats().bytes_loaded - before) / tokens,
-            "ttft_s": statistics.median(gen.result.first_token_seconds or 0.0 for gen in gens)}
+            "ttft_s": statistics.median(gen.result.first_token_seconds or 0.0 for gen in gens),
+            "experts_per_call": routed[1] / max(1, routed[0])}
 
 
 def measure(path: str, spec: Any, levels: list[int], *, repeats: int, new_tokens: int, prompt_tokens: int,
@@ -94,18 +104,19 @@ def measure(path: str, spec: Any, levels: list[int], *, repeats: int, new_tokens
         rows.append({"config": spec.label, "streams": n, "tok_s": statistics.median(tok_s), "tok_s_min": min(tok_s),
                      "tok_s_max": max(tok_s), "vs_first": statistics.median(tok_s) / base,
                      "expert_mib_per_token": statistics.median(r["bytes_per_token"] for r in runs[n]) / 2**20,
-                     "ttft_s": statistics.median(r["ttft_s"] for r in runs[n])})
+                     "ttft_s": statistics.median(r["ttft_s"] for r in runs[n]),
+                     "experts_per_call": statistics.median(r["experts_per_call"] for r in runs[n])})
     return rows
 
 
 def format_streams(rows: list[dict[str, Any]]) -> str:
     head = (f"{'config':<16} {'streams':>7} {'tok/s total':>11} {'min-max':>13} {'x first':>8} "
-            f"{'expert MiB/token':>16} {'TTFT s':>7}")
+            f"{'expert MiB/token':>16} {'experts/call':>12} {'TTFT s':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['config']:<16} {r['streams']:>7} {r['tok_s']:>11.2f} "
                      f"{r['tok_s_min']:>6.2f}-{r['tok_s_max']:<6.2f} {r['vs_first']:>7.2f}x "
-                     f"{r['expert_mib_per_token']:>16.2f} {r['ttft_s']:>7.2f}")
+                     f"{r['expert_mib_per_token']:>16.2f} {r['experts_per_call']:>12.2f} {r['ttft_s']:>7.2f}")
     return "\n".join(lines)
 
 
