@@ -72,7 +72,8 @@ def create_app(engine: ServeEngine, *, api_key: str | None = None) -> Any:
 
     async def start(req: Request) -> Reply:
         engine.check_model(req.model)
-        return await run_in_threadpool(engine.start, req)  # compiling a constraint takes a moment
+        reply = await run_in_threadpool(engine.start, req)  # compiling a constraint takes a moment
+        return reply.begin()
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

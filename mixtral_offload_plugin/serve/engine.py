@@ -1,6 +1,7 @@
 """The model behind the server: `ServeEngine` holds one loaded model and its tokenizer, admits requests (at most the
 model's batch size generating and `max_waiting` more waiting; beyond that a 503), and turns a checked request into a
-running `Generation` with its reply reader (`Reply`), whose pieces an asyncio task can await (`Reply.pieces`).
+running `Generation` with its reply reader (`Reply`), whose pieces an asyncio task can await (`Reply.pieces`, after
+`Reply.begin` on the event loop).
 
 Concurrent requests share decode steps when the model batches (`OffloadConfig.batch_size` > 1; runtime/batching.py);
 each conversation reuses the KV cache of its earlier turns (the runtime's prefix cache). Tools and forced calls go
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from ..errors import GenerationError
@@ -21,19 +21,19 @@ from ..runtime.session import Finished, Generation, Session
 from .protocol import ApiError, Request
 
 
-@dataclass
 class Reply:
-    """A running generation, the reader of its text (tool calls), and its release from the admission count."""
+    """A running generation, the reader of its text (tool calls), and its place in the admission count (given back
+    when the generation ends, whether or not anyone reads it: a response never started still frees its place)."""
 
-    gen: Generation
-    reader: ReplyReader | None
-    release: Any
+    def __init__(self, gen: Generation, reader: ReplyReader | None, release: Any) -> None:
+        self.gen, self.reader, self.release = gen, reader, release
+        self._queue: asyncio.Queue[Any] | None = None
 
-    async def pieces(self) -> AsyncIterator[str]:
-        """The reply's text pieces as they come (a thread reads the generation; the model is halted when the
-        iteration stops early: a client that went away, a cancelled task)."""
+    def begin(self) -> Reply:
+        """Start reading the generation on a thread into this event loop's queue (call on the loop)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._queue = queue
 
         def pump() -> None:
             try:
@@ -42,16 +42,23 @@ class Reply:
                 loop.call_soon_threadsafe(queue.put_nowait, None)
             except BaseException as exc:  # handed to the awaiting task
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                self.release()
 
         threading.Thread(target=pump, name="mixtral-offload-serve", daemon=True).start()
+        return self
+
+    async def pieces(self) -> AsyncIterator[str]:
+        """The reply's text pieces as they come; the model is halted when the iteration stops early (a client that
+        went away, a cancelled task)."""
+        assert self._queue is not None, "begin() first"
         try:
-            while (item := await queue.get()) is not None:
+            while (item := await self._queue.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
             self.gen.cancel()
-            self.release()
 
     @property
     def result(self) -> Finished:
