@@ -4,6 +4,7 @@ router (power of two choices), on a local Ray cluster with N replicas of a model
 experts cached from a disk store, batch of 4 per replica).
 
     python scripts/bench_ray_affinity.py [--replicas 2] [--conversations 12] [--turns 4] [--concurrency 4]
+        [--kept-prefixes N]
 
 Conversations are driven `--concurrency` at a time through the openai client, turns interleaved across
 conversations (every conversation's turn 1, then every turn 2, ...). A follow-up turn counts as reused when its
@@ -68,6 +69,8 @@ def main() -> None:
     p.add_argument("--conversations", type=int, default=12)
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--kept-prefixes", type=int, default=None,
+                   help="OffloadConfig.kept_prefixes of every replica (default: its batch size, 4)")
     args = p.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,7 +82,8 @@ def main() -> None:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for affinity in (True, False):
-            serve.run(build_app(offload={"experts_per_layer": 4, "batch_size": 4}, replicas=args.replicas,
+            offload = {"experts_per_layer": 4, "batch_size": 4, "kept_prefixes": args.kept_prefixes}
+            serve.run(build_app(offload=offload, replicas=args.replicas,
                                 served_name="demo", affinity=affinity), name="affinity", route_prefix="/")
             rows.append((("conversation router" if affinity else "Ray's default router"),
                          drive(f"http://127.0.0.1:{port}", args.conversations, args.turns, args.concurrency)))
@@ -88,7 +92,7 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
     print(f"{args.replicas} replicas, {args.conversations} conversations x {args.turns} turns, "
-          f"{args.concurrency} at a time")
+          f"{args.concurrency} at a time, kept_prefixes {args.kept_prefixes or 'batch size (4)'}")
     print(f"{'router':<22} {'prefix reused':>16} {'on one replica':>15} {'requests/replica':>17} {'seconds':>8}")
     for name, r in rows:
         share = f"{r['reused']}/{r['follow_ups']} ({100 * r['reused'] / r['follow_ups']:.0f}%)"

@@ -58,6 +58,10 @@ def build(plan: LoadPlan) -> Any:
         ckpt.close()
     if config.batch_size > 1:
         _batching(model, blocks, runtime)
+    elif config.kept_prefixes is not None:
+        from .prefix import PrefixCache
+
+        runtime.prefix = PrefixCache(config.kept_prefixes)
     model.__class__ = offloaded_class(type(model))
     cast(OffloadedModelMixin, model)._offload_runtime = runtime  # the same object, of the offloaded class now
     _load_generation_config(model, read_from)
@@ -107,7 +111,7 @@ def _batching(model: nn.Module, blocks: dict[int, nn.Module], runtime: OffloadRu
     linears_apart(model)
     routers_apart(blocks)
     runtime.batcher = Batcher(runtime, runtime.config.batch_size)
-    runtime.prefix = PrefixCache(runtime.config.batch_size)
+    runtime.prefix = PrefixCache(runtime.config.kept_prefixes or runtime.config.batch_size)
 
 
 def _build_runtime(plan: LoadPlan, ckpt: Any, blocks: dict[int, nn.Module], dtype: torch.dtype,
