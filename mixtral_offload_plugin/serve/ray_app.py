@@ -6,9 +6,9 @@ Two deployments:
   (`asgi_call`), streaming the response back through Ray;
 - `Ingress` (one replica, the HTTP entry): forwards every request to a model replica with the request's
   conversation key. The model replicas' request router (`ConversationRouter`, Ray Serve's custom request router
-  API) ranks the replicas for that key by rendezvous hashing, so every turn of a conversation goes to the same
-  replica, the one holding its KV prefix, while that replica has room (a full one hands the request to the next in
-  the key's ranking); replicas added or removed move only the conversations that hashed to them.
+  API) gives a new conversation to the replica holding the fewest and sends its later turns to the same replica,
+  the one holding its KV prefix, while that replica has room (a full one hands the request to the next in the
+  key's rendezvous-hash ranking); a replica removed moves only its own conversations.
 A conversation's key: the `X-Session-Id` header, else the body's `user` field, else a hash of its messages up to and
 including the first user message (a completion: its first 256 prompt characters).
 Knows nothing about generating; the model replicas' engine and app are engine.py and app.py.
@@ -19,6 +19,7 @@ Knows nothing about generating; the model replicas' engine and app are engine.py
 import asyncio
 import hashlib
 import json
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -67,17 +68,46 @@ def rank(key: str, names: list[str]) -> list[int]:
 
 
 class ConversationRouter(RequestRouter):
-    """Ray Serve request router of the model replicas: a request with a conversation key goes to the key's first
-    replica in rendezvous-hash order, then the next when that one is full; a request without one to any replica.
-    (No FIFOMixin: it hands a replica chosen for one request to the oldest waiting one, whatever its key.)"""
+    """Ray Serve request router of the model replicas. A conversation's first request goes to the replica holding
+    the fewest conversations (ties: the key's rendezvous order), and the router remembers it: every later turn goes
+    to that replica while it has room, else to the next in the key's ranking. A forgotten key (more than
+    `max_conversations` seen since) or a replica gone is assigned again the same way. A request without a key goes
+    to any replica. (No FIFOMixin: it hands a replica chosen for one request to the oldest waiting one, whatever its
+    key.) The memory is this router's, in the ingress replica: keep one ingress replica for affinity."""
+
+    def initialize_state(self, max_conversations: int = 65536, **kwargs: Any) -> None:
+        self._homes: OrderedDict[str, str] = OrderedDict()  # key -> replica id, least recently seen first
+        self._counts: Counter[str] = Counter()
+        self._max = int(max_conversations)
+
+    def home(self, key: str, ids: list[str]) -> str:
+        """The replica id of conversation `key` among `ids` (assigned on first sight, see the class docstring)."""
+        if not hasattr(self, "_homes"):
+            self.initialize_state()
+        home = self._homes.get(key)
+        if home in ids:
+            self._homes.move_to_end(key)
+            return home
+        if home is not None:
+            self._counts[home] -= 1
+        order = rank(key, ids)
+        home = ids[min(order, key=lambda i: (self._counts[ids[i]], order.index(i)))]
+        self._homes[key] = home
+        self._homes.move_to_end(key)
+        self._counts[home] += 1
+        while len(self._homes) > self._max:
+            _, old = self._homes.popitem(last=False)
+            self._counts[old] -= 1
+        return home
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         key = (pending_request.kwargs.get("affinity") if pending_request is not None else None) or ""
         if not key or len(candidate_replicas) < 2:
             return [candidate_replicas]
-        order = rank(key, [r.replica_id.unique_id for r in candidate_replicas])
-        return [[candidate_replicas[i]] for i in order]
+        ids = [r.replica_id.unique_id for r in candidate_replicas]
+        first = ids.index(self.home(key, ids))
+        return [[candidate_replicas[first]]] + [[candidate_replicas[i]] for i in rank(key, ids) if i != first]
 
 
 async def asgi_call(app: Any, method: str, path: str, query: str, headers: list[tuple[str, str]],

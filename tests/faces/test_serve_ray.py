@@ -1,9 +1,10 @@
 """The server as Ray Serve replicas (`mixtral_offload_plugin/serve/ray_app.py`): a local Ray cluster, two model
 replicas of the demo model behind the ingress, conversations driven through the official `openai` client.
 
-What must hold: every turn of a conversation is answered by one replica (the response names it), both replicas
-serve conversations, and at least 90% of follow-up turns report their previous prompt as cached tokens (prefix
-reuse on the replica holding it); the conversation key and the rendezvous ranking behave as documented. Skipped
+What must hold: every turn of a conversation is answered by one replica (the response names it), the replicas
+share the conversations evenly, and at least 90% of follow-up turns report their previous prompt as cached tokens
+(prefix reuse on the replica holding it); the conversation key, the router's assignment and the rendezvous ranking
+behave as documented. Skipped
 without the `ray` extra.
 """
 
@@ -23,6 +24,7 @@ openai = pytest.importorskip("openai", reason="the client tests need openai (the
 
 from mixtral_offload_plugin.serve.ray_app import (  # noqa: E402
     REPLICA_HEADER,
+    ConversationRouter,
     build_app,
     conversation_key,
     rank,
@@ -50,6 +52,21 @@ def test_rendezvous_ranking_moves_only_the_keys_of_a_removed_replica():
     assert set(first.values()) == set(names)  # every replica gets keys
     after = {k: ["r0", "r2"][rank(k, ["r0", "r2"])[0]] for k in keys}
     assert all(after[k] == first[k] for k in keys if first[k] != "r1")
+
+
+def test_the_router_balances_new_conversations_and_keeps_old_ones_home():
+    router = object.__new__(ConversationRouter)  # its routing state only: Ray's machinery is not needed here
+    router.initialize_state(max_conversations=10)
+    ids = ["r0", "r1", "r2"]
+    homes = {f"c{i}": router.home(f"c{i}", ids) for i in range(9)}
+    assert sorted(list(homes.values()).count(r) for r in ids) == [3, 3, 3]  # the fewest first
+    assert all(router.home(k, ids) == h for k, h in homes.items())  # later turns: the same replica
+    moved = {k: router.home(k, ["r0", "r2"]) for k in homes}  # r1 went away: only its conversations move
+    assert all(moved[k] == h for k, h in homes.items() if h != "r1")
+    assert sorted(list(moved.values()).count(r) for r in ("r0", "r2")) == [4, 5]
+    for i in range(9, 20):  # beyond max_conversations the least recently seen are forgotten
+        router.home(f"c{i}", ids)
+    assert len(router._homes) == 10 and sum(router._counts.values()) == 10
 
 
 def json_bytes(value: object) -> bytes:
@@ -101,5 +118,6 @@ def test_two_replicas_serve_each_conversation_from_its_prefix(ray_url):
                     reused += cached >= last_prompt[i]  # everything the previous turn processed was kept
                 last_prompt[i] = prompt
     assert all(len(r) == 1 for r in replicas), replicas  # each conversation stayed on one replica
-    assert len(set().union(*replicas)) == 2  # and both replicas served
+    homes = [next(iter(r)) for r in replicas]
+    assert sorted(homes.count(h) for h in set(homes)) == [4, 4]  # both replicas served, four conversations each
     assert reused / follow_ups >= 0.9, (reused, follow_ups)
