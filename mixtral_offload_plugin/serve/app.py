@@ -15,6 +15,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ..errors import ConstraintError
 from .engine import Reply, ServeEngine
 from .protocol import (
     ApiError,
@@ -136,9 +137,17 @@ async def _collect(request: Any, reply: Reply) -> str:
     except (ApiError, asyncio.CancelledError):
         raise
     except Exception as exc:
-        raise ApiError(500, f"the generation failed: {exc}") from exc
+        raise failure(exc) from exc
     finally:
         watcher.cancel()
+
+
+def failure(exc: Exception) -> ApiError:
+    """A generation that failed while running: 400 when the request's constraint could not be followed with its
+    other options (the client can fix that), else 500."""
+    if isinstance(exc, ConstraintError):
+        return ApiError(400, str(exc), param="response_format")
+    return ApiError(500, f"the generation failed: {exc}")
 
 
 def _chat_response(req: Request, reply: Reply, text: str) -> dict[str, Any]:
@@ -178,7 +187,7 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
     except ApiError as exc:  # the stream has started: the error goes in it, as OpenAI's API does
         yield f"data: {json.dumps(exc.body())}\n\n"
     except Exception as exc:
-        yield f"data: {json.dumps(ApiError(500, f'the generation failed: {exc}').body())}\n\n"
+        yield f"data: {json.dumps(failure(exc).body())}\n\n"
     yield "data: [DONE]\n\n"
 
 

@@ -45,7 +45,7 @@ def tok(tiny_mixtral_tok: Path):
 
 def _solo(path: Path, tok, config: dict, requests: list) -> list:
     """Each request alone, one after the other, on a model that does not batch."""
-    model = load_model(path, OffloadConfig(device="cpu", **config))
+    model = load_model(path, OffloadConfig(**{"device": "cpu", **config}))
     try:
         session = model.session(tok)
         out = []
@@ -59,7 +59,7 @@ def _solo(path: Path, tok, config: dict, requests: list) -> list:
 
 
 def _batching(path: Path, config: dict, size: int = 4):
-    model = load_model(path, OffloadConfig(device="cpu", batch_size=size, **config))
+    model = load_model(path, OffloadConfig(**{"device": "cpu", **config}, batch_size=size))
     model._offload_runtime.batcher.join_s = 2.0  # a step waits for every member: batches do not depend on timing
     return model
 
@@ -93,6 +93,28 @@ def test_concurrent_requests_each_get_their_solo_tokens(tiny_mixtral_tok: Path, 
         else:
             assert batcher.batched_rows > 0
         assert not batcher.members and not batcher.pending
+    finally:
+        model.unload()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("config", [{"store": "host", "experts_per_layer": 2},
+                                    {"store": "disk", "experts_per_layer": 2, "dtype": "bfloat16", "expert_bits": 4,
+                                     "quant_method": "rtn"}], ids=["host-k2", "disk-bf16-4bit"])
+def test_concurrent_requests_on_cuda_each_get_their_solo_tokens(tiny_mixtral_tok: Path, tok, config: dict) -> None:
+    """The same check on the CUDA path (copy stream, pinned slots): each of four concurrent requests equals its
+    solo run on the same device."""
+    config = {**config, "device": "cuda"}
+    solo = _solo(tiny_mixtral_tok, tok, config, REQUESTS[:4])
+    model = _batching(tiny_mixtral_tok, config)
+    try:
+        session = model.session(tok)
+        gens = [session.generate(p, **o).start() for p, o in REQUESTS[:4]]
+        for gen, alone in zip(gens, solo, strict=True):
+            gen.text()
+            assert gen.result.token_ids == alone.token_ids and gen.result.finish_reason == alone.finish_reason
+        assert model._offload_runtime.batcher.batched_rows > 0
     finally:
         model.unload()
 
