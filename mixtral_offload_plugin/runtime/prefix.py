@@ -9,11 +9,11 @@ tokens after it are processed. At least the last prompt token is always fed, so 
 The runtime owns one `PrefixCache`. It keeps as many requests' caches as the memory plan reserves KV cache for
 (`OffloadConfig.kept_prefixes`, else `batch_size`; one by default: the last request's), the least recently used
 dropped first; a request takes the kept cache that shares the longest prefix with it, so several conversations
-served together (`runtime/batching.py`) each find their own. A cache is taken out while its request runs, so concurrent callers
-never share one: each request reuses the keys and values of exactly the tokens it shares with what the model
-processed for that cache, which are the same whoever sent them (causal attention), or starts fresh. A new runtime
-(reload, other config) starts empty; `clear()` on unload frees it. Knows nothing about text, chat templates or the
-faces that call it.
+served together (`runtime/batching.py`) each find their own. A cache is taken out while its request runs, so
+concurrent callers never share one: each request reuses the keys and values of exactly the tokens it shares with
+what the model processed for that cache, which are the same whoever sent them (causal attention), or starts fresh.
+A new runtime (reload, other config) starts empty; `clear()` on unload frees it. Knows nothing about text, chat
+templates or the faces that call it.
 """
 
 from __future__ import annotations
