@@ -36,6 +36,7 @@ def create_app(engine: ServeEngine, *, api_key: str | None = None) -> Any:
         from fastapi import Depends, FastAPI
         from fastapi.responses import JSONResponse, StreamingResponse
         from starlette.concurrency import run_in_threadpool
+        from starlette.exceptions import HTTPException
         from starlette.requests import Request as HttpRequest
     except ImportError as exc:
         msg = "the server needs fastapi and uvicorn: pip install 'mixtral-offload-plugin[serve]'"
@@ -59,11 +60,14 @@ def create_app(engine: ServeEngine, *, api_key: str | None = None) -> Any:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
-    @app.exception_handler(404)
-    async def not_found(request: HttpRequest, _: Exception) -> JSONResponse:
-        err = ApiError(404, f"no route {request.method} {request.url.path}; this server offers /v1/chat/completions, "
-                            "/v1/completions and /v1/models", code="unknown_url")
-        return JSONResponse(err.body(), status_code=404)
+    @app.exception_handler(HTTPException)
+    async def http_error(request: HttpRequest, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            err = ApiError(404, f"no route {request.method} {request.url.path}; this server offers "
+                                "/v1/chat/completions, /v1/completions and /v1/models", code="unknown_url")
+        else:  # 405 and the like: Starlette's own, in OpenAI's shape
+            err = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     async def body_of(request: HttpRequest) -> Any:
         try:

@@ -270,12 +270,14 @@ def test_a_bad_schema_and_bad_json_are_400(server):
         server.client().chat.completions.create(model="demo", messages=MESSAGES, temperature=-1)
 
 
-def test_unknown_model_and_route_are_404(server):
+def test_unknown_model_and_route_are_404_and_a_wrong_method_405(server):
     with pytest.raises(openai.NotFoundError) as info:
         server.client().chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert info.value.body["code"] == "model_not_found"
     r = httpx.get(f"{server.url}/v1/embeddings", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
+    r = httpx.get(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 405 and "GET /v1/chat/completions" in r.json()["error"]["message"]
 
 
 def test_a_wrong_or_missing_key_is_401(server):
