@@ -228,9 +228,12 @@ def test_concurrent_requests_each_get_their_solo_reply(server, model, tok):
                                                     temperature=0.8, seed=i)
         return r.choices[0].message.content
 
+    batcher = model._offload_runtime.batcher
+    before = batcher.batched_rows
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(ask, range(4)))
     assert got == [w.text for w in wants]
+    assert batcher.batched_rows > before  # the requests shared decode steps
 
 
 # -- errors --------------------------------------------------------------------------------------------------------
