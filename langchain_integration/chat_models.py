@@ -21,13 +21,12 @@ from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 from pydantic import ConfigDict
 
+from mixtral_offload_plugin.runtime.chat_tools import ReplyReader, prepare_chat
 from mixtral_offload_plugin.runtime.session import Generation
-from mixtral_offload_plugin.runtime.tool_calls import tool_format
 
 from ._base import OffloadParams
 from .tool_calling import (
     call_chunk,
-    could_be_call,
     normalize_tool_choice,
     structured_runnable,
     to_chat_dicts,
@@ -36,59 +35,16 @@ from .tool_calling import (
 )
 
 
-def chat_input_ids(tok: Any, messages: list[dict[str, Any]], **template_kwargs: Any) -> Any:
-    """The chat template applied with a generation prompt, as [1, T] ids (`template_kwargs`, e.g. tools, go to the
-    template).
-
-    Templates that reject a system role (Mixtral-Instruct's) get the system text put before the first
-    user turn.
-    """
-    from mixtral_offload_plugin.runtime.session import chat_ids
-
-    if not getattr(tok, "chat_template", None):
-        msg = (
-            "the tokenizer has no chat template; give a tokenizer with one (tokenizer=...), set "
-            "tokenizer.chat_template, or use MixtralOffloadLLM for plain completion"
-        )
-        raise ValueError(msg)
-    try:
-        return chat_ids(tok, messages, **template_kwargs)
-    except Exception:
-        if not messages or messages[0]["role"] != "system":
-            raise
-    system, rest = messages[0]["content"], [dict(m) for m in messages[1:]]
-    if rest and rest[0]["role"] == "user":
-        rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
-    else:
-        rest.insert(0, {"role": "user", "content": system})
-    return chat_ids(tok, rest, **template_kwargs)
+def _chunks_of(reader: ReplyReader, text: str) -> list[ChatGenerationChunk]:
+    out = reader.feed(text)
+    return [ChatGenerationChunk(message=AIMessageChunk(content=out))] if out else []
 
 
-class _Reply:
-    """A generation's pieces as chat chunks: text as it comes, or, when tools are offered and the reply may still be
-    a tool call, held back and read for calls once the reply is complete (forced calls always are)."""
-
-    def __init__(self, fmt: Any, mode: str | None) -> None:
-        self.fmt, self.mode = fmt, mode  # mode: None (no tools offered), "auto" or "forced"
-        self.held, self.watching = "", mode is not None
-        self.parsed: Any = None
-
-    def feed(self, text: str) -> list[ChatGenerationChunk]:
-        if self.watching:
-            self.held += text
-            if self.mode == "forced" or could_be_call(self.held):
-                return []
-            self.watching, text, self.held = False, self.held, ""
-        return [ChatGenerationChunk(message=AIMessageChunk(content=text))] if text else []
-
-    def end(self) -> list[ChatGenerationChunk]:
-        if not self.held:
-            return []
-        parsed = self.fmt.parse(self.held)
-        if not parsed.calls and not parsed.invalid:
-            return [ChatGenerationChunk(message=AIMessageChunk(content=self.held))]
-        self.parsed = parsed
+def _end_chunks(reader: ReplyReader) -> list[ChatGenerationChunk]:
+    text, parsed = reader.end()
+    if parsed is not None:
         return [ChatGenerationChunk(message=call_chunk(parsed))]
+    return [ChatGenerationChunk(message=AIMessageChunk(content=text))] if text else []
 
 
 class ChatMixtralOffload(OffloadParams, BaseChatModel):
@@ -153,27 +109,22 @@ class ChatMixtralOffload(OffloadParams, BaseChatModel):
 
     # -- generating ------------------------------------------------------------------------------------------------
     def _begin(self, messages: list[BaseMessage], stop: list[str] | None,
-               kwargs: dict[str, Any]) -> tuple[Generation, _Reply]:
+               kwargs: dict[str, Any]) -> tuple[Generation, ReplyReader]:
         model, tok = self._load()
         kwargs = dict(kwargs)
         specs = kwargs.pop("tools", None) or []
-        choice = normalize_tool_choice(kwargs.pop("tool_choice", None), specs) if specs else "none"
-        fmt = tool_format(tok)
-        offered = specs if choice != "none" else []
-        chat, template_kwargs = fmt.prompt(to_chat_dicts(messages), offered)
-        ids = chat_input_ids(tok, chat, **template_kwargs)
-        forced = fmt.forced(offered, None if choice == "any" else choice) if offered and choice != "auto" else None
-        mode = None if not offered else "forced" if forced else "auto"
-        return self._start(model, tok, ids, stop, kwargs, forced), _Reply(fmt, mode)
+        prepared = prepare_chat(tok, to_chat_dicts(messages), specs, kwargs.pop("tool_choice", None))
+        gen = self._start(model, tok, prepared.input_ids, stop, kwargs, prepared.constraint or None)
+        return gen, prepared.reader
 
-    def _last_chunk(self, gen: Generation, reply: _Reply) -> ChatGenerationChunk:
+    def _last_chunk(self, gen: Generation, reply: ReplyReader) -> ChatGenerationChunk:
         usage = {
             "input_tokens": gen.prompt_tokens,
             "output_tokens": gen.output_tokens,
             "total_tokens": gen.prompt_tokens + gen.output_tokens,
             "input_token_details": {"cache_read": gen.reused_tokens},  # prompt tokens whose KV cache was reused
         }
-        reason = "tool_calls" if reply.parsed is not None and reply.parsed.calls else gen.finish_reason
+        reason = "tool_calls" if reply.called else gen.finish_reason
         meta = {"model_name": self.model_name, "finish_reason": reason, "model_provider": "mixtral_offload"}
         return ChatGenerationChunk(
             message=AIMessageChunk(
@@ -182,10 +133,10 @@ class ChatMixtralOffload(OffloadParams, BaseChatModel):
             generation_info={"finish_reason": reason},
         )
 
-    def _chunks(self, gen: Generation, reply: _Reply) -> Iterator[ChatGenerationChunk]:
+    def _chunks(self, gen: Generation, reply: ReplyReader) -> Iterator[ChatGenerationChunk]:
         for piece in gen:
-            yield from reply.feed(piece.text)
-        yield from reply.end()
+            yield from _chunks_of(reply, piece.text)
+        yield from _end_chunks(reply)
         yield self._last_chunk(gen, reply)
 
     def _stream(
@@ -209,7 +160,7 @@ class ChatMixtralOffload(OffloadParams, BaseChatModel):
         return self._result(generate_from_stream(self._chunks(gen, reply)), reply)
 
     @staticmethod
-    def _result(result: ChatResult, reply: _Reply) -> ChatResult:
+    def _result(result: ChatResult, reply: ReplyReader) -> ChatResult:
         generation = result.generations[0]
         if reply.parsed is not None and reply.parsed.invalid and isinstance(generation.message, AIMessage):
             generation.message = with_errors(generation.message, reply.parsed)  # why each unreadable call was refused
@@ -226,11 +177,11 @@ class ChatMixtralOffload(OffloadParams, BaseChatModel):
         gen, reply = await loop.run_in_executor(None, self._begin, messages, stop, kwargs)
         try:
             while (piece := await loop.run_in_executor(None, gen.next_piece)) is not None:
-                for chunk in reply.feed(piece.text):
+                for chunk in _chunks_of(reply, piece.text):
                     yield chunk
         finally:
             gen.cancel()  # a cancelled task or an abandoned stream halts the model at its next token
-        for chunk in reply.end():
+        for chunk in _end_chunks(reply):
             yield chunk
         yield self._last_chunk(gen, reply)
 
@@ -246,8 +197,8 @@ class ChatMixtralOffload(OffloadParams, BaseChatModel):
         chunks = []
         try:
             while (piece := await loop.run_in_executor(None, gen.next_piece)) is not None:
-                chunks += reply.feed(piece.text)
+                chunks += _chunks_of(reply, piece.text)
         finally:
             gen.cancel()
-        chunks += [*reply.end(), self._last_chunk(gen, reply)]
+        chunks += [*_end_chunks(reply), self._last_chunk(gen, reply)]
         return self._result(generate_from_stream(iter(chunks)), reply)

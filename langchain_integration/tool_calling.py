@@ -4,8 +4,9 @@ Owns: what `bind_tools` binds (`tool_specs`, `normalize_tool_choice`), LangChain
 their tool calls and tool results (`to_chat_dicts`), the reply's tool calls as `AIMessageChunk` tool-call chunks
 (`call_chunk`), and the runnables `with_structured_output` returns (`structured_runnable`). The format itself (how
 tools and calls are written into the prompt, the constraint of a forced call, reading calls out of text) is the
-model's chat template's: `mixtral_offload_plugin.runtime.tool_calls.ToolFormat`. Knows nothing about loading or
-generating.
+model's chat template's: `mixtral_offload_plugin.runtime.tool_calls.ToolFormat`; the prompt, the forced call's
+constraint and reading a streamed reply are `mixtral_offload_plugin.runtime.chat_tools`' (shared with the OpenAI-
+compatible server). Knows nothing about loading or generating.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, Runn
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
+from mixtral_offload_plugin.runtime.chat_tools import tool_choice
 from mixtral_offload_plugin.runtime.constraints import strict_schema
 from mixtral_offload_plugin.runtime.tool_calls import ParsedReply
 
-CALL_STARTS = ("[TOOL_CALLS]", "<tool_call>", "{", "[", "```")
 METHODS = ("json_schema", "function_calling", "json_mode")
 
 
@@ -45,23 +46,10 @@ def tool_specs(tools: Sequence[Any]) -> list[dict[str, Any]]:
 
 
 def normalize_tool_choice(choice: Any, specs: list[dict[str, Any]]) -> str:
-    """"auto" (the model decides; also None), "none" (no tools offered, the reply is text), "any" (a call of some
-    bound tool, forced; also "required" and True) or a bound tool's name (a call of it, forced; also
-    {"type": "function", "function": {"name": ...}} and {"name": ...}). ValueError for anything else."""
-    names = [s["function"]["name"] for s in specs]
-    if choice is None or choice == "auto":
-        return "auto"
-    if choice is True or choice in ("any", "required"):
-        return "any"
-    if choice is False or choice == "none":
-        return "none"
-    if isinstance(choice, dict):
-        choice = (choice.get("function") or choice).get("name")
-    if isinstance(choice, str) and choice in names:
-        return choice
-    msg = (f"tool_choice={choice!r} is not understood: use 'auto', 'none', 'any' (or 'required'), or the name of a "
-           f"bound tool ({', '.join(names) or 'none bound'})")
-    raise ValueError(msg)
+    """"auto", "none", "any" or a bound tool's name (`mixtral_offload_plugin.runtime.chat_tools.tool_choice`: also
+    None, "required", True, False and {"type": "function", "function": {"name": ...}}). ValueError for anything
+    else."""
+    return tool_choice(choice, specs)
 
 
 # -- messages ------------------------------------------------------------------------------------------------------
@@ -105,12 +93,6 @@ def to_chat_dicts(messages: list[BaseMessage]) -> list[dict[str, Any]]:
 
 
 # -- reading calls out of a reply ----------------------------------------------------------------------------------
-def could_be_call(text: str) -> bool:
-    """Whether a reply that starts with `text` may still turn out to be a tool call (its text is then held back)."""
-    s = text.lstrip()
-    return not s or any(s.startswith(p) or p.startswith(s) for p in CALL_STARTS)
-
-
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 

@@ -1,4 +1,5 @@
-"""The `mixtral-offload` command: generate, chat, info, plugins, convert, synth, bench, eval, replay, simulate, demo.
+"""The `mixtral-offload` command: generate, chat, info, plugins, convert, synth, bench, eval, replay, simulate, demo,
+serve.
 
 Each subcommand translates flags into an `OffloadConfig` and calls the public API; heavy modules are imported only by
 the subcommand that needs them.
@@ -364,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("replay", "tools.replay_report", "replay routing traces against cache policies, prefetchers and Belady"),
         ("simulate", "tools.simulate", "predict GPU tokens/s from a routing trace and a device profile"),
         ("demo", "demo.app", "start the Gradio demo"),
+        ("serve", "serve.cli", "serve a model over the OpenAI API (chat, completions, streaming, tools), batched"),
     ):
         sp = sub.add_parser(name, help=helptext)
         try:

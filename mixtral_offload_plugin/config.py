@@ -120,6 +120,9 @@ class OffloadConfig:
     context_length: int = _option(4096, "tokens of KV cache the memory plan reserves (capped at the model's maximum)")
     batch_size: int = _option(1, "sequences generated at once that the memory plan reserves KV cache and activations "
                               "for", audience="advanced")
+    kept_prefixes: int | None = _option(None, "KV caches of past requests kept for prefix reuse, so that as many "
+                                        "conversations each find theirs (None: batch_size; the memory plan "
+                                        "reserves KV cache for the larger of the two)", audience="advanced")
     hqq_packing: str = _option("auto", 'bit order of mixtral-offloading checkpoints with re-packed W_q (their '
                                '4bit-3bit release): "auto" (= "interleaved", that project\'s packing) or "planar" '
                                '(hqq 0.1.1\'s BitPack); other checkpoints ignore it', choices=HQQ_PACKINGS,
@@ -183,6 +186,9 @@ class OffloadConfig:
             _fail("context_length", self.context_length, "must be a positive number of tokens")
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
             _fail("batch_size", self.batch_size, "must be a positive number of sequences")
+        if self.kept_prefixes is not None and (not isinstance(self.kept_prefixes, int)
+                                               or isinstance(self.kept_prefixes, bool) or self.kept_prefixes < 1):
+            _fail("kept_prefixes", self.kept_prefixes, "must be a positive number of KV caches, or None (batch_size)")
         if self.hqq_packing not in HQQ_PACKINGS:
             _fail("hqq_packing", self.hqq_packing, f"allowed values are {HQQ_PACKINGS}")
         if self.decode not in DECODE_PATHS:

@@ -1,9 +1,9 @@
 """The package layout's rules, checked on the source (ast only): which part may import which, and no import cycles.
 
 Parts: the vocabulary (`errors`, `config`, `options`, `stats`), `runtime/`, `cache/`, `storage/`, `quant/`,
-`kernels/`, `models/`, `plugins/`, `tools/`, and the faces (`cli`, `demo/`, `webui/`, plus the `langchain_integration`
-and `webui_extension` packages). Arrows run one way: faces -> runtime and plugins -> cache, storage, quant -> kernels,
-models (kernels read only the byte forms of quant/).
+`kernels/`, `models/`, `plugins/`, `tools/`, and the faces (`cli`, `demo/`, `webui/`, `serve/`, plus the
+`langchain_integration` and `webui_extension` packages). Arrows run one way: faces -> runtime and plugins -> cache,
+storage, quant -> kernels, models (kernels read only the byte forms of quant/).
 Every import counts, including those inside functions and `if TYPE_CHECKING:` blocks. Faces and tools talk to a
 loaded model through its public API and session only: no private runtime attribute is read outside `runtime/`.
 """
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = "mixtral_offload_plugin"
 PACKAGES = (PKG, "langchain_integration", "webui_extension")
 VOCAB = {"errors", "config", "stats", "options"}
-FACES = {"cli", "demo", "webui"}
+FACES = {"cli", "demo", "webui", "serve"}
 UI_LIBS = {"gradio", "langchain_core", "langchain_integration", "langchain", "langchain_tests"}
 
 # part -> parts of this package it must not import, and third-party modules it must not import
@@ -200,7 +200,8 @@ def test_the_private_state_checker_catches_a_read(tmp_path, monkeypatch):
 
 
 def test_each_part_states_its_rules():
-    for part in ("runtime", "cache", "storage", "quant", "kernels", "models", "plugins", "tools", "demo", "webui"):
+    for part in ("runtime", "cache", "storage", "quant", "kernels", "models", "plugins", "tools", "demo", "webui",
+                 "serve"):
         doc = ast.get_docstring(ast.parse((ROOT / PKG / part / "__init__.py").read_text()))
         assert doc and len(doc.split()) >= 15, f"{part}/__init__.py needs a docstring saying what it does"
     for part in ("runtime", "cache", "storage", "models", "tools"):

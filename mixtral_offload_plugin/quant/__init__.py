@@ -124,8 +124,19 @@ class DenseKernel(KernelDefaults):
 
         return views["gate_up"], views["down"], native.dense_library(views["gate_up"])
 
+    splits_rows = True  # see __call__
+
     def __call__(self, state: tuple[torch.Tensor, torch.Tensor, Any], x: torch.Tensor,
                  act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        from ..kernels import in_pieces, native, rows_apart
+
+        if rows_apart() and x.shape[0] > 1:  # our bf16 kernel sums each row alike up to its row limit; F.linear not
+            rows = native.DENSE_MAX_TOKENS if state[2] is not None and x.dtype == torch.bfloat16 else 1
+            return in_pieces(lambda part: self._mlp(state, part, act_fn), x, rows)
+        return self._mlp(state, x, act_fn)
+
+    def _mlp(self, state: tuple[torch.Tensor, torch.Tensor, Any], x: torch.Tensor,
+             act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         gate_up, down, lib = state  # [2I, H], [H, I], native library or None
         if lib is None:
             gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..kernels import KernelDefaults, native
+from ..kernels import KernelDefaults, in_pieces, native, rows_apart
 from ..kernels.choice import plan_matrix
 from ..storage.packing import (
     ALIGN,
@@ -170,6 +170,8 @@ def _plans(layout: ExpertLayout, device: torch.device, dtype: torch.dtype | None
 class HqqExpertKernel(KernelDefaults):
     """gate/up projection, activation, down projection from an HQQ-packed slot (one `MatrixPlan` per matrix)."""
 
+    splits_rows = True  # see __call__
+
     def __init__(self, layout: ExpertLayout, device: torch.device, dtype: torch.dtype | None = None,
                  per_call: bool = False) -> None:
         self.layout = layout
@@ -193,7 +195,9 @@ class HqqExpertKernel(KernelDefaults):
                  act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         gate_up, down = state["gate_up"], state["down"]
         if type(gate_up) is native.QuantMatrix and type(down) is native.QuantMatrix and native.is_silu(act_fn):
-            return native.expert_silu(gate_up, down, x)  # one native call for the whole MLP
+            return native.expert_silu(gate_up, down, x)  # one native call for the whole MLP; rows never mix
+        if rows_apart() and x.shape[0] > 1:  # the other kernels' sums may depend on the row count
+            return in_pieces(lambda row: self(state, row, act_fn), x, 1)
         gate, up = gate_up(x).chunk(2, dim=-1)  # [n, I] each
         return down(act_fn(gate) * up)  # [n, H]
 
@@ -247,7 +251,11 @@ class QuantizedLinear(nn.Module):
                                                                if self.bias is not None else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._kernel()(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        kernel, rows = self._kernel(), x.reshape(-1, self.in_features)
+        if rows_apart() and rows.shape[0] > 1 and type(kernel) is not native.QuantMatrix:  # ours keeps rows apart
+            y = in_pieces(kernel, rows, 1).view(*x.shape[:-1], self.out_features)
+        else:
+            y = kernel(rows).view(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
 

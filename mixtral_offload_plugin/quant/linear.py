@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..kernels import native
+from ..kernels import in_pieces, native, rows_apart
 from . import QuantSpec
 
 if TYPE_CHECKING:
@@ -20,15 +20,36 @@ if TYPE_CHECKING:
 
 
 class NativeLinear(nn.Linear):
-    """`nn.Linear` whose bf16 forward for up to `native.DENSE_MAX_TOKENS` rows runs on our kernel."""
+    """`nn.Linear` whose bf16 forward for up to `native.DENSE_MAX_TOKENS` rows runs on our kernel (without the kernel,
+    `_native` None: `nn.Linear`'s forward). In a batched decode step (`kernels.rows_apart()`) the rows go in pieces
+    whose every row sums exactly as a one-row call: up to the kernel's row limit on ours, one by one on torch's."""
 
     _native: Any = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if rows_apart() and x.numel() > x.shape[-1]:
+            lib = self._native if x.dtype == torch.bfloat16 else None
+            rows = x.reshape(-1, x.shape[-1])
+            y = in_pieces(self._forward, rows, native.DENSE_MAX_TOKENS if lib is not None else 1)
+            return y.view(*x.shape[:-1], self.out_features)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._native is None:
             return super().forward(x)
         y = native.linear(self._native, x, self.weight)
         return y + self.bias if self.bias is not None else y
+
+
+def linears_apart(model: nn.Module) -> int:
+    """Turn every remaining plain `nn.Linear` of `model` into a `NativeLinear` (without our kernel it computes as
+    before), so batched decode steps can keep its rows apart; returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear and not module.weight.is_meta:
+            module.__class__ = NativeLinear
+            count += 1
+    return count
 
 
 def accelerate_linears(model: nn.Module) -> int:

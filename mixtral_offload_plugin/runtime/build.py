@@ -56,6 +56,12 @@ def build(plan: LoadPlan) -> Any:
         runtime = _build_runtime(plan, ckpt, blocks, dtype, device)
     finally:
         ckpt.close()
+    if config.batch_size > 1:
+        _batching(model, blocks, runtime)
+    elif config.kept_prefixes is not None:
+        from .prefix import PrefixCache
+
+        runtime.prefix = PrefixCache(config.kept_prefixes)
     model.__class__ = offloaded_class(type(model))
     cast(OffloadedModelMixin, model)._offload_runtime = runtime  # the same object, of the offloaded class now
     _load_generation_config(model, read_from)
@@ -92,6 +98,20 @@ def _build_trunk(plan: LoadPlan, ckpt: Any, dtype: torch.dtype,
 
         routers_without_onednn(blocks)
     return model, blocks
+
+
+def _batching(model: nn.Module, blocks: dict[int, nn.Module], runtime: OffloadRuntime) -> None:
+    """A model that batches the decode steps of up to `batch_size` generations: the batcher, a prefix cache per
+    sequence, and linears and routers that keep a batched step's rows apart (each as in its own sequence's step)."""
+    from ..quant.linear import linears_apart
+    from .batching import Batcher
+    from .prefix import PrefixCache
+    from .routers import routers_apart
+
+    linears_apart(model)
+    routers_apart(blocks)
+    runtime.batcher = Batcher(runtime, runtime.config.batch_size)
+    runtime.prefix = PrefixCache(runtime.config.kept_prefixes or runtime.config.batch_size)
 
 
 def _build_runtime(plan: LoadPlan, ckpt: Any, blocks: dict[int, nn.Module], dtype: torch.dtype,

@@ -5,7 +5,9 @@ but the weights come from cache slots. Per layer call there is exactly one host 
 experts (the routing itself for one token, per-expert counts for more) and the prefetcher's device-side proposal
 together. Then misses start loading, the prefetcher acts on its guesses, and each expert is computed as soon as its
 slot is ready (resident ones first). Outputs are summed in expert order, so results do not depend on what was cached
-or prefetched. One decoded token (T = 1) takes a path that builds no index tensors at all.
+or prefetched. One decoded token (T = 1) takes a path that builds no index tensors at all. A batched decode step of
+several sequences (`runtime/batching.py`) is one call with a row per sequence: the cache serves the union of their
+experts once, and each row is computed as in its own sequence's run (`kernels.rows_apart`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any, cast
 
 import torch
 from torch import nn
+
+from ..kernels import rows_apart
 
 
 class OffloadedExperts(nn.Module):
@@ -109,8 +113,12 @@ class OffloadedExperts(nn.Module):
             e = experts[i]
             rows = order[starts[e]:starts[e] + counts[e]]  # positions in [T*k]
             token_idx = rows // k
-            y = rt.kernels[self.layer_idx, e](self._state(rt, e, slots[i]), hidden.index_select(0, token_idx),
-                                              self.act_fn)  # [n, H]
+            kernel, state = rt.kernels[self.layer_idx, e], self._state(rt, e, slots[i])
+            x = hidden.index_select(0, token_idx)  # [n, H]
+            if rows_apart() and not kernel.splits_rows:  # a batched decode step: each row as in its own run
+                y = torch.cat([kernel(state, x[j:j + 1], self.act_fn) for j in range(x.shape[0])])
+            else:
+                y = kernel(state, x, self.act_fn)  # [n, H]
             outputs[i] = (token_idx, y * flat_w.index_select(0, rows)[:, None])
         final = torch.zeros_like(hidden)
         for out in outputs:  # expert order: independent of cache state

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,15 @@ def library() -> Any:
                     lib = None
             _lib.append(lib)
     return _lib[0]
+
+
+class _Kept:
+    """One KV cache's growable buffers (one (keys, values) pair per layer) and the views its last step left."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.views: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
 class Unsupported(Exception):
@@ -202,41 +212,47 @@ class FusedDecoder:
         bypassed = [m for layer in layers for m in layer.modules()] + [inner, inner.norm, head]
         self.hook_dicts = [d for m in bypassed for d in (m._forward_hooks, m._forward_pre_hooks)] + [
             torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks]
-        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.views: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kept: weakref.WeakKeyDictionary[Any, _Kept] = weakref.WeakKeyDictionary()  # each KV cache's buffers
+        self.current: _Kept | None = None  # whose buffers the layer descriptors point at
         self.steps = 0  # tokens decoded here (tests, profiles)
 
     def hooked(self) -> bool:
         """Whether someone watches the modules this path skips (profilers, tracers): then the modules run."""
         return any(self.hook_dicts)
 
-    def _adopt(self, cache_layers: list[Any], length: int) -> None:
+    def _adopt(self, cache_layers: list[Any], length: int) -> _Kept:
         """Copy the cache into buffers with room to grow (the first step, or after someone replaced its tensors): up to
         the context the memory plan reserved KV cache for, and by half again (at least 256 rows) past it."""
         cap = length + max(256, length // 2)
         if length < self.context:
             cap = min(cap, self.context)
-        self.buffers = []
+        kept = _Kept(cap)
         kvh, d = self.kv_shape
-        for i, layer in enumerate(cache_layers):
+        for layer in cache_layers:
             kb = torch.empty(1, kvh, cap, d, dtype=self.dtype)
             vb = torch.empty(1, kvh, cap, d, dtype=self.dtype)
             kb[:, :, :length].copy_(layer.keys)
             vb[:, :, :length].copy_(layer.values)
-            self.buffers.append((kb, vb))
-            self.layers[i].kcache, self.layers[i].vcache = kb.data_ptr(), vb.data_ptr()
-        self.model.cap = cap
+            kept.buffers.append((kb, vb))
+        return kept
 
     def owns(self, cache: Any) -> bool:
-        """Whether every layer of `cache` still holds the views the last step left there (then it needs no checks)."""
-        return len(self.views) == len(cache.layers) and all(
+        """Whether every layer of `cache` still holds the views its last step left there (then it needs no checks).
+        Several caches can be owned at once: sequences decoded in turn (`runtime/batching.py`) keep their buffers."""
+        kept = self.kept.get(cache)
+        return kept is not None and len(kept.views) == len(cache.layers) and all(
             layer.keys is view[0] and layer.values is view[1]
-            for layer, view in zip(cache.layers, self.views, strict=True))
+            for layer, view in zip(cache.layers, kept.views, strict=True))
 
     def step(self, cache: Any, token: int, length: int, owned: bool) -> torch.Tensor:
         layers = cache.layers
-        if not owned or self.model.cap <= length:
-            self._adopt(layers, length)
+        kept = self.kept.get(cache) if owned else None
+        if kept is None or kept.cap <= length:
+            kept = self.kept[cache] = self._adopt(layers, length)
+        if self.current is not kept:
+            for i, (kb, vb) in enumerate(kept.buffers):
+                self.layers[i].kcache, self.layers[i].vcache = kb.data_ptr(), vb.data_ptr()
+            self.model.cap, self.current = kept.cap, kept
         logits = torch.empty(1, 1, self.vocab, dtype=self.dtype)
         rc = self.lib.mo_decode(self.ref, token, length, logits.data_ptr(), self.routed.data_ptr(),
                                 torch.get_num_threads())
@@ -244,10 +260,10 @@ class FusedDecoder:
             msg = "fused decode: scratch allocation failed" if rc == -1 else f"fused decode failed (code {rc})"
             raise MemoryError(msg) if rc == -1 else RuntimeError(msg)
         views = []
-        for layer, (kb, vb) in zip(layers, self.buffers, strict=True):
+        for layer, (kb, vb) in zip(layers, kept.buffers, strict=True):
             layer.keys, layer.values = kb[:, :, :length + 1], vb[:, :, :length + 1]
             views.append((layer.keys, layer.values))
-        self.views = views
+        kept.views = views
         self.steps += 1
         return logits
 

@@ -1,13 +1,16 @@
 """The runtime attached to a loaded model, and the mixin that gives the model its offload methods.
 
-`OffloadRuntime` owns the cache, store, loader, prefetcher and kernels of one model, the KV cache kept for prefix
+`OffloadRuntime` owns the cache, store, loader, prefetcher and kernels of one model, the KV caches kept for prefix
 reuse (`prefix.py`), and a re-entrant lock that serializes every forward and `generate()` call (one request at a
-time; concurrent callers queue on the lock and each gets exactly what it would get alone). `OffloadedModelMixin` is
-mixed into the transformers model class at load time.
+time; concurrent callers queue on the lock and each gets exactly what it would get alone). With
+`OffloadConfig.batch_size` > 1 it also has a `Batcher` (`batching.py`): the generations of its members (every
+`Session` generation) hold the lock for each step instead of their whole run, and share decode steps.
+`OffloadedModelMixin` is mixed into the transformers model class at load time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -53,12 +56,16 @@ class OffloadRuntime:
     fused: Any = None  # fused.FusedDecoder once built, False when this model cannot take that path
     load_plan: Any = None  # the plan.LoadPlan it was built from
     threads: ThreadGovernor | None = None  # CPU models: the thread count of each forward
+    batcher: Any = None  # batching.Batcher when batch_size > 1
+    mine: threading.local = field(default_factory=threading.local)  # per thread: its last GenerationStats
 
     def close(self) -> None:
         with self.lock:
             if self.closed:
                 return
             self.closed = True
+            if self.batcher is not None:
+                self.batcher.close()
             self.fused = False
             self.prefix.clear()
             self.cache.close()
@@ -105,20 +112,25 @@ def offloaded_class(cls: type[nn.Module]) -> type:
         out = fused_forward(self, rt, args, kwargs)
         return out if out is not None else base_forward(self, *args, **kwargs)
 
+    def governed(self: Any, rt: OffloadRuntime, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        gov = rt.threads
+        if gov is None:  # not on the CPU
+            return once(self, rt, args, kwargs)
+        decode = _one_new_token(args, kwargs)
+        threads = gov.pick(decode)
+        start = time.perf_counter()
+        out = run_with_threads(threads, once, self, rt, args, kwargs)
+        if decode:
+            gov.record(threads, time.perf_counter() - start)
+        return out
+
     @functools.wraps(base_forward)
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         rt = self._runtime_or_raise()
+        if rt.batcher is not None and rt.batcher.is_member():  # a step shared with the other members' calls
+            return rt.batcher.forward(self, args, kwargs, lambda: governed(self, rt, args, kwargs), base_forward)
         with rt.lock:
-            gov = rt.threads
-            if gov is None:  # not on the CPU
-                return once(self, rt, args, kwargs)
-            decode = _one_new_token(args, kwargs)
-            threads = gov.pick(decode)
-            start = time.perf_counter()
-            out = run_with_threads(threads, once, self, rt, args, kwargs)
-            if decode:
-                gov.record(threads, time.perf_counter() - start)
-            return out
+            return governed(self, rt, args, kwargs)
 
     return type(f"Offloaded{cls.__name__}", (OffloadedModelMixin, cls), {"forward": forward})
 
@@ -168,12 +180,10 @@ class OffloadedModelMixin(_MixedInto):
         return Session(self, tokenizer)
 
     def last_generation_stats(self) -> GenerationStats | None:
-        """What the last `generate()` on this model did (tokens, reused prefix, cache counters).
-
-        Concurrent callers should read it while still holding the runtime's lock (`model._offload_runtime.lock`,
-        re-entrant) around their `generate()` call, or it may describe another caller's request.
-        """
-        return self._runtime_or_raise().last_generation
+        """What the last `generate()` on this model did (tokens, reused prefix, cache counters): the calling thread's
+        own last one when it ran one, else the model's last."""
+        rt = self._runtime_or_raise()
+        return getattr(rt.mine, "last", None) or rt.last_generation
 
     def generate(self, *args: Any, offload_source: str = "generate", reuse_prefix: bool = False,
                  json_schema: Any = None, regex: str | None = None, grammar: str | None = None,
@@ -182,8 +192,9 @@ class OffloadedModelMixin(_MixedInto):
 
         Args:
             offload_source: which face asked (reported in `GenerationStats.source`).
-            reuse_prefix: keep this request's KV cache, and reuse the KV cache kept from the last such request for
-                the tokens this prompt shares with it (a conversation one turn later): only the rest is processed.
+            reuse_prefix: keep this request's KV cache, and reuse the kept KV cache (the last such request's, or with
+                `batch_size` > 1 the one of those kept that shares the most) for the tokens this prompt shares with
+                it (a conversation one turn later): only the rest is processed.
                 The output is what a fresh generation gives. Used for single, unpadded sequences without a cache of
                 the caller's own; other requests run as usual.
             json_schema, regex, grammar: constrain every sequence's new tokens to one JSON value the schema accepts,
@@ -201,8 +212,9 @@ class OffloadedModelMixin(_MixedInto):
             kwargs = constrained_kwargs(self, kwargs, given)
         ids = _prompt_ids(args, kwargs)
         batch, prompt_len = _prompt_shape(ids)
-        with rt.lock:
-            before = rt.cache.stats()
+        member = rt.batcher is not None and rt.batcher.is_member()
+        with _hold(rt, member):
+            before = _counters(rt, member)
             start = time.perf_counter()
             try:
                 if reuse_prefix:
@@ -210,13 +222,35 @@ class OffloadedModelMixin(_MixedInto):
                 else:
                     out, reused = super().generate(*args, **kwargs), 0
             finally:
-                if not rt.closed:
+                if not rt.closed and not member:  # a member's steps finish inside them
                     rt.cache.wait_all()  # no load left in flight after an abandoned generation
             seconds = time.perf_counter() - start
             seqs = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
             new = (seqs.shape[-1] - prompt_len) * batch if isinstance(seqs, torch.Tensor) else 0
-            stats = GenerationStats(prompt_len * batch, int(new), seconds, rt.cache.stats().minus(before),
+            stats = GenerationStats(prompt_len * batch, int(new), seconds, _counters(rt, member).minus(before),
                                     offload_source, reused_tokens=reused)
-            rt.last_generation = stats
+            rt.last_generation = rt.mine.last = stats
         pm.hook.on_generation_finished(stats=stats)
         return out
+
+
+@contextlib.contextmanager
+def _hold(rt: OffloadRuntime, member: bool) -> Any:
+    """What a generate() call holds for its whole run: nothing for a batch member (each step takes the lock), else the
+    runtime's lock (and, while a batch is running, the default random generator the members take turns with)."""
+    if member:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        if rt.batcher is not None:
+            stack.enter_context(rt.batcher.rng_lock)
+        stack.enter_context(rt.lock)
+        yield
+
+
+def _counters(rt: OffloadRuntime, member: bool) -> OffloadStats:
+    """The cache counters now (a member reads them between steps; with other members' steps they are shared)."""
+    if not member:
+        return rt.cache.stats()
+    with rt.lock:
+        return rt.cache.stats()

@@ -213,7 +213,7 @@ def _plan(path: Path, fmt_name: str, read_from: Path, conversion: str | None, re
 
     trunk, call_temp, attention, head = _trunk_plan(reader, arch, split[2], model_config, dtype, config, device)
     el = torch.empty((), dtype=dtype).element_size()
-    kv = kv_bytes(model_config, config.context_length, el, config.batch_size)
+    kv = kv_bytes(model_config, config.context_length, el, max(config.batch_size, config.kept_prefixes or 1))
     overhead = cuda_overhead_bytes(model_config, config.context_length, el, config.batch_size, call_temp) \
         if device.type == "cuda" else 0
     total_expert_bytes = sum(lay.nbytes for lay in layouts.values())

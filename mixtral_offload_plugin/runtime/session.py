@@ -3,18 +3,20 @@
 A session streams a generation (`generate`: text, chat messages or token ids in; a `Generation` of text `Piece`s out,
 then a `Finished` record with the finish reason, token counts, timing and the cache counters; streaming.py), with
 stop strings, a cancel that works from any thread (and from Ctrl-C in the reading thread), a timeout, seeds, prefix
-reuse and constraints (a JSON schema, a regex or a grammar; constraints.py). It describes the model (`describe`,
-`holding`: the plan, what is cached where) and lets a face watch routing and prefetch guesses (`on_route`,
-`on_guess`). `Conversation` keeps a chat's history. The CLI, the Gradio demo,
+reuse and constraints (a JSON schema, a regex or a grammar; constraints.py); several at once share decode steps when
+the model batches (`OffloadConfig.batch_size` > 1; `batching.py`), each getting exactly the tokens it would get
+alone. It describes the model (`describe`, `holding`: the plan, what is cached where) and lets a face watch routing
+and prefetch guesses (`on_route`, `on_guess`). `Conversation` keeps a chat's history. The CLI, the Gradio demo,
 LangChain and TextGen use only this and the public API; nothing outside `runtime/` reads the runtime's private
 state. A model that is not ours (another runtime standing in through the `load_offloaded_model` hook, or a plain
-transformers model) gets the same session, without prefix reuse, routing or cache details.
+transformers model) gets the same session, without prefix reuse, batching, routing or cache details.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -45,6 +47,30 @@ class Session:
         """The lock every generation of this model holds (re-entrant): hold it around several calls that must see
         each other's results (e.g. `generate` then `last_generation`)."""
         return self._rt().lock if self.offloaded else self._fallback_lock
+
+    @property
+    def batch_size(self) -> int:
+        """How many generations share decode steps at most (`OffloadConfig.batch_size`; 1: one at a time)."""
+        batcher = self._rt().batcher if self.offloaded else None
+        return batcher.size if batcher is not None else 1
+
+    @contextlib.contextmanager
+    def turn(self, halt: threading.Event, seed: int | None) -> Iterator[bool]:
+        """Hold the model for one generation on the calling thread: its lock (one generation at a time), or a place
+        in its batch when it batches (`batching.py`); the default random generator starts at `seed` (when given).
+        Yields False, and runs nothing, when `halt` is set while waiting."""
+        batcher = self._rt().batcher if self.offloaded else None
+        if batcher is not None:
+            with batcher.member(halt, seed) as ready:
+                yield ready
+            return
+        with self.lock:
+            if halt.is_set():
+                yield False
+                return
+            if seed is not None:
+                torch.manual_seed(int(seed))
+            yield True
 
     @property
     def closed(self) -> bool:
@@ -126,7 +152,7 @@ class Session:
                 "resident": {layer: sorted(self.resident(layer)) for layer in self.layers},
                 "capacity": {layer: self.capacity(layer) for layer in self.layers},
                 "stats": rt.cache.stats().to_dict(), "loader_alive": self.loader_alive,
-                "fused_decode": bool(rt.fused)}
+                "fused_decode": bool(rt.fused), "batch_size": self.batch_size}
 
     def stats(self) -> Any:
         """`OffloadStats`: the cache counters since load (or the last reset)."""

@@ -1,8 +1,9 @@
 """One streamed generation on a worker thread: `Generation` (text `Piece`s, then a `Finished` record), the option
 checks every face shares (`check_options`) and the chat template (`chat_ids`).
 
-A `Generation` is made by `Session.generate` (session.py); it runs the model's `generate()` on its own thread under
-the model's lock and turns tokens into text for the reading thread, cutting at stop strings and halting the model as
+A `Generation` is made by `Session.generate` (session.py); it runs the model's `generate()` on its own thread, holding
+the model for its turn (`Session.turn`: the model's lock, or a place in its batch) and turns tokens into text for the
+reading thread, cutting at stop strings and halting the model as
 soon as one appears, when the reader stops reading (a break, an exception, Ctrl-C), on `cancel()` from any thread,
 or on timeout. Knows nothing about caches or plans.
 """
@@ -140,16 +141,14 @@ class Generation:
             pad = pad if pad is not None else (min(eos) if eos else 0)
             from transformers import StoppingCriteriaList
 
-            with self.session.lock:
-                if self.halt.is_set():  # cancelled or timed out while queueing for the model
+            with self.session.turn(self.halt, self.seed) as ready:
+                if not ready:  # cancelled or timed out while queueing for the model
                     return
                 self._ran = True
                 if self.on_start is not None:
                     self.on_start(self)
                     if self.halt.is_set():  # on_start cancelled it
                         return
-                if self.seed is not None:
-                    torch.manual_seed(int(self.seed))
                 ids = self.input_ids.to(self.model.device)
                 extra = dict(self.generate_kwargs)
                 if self.ban_eos and eos:

@@ -241,3 +241,33 @@ def test_a_processor_serves_one_generation(offloaded, tok):
     offloaded.generate(ids, max_new_tokens=4, do_sample=False, logits_processor=LogitsProcessorList([processor]))
     with pytest.raises(ConstraintError, match="serves one generation"):
         offloaded.generate(ids, max_new_tokens=4, do_sample=False, logits_processor=LogitsProcessorList([processor]))
+
+
+def test_constrained_generations_in_a_batch_get_their_solo_tokens(demo_model_path, offloaded, tok):
+    """Constrained and free requests decoding together (batch_size 4) each get exactly their solo tokens: the
+    constraint is a logits processor of its own member, applied to its own row's logits."""
+    requests = [("Tell me about a person:", {"json_schema": SCHEMA, "max_new_tokens": 64}),
+                ("A fortune:", {"regex": REGEX, "max_new_tokens": 40, "temperature": 0.9, "seed": 4}),
+                ("The cat", {"max_new_tokens": 24, "temperature": 0.8, "seed": 2}),
+                ("Once", {"grammar": GRAMMAR, "max_new_tokens": 30})]
+    solo_session = offloaded.session(tok)
+    solo = []
+    for prompt, options in requests:
+        gen = solo_session.generate(prompt, reuse_prefix=False, **options)
+        gen.text()
+        solo.append(gen.result)
+    batched = load_model(demo_model_path, OffloadConfig(experts_per_layer=4, store="disk", batch_size=4))
+    try:
+        batched._offload_runtime.batcher.join_s = 2.0  # every member joins the step: batches do not depend on timing
+        session = batched.session(tok)
+        gens = [session.generate(p, reuse_prefix=False, **o).start() for p, o in requests]
+        for gen in gens:
+            gen.text()
+        for gen, alone in zip(gens, solo, strict=True):
+            assert gen.result.token_ids == alone.token_ids and gen.result.text == alone.text
+            assert gen.result.constraint_complete == alone.constraint_complete
+        valid_json(gens[0].result.text)
+        assert re.fullmatch(REGEX, gens[1].result.text) or not gens[1].result.constraint_complete
+        assert batched._offload_runtime.batcher.batched_rows > 0  # some steps decoded several rows at once
+    finally:
+        batched.unload()

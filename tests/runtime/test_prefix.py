@@ -279,7 +279,33 @@ def test_a_cache_that_cannot_roll_back_is_replaced_by_a_fresh_one(model):
             raise RuntimeError(msg)
 
     cache = PrefixCache()
-    cache.ids, cache.kv = torch.arange(8), NoRollback()
+    cache._keep(torch.arange(8), NoRollback())
     kv, reused = cache._take(model, torch.cat([torch.arange(4), torch.tensor([99, 98])]).unsqueeze(0))
     assert reused == 0 and isinstance(kv, DynamicCache) and kv.get_seq_length() == 0
     assert cache.kv is None  # the slot stays empty until the request finishes
+
+
+@pytest.mark.parametrize("kept,reused", [(None, [0, 0, 0, 0, 0, 0]), (3, [0, 0, 0, 1, 1, 1])])
+def test_kept_prefixes_keep_several_conversations(tiny_mixtral, oracle, kept, reused):
+    """Three conversations taking turns: with one kept cache (the default) each turn finds another conversation's;
+    with `kept_prefixes=3` each finds its own, and the replies still equal fresh generations."""
+    m = load_model(tiny_mixtral, OffloadConfig(device="cpu", store="host", experts_per_layer=2, kept_prefixes=kept))
+    try:
+        histories = [prompt(50 + i, 6 + i) for i in range(3)]
+        got = []
+        for turn in range(2):
+            for i in range(3):
+                seqs, scores = run(m, histories[i])
+                got.append(m.last_generation_stats().reused_tokens >= histories[i].shape[1] - NEW - 2 and turn > 0)
+                assert_same((seqs, scores), fresh(oracle, histories[i]))
+                histories[i] = torch.cat([seqs, prompt(60 + i, 3)], dim=1)
+        assert [int(g) for g in got] == reused
+    finally:
+        m.unload()
+
+
+def test_kept_prefixes_is_validated():
+    from mixtral_offload_plugin.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="kept_prefixes"):
+        OffloadConfig(kept_prefixes=0)

@@ -345,6 +345,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--busy", default=None, metavar="N[,M...]",
                    help="also measure every row while N other CPU-bound processes run (e.g. 0,1: quiet and one "
                         "competitor, interleaved); adds the share of its quiet speed each row keeps")
+    p.add_argument("--streams", default=None, metavar="N[,M...]",
+                   help="instead of the table: total tok/s and expert bytes loaded per token with N concurrent "
+                        "streams sharing decode steps, for our configurations in --configs (default there: disk-k4), "
+                        "levels interleaved over --repeats (streams.py)")
     p.add_argument("--memory-limit", default=None, metavar="SIZE",
                    help="run the offloaded configurations (disk-*, accelerate-*) in a memory cgroup of SIZE "
                         "(e.g. 1.5G), or 'half' = worker runtime + 256 MiB working memory + trunk + half the experts")
@@ -403,6 +407,8 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "streams", None):
+        return _main_streams(args)
     try:
         _validate(args)
         rows, meta = run(args)
@@ -418,3 +424,21 @@ def main(args: argparse.Namespace) -> int:
 
         print(f"plot: {bench_figure(rows, args.plot, title=str(meta.get('model', '')))}")
     return 0 if all(r.get("error") is None for r in rows) and not meta.get("check_failures") else 1
+
+
+def _main_streams(args: argparse.Namespace) -> int:
+    from .streams import format_streams
+    from .streams import main as run_streams
+
+    try:
+        rows, meta = run_streams(args)
+    except (ValueError, MixtralOffloadError) as exc:
+        print(f"mixtral-offload bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"model: {meta['model']}; {meta['new_tokens']} new tokens per stream, prompts of {meta['prompt_tokens']} "
+          f"tokens, threads {meta['threads'] or 'adaptive'}, medians of {meta['repeats']} interleaved repeats")
+    print(format_streams(rows))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2, default=str)
+    return 0
