@@ -8,7 +8,8 @@ import time
 import psutil
 import pytest
 
-from mixtral_offload_plugin.tools.bench.busy import Competitors, format_busy, kept_shares, parse_levels
+from mixtral_offload_plugin.tools.bench.busy import Competitors, kept_shares, parse_levels
+from mixtral_offload_plugin.tools.bench.report import format_busy
 
 
 def test_levels_always_start_quiet_and_bad_ones_say_how_to_fix() -> None:

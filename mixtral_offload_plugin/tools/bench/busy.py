@@ -5,7 +5,8 @@ speed an engine keeps when one or two cores are taken. `Competitors(n)` starts `
 core in a plain Python loop (as an unrelated job would: no affinity, default priority) and stops them on exit; the
 bench takes every repeat of every row once per load level inside one such block, so quiet and busy numbers of all
 engines are interleaved in the same run. `kept_shares` adds to each busy row the share of its quiet row's median
-tok/s it kept; `format_busy` prints them side by side. Standard library only; knows nothing about workers or models.
+tok/s it kept (report.format_busy prints them side by side). Standard library only; knows nothing about workers
+or models.
 """
 
 from __future__ import annotations
@@ -72,30 +73,3 @@ def kept_shares(rows: list[dict[str, Any]]) -> None:
             continue
         now, before = (r.get("decode_tps") or {}).get("median"), (base.get("decode_tps") or {}).get("median")
         r["busy_kept"] = now / before if now and before else None
-
-
-def format_busy(rows: list[dict[str, Any]]) -> str:
-    """One line per configuration: quiet tok/s, then tok/s and the share kept at each busy level."""
-    levels = sorted({r["busy"] for r in rows if r.get("busy") is not None})
-    from .report import name_width  # report imports this module
-
-    w = name_width(r["busy_of"] for r in rows if r.get("busy") is not None)
-    head = f"{'config':<{w}} " + " ".join(f"{f'busy={n} tok/s':>12} {'kept':>6}" if n else f"{'quiet tok/s':>12}"
-                                         for n in levels)
-    lines = [head, "-" * len(head)]
-    by_config: dict[str, dict[int, dict[str, Any]]] = {}
-    for r in rows:
-        if r.get("busy") is not None:
-            by_config.setdefault(r["busy_of"], {})[r["busy"]] = r
-    for name, at in by_config.items():
-        cells = []
-        for n in levels:
-            tps = (at.get(n, {}).get("decode_tps") or {}).get("median")
-            cell = "-" if tps is None else f"{tps:.2f}"
-            if n:
-                kept = at.get(n, {}).get("busy_kept")
-                cells.append(f"{cell:>12} {'-' if kept is None else f'{kept:.0%}':>6}")
-            else:
-                cells.append(f"{cell:>12}")
-        lines.append(f"{name:<{w}} " + " ".join(cells))
-    return "\n".join(lines)

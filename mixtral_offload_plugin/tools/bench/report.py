@@ -7,7 +7,6 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from .busy import format_busy
 from .compare import extra_columns
 from .config import BenchConfig
 
@@ -56,6 +55,31 @@ def _pct(v: float | None) -> str:
 def name_width(names: Any) -> int:
     """The config column's width: 28, or the longest name (row options make long names)."""
     return max([28, *(len(n) for n in names)])
+
+
+def format_busy(rows: list[dict[str, Any]]) -> str:
+    """One line per configuration: quiet tok/s, then tok/s and the share kept at each busy level."""
+    levels = sorted({r["busy"] for r in rows if r.get("busy") is not None})
+    w = name_width(r["busy_of"] for r in rows if r.get("busy") is not None)
+    head = f"{'config':<{w}} " + " ".join(f"{f'busy={n} tok/s':>12} {'kept':>6}" if n else f"{'quiet tok/s':>12}"
+                                         for n in levels)
+    lines = [head, "-" * len(head)]
+    by_config: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("busy") is not None:
+            by_config.setdefault(r["busy_of"], {})[r["busy"]] = r
+    for name, at in by_config.items():
+        cells = []
+        for n in levels:
+            tps = (at.get(n, {}).get("decode_tps") or {}).get("median")
+            cell = "-" if tps is None else f"{tps:.2f}"
+            if n:
+                kept = at.get(n, {}).get("busy_kept")
+                cells.append(f"{cell:>12} {'-' if kept is None else f'{kept:.0%}':>6}")
+            else:
+                cells.append(f"{cell:>12}")
+        lines.append(f"{name:<{w}} " + " ".join(cells))
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict[str, Any]], with_bound: bool = False) -> str:
