@@ -79,7 +79,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "installs, or $MIXTRAL_OFFLOAD_LLAMACPP_CONVERTER)")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="where --gguf TYPE keeps its files (default: $MIXTRAL_OFFLOAD_CACHE or <tmp>/mixtral-offload)")
-    p.add_argument("--threads", type=int, default=None, help="torch and llama.cpp threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     add_config_arguments(p)
 
