@@ -54,7 +54,7 @@ from .config import (
     resolve_model,
 )
 from .disk_rate import add_bounds, best_rate, measure_disk_rate, resident_compute_seconds
-from .gguf import find_converter
+from .gguf import find_converter, llamacpp_version
 from .report import format_table, mib, print_report, summarize_row
 
 __all__ = [  # the configurations' and the memory group's names stay importable from here
@@ -190,6 +190,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         if cfg.engine == "llamacpp":
             made = ggufs[Path(spec["model"]), cfg.dtype]
             spec.update(gguf=str(made.path), gguf_vocab=made.vocab)
+            if made.vocab == "as given":  # a GGUF file: the prompt ids come from --model, as every other row's
+                spec["model"] = str(path)
         bar.set_postfix_str(f"loading {cfg.label}")
         w = Worker(cfg, spec, group, log_dir)
         started[i] = (w, memory, group)
@@ -296,7 +298,12 @@ def _prepare_llamacpp(configs: list[BenchConfig], path: Path, args: argparse.Nam
             print(text, file=sys.stderr)
 
     cache = Path(args.cache_dir) if args.cache_dir else None
-    return prepare(wanted, cache, args.llamacpp_converter, args.threads, say)
+    synthetic = None
+    if args.synthetic:
+        from ...models.synthetic import parse_spec
+
+        synthetic = (path, parse_spec(args.synthetic))
+    return prepare(wanted, cache, args.llamacpp_converter, args.threads, say, synthetic)
 
 
 def _split_configs(text: str) -> list[str]:
@@ -314,11 +321,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help="comma-separated configurations: resident, host-kN and disk-kN[-cold] (LRU, no prefetch; "
                         "-prefetch: LRU + gate prefetch; -default: OffloadConfig's default policy and prefetch), "
-                        "transformers-bf16, transformers-fp32, accelerate-disk[-warm], llamacpp-TYPE (TYPE: f16, "
-                        "bf16, f32, q8_0, q4_0, q4_k_m, ...; needs llama-cpp-python, see "
+                        "transformers-bf16, transformers-fp32, accelerate-disk[-warm], llamacpp-TYPE[-cold] (TYPE: "
+                        "f16, bf16, f32, q8_0, q4_0, q4_k_m, q3_k_s, q2_k, ...; -cold: in the memory group, its file "
+                        "dropped from the page cache before each repeat; a --synthetic model's file is written by "
+                        "our GGUF writer, others are converted by llama.cpp's converter; needs llama-cpp-python, see "
                         "scripts/build_llama_cpp.sh); add :key=value overrides "
                         "(OffloadConfig fields, cold, limit, device; model=PATH: this row's checkpoint instead of "
-                        "--model, e.g. a folder made by convert; name=LABEL), e.g. "
+                        "--model, e.g. a folder made by convert, or a .gguf file for a llama.cpp row; mmap=off: "
+                        "llama.cpp reads its file into memory instead of mapping it; name=LABEL), e.g. "
                         "disk-k4-cold-prefetch:prefetch_depth=2 (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (default: 3)")
     p.add_argument("--schedule", default="auto", choices=("auto", "interleaved", "sequential"),
@@ -375,12 +385,19 @@ def _validate(args: argparse.Namespace) -> None:
 
         _pyplot()  # matplotlib is there before minutes of benchmarking
     configs = [parse_config(s) for s in _split_configs(args.configs)]
+    from .llamacpp import given_gguf
+
     for c in configs:
-        if c.model and not (Path(c.model) / "config.json").is_file():
-            msg = f"{c.label}: model={c.model} has no config.json; give a checkpoint folder"
+        gguf_row = c.engine == "llamacpp" and c.model and given_gguf(Path(c.model)) is not None
+        if c.model and not gguf_row and not (Path(c.model) / "config.json").is_file():
+            msg = (f"{c.label}: model={c.model} has no config.json; give a checkpoint folder"
+                   + (" (or, for a llama.cpp row, a .gguf file)" if c.engine == "llamacpp" else ""))
             raise ValueError(msg)
-    if any(c.engine == "llamacpp" for c in configs):
-        find_converter(args.llamacpp_converter)  # llama-cpp-python and its converter are there
+    llama = [c for c in configs if c.engine == "llamacpp"]
+    if llama:
+        llamacpp_version()  # llama-cpp-python is there
+    if any(not (c.model and given_gguf(Path(c.model))) and not (args.synthetic and not c.model) for c in llama):
+        find_converter(args.llamacpp_converter)  # a row converts a plain checkpoint: the converter is there
 
 
 def main(args: argparse.Namespace) -> int:
