@@ -53,6 +53,7 @@ class OffloadRuntime:
     fused: Any = None  # fused.FusedDecoder once built, False when this model cannot take that path
     load_plan: Any = None  # the plan.LoadPlan it was built from
     threads: ThreadGovernor | None = None  # CPU models: the thread count of each forward
+    prefetch_switch: Any = None  # cache.prefetch_switch.PrefetchSwitch: prefetch on only while it pays
 
     def close(self) -> None:
         with self.lock:

@@ -12,6 +12,7 @@ transformers model) gets the same session, without prefix reuse, routing or cach
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -111,6 +112,8 @@ class Session:
         cache = (f"{m.experts_per_layer} of {m.experts} experts/layer cached" if m.experts_per_layer is not None
                  else f"{m.global_slots} global slots for {m.experts} experts/layer")
         prefetch = f", {rt.config.prefetch} prefetch" if rt.prefetcher is not None else ""
+        if rt.prefetcher is not None and rt.prefetch_switch is not None and not rt.prefetch_switch.on:
+            prefetch += " (off for now: it costs more than the misses it avoids)"
         return f"{cache}{prefetch}, the rest in the {rt.config.store} store"
 
     def describe(self) -> dict[str, Any]:
@@ -124,7 +127,14 @@ class Session:
                 "resident": {layer: sorted(self.resident(layer)) for layer in self.layers},
                 "capacity": {layer: self.capacity(layer) for layer in self.layers},
                 "stats": rt.cache.stats().to_dict(), "loader_alive": self.loader_alive,
-                "fused_decode": bool(rt.fused)}
+                "fused_decode": bool(rt.fused),
+                "prefetch_switch": dataclasses.asdict(rt.prefetch_switch.state()) if rt.prefetch_switch else None}
+
+    def prefetch_switch(self) -> Any:
+        """What the prefetch switch knows (`SwitchState`: on, decisions, measured cost, stall and gain per layer
+        call), or None when there is no switch (no prefetcher, prefetch_auto=False, or a CUDA model)."""
+        switch = self._rt().prefetch_switch if self.offloaded else None
+        return switch.state() if switch is not None else None
 
     def stats(self) -> Any:
         """`OffloadStats`: the cache counters since load (or the last reset)."""

@@ -245,3 +245,28 @@ def test_llama_cpp_decodes_the_reference_tokens(tmp_path: Path) -> None:
     assert {k: v for k, v in a.metadata.items() if k != "general.name"} == \
         {k: v for k, v in b.metadata.items() if k not in ("general.name", "general.size_label")}
     assert all(tensor_bytes(gguf_file(tmp_path / "gguf"), a, n) == tensor_bytes(conv, b, n) for n in b.tensors)
+
+
+@needs_llamacpp
+def test_bench_llamacpp_rows_use_the_writer_and_given_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--synthetic` llama.cpp rows get our writer's file (no converter involved); `model=FILE.gguf` runs a given
+    file; `-cold` and `mmap=off` reach the worker; all decode transformers fp32's tokens."""
+    from mixtral_offload_plugin.cli import main
+
+    given = tmp_path / "given"
+    build_synthetic(parse_spec("tiny:format=gguf,gguf_type=f16"), given)
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--synthetic", "tiny", "--cache-dir", str(tmp_path / "cache"), "--repeats", "1",
+               "--new-tokens", "6", "--prompt-tokens", "4", "--threads", "1", "--quiet", "--json", str(out),
+               "--check-tokens", "6", "--llamacpp-converter", str(tmp_path / "no-converter-here"),
+               "--configs", f"llamacpp-f16,llamacpp-f16-cold:mmap=off,llamacpp-f16:model={gguf_file(given)}:name=given"])
+    assert rc == 0, capsys.readouterr()
+    rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
+    warm, cold, named = rows["llamacpp-f16"], rows["llamacpp-f16-cold:mmap=off"], rows["given"]
+    assert Path(warm["resolved"]["gguf"]).parent.name == parse_spec("tiny:format=gguf").slug()
+    assert cold["cold"] and cold["resolved"]["use_mmap"] is False and warm["resolved"]["use_mmap"] is True
+    assert named["resolved"]["gguf"] == str(gguf_file(given)) and named["resolved"]["vocab"] == "as given"
+    assert all(r["agree"] == 6 for r in (warm, cold, named))  # the same model as transformers fp32
+    bad = main(["bench", "--synthetic", "tiny", "--cache-dir", str(tmp_path / "cache"), "--quiet",
+                "--configs", f"llamacpp-q8_0:model={gguf_file(given)}"])
+    assert bad == 2 and "is a f16 file, not q8_0" in capsys.readouterr().err

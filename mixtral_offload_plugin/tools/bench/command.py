@@ -54,6 +54,7 @@ from .config import (
     resolve_model,
 )
 from .disk_rate import add_bounds, best_rate, measure_disk_rate, resident_compute_seconds
+from .disturbance import machine_state, recheck_warning, row_warnings, start_warning
 from .gguf import find_converter, llamacpp_version
 from .report import format_table, mib, print_report, summarize_row
 
@@ -172,6 +173,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                disable=args.quiet or (not sys.stderr.isatty() and not args.progress))
 
     def start(i: int, cfg: BenchConfig) -> None:
+        states[i] = [machine_state()]  # the machine as the worker starts loading, then before each repeat
         group, memory = None, "unlimited"
         if limit is not None and cfg.limited:
             group = MemoryGroup(f"mixtral-bench-{os.getpid()}-{i}", limit)
@@ -201,6 +203,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     def repeat(i: int, rep: int) -> None:
         w = started[i][0]
         bar.set_postfix_str(f"{w.cfg.label} rep {rep + 1}")
+        states[i].append(machine_state())
         res = w.ask("run")
         if res is not None:
             rows_in[i]["reps"].append(res)
@@ -212,10 +215,14 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         peak = group.peak() if group is not None and group.ok else None
         rows[i] = summarize_row(w.cfg, rows_in.get(i, {}).get("load"), rows_in.get(i, {}).get("reps", []), final,
                            memory, peak, w.error)
+        rows[i]["machine"] = states[i]
+        load_warning = start_warning(states[i][0], f"{w.cfg.label} loading")
+        rows[i]["warnings"] = ([load_warning] if load_warning else []) + row_warnings(rows[i], states[i][1:])
         if group is not None:
             group.remove()
         shutil.rmtree(log_dir / f"scratch-{i}", ignore_errors=True)  # also when the worker was killed
 
+    states: dict[int, list[dict[str, Any]]] = {}
     try:
         if meta["schedule"].startswith("interleaved"):
             for i, cfg in enumerate(configs):
@@ -229,11 +236,18 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                 for rep in range(args.repeats):
                     repeat(i, rep)
                 finish(i)
+        if args.recheck and configs:
+            meta["recheck"] = _recheck(started, rows_in, states, configs[0], start, repeat, finish)
     finally:
         for i in list(started):
             finish(i)
         bar.close()
-    rows_list = [rows[i] for i in sorted(rows)]
+    again = meta.get("recheck")
+    rows_list = [rows[i] for i in sorted(rows) if i < len(configs)]
+    if again is not None:
+        warning = recheck_warning(configs[0].label, again["first"], again["again"])
+        if warning:
+            meta.setdefault("warnings", []).append(warning)
     meta["loadavg_after"] = os.getloadavg()
     if args.bandwidth:
         meta["bandwidth_after"] = measure_in_child(parse_size(args.bandwidth), args.threads)["bytes_per_second"]
@@ -251,6 +265,30 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         shutil.rmtree(log_dir, ignore_errors=True)
         meta["logs"] = None
     return rows_list, meta
+
+
+def _recheck(started: dict[int, Any], rows_in: dict[int, dict[str, Any]], states: dict[int, list[Any]],
+             first: BenchConfig, start: Any, repeat: Any, finish: Any) -> dict[str, Any]:
+    """One more repeat of the first row after all the others (its worker, still loaded when interleaved, else loaded
+    again), not counted in its row: far from its first value, the machine changed during the run. Returns what
+    `recheck_warning` compares, and the machine's state before that repeat."""
+    import statistics
+
+    before = [r["decode_tps"] for r in rows_in.get(0, {}).get("reps", [])]
+    index = 0 if 0 in started else len(rows_in)
+    if index:
+        start(index, first)
+    n = len(rows_in[index]["reps"])
+    repeat(index, n)
+    got = rows_in[index]["reps"][n:]
+    state = states[index][-1]
+    if index:
+        finish(index)
+    else:  # the first row's worker: keep its row as it was
+        del rows_in[0]["reps"][n:]
+        states[0].pop()
+    return {"config": first.label, "first": statistics.median(before) if before else None,
+            "again": got[0]["decode_tps"] if got else None, "machine": state}
 
 
 def _row_bytes(config: BenchConfig, model_bytes: int) -> int:
@@ -364,6 +402,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="also write every number as JSON")
     p.add_argument("--plot", default=None, metavar="PNG", help="also draw decode tok/s per row (median, min-max) and "
                    "time to first token (needs matplotlib)")
+    p.add_argument("--recheck", action="store_true",
+                   help="measure the first configuration once more after all the others (reloading it when the "
+                        "schedule is sequential): a value far from its first says the machine changed during the run")
     p.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a tty")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -97,6 +97,15 @@ def _print_notes(meta: dict[str, Any]) -> None:
         print(f"agree = how many of the first generated tokens equal {meta['reference']}'s")
     for line in meta.get("check_failures", []):
         print(f"check-tokens: {line}")
+    again = meta.get("recheck")
+    if again and again.get("first") and again.get("again"):
+        print(f"recheck: {again['config']} measured again after the other rows: {again['again']:.2f} tok/s "
+              f"(first {again['first']:.2f})")
+
+
+def warnings_of(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    """Every disturbance warning of a run (disturbance.py): the rows' own, then the run's."""
+    return [w for r in rows for w in r.get("warnings") or []] + list(meta.get("warnings") or [])
 
 
 def print_report(rows: list[dict[str, Any]], meta: dict[str, Any], *, with_bound: bool) -> None:
@@ -119,3 +128,5 @@ def print_report(rows: list[dict[str, Any]], meta: dict[str, Any], *, with_bound
     if any("disk_bound_tps" in r for r in rows):
         print(format_bounds(rows))
     _print_notes(meta)
+    for line in warnings_of(rows, meta):
+        print(f"WARNING (disturbed machine?): {line}")
