@@ -122,7 +122,7 @@ def _build_runtime(plan: LoadPlan, ckpt: Any, blocks: dict[int, nn.Module], dtyp
 
     if memory.experts_per_layer is not None:
         pools = {layer: layer for layer in blocks}
-        capacities = {layer: memory.experts_per_layer for layer in blocks}
+        capacities = {layer: memory.layer_slots(rank) for rank, layer in enumerate(sorted(blocks))}
     else:
         pools = {layer: 0 for layer in blocks}
         capacities = {0: memory.global_slots}

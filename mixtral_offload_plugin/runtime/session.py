@@ -111,6 +111,8 @@ class Session:
         m = rt.plan
         cache = (f"{m.experts_per_layer} of {m.experts} experts/layer cached" if m.experts_per_layer is not None
                  else f"{m.global_slots} global slots for {m.experts} experts/layer")
+        if m.extra_layers:
+            cache += f" ({m.experts_per_layer + 1} in {m.extra_layers} of {m.layers} layers)"
         prefetch = f", {rt.config.prefetch} prefetch" if rt.prefetcher is not None else ""
         if rt.prefetcher is not None and rt.prefetch_switch is not None and not rt.prefetch_switch.on:
             prefetch += " (off for now: it costs more than the misses it avoids)"
