@@ -19,6 +19,8 @@ from . import _runtime
 
 # generate() options a caller may override per call (`model.bind(max_tokens=8)`, `model.invoke(x, seed=1)`)
 CALL_OPTIONS = ("temperature", "max_tokens", "top_p", "top_k", "seed", "timeout")
+# per-call constraints on the reply (`model.invoke(x, json_schema={...})`; the session's options of the same names)
+CONSTRAINT_OPTIONS = ("json_schema", "regex", "grammar")
 # keyword arguments LangChain itself may pass down, which have no meaning for a local generation
 IGNORED_KWARGS = ("stream", "ls_structured_output_format")
 
@@ -140,9 +142,10 @@ class OffloadParams(BaseModel):
     # -- per-call options ------------------------------------------------------------------------------------
 
     def _call_options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(kwargs) - set(CALL_OPTIONS) - set(IGNORED_KWARGS))
+        unknown = sorted(set(kwargs) - set(CALL_OPTIONS) - set(CONSTRAINT_OPTIONS) - set(IGNORED_KWARGS))
         if unknown:
-            msg = f"unknown generation option(s) {unknown}; known: {list(CALL_OPTIONS)} and stop"
+            msg = (f"unknown generation option(s) {unknown}; known: {list(CALL_OPTIONS)}, stop and the constraints "
+                   f"{list(CONSTRAINT_OPTIONS)}")
             raise TypeError(msg)
         opts = {name: kwargs.get(name, getattr(self, name)) for name in CALL_OPTIONS}
         stops = list(self.stop or [])
@@ -150,10 +153,15 @@ class OffloadParams(BaseModel):
         opts["stop"] = stops
         return opts
 
-    def _start(
-        self, model: Any, tok: Any, input_ids: Any, stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> Generation:
+    def _start(self, model: Any, tok: Any, input_ids: Any, stop: list[str] | None, kwargs: dict[str, Any],
+               constraint: dict[str, Any] | None = None) -> Generation:
+        """Start the session's generation; `constraint` (a forced tool call's) or the call's own json_schema/regex/
+        grammar option constrains the reply."""
         o = self._call_options(stop, kwargs)
+        given = {k: kwargs[k] for k in CONSTRAINT_OPTIONS if kwargs.get(k) is not None}
+        if constraint and given:
+            msg = f"a forced tool call is already constrained: drop {sorted(given)} or use tool_choice='auto'"
+            raise ValueError(msg)
         try:
             gen = Session(model, tok).generate(
                 input_ids,
@@ -166,6 +174,7 @@ class OffloadParams(BaseModel):
                 stop=o["stop"],
                 reuse_prefix=self.reuse_prefix,
                 source="langchain",
+                **(constraint or given),
             )
         except GenerationError as exc:  # LangChain's callers expect ValueError for bad options
             raise ValueError(str(exc)) from None

@@ -2,6 +2,8 @@
 
 A thin translator: LangChain's options become generate() arguments; loading, caching, offloading and
 serialization of concurrent calls are the core runtime's business (see `_runtime.py` for the shared parts).
+Structured output is a constrained completion (`with_structured_output`, or the per-call `json_schema`, `regex` and
+`grammar` options); a completion model has no chat template, so no tool calls.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from typing import Any
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models.llms import LLM
 from langchain_core.outputs import GenerationChunk
+from langchain_core.runnables import Runnable
 from pydantic import ConfigDict
 
 from ._base import OffloadParams
+from .tool_calling import structured_runnable
 
 
 class MixtralOffloadLLM(OffloadParams, LLM):
@@ -43,6 +47,20 @@ class MixtralOffloadLLM(OffloadParams, LLM):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
         return self._ls_params("llm", stop, kwargs)
+
+    def with_structured_output(self, schema: dict[str, Any] | type | None = None, *, method: str = "json_schema",
+                               include_raw: bool = False, **kwargs: Any) -> Runnable:
+        """A runnable whose output `schema` (pydantic class, TypedDict or JSON schema) accepts: the completion is
+        constrained to the schema ("json_schema", or "json_mode": a JSON object, the schema's when one is given)
+        and parsed (a pydantic object for a pydantic class, else a dict; with `include_raw`, {"raw": str,
+        "parsed": ..., "parsing_error": ...}). A completion cut short by max_tokens raises OutputParserException."""
+        if kwargs:
+            msg = f"unsupported with_structured_output argument(s) {sorted(kwargs)}"
+            raise ValueError(msg)
+        if method == "function_calling":
+            msg = "a completion model has no tool calls: use method='json_schema' (or ChatMixtralOffload)"
+            raise ValueError(msg)
+        return structured_runnable(self, schema, method=method, include_raw=include_raw, text_of=str)
 
     def _encode(self, tok: Any, prompt: str) -> Any:
         if not isinstance(prompt, str) or not prompt:

@@ -10,11 +10,12 @@ import argparse
 import json
 import resource
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from . import options
 from .config import OffloadConfig
-from .errors import GenerationError, MixtralOffloadError
+from .errors import ConstraintError, GenerationError, MixtralOffloadError
 from .options import add_config_arguments
 
 if TYPE_CHECKING:
@@ -69,6 +70,38 @@ def _sampling(a: argparse.Namespace) -> dict[str, Any]:
             "ban_eos": bool(getattr(a, "ignore_eos", False))}
 
 
+def _constraint(a: argparse.Namespace) -> dict[str, Any]:
+    """The constraint the flags ask for ({} for none): the JSON schema or grammar read from its file, or the regex.
+    Read and compiled for the checkpoint's tokenizer here, before the model loads, so a bad one costs no load."""
+    given: dict[str, Any] = {}
+    for flag, key in (("json_schema", "json_schema"), ("grammar", "grammar")):
+        name = getattr(a, flag, None)
+        if name is None:
+            continue
+        try:
+            text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+        except OSError as exc:
+            msg = f"--{flag.replace('_', '-')} {name}: cannot read it ({exc.strerror or exc})"
+            raise ConstraintError(msg) from None
+        given[key] = text
+    if getattr(a, "regex", None) is not None:
+        given["regex"] = a.regex
+    if not given:
+        return {}
+    from .runtime.constraints import compile_constraint, requested
+
+    requested(**given)  # one at a time
+    path = model_path(a)
+    tok = _tokenizer(path)
+    if tok is None:
+        msg = f"{path} has no tokenizer: a constraint reads tokens as text; copy the tokenizer files into the folder"
+        raise ConstraintError(msg)
+    from transformers import AutoConfig
+
+    compile_constraint(tok, AutoConfig.from_pretrained(path).get_text_config().vocab_size, **given)
+    return given
+
+
 def _load(a: argparse.Namespace) -> Any:
     """The model and its session (the checkpoint's tokenizer, or none: then prompts are token ids)."""
     from .runtime.loading import load_model
@@ -93,6 +126,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     _check_sampling(a)
     # arguments that are not valid UTF-8 arrive as lone surrogates: replace them rather than fail in the tokenizer
     a.prompt = a.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    constraint = _constraint(a)
     session = _load(a)
     model = session.model
     recorder = None
@@ -113,7 +147,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         sys.stdout.write(a.prompt)
         sys.stdout.flush()
     model.reset_offload_stats()
-    gen = session.generate(prompt, seed=a.seed, source="cli", **_sampling(a))
+    gen = session.generate(prompt, seed=a.seed, source="cli", **_sampling(a), **constraint)
     try:
         for piece in gen:
             sys.stdout.write(piece.text if session.tokenizer is not None else piece.text + " ")
@@ -132,6 +166,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
           f"{session.holding()}; hit rate {st.hit_rate:.1%} ({st.hits}/{st.requests}){pf}; loaded "
           f"{st.bytes_loaded / 2**20:.1f} MiB; peak RSS {peak_rss_mib():.0f} MiB]", file=sys.stderr)
     model.unload()
+    if done.constraint_complete is False:
+        print(f"mixtral-offload: the reply stopped after {done.tokens} tokens before the {next(iter(constraint))} "
+              "was complete; raise --max-new-tokens", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -139,6 +177,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
     from .runtime.session import Conversation
 
     _check_sampling(a)
+    constraint = _constraint(a)
     session = _load(a)
     if session.tokenizer is None:
         session.model.unload()
@@ -166,7 +205,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
             if not line.strip():
                 continue
             sys.stdout.write("model> ")
-            gen = chat.send(line, seed=a.seed, **_sampling(a))
+            gen = chat.send(line, seed=a.seed, **_sampling(a), **constraint)
             try:
                 for piece in gen:
                     sys.stdout.write(piece.text)
@@ -265,6 +304,13 @@ def add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int) -> Non
     g.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: none: a new draw each run)")
     g.add_argument("--ignore-eos", action="store_true", help="never stop at the end-of-sequence token (only at "
                    "--max-new-tokens or a --stop text): benchmarks of a fixed length")
+    c = p.add_argument_group("constrained output (one of; llguidance, the [constrained] extra)")
+    c.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="the reply is one JSON value this JSON schema (a file; - reads stdin) accepts")
+    c.add_argument("--grammar", default=None, metavar="FILE",
+                   help="the reply is a sentence of this grammar (a file: GBNF, root rule `root`, or llguidance's "
+                        "Lark, rule `start`)")
+    c.add_argument("--regex", default=None, metavar="REGEX", help="the reply matches this regular expression")
 
 
 def build_parser() -> argparse.ArgumentParser:

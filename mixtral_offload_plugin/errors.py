@@ -42,6 +42,11 @@ class GenerationError(MixtralOffloadError):
     """A generation request is invalid or failed; the runtime stays usable."""
 
 
+class ConstraintError(GenerationError, ValueError):
+    """A JSON schema, regex or grammar given as a constraint on generation is invalid, unsupported, unsatisfiable, or
+    cannot be followed with the other generation options; raised before generation where it can be known then."""
+
+
 class ExpertLoadError(MixtralOffloadError):
     """Reading an expert from its store failed (I/O error, missing file); that request fails, the runtime survives."""
 

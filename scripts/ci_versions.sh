@@ -35,7 +35,8 @@ run() {  # run NAME PIP_ARGS...: a venv .venv-NAME with those requirements, then
   "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   # the package with the given pins, and the test tools these tests use (hqq's own optimizer, compared with ours
   # in tests/quant/test_optimizer.py, is left out: it needs a newer tqdm than our floor, and that test skips)
-  "$venv/bin/python" -m pip install -q "$@" -e ".[langchain]" pytest pytest-asyncio hypothesis langchain-tests \
+  "$venv/bin/python" -m pip install -q "$@" -e ".[langchain,constrained]" pytest pytest-asyncio hypothesis \
+    langchain-tests jsonschema \
     2> >(grep -v "^WARNING: Location" >&2)
   "$venv/bin/python" - <<'EOF'
 import importlib.metadata as m
@@ -45,7 +46,8 @@ def version(p):
     except m.PackageNotFoundError:
         return "-"
 print("versions:", ", ".join(f"{p} {version(p)}" for p in
-      ("torch", "transformers", "safetensors", "pluggy", "tqdm", "psutil", "tokenizers", "langchain-core", "hqq")))
+      ("torch", "transformers", "safetensors", "pluggy", "tqdm", "psutil", "tokenizers", "langchain-core", "hqq",
+       "llguidance")))
 EOF
   "$venv/bin/python" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
 }

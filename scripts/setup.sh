@@ -35,5 +35,5 @@ if [ "${1:-}" = "--test" ]; then
       || echo "setup: could not install$missing; the tests that need them will be skipped" >&2
   fi
 else
-  python -m pip install -q -e ".[langchain,demo]"
+  python -m pip install -q -e ".[langchain,demo,constrained]"
 fi

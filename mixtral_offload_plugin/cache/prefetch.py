@@ -12,7 +12,8 @@ The protocol (what `OffloadedExperts` calls, once per MoE layer call):
 experts (the residual stream changes slowly between layers, so the guess is often right) and asks the cache to load
 its top guesses; for a prefill (several tokens at once) it asks for every expert some token would route there, most
 tokens first (as many as the cache can take), so the next layer's reads run during this layer's compute and each
-expert is read once per layer for the whole prompt. Loads never evict what the current layer uses. Guesses can be observed (traces record them).
+expert is read once per layer for the whole prompt. Loads never evict what the current layer uses. Guesses can be
+observed (traces record them).
 The routers are applied through `arch.router_scores(block, hidden)`: this module knows nothing about modules,
 stores or kernels.
 """
@@ -70,7 +71,8 @@ class GatePrefetcher(PrefetcherDefaults):
             return scores[:, 0].topk(min(self.experts, scores.shape[-1]), dim=-1).indices
         chosen = scores.topk(min(self.experts, scores.shape[-1]), dim=-1).indices  # [d, T, k]
         counts = torch.zeros(scores.shape[0], scores.shape[-1], dtype=torch.int64, device=scores.device)
-        counts.scatter_add_(1, chosen.reshape(scores.shape[0], -1), torch.ones_like(chosen.reshape(scores.shape[0], -1)))
+        flat = chosen.reshape(scores.shape[0], -1)
+        counts.scatter_add_(1, flat, torch.ones_like(flat))
         ranked, order = counts.sort(dim=-1, descending=True, stable=True)
         return torch.where(ranked > 0, order, -1)
 

@@ -3,7 +3,8 @@
 Beside a streaming chat, a live panel shows tokens/s, cache hit rates (overall and per layer), prefetch precision,
 bytes loaded, resident memory, and a layers x experts heatmap of the experts routed for the recent tokens, with the
 experts currently cached outlined. Cache size, eviction policy and prefetcher can be changed on the fly: the model is
-unloaded and loaded again with the new `OffloadConfig` while no generation runs.
+unloaded and loaded again with the new `OffloadConfig` while no generation runs. An optional JSON schema in the
+generation settings makes the reply JSON that follows it ("answer as JSON").
 
 This module holds the CLI entry (`add_arguments`, `main`) and `build_app`, which wires a `DemoEngine`
 (engine.py: model, tokenizer, generation, reconfiguration) and the panel HTML (panel.py) to a `gr.Blocks`.
@@ -96,8 +97,9 @@ def build_app(
 ) -> Any:
     """The demo as a queued `gr.Blocks` (not launched). `app.offload_engine` is the `DemoEngine` behind it.
 
-    The chat is one API endpoint, `/chat(message, history, temperature, top_p, max_new_tokens, seed)`, returning
-    (cleared textbox, history, stats HTML, heatmap HTML); `/apply(cache_size, policy, prefetch)` reloads the model.
+    The chat is one API endpoint, `/chat(message, history, temperature, top_p, max_new_tokens, seed, stop_at_eos,
+    json_schema)` (the last two optional: True and "" for a free-text reply), returning (cleared textbox, history,
+    stats HTML, heatmap HTML); `/apply(cache_size, policy, prefetch)` reloads the model.
     """
     gr = _gradio()
     engine = engine or DemoEngine(model_path, demo_config(model_path, config))
@@ -117,6 +119,7 @@ def build_app(
         max_new: float,
         seed: float | None,
         stop_at_eos: bool,
+        json_schema: str | None,
         request: Request,
     ) -> Iterator[tuple[str, list[dict[str, str]], str, str]]:
         history = [
@@ -144,6 +147,7 @@ def build_app(
                 seed=None if seed is None else int(seed),
                 stop=stop,
                 stop_at_eos=bool(stop_at_eos),
+                json_schema=json_schema or None,
             ):
                 reply["content"] = text
                 now = time.perf_counter()
@@ -229,6 +233,14 @@ def build_app(
                     )
                     seed = gr.Number(value=0, precision=0, label="seed (-1 = random)", elem_id="seed")
                     stop_at_eos = gr.Checkbox(value=True, label="stop at end of text", elem_id="stop-at-eos")
+                    json_schema = gr.Textbox(
+                        value="",
+                        lines=4,
+                        label="answer as JSON: a JSON schema the reply must follow (empty: free text)",
+                        placeholder='{"type": "object", "properties": {"answer": {"type": "string"}}, '
+                        '"required": ["answer"]}',
+                        elem_id="json-schema",
+                    )
             with gr.Column(scale=2):
                 stats = gr.HTML(elem_id="stats")
                 heatmap = gr.HTML(elem_id="heatmap")
@@ -256,7 +268,7 @@ def build_app(
                     apply_btn = gr.Button("Apply (reloads the model)", elem_id="apply")
                     status = gr.Markdown(elem_id="config-status")
         chat_io = {
-            "inputs": [msg, chatbot, temperature, top_p, max_new, seed, stop_at_eos],
+            "inputs": [msg, chatbot, temperature, top_p, max_new, seed, stop_at_eos, json_schema],
             "outputs": [msg, chatbot, stats, heatmap],
             "concurrency_limit": 1,
             "concurrency_id": "model",

@@ -3,8 +3,8 @@
 `DemoEngine` owns the model, the tokenizer (the checkpoint's, or a byte-level fallback), the routing window of the
 recent decode tokens and the locks: it loads and reloads the model with a new `OffloadConfig` while no generation
 runs, streams a reply token by token (reusing the KV cache of the conversation's earlier turns through the
-runtime's prefix cache) and fits the prompt into the model's context. It knows nothing about Gradio
-(see app.py) and only hands its snapshot to the HTML rendering in panel.py.
+runtime's prefix cache), constrained to a JSON schema on request, and fits the prompt into the model's context. It
+knows nothing about Gradio (see app.py) and only hands its snapshot to the HTML rendering in panel.py.
 """
 
 from __future__ import annotations
@@ -158,9 +158,14 @@ class DemoEngine:
         seed: int | None = 0,
         stop: threading.Event | None = None,
         stop_at_eos: bool = True,
+        json_schema: str | dict[str, Any] | None = None,
     ) -> Iterator[str]:
-        """Generate a reply to `messages` and yield the reply text so far after each token."""
+        """Generate a reply to `messages` and yield the reply text so far after each token; with `json_schema` (JSON
+        text or a dict; empty text means none), the reply is one JSON value it accepts (a bad schema raises
+        `ConstraintError` before the model runs)."""
         stop = stop or threading.Event()
+        if isinstance(json_schema, str) and not json_schema.strip():
+            json_schema = None
         ids, max_new_tokens = self.fit_context(messages, int(max_new_tokens))
 
         def started(gen: Any) -> None:  # under the model's lock: the reply is this one from here on
@@ -172,7 +177,7 @@ class DemoEngine:
 
         gen = self.session.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                     seed=seed if seed is not None and seed >= 0 else None, source="demo",
-                                    ban_eos=not stop_at_eos, on_start=started)
+                                    ban_eos=not stop_at_eos, on_start=started, json_schema=json_schema)
         self.replies += 1
         done = threading.Event()
 

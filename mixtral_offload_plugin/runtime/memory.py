@@ -171,7 +171,7 @@ class MemoryPlan:
         cache = (f"{self.experts_per_layer} experts/layer" if self.experts_per_layer is not None
                  else f"{self.global_slots} slots shared by all layers")
         if self.extra_layers:
-            cache += f", {self.experts_per_layer + 1} in {self.extra_layers} of the {self.layers} layers"
+            cache += f", {(self.experts_per_layer or 0) + 1} in {self.extra_layers} of the {self.layers} layers"
         extra = f" + activations and temporaries {fmt(self.overhead_bytes)}" if self.overhead_bytes else ""
         if self.slots == 0:  # a mapped store: experts are computed from the page cache
             return (f"trunk {fmt(self.trunk_bytes)} + one kernel workspace {fmt(self.expert_bytes)} + KV "

@@ -177,6 +177,7 @@ class OffloadedModelMixin(_MixedInto):
         return self._runtime_or_raise().last_generation
 
     def generate(self, *args: Any, offload_source: str = "generate", reuse_prefix: bool = False,
+                 json_schema: Any = None, regex: str | None = None, grammar: str | None = None,
                  **kwargs: Any) -> Any:
         """`transformers` generate(), serialized, validated, and reported to `on_generation_finished` observers.
 
@@ -186,12 +187,19 @@ class OffloadedModelMixin(_MixedInto):
                 the tokens this prompt shares with it (a conversation one turn later): only the rest is processed.
                 The output is what a fresh generation gives. Used for single, unpadded sequences without a cache of
                 the caller's own; other requests run as usual.
+            json_schema, regex, grammar: constrain every sequence's new tokens to one JSON value the schema accepts,
+                a match of the regex, or a sentence of the grammar (GBNF or llguidance's Lark; see
+                `runtime/constraints.py`); needs `tokenizer=` too. Checked before generation (`ConstraintError`).
         """
         from ..plugins import pm
+        from .constraints import constrained_kwargs, requested
         from .generation import check_generate_kwargs
 
         rt = self._runtime_or_raise()
         check_generate_kwargs(self, args, kwargs)
+        given = requested(json_schema, regex, grammar)
+        if given:
+            kwargs = constrained_kwargs(self, kwargs, given)
         ids = _prompt_ids(args, kwargs)
         batch, prompt_len = _prompt_shape(ids)
         with rt.lock:

@@ -2,9 +2,10 @@
 
 A session streams a generation (`generate`: text, chat messages or token ids in; a `Generation` of text `Piece`s out,
 then a `Finished` record with the finish reason, token counts, timing and the cache counters; streaming.py), with
-stop strings, a cancel that works from any thread (and from Ctrl-C in the reading thread), a timeout, seeds and prefix
-reuse. It describes the model (`describe`, `holding`: the plan, what is cached where) and lets a face watch routing
-and prefetch guesses (`on_route`, `on_guess`). `Conversation` keeps a chat's history. The CLI, the Gradio demo,
+stop strings, a cancel that works from any thread (and from Ctrl-C in the reading thread), a timeout, seeds, prefix
+reuse and constraints (a JSON schema, a regex or a grammar; constraints.py). It describes the model (`describe`,
+`holding`: the plan, what is cached where) and lets a face watch routing and prefetch guesses (`on_route`,
+`on_guess`). `Conversation` keeps a chat's history. The CLI, the Gradio demo,
 LangChain and TextGen use only this and the public API; nothing outside `runtime/` reads the runtime's private
 state. A model that is not ours (another runtime standing in through the `load_offloaded_model` hook, or a plain
 transformers model) gets the same session, without prefix reuse, routing or cache details.
@@ -20,7 +21,8 @@ from typing import Any, cast
 
 import torch
 
-from ..errors import GenerationError
+from ..errors import ConstraintError, GenerationError
+from .constraints import CompiledConstraint, check_generate_options, compile_constraint, requested
 from .generation import sampling_kwargs
 from .streaming import Finished, Generation, Messages, Piece, chat_ids, check_options
 
@@ -222,23 +224,46 @@ class Session:
                  temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None,
                  seed: int | None = None, stop: Sequence[str] | None = None, timeout: float | None = None,
                  reuse_prefix: bool = True, ban_eos: bool = False, source: str = "session",
+                 json_schema: Any = None, regex: str | None = None, grammar: str | None = None,
                  on_finish: Callable[[Generation], None] | None = None,
                  on_start: Callable[[Generation], None] | None = None, **generate_kwargs: Any) -> Generation:
         """Start streaming a reply to `prompt` (see `Generation`; it starts when first iterated or `start()`ed).
 
         Options are checked here, before the model is touched: max_new_tokens >= 1, temperature >= 0 (0: greedy),
         0 < top_p <= 1, top_k >= 1, timeout > 0, stop a list of strings. `reuse_prefix`: reuse the KV cache of the
-        model's last request for the tokens this prompt shares with it. `ban_eos`: never stop at EOS.
+        model's last request for the tokens this prompt shares with it. `ban_eos`: never stop at EOS (except where a
+        constraint is complete and nothing may follow).
+        `json_schema` (a dict, JSON text or pydantic model class), `regex` or `grammar` (GBNF, or llguidance's Lark):
+        the reply is constrained to one JSON value the schema accepts, a match of the regex, or a sentence of the
+        grammar (`runtime/constraints.py`); compiled here, so a bad one fails now with a `ConstraintError`. A reply
+        cut short by max_new_tokens (or a stop string) is incomplete: `result.constraint_complete` says so.
         `on_start(generation)` is called on the generating thread once it holds the model, just before it runs;
         `on_finish(generation)` once it has ended, however it ended (`generation.result` is set).
         Other keyword arguments go to transformers' `generate()` (e.g. `logits_processor`).
         """
         check_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                       timeout=timeout, stop=stop)
-        return Generation(self, self.encode(prompt), max_new_tokens=int(max_new_tokens), stop=list(stop or []),
+        ids = self.encode(prompt)
+        constraint = self.constraint(json_schema=json_schema, regex=regex, grammar=grammar)
+        if constraint is not None:
+            check_generate_options(generate_kwargs)
+        return Generation(self, ids, max_new_tokens=int(max_new_tokens), stop=list(stop or []),
                           seed=seed, timeout=timeout, sampling=sampling_kwargs(temperature, top_p, top_k),
-                          source=source, reuse_prefix=reuse_prefix, ban_eos=ban_eos,
+                          source=source, reuse_prefix=reuse_prefix, ban_eos=ban_eos, constraint=constraint,
                           generate_kwargs=generate_kwargs, on_finish=on_finish, on_start=on_start)
+
+    def constraint(self, *, json_schema: Any = None, regex: str | None = None,
+                   grammar: str | None = None) -> CompiledConstraint | None:
+        """The compiled constraint for this model and tokenizer (None when none is given); `ConstraintError` for a
+        bad one, `BackendUnavailableError` without llguidance."""
+        given = requested(json_schema, regex, grammar)
+        if not given:
+            return None
+        if self.tokenizer is None:
+            msg = f"{next(iter(given))}= needs a tokenizer: make the session with model.session(tokenizer)"
+            raise ConstraintError(msg)
+        vocab = int(self.model.config.get_text_config().vocab_size)
+        return compile_constraint(self.tokenizer, vocab, eos_ids=self.eos_ids() or None, **given)
 
 
 @dataclass

@@ -19,14 +19,17 @@ from typing import Any
 import torch
 
 from ..errors import GenerationError
+from .constraints import with_processor
 
 _END = object()
 Messages = Sequence[dict[str, str]]
 
 
-def chat_ids(tok: Any, messages: Messages) -> torch.Tensor:
-    """The tokenizer's chat template applied to `messages` with a generation prompt, as [1, T] token ids."""
-    out = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_tensors="pt")
+def chat_ids(tok: Any, messages: Messages, **template_kwargs: Any) -> torch.Tensor:
+    """The tokenizer's chat template applied to `messages` with a generation prompt, as [1, T] token ids
+    (`template_kwargs`, e.g. `tools=[...]`, go to `apply_chat_template`)."""
+    out = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_tensors="pt",
+                                  **template_kwargs)
     if not isinstance(out, torch.Tensor):
         out = out["input_ids"]
     return out if out.dim() == 2 else out.unsqueeze(0)
@@ -44,7 +47,8 @@ class Piece:
 class Finished:
     """How a generation ended: `finish_reason` is "stop" (EOS or a stop string), "length", "cancelled" or
     "timeout"; `stats` is the runtime's `GenerationStats` (None for a model that is not ours, or a cancelled
-    generation that never ran)."""
+    generation that never ran); `constraint_complete`: whether the tokens are a complete output of the generation's
+    constraint (None without one; False when max_new_tokens, a stop string or a cancel cut it short)."""
 
     text: str
     token_ids: list[int]
@@ -54,6 +58,7 @@ class Finished:
     seconds: float
     first_token_seconds: float | None
     stats: Any = None
+    constraint_complete: bool | None = None
 
     @property
     def tokens(self) -> int:
@@ -87,7 +92,7 @@ class Generation:
 
     def __init__(self, session: Any, input_ids: torch.Tensor, *, max_new_tokens: int, stop: Sequence[str],
                  seed: int | None, timeout: float | None, sampling: dict[str, Any], source: str, reuse_prefix: bool,
-                 ban_eos: bool, generate_kwargs: dict[str, Any],
+                 ban_eos: bool, generate_kwargs: dict[str, Any], constraint: Any = None,
                  on_finish: Callable[[Generation], None] | None = None,
                  on_start: Callable[[Generation], None] | None = None) -> None:
         self.session, self.model, self.tok = session, session.model, session.tokenizer
@@ -99,6 +104,7 @@ class Generation:
         self.reuse_prefix = reuse_prefix and session.offloaded
         self.ban_eos = ban_eos
         self.generate_kwargs = generate_kwargs
+        self.constraint = constraint  # a constraints.CompiledConstraint, or None
         self.on_finish, self.on_start = on_finish, on_start
         self.halt = threading.Event()
         self.queue: queue.Queue[Any] = queue.Queue()
@@ -148,6 +154,8 @@ class Generation:
                 extra = dict(self.generate_kwargs)
                 if self.ban_eos and eos:
                     extra["suppress_tokens"] = sorted(set(extra.get("suppress_tokens") or []) | eos)
+                if self.constraint is not None:
+                    extra = with_processor(extra, self.constraint.processor(self.max_new_tokens))
                 if self.session.offloaded:
                     extra["offload_source"] = self.source
                     if self.reuse_prefix:
@@ -267,8 +275,12 @@ class Generation:
             else self.finish_reason
         text = self._decoded() if self.ids else ""
         cut = self._first_stop(text)
+        complete = None
+        if self.constraint is not None:
+            complete = not self.stopped_by_string and self.constraint.accepts(self.ids)
         self.result = Finished(text[:cut] if cut is not None else text, list(self.ids), reason, self.prompt_tokens,
-                               self.reused_tokens, time.perf_counter() - self._start_time, self._first, self.stats)
+                               self.reused_tokens, time.perf_counter() - self._start_time, self._first, self.stats,
+                               complete)
         if self.on_finish is not None:
             self.on_finish(self)
 

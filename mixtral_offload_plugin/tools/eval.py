@@ -80,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="where --gguf TYPE keeps its files (default: $MIXTRAL_OFFLOAD_CACHE or <tmp>/mixtral-offload)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    add_config_arguments(p)
+    add_config_arguments(p)  # includes --threads: the model's threads, and llama.cpp's for --gguf (default: torch's)
 
 
 def _progress(total: int, desc: str) -> Any:

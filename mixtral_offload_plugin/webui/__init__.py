@@ -2,8 +2,9 @@
 
 `integration.register()` adds the loader to a running TextGen process (TextGen has no loader registry, see
 integration.py); `build_ui()` (ui.py) draws the settings tab; `install` links the extension folder into a TextGen
-checkout. The extension's `script.py` is a thin shim over `setup()` and `build_ui()` below. Neither TextGen's
-`modules` nor gradio is imported here, so `python -m mixtral_offload_plugin.webui install` runs anywhere.
+checkout. The extension's `script.py` is a thin shim over `setup()`, `build_ui()`, `check_reply()` and
+`constrain_grammar()` below (a grammar in TextGen's Parameters tab becomes our constraint: grammar.py). Neither
+TextGen's `modules` nor gradio is imported here, so `python -m mixtral_offload_plugin.webui install` runs anywhere.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ def check_reply(reply: str) -> str:
     return _check(reply)
 
 
+def constrain_grammar(state: dict[str, Any]) -> dict[str, Any]:
+    """The extension's `state_modifier`: with our model loaded, the request's grammar (TextGen's `grammar_string`)
+    constrains the reply through our constraint instead of TextGen's own grammar processor (grammar.py)."""
+    from .integration import constrain_grammar as _constrain
+
+    return _constrain(state)
+
+
 def build_ui(params: dict[str, Any]) -> None:
     """Build the settings widgets inside the current gradio block; called by the extension's `ui()`.
 
@@ -54,4 +63,5 @@ def build_ui(params: dict[str, Any]) -> None:
     build(params)
 
 
-__all__ = ["DEFAULT_PARAMS", "ENV_AUTOLOAD", "EXTENSION_NAME", "LOADER", "MARKER", "build_ui", "check_reply", "setup"]
+__all__ = ["DEFAULT_PARAMS", "ENV_AUTOLOAD", "EXTENSION_NAME", "LOADER", "MARKER", "build_ui", "check_reply",
+           "constrain_grammar", "setup"]

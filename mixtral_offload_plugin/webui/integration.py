@@ -3,7 +3,8 @@
 Owns: the loader and sampler table entries, the wrap of TextGen's `models.load_model`/`models.unload_model`,
 `models_settings.infer_loader` and `ui_model_menu.update_truncation_length`, the translation of the extension's
 settings into an `OffloadConfig`, the state a load leaves (a failed one leaves nothing loaded and its error for the
-tab), and the optional autoload at start-up. It does not know how a model is built (that is the
+tab), the optional autoload at start-up, and the extension hooks run per request (a failed generation reported as
+an error; a grammar handed to our constraint: grammar.py). It does not know how a model is built (that is the
 `load_offloaded_model` plugin hook) nor how TextGen generates text: the loaded model is a transformers causal LM, so
 TextGen's own HF generation path drives it. TextGen's `modules` package is imported lazily, so this module imports
 outside TextGen (tests use a stand-in).
@@ -292,6 +293,16 @@ def check_reply(reply: str) -> str:
     msg = (f"{LOADER}: the generation failed ({type(exc).__name__}: {exc}); the reply is incomplete "
            "(the full error is in the server log)")
     raise _error_class()(msg)
+
+
+def constrain_grammar(state: dict[str, Any]) -> dict[str, Any]:
+    """The extension's `state_modifier`: a request's grammar becomes our constraint when our model is loaded
+    (grammar.py)."""
+    from .grammar import constrain
+
+    tg = _textgen()
+    model = tg.shared.model if _is_ours(tg.shared.model) else None
+    return constrain(state, model, tg.shared.tokenizer, _error_class(), tg.logger)
 
 
 def _error_class() -> type:

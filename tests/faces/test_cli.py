@@ -128,3 +128,41 @@ def test_help_shows_defaults_and_version(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.startswith("mixtral-offload 0.")
+
+
+def test_generate_with_a_json_schema_regex_or_grammar(demo_model_path, tmp_path, capsys):
+    import re
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    (tmp_path / "person.json").write_text(json.dumps(schema))
+    for temperature in ("0", "0.9"):
+        assert main(["generate", "A person:", "--json-schema", str(tmp_path / "person.json"), "--temperature",
+                     temperature, "--seed", "1", "--max-new-tokens", "64", "--device", "cpu"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("A person:")
+        jsonschema.validate(json.loads(out[len("A person:"):]), schema)
+    assert main(["generate", "Pick:", "--regex", "(yes|no), [a-z]{2,8}\\.", "--max-new-tokens", "24",
+                 "--device", "cpu"]) == 0
+    assert re.fullmatch(r"(yes|no), [a-z]{2,8}\.", capsys.readouterr().out[len("Pick:"):])
+    (tmp_path / "sum.gbnf").write_text('root ::= num (" + " num){1,3}\nnum ::= [1-9][0-9]?\n')
+    assert main(["generate", "Sum:", "--grammar", str(tmp_path / "sum.gbnf"), "--max-new-tokens", "24",
+                 "--device", "cpu"]) == 0
+    assert re.fullmatch(r"[1-9][0-9]?( \+ [1-9][0-9]?){1,3}", capsys.readouterr().out[len("Sum:"):])
+
+
+def test_constraint_errors_before_the_model_loads(demo_model_path, tmp_path, capsys):
+    (tmp_path / "bad.json").write_text('{"type": "strin"}')
+    assert main(["generate", "x", "--json-schema", str(tmp_path / "bad.json"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "JSON schema cannot be used as a constraint: Invalid type: strin" in err and "experts" not in err
+    assert main(["generate", "x", "--json-schema", str(tmp_path / "missing.json"), "--device", "cpu"]) == 2
+    assert "cannot read it" in capsys.readouterr().err
+    assert main(["generate", "x", "--regex", "a", "--grammar", str(tmp_path / "bad.json"), "--device", "cpu"]) == 2
+    assert "give one constraint" in capsys.readouterr().err
+    # a reply that cannot be complete within --max-new-tokens: exit status 3 and a message that says so
+    assert main(["generate", "x", "--regex", "(ab){50}", "--max-new-tokens", "4", "--device", "cpu"]) == 3
+    assert "before the regex was complete; raise --max-new-tokens" in capsys.readouterr().err

@@ -1,9 +1,10 @@
 """The Gradio demo in a real browser (Playwright + headless Debian Chromium) on the embedded demo model.
 
-Types a message, watches the reply stream in and the stats panel and heatmap update, stops a long reply (and one
-waiting in the queue behind it), changes the cache size and checks the reloaded model uses it; saves a screenshot
-(test-artifacts/demo.png; copied to docs/demo.png for the README when MIXTRAL_OFFLOAD_UPDATE_DOCS=1, so a test run
-leaves the checkout clean). Assertions never depend on the quality of the text.
+Types a message, watches the reply stream in and the stats panel and heatmap update, asks for an answer as JSON,
+stops a long reply (and one waiting in the queue behind it), changes the cache size and checks the reloaded model
+uses it; saves a screenshot (test-artifacts/demo.png; copied to docs/demo.png for the README when
+MIXTRAL_OFFLOAD_UPDATE_DOCS=1, so a test run leaves the checkout clean). Assertions never depend on the quality of the
+text.
 """
 
 from __future__ import annotations
@@ -138,6 +139,41 @@ def test_chat_streams_and_panel_updates(page, demo_url) -> None:
     assert routed_counts(page) > 0
     assert page.locator("#heatmap-table td[data-layer-hit-rate]").count() >= 1
     assert all(0 < n <= half for n in cached_per_layer(page).values())
+
+
+def last_reply(page) -> str:
+    return page.evaluate("""() => {
+        const bots = document.querySelectorAll('#chatbot [data-testid="bot"]');
+        return bots.length ? bots[bots.length - 1].innerText.trim() : '';
+    }""")
+
+
+def test_answer_as_json(page, demo_url) -> None:
+    """A schema in the generation settings makes the reply JSON that follows it; a bad one shows an error."""
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"mood": {"enum": ["happy", "sad", "bored"]},
+                                               "count": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["mood", "count"], "additionalProperties": False}
+    page.click("#settings")
+    page.fill("#json-schema textarea", json.dumps(schema))
+    send(page, "How do you feel?")
+    page.wait_for_function("""() => {
+        const bots = document.querySelectorAll('#chatbot [data-testid="bot"]');
+        return bots.length && bots[bots.length - 1].innerText.trim().endsWith('}');
+    }""")
+    jsonschema.validate(json.loads(last_reply(page)), schema)
+    page.fill("#json-schema textarea", '{"type": "strin"}')
+    page.fill("#msg textarea", "Again?")
+    page.press("#msg textarea", "Enter")
+    toast = page.wait_for_selector(".toast-body")
+    assert "JSON schema cannot be used as a constraint" in toast.inner_text()
+    page.fill("#json-schema textarea", "")
+    page.click("#settings")  # fold the settings again
+    send(page, "Once upon a time")  # free text again
+    assert int(stat(page, "tokens")) >= 1
 
 
 def test_stop_button_ends_a_long_reply(page, demo_url) -> None:

@@ -6,6 +6,7 @@ sampled replies the same request run alone with the same seed.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import threading
@@ -95,6 +96,21 @@ def test_greedy_reply_matches_transformers(client, byte_model: Path) -> None:
     assert reply_of(result) == expected
     assert int(stat_values(result[2])["tokens"]) > 0 and 'data-state="idle"' in result[2]
     assert "heatmap-table" in result[3]
+
+
+def test_answer_as_json_over_the_api(client) -> None:
+    """The optional schema input (the last one) constrains the reply; a bad schema is an error, not a reply."""
+    c, _ = client
+    schema = json.dumps({"enum": ["yes", "no", "maybe"]})
+    for seed, temperature in ((0, 0.0), (1, 1.0), (2, 1.0)):
+        result = c.predict("hello", [], temperature, 1.0, MAX_NEW, seed, True, schema, api_name="/chat")
+        assert json.loads(reply_of(result)) in ("yes", "no", "maybe")
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="JSON schema cannot be used as a constraint"):
+        c.predict("hello", [], 0.0, 1.0, MAX_NEW, 0, True, '{"type": "strin"}', api_name="/chat")
+    plain = c.predict("hello there", [], 0.0, 1.0, MAX_NEW, 0, True, "", api_name="/chat")
+    assert reply_of(plain) == reply_of(c.predict("hello there", [], 0.0, 1.0, MAX_NEW, 0, api_name="/chat"))
 
 
 def test_two_concurrent_requests_get_their_own_answers(client) -> None:

@@ -156,7 +156,8 @@ def test_auto_plan_spends_the_rest_of_the_budget_on_uneven_layers(tiny_mixtral_8
 def test_full_size_mixtral_plan_uses_the_budget() -> None:
     """Mixtral-8x7B's shapes with the paper's 2-bit experts (64.31 MiB slots, trunk 1223 MiB, 4096 tokens of bf16 KV):
     in a 12 GiB group (11.55 GiB free after the runtime) the 85% share kept 4 experts per layer and left 1.8 GiB
-    unused; the plan now adds a fifth slot in 15 layers (a 16th would pass the budget). With 16 GiB it takes 6 per layer and more."""
+    unused; the plan now adds a fifth slot in 15 layers (a 16th would pass the budget). With 16 GiB it takes 6 per
+    layer and more."""
     from types import SimpleNamespace
 
     mib, gib = 1 << 20, 1 << 30

@@ -91,7 +91,7 @@ def assert_png(path) -> None:
 
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(path) as img:
-        assert img.size[0] > 300 and img.size[1] > 150 and len(set(img.convert("L").getdata())) > 8
+        assert img.size[0] > 300 and img.size[1] > 150 and len(set(img.convert("L").tobytes())) > 8
 
 
 def test_schedule_runs_one_worker_at_a_time_when_they_do_not_fit(monkeypatch) -> None:

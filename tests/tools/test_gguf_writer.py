@@ -177,7 +177,7 @@ def test_mixtral_8x7b_type_mix() -> None:
                 {t for i, t in downs.items() if i not in extra} == {"Q4_K"}
         types = tensor_types(ft, shapes, hp)
         assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == q
-    with pytest.raises(ValueError, match="unknown GGUF file type 'q9_k'.*q2_k"):
+    with pytest.raises(ValueError, match=r"unknown GGUF file type 'q9_k'.*q2_k"):
         tensor_types("q9_k", shapes, hp)
 
 
@@ -259,7 +259,8 @@ def test_bench_llamacpp_rows_use_the_writer_and_given_files(tmp_path: Path, caps
     rc = main(["bench", "--synthetic", "tiny", "--cache-dir", str(tmp_path / "cache"), "--repeats", "1",
                "--new-tokens", "6", "--prompt-tokens", "4", "--threads", "1", "--quiet", "--json", str(out),
                "--check-tokens", "6", "--llamacpp-converter", str(tmp_path / "no-converter-here"),
-               "--configs", f"llamacpp-f16,llamacpp-f16-cold:mmap=off,llamacpp-f16:model={gguf_file(given)}:name=given"])
+               "--configs",
+               f"llamacpp-f16,llamacpp-f16-cold:mmap=off,llamacpp-f16:model={gguf_file(given)}:name=given"])
     assert rc == 0, capsys.readouterr()
     rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
     warm, cold, named = rows["llamacpp-f16"], rows["llamacpp-f16-cold:mmap=off"], rows["given"]

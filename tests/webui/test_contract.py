@@ -7,6 +7,7 @@ setup, the side effects TextGen's load_model has (reproduced for our loader), ge
 
 from __future__ import annotations
 
+import copy
 import itertools
 import subprocess
 import sys
@@ -535,3 +536,51 @@ def test_a_failed_generation_raises_textgen_errors_and_a_stop_does_not() -> None
                 integration.check_reply("partial")
             assert getattr(err.value, "code", None) == 500  # TextGen's API handler reads it
         assert integration.check_reply("a whole reply") == "a whole reply"  # raised once, then clear
+
+
+def test_a_grammar_becomes_our_constraint(textgen, demo_model_path):
+    """The extension's state_modifier: with our model loaded, TextGen's grammar_string (GBNF) is compiled by
+    llguidance and passed as the state's logits processor (beside one already there); TextGen's own is not used.
+    On the demo model: its byte-level BPE is a tokenizer llguidance reads (the tests' word-level one is not)."""
+    import json
+    import re
+
+    from modules.api import models as api_models
+    from transformers import LogitsProcessor
+
+    from mixtral_offload_plugin.webui import constrain_grammar
+
+    (Path(textgen.args.model_dir) / "demo").symlink_to(demo_model_path, target_is_directory=True)
+    load_extensions()
+    api_models._load_model({"model_name": "demo", "args": {"loader": LOADER}})
+
+    class Seen(LogitsProcessor):
+        calls = 0
+
+        def __call__(self, input_ids, scores):
+            Seen.calls += 1
+            return scores
+
+    grammar = 'root ::= "{\\"mood\\": \\"" ("happy" | "sad") "\\", \\"count\\": " [0-9] "}"'
+    for stream in (False, True):
+        state = {**STATE, "stream": stream, "max_new_tokens": 24, "grammar_string": grammar,
+                 "logits_processor": [Seen()]}
+        new = constrain_grammar(state)
+        assert new["grammar_string"] == "" and state["grammar_string"] == grammar  # a copy of the state
+        copy.deepcopy(new)  # TextGen deep-copies a request's state when it has stop strings
+        reply = run("How do you feel?", **new)[-1]
+        assert re.fullmatch(r'\{"mood": "(happy|sad)", "count": [0-9]\}', reply.strip()), reply
+        assert json.loads(reply)["mood"] in ("happy", "sad")
+    assert Seen.calls > 0
+    assert constrain_grammar({**STATE, "grammar_string": ""}) == {**STATE, "grammar_string": ""}
+    with pytest.raises(Exception, match="MixtralOffload: the grammar cannot be used") as err:
+        constrain_grammar({**STATE, "grammar_string": "root ::= undefined_rule"})
+    assert err.value.code == 500  # TextGen's API answers it as an error
+
+
+def test_a_grammar_is_left_to_textgen_for_other_loaders(textgen):
+    from mixtral_offload_plugin.webui import constrain_grammar
+
+    load_extensions()
+    state = {**STATE, "grammar_string": 'root ::= "a"'}
+    assert constrain_grammar(state) is state  # no model of ours: TextGen's own grammar processor applies

@@ -230,9 +230,11 @@ GENERATED = re.compile(r"Output generated in [0-9.]+ seconds \([0-9.]+ tokens/s,
 def quantized(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, checkpoint: Path):
     from tiny_checkpoint import make_corrupt_offload_folder
 
+    from mixtral_offload_plugin.models.demo_model import default_model_path
+
     corrupt = make_corrupt_offload_folder(checkpoint, tmp_path_factory.mktemp("corrupt") / "tiny-corrupt")
     srv_gen = start_server(tmp_path_factory.mktemp("user_data"), checkpoint, QUANTIZED[request.param],
-                           {"tiny-corrupt": corrupt})
+                           {"tiny-corrupt": corrupt, "demo": default_model_path()})
     srv = next(srv_gen)
     srv.config = request.param
     yield srv
@@ -290,3 +292,40 @@ def test_a_failed_generation_is_an_error_not_a_short_reply(quantized: Server) ->
     since = len(quantized.text())
     assert quantized.call("/v1/completions", body)["usage"]["completion_tokens"] == TOKENS
     assert generated_counts(quantized, since) == [TOKENS]
+
+
+# -- a grammar (TextGen's grammar_string) through the API: our constraint, on both quantized configurations (the
+# default one decodes on the fused native path), with prefix reuse on (the default) -------------------------------
+
+GRAMMAR = 'root ::= "{\\"mood\\": \\"" ("happy" | "sad" | "bored") "\\", \\"count\\": " [0-9] "}"'
+MOOD = re.compile(r'\{"mood": "(happy|sad|bored)", "count": [0-9]\}')
+
+
+def test_a_grammar_constrains_replies_through_the_api(quantized: Server) -> None:
+    """The demo model (a byte-level BPE tokenizer) loaded with our loader; TextGen's grammar_string, in completions
+    (plain and streamed, greedy and sampled) and chat completions, gives replies the grammar accepts; our constraint
+    does it (its log line), not TextGen's own processor; a grammar that cannot be used is an API error."""
+    quantized.call("/v1/internal/model/load", {"model_name": "demo", "args": {"loader": LOADER}})
+    assert quantized.call("/v1/internal/model/info")["loader"] == LOADER
+    since = len(quantized.text())
+    body = {"prompt": "How do you feel?", "max_tokens": 24, "temperature": 0, "grammar_string": GRAMMAR}
+    first = quantized.call("/v1/completions", body)["choices"][0]["text"]
+    assert MOOD.fullmatch(first.strip()), first
+    assert quantized.call("/v1/completions", body)["choices"][0]["text"] == first  # the prefix reused: same reply
+    events = quantized.stream("/v1/completions", body)
+    assert MOOD.fullmatch("".join(e["choices"][0].get("text") or "" for e in events).strip()) and quantized.stream_done
+    for seed in (1, 2):
+        sampled = quantized.call("/v1/completions", {**body, "temperature": 1.0, "seed": seed})
+        assert MOOD.fullmatch(sampled["choices"][0]["text"].strip()), sampled
+    chat = quantized.call("/v1/chat/completions", {"messages": [{"role": "user", "content": "Mood?"}],
+                                                   "max_tokens": 24, "temperature": 0, "mode": "instruct",
+                                                   "grammar_string": GRAMMAR})
+    assert MOOD.fullmatch(chat["choices"][0]["message"]["content"].strip()), chat
+    log = quantized.text()[since:]
+    assert log.count(f"{LOADER}: the reply is constrained to the grammar (llguidance)") >= 6
+    with pytest.raises(urllib.error.HTTPError) as err:
+        quantized.call("/v1/completions", {**body, "grammar_string": "root ::= undefined_rule"})
+    assert err.value.code == 500
+    assert "the grammar cannot be used" in json.loads(err.value.read())["error"]["message"]
+    assert_no_failed_generation(quantized)
+    quantized.call("/v1/internal/model/load", {"model_name": "tiny-mixtral", "args": {"loader": LOADER}})

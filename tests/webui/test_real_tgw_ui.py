@@ -8,7 +8,8 @@ lets it start on stock gradio 4.37.2 without changing TextGen's tree. Skipped un
 The journey: the Model tab lists MixtralOffload; picking a plain Mixtral folder selects it (TextGen alone would pick
 Transformers); Load; the Chat tab answers, and a second turn reuses the KV cache; a setting of our tab takes effect at
 the next load; a broken folder shows a short error and leaves nothing loaded; Unload releases the runtime; the
-auto-select setting turns the folder rule off. Nothing of TextGen is copied into this repository.
+auto-select setting turns the folder rule off; a grammar in the Parameters tab constrains the replies. Nothing of
+TextGen is copied into this repository.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def user_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.rmtree(ours, ignore_errors=True)
     install(tgw, user_data_dir=ud)
     make_checkpoint(ud / "models" / "tiny-mixtral", seed=3)  # a plain Hugging Face folder: no manifest
+    from mixtral_offload_plugin.models.demo_model import default_model_path
+
+    shutil.copytree(default_model_path(), ud / "models" / "demo",  # a byte-level BPE tokenizer: for the grammar
+                    ignore=shutil.ignore_patterns("__init__.py", "__pycache__", "README.md"))
     make_corrupt_offload_folder(ud / "models" / "tiny-mixtral", ud / "models" / "corrupt-offload")
     broken = ud / "models" / "broken-mixtral"
     shutil.copytree(ud / "models" / "tiny-mixtral", broken)
@@ -122,7 +127,9 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def server(user_data: Path):
     port, log = free_port(), user_data.parent / "server.log"
-    env = {**os.environ, "PYTHONPATH": SHIM, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "300",
+    # the shim first; a PYTHONPATH of the caller's (a checkout to test) still reaches TextGen's process
+    pythonpath = os.pathsep.join(p for p in (SHIM, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "300",
            "MIXTRAL_OFFLOAD_PLUGINS": ""}
     env.pop("MIXTRAL_OFFLOAD_MODEL", None)
     cmd = [os.environ.get("TGW_PYTHON", sys.executable), "server.py", "--listen-port", str(port), "--user-data-dir",
@@ -376,6 +383,27 @@ def test_the_default_configuration_replies_in_full(page, server: Server) -> None
     assert chat(page, "w20 w21").split()
     assert [int(n) for n in GENERATED.findall(server.text()[since:])] == [12, 12]
     assert "Failed in generation callback" not in server.text() and "Failed to generate" not in server.text()
+
+
+def test_a_grammar_in_the_parameters_tab_constrains_the_reply(page, server: Server) -> None:
+    """The Parameters tab's Grammar (GBNF) with our loader, on the fused decode path (4-bit, every expert resident,
+    as the previous test left it), two chat turns (the second reuses the KV cache): each reply follows the grammar,
+    through our constraint (its log line), and an empty grammar gives free text again."""
+    pick_model(page, "demo")
+    assert load(page).startswith("Successfully loaded demo"), status(page)
+    assert f"{LOADER}: expert_bits=4, all 8 experts/layer resident" in server.text()
+    tab(page, "Parameters").click()
+    grammar = page.get_by_label("Grammar", exact=True)
+    grammar.fill('root ::= ("happy" | "sad" | "bored") ", " [0-9]')
+    since = len(server.text())
+    for question in ("How do you feel?", "And now?"):
+        reply = chat(page, question)
+        assert re.fullmatch(r"(happy|sad|bored), [0-9]", reply.strip()), reply
+    assert server.text()[since:].count(f"{LOADER}: the reply is constrained to the grammar (llguidance)") == 2
+    assert re.search(r"Last reply: \d+ prompt tokens, [1-9]\d* of them reused", report(page))
+    tab(page, "Parameters").click()
+    grammar.fill("")
+    assert not re.fullmatch(r"(happy|sad|bored), [0-9]", chat(page, "Tell me a fortune.").strip())
 
 
 def test_a_failed_generation_shows_an_error_not_a_short_reply(page, server: Server) -> None:

@@ -21,6 +21,12 @@ def ui() -> None:
     mixtral_offload_webui.build_ui(params)
 
 
+def state_modifier(state: dict[str, Any]) -> dict[str, Any]:
+    """With our model loaded, a grammar (Parameters tab, or the API's grammar_string) constrains the reply through our
+    constraint (llguidance) instead of TextGen's own grammar processor."""
+    return mixtral_offload_webui.constrain_grammar(state)
+
+
 def output_modifier(string: str, state: dict[str, Any], is_chat: bool = False) -> str:
     """A failed generation raises TextGen's own error (UI toast, API error) instead of passing as a short reply."""
     return mixtral_offload_webui.check_reply(string)

@@ -30,6 +30,7 @@ top level; workers import torch and transformers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -42,6 +43,8 @@ from typing import IO, Any, cast
 
 from ...errors import MixtralOffloadError
 from .bandwidth import measure_in_child
+from .busy import Competitors, kept_shares, parse_levels
+from .busy import label as busy_label
 from .cgroups import CGROUP_ROOT, MemoryGroup
 from .compare import annotate, failed_checks
 from .config import (
@@ -139,8 +142,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     from tqdm.auto import tqdm
 
     from ...config import parse_size
+    from ...runtime.threads import available_cores
 
     configs = _with_reference([parse_config(s) for s in _split_configs(args.configs)], args.check_tokens)
+    levels = parse_levels(getattr(args, "busy", None) or "0")
     path = resolve_model(args)
     trunk, expert_bytes, n_experts = checkpoint_bytes(path)
     ggufs = _prepare_llamacpp(configs, path, args)
@@ -148,7 +153,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     meta: dict[str, Any] = {"model": str(path), "trunk_bytes": trunk, "expert_bytes_total": expert_bytes,
                             "experts": n_experts, "repeats": args.repeats, "new_tokens": args.new_tokens,
                             "prompt_tokens": args.prompt_tokens, "threads": args.threads, "logs": str(log_dir),
-                            "loadavg_before": os.getloadavg()}
+                            "loadavg_before": os.getloadavg(), "busy_levels": levels,
+                            "cores": available_cores()}
     if args.bandwidth:
         meta["bandwidth_before"] = measure_in_child(parse_size(args.bandwidth), args.threads)["bytes_per_second"]
     limit = None
@@ -167,13 +173,14 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     n_ours = sum(c.engine == "ours" for c in configs)
     started: dict[int, tuple[Worker, str, MemoryGroup | None]] = {}
     rows_in: dict[int, dict[str, Any]] = {}
-    rows: dict[int, dict[str, Any]] = {}
+    rows: dict[tuple[int, int], dict[str, Any]] = {}
     meta["schedule"] = _schedule(args.schedule, configs, limit, trunk + expert_bytes)
-    bar = tqdm(total=len(configs) * (1 + args.repeats), desc="bench", unit="step",
+    bar = tqdm(total=len(configs) * (1 + args.repeats * len(levels)), desc="bench", unit="step",
                disable=args.quiet or (not sys.stderr.isatty() and not args.progress))
 
     def start(i: int, cfg: BenchConfig) -> None:
-        states[i] = [machine_state()]  # the machine as the worker starts loading, then before each repeat
+        # the machine as the worker starts loading, then before each repeat (per busy level)
+        states[i] = {"load": machine_state(), "reps": {n: [] for n in levels}}
         group, memory = None, "unlimited"
         if limit is not None and cfg.limited:
             group = MemoryGroup(f"mixtral-bench-{os.getpid()}-{i}", limit)
@@ -197,44 +204,52 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         bar.set_postfix_str(f"loading {cfg.label}")
         w = Worker(cfg, spec, group, log_dir)
         started[i] = (w, memory, group)
-        rows_in[i] = {"load": w.receive(), "reps": []}
+        rows_in[i] = {"load": w.receive(), "reps": {n: [] for n in levels}}
         bar.update(1)
 
-    def repeat(i: int, rep: int) -> None:
+    def repeat(i: int, rep: int, busy: int) -> None:
         w = started[i][0]
-        bar.set_postfix_str(f"{w.cfg.label} rep {rep + 1}")
-        states[i].append(machine_state())
+        bar.set_postfix_str(f"{busy_label(w.cfg.label, busy, levels)} rep {rep + 1}")
+        states[i]["reps"][busy].append(machine_state())
         res = w.ask("run")
         if res is not None:
-            rows_in[i]["reps"].append(res)
+            rows_in[i]["reps"][busy].append(res)
         bar.update(1)
 
     def finish(i: int) -> None:
         w, memory, group = started.pop(i)
         final = w.close() if w.error is None else None
         peak = group.peak() if group is not None and group.ok else None
-        rows[i] = summarize_row(w.cfg, rows_in.get(i, {}).get("load"), rows_in.get(i, {}).get("reps", []), final,
-                           memory, peak, w.error)
-        rows[i]["machine"] = states[i]
-        load_warning = start_warning(states[i][0], f"{w.cfg.label} loading")
-        rows[i]["warnings"] = ([load_warning] if load_warning else []) + row_warnings(rows[i], states[i][1:])
+        load_warning = start_warning(states[i]["load"], f"{w.cfg.label} loading")
+        for n in levels:
+            cfg = dataclasses.replace(w.cfg, label=busy_label(w.cfg.label, n, levels))
+            row = summarize_row(cfg, rows_in.get(i, {}).get("load"), rows_in.get(i, {}).get("reps", {}).get(n, []),
+                                final, memory, peak, w.error)
+            seen = states[i]["reps"][n]
+            row["machine"] = {"load": states[i]["load"], "repeats": seen}
+            row["warnings"] = ([load_warning] if load_warning and n == levels[0] else []) + row_warnings(row, seen)
+            rows[i, n] = row if levels == [0] else {**row, "busy": n, "busy_of": w.cfg.label}
         if group is not None:
             group.remove()
         shutil.rmtree(log_dir / f"scratch-{i}", ignore_errors=True)  # also when the worker was killed
 
-    states: dict[int, list[dict[str, Any]]] = {}
+    states: dict[int, dict[str, Any]] = {}
     try:
         if meta["schedule"].startswith("interleaved"):
             for i, cfg in enumerate(configs):
                 start(i, cfg)
             for rep in range(args.repeats):
-                for i in range(len(configs)):
-                    repeat(i, rep)
+                for n in levels:  # every row at one load level, then the next: quiet and busy interleaved too
+                    with Competitors(n):
+                        for i in range(len(configs)):
+                            repeat(i, rep, n)
         else:  # one worker alive at a time: the machine cannot hold them all
             for i, cfg in enumerate(configs):
                 start(i, cfg)
                 for rep in range(args.repeats):
-                    repeat(i, rep)
+                    for n in levels:
+                        with Competitors(n):
+                            repeat(i, rep, n)
                 finish(i)
         if args.recheck and configs:
             meta["recheck"] = _recheck(started, rows_in, states, configs[0], start, repeat, finish)
@@ -243,11 +258,12 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
             finish(i)
         bar.close()
     again = meta.get("recheck")
-    rows_list = [rows[i] for i in sorted(rows) if i < len(configs)]
+    rows_list = [rows[key] for key in sorted(rows) if key[0] < len(configs)]
     if again is not None:
         warning = recheck_warning(configs[0].label, again["first"], again["again"])
         if warning:
             meta.setdefault("warnings", []).append(warning)
+    kept_shares(rows_list)
     meta["loadavg_after"] = os.getloadavg()
     if args.bandwidth:
         meta["bandwidth_after"] = measure_in_child(parse_size(args.bandwidth), args.threads)["bytes_per_second"]
@@ -267,26 +283,26 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     return rows_list, meta
 
 
-def _recheck(started: dict[int, Any], rows_in: dict[int, dict[str, Any]], states: dict[int, list[Any]],
+def _recheck(started: dict[int, Any], rows_in: dict[int, dict[str, Any]], states: dict[int, dict[str, Any]],
              first: BenchConfig, start: Any, repeat: Any, finish: Any) -> dict[str, Any]:
-    """One more repeat of the first row after all the others (its worker, still loaded when interleaved, else loaded
-    again), not counted in its row: far from its first value, the machine changed during the run. Returns what
-    `recheck_warning` compares, and the machine's state before that repeat."""
+    """One more quiet repeat of the first row after all the others (its worker, still loaded when interleaved, else
+    loaded again), not counted in its row: far from its first value, the machine changed during the run. Returns
+    what `recheck_warning` compares, and the machine's state before that repeat."""
     import statistics
 
-    before = [r["decode_tps"] for r in rows_in.get(0, {}).get("reps", [])]
+    before = [r["decode_tps"] for r in rows_in.get(0, {}).get("reps", {}).get(0, [])]
     index = 0 if 0 in started else len(rows_in)
     if index:
         start(index, first)
-    n = len(rows_in[index]["reps"])
-    repeat(index, n)
-    got = rows_in[index]["reps"][n:]
-    state = states[index][-1]
+    n = len(rows_in[index]["reps"][0])
+    repeat(index, n, 0)
+    got = rows_in[index]["reps"][0][n:]
+    state = states[index]["reps"][0][-1]
     if index:
         finish(index)
     else:  # the first row's worker: keep its row as it was
-        del rows_in[0]["reps"][n:]
-        states[0].pop()
+        del rows_in[0]["reps"][0][n:]
+        states[0]["reps"][0].pop()
     return {"config": first.label, "first": statistics.median(before) if before else None,
             "again": got[0]["decode_tps"] if got else None, "machine": state}
 
@@ -376,6 +392,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per repeat (default: 64)")
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens (default: 16)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
+    p.add_argument("--busy", default=None, metavar="N[,M...]",
+                   help="also measure every row while N other CPU-bound processes run (e.g. 0,1: quiet and one "
+                        "competitor, interleaved); adds the share of its quiet speed each row keeps")
     p.add_argument("--memory-limit", default=None, metavar="SIZE",
                    help="run the offloaded configurations (disk-*, accelerate-*) in a memory cgroup of SIZE "
                         "(e.g. 1.5G), or 'half' = worker runtime + 256 MiB working memory + trunk + half the experts")
@@ -421,6 +440,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(msg)
     if args.bandwidth:
         parse_size(args.bandwidth)
+    if getattr(args, "busy", None):
+        parse_levels(args.busy)
     if args.plot:
         from ..plots import _pyplot
 

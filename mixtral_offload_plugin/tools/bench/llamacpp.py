@@ -1,16 +1,16 @@
 """The llama.cpp engine of `mixtral-offload bench` (rows `llamacpp-f16`, `llamacpp-q8_0`, `llamacpp-q4_0`, ...).
 
-Parent side: `prepare()` finds or makes each row's GGUF file before any worker starts: a row whose `model=` is a
-GGUF file (or a folder holding one, as `synth SPEC:format=gguf` writes) uses it as it is; a `--synthetic` model's
-rows get the file written straight from the seeded weights by our GGUF writer (tools/gguf_writer.py: the bytes
-llama.cpp's converter and quantizer give, without the plain checkpoint or its F16 file, so a full-size model needs
-no 93 GB intermediate); any other checkpoint is converted by llama.cpp's own converter and quantizer (gguf.py). Worker side: `LlamaCppModel` puts `llama_cpp.Llama` behind the part of
-transformers' `generate()` that the worker times, so a llama.cpp row is measured by the same code as every other
-row: the same prompt ids (fed as ids; llama.cpp never tokenizes text here), greedy (`temp=0`, no penalties), exactly
-`max_new_tokens` new tokens (EOS is ignored, like `min_new_tokens = max_new_tokens` elsewhere), a full prefill on
-every call (the KV cache is cleared, so no prompt prefix is reused between repeats), and the rows' thread count for
-both prefill and decode. Everything else is llama.cpp's default (mmap'd weights unless the row says `mmap=off`,
-its batch size and attention).
+Parent side: `prepare()` finds or makes each row's GGUF file before any worker starts: a row whose `model=` is a GGUF
+file (or a folder holding one, as `synth SPEC:format=gguf` writes) uses it as it is; a `--synthetic` model's rows get
+the file written straight from the seeded weights by our GGUF writer (tools/gguf_writer.py: the bytes llama.cpp's
+converter and quantizer give, without the plain checkpoint or its F16 file, so a full-size model needs no 93 GB
+intermediate); any other checkpoint is converted by llama.cpp's own converter and quantizer (gguf.py). Worker side:
+`LlamaCppModel` puts `llama_cpp.Llama` behind the part of transformers' `generate()` that the worker times, so a
+llama.cpp row is measured by the same code as every other row: the same prompt ids (fed as ids; llama.cpp never
+tokenizes text here), greedy (`temp=0`, no penalties), exactly `max_new_tokens` new tokens (EOS is ignored, like
+`min_new_tokens = max_new_tokens` elsewhere), a full prefill on every call (the KV cache is cleared, so no prompt
+prefix is reused between repeats), and the rows' thread count for both prefill and decode. Everything else is
+llama.cpp's default (mmap'd weights unless the row says `mmap=off`, its batch size and attention).
 Knows nothing about the table, interleaving or other engines.
 """
 

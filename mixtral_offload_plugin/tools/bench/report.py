@@ -7,6 +7,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from .busy import format_busy
 from .compare import extra_columns
 from .config import BenchConfig
 
@@ -52,19 +53,25 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.1%}"
 
 
+def name_width(names: Any) -> int:
+    """The config column's width: 28, or the longest name (row options make long names)."""
+    return max([28, *(len(n) for n in names)])
+
+
 def format_table(rows: list[dict[str, Any]], with_bound: bool = False) -> str:
     extra_head, extra = extra_columns(rows, with_bound)
-    head = (f"{'config':<28} {'tok/s med':>9} {'min':>6} {'max':>6} {'TTFT s':>7} {'load s':>7} {'load RSS':>8} "
+    w = name_width(r["config"] for r in rows)
+    head = (f"{'config':<{w}} {'tok/s med':>9} {'min':>6} {'max':>6} {'TTFT s':>7} {'load s':>7} {'load RSS':>8} "
             f"{'RSS MiB':>8} {'cg peak':>8} {'hit':>6} {'pf prec':>7} {'pf rec':>7} {'load MiB/tok':>12} "
             f"{'disk MiB/tok':>12}{extra_head}  memory")
     lines = [head, "-" * len(head)]
     for r, cells in zip(rows, extra, strict=True):
         if "decode_tps" not in r:
-            lines.append(f"{r['config']:<28} FAILED: {(r.get('error') or '').splitlines()[0]}  {r['memory']}")
+            lines.append(f"{r['config']:<{w}} FAILED: {(r.get('error') or '').splitlines()[0]}  {r['memory']}")
             continue
         t = r["decode_tps"]
         load_s = r.get("load_seconds")
-        lines.append(f"{r['config']:<28} {t['median']:>9.2f} {t['min']:>6.2f} {t['max']:>6.2f} {r['ttft_s']:>7.3f} "
+        lines.append(f"{r['config']:<{w}} {t['median']:>9.2f} {t['min']:>6.2f} {t['max']:>6.2f} {r['ttft_s']:>7.3f} "
                      f"{'-' if load_s is None else f'{load_s:.1f}':>7} {mib(r.get('load_peak_rss_bytes')):>8} "
                      f"{mib(r['peak_rss_bytes']):>8} {mib(r.get('cgroup_peak_bytes')):>8} "
                      f"{_pct(r['hit_rate']):>6} {_pct(r['prefetch_precision']):>7} "
@@ -76,13 +83,14 @@ def format_table(rows: list[dict[str, Any]], with_bound: bool = False) -> str:
 def format_bounds(rows: list[dict[str, Any]]) -> str:
     """The decode window only (the tokens tok/s counts): hit rate, bytes that had to be read and were read per
     token, and the tok/s bound those bytes and the resident compute time allow."""
-    head = (f"{'config':<28} {'tok/s med':>9} {'dec hit':>7} {'must-read MiB/tok':>17} {'disk MiB/tok':>12} "
+    w = name_width(r["config"] for r in rows)
+    head = (f"{'config':<{w}} {'tok/s med':>9} {'dec hit':>7} {'must-read MiB/tok':>17} {'disk MiB/tok':>12} "
             f"{'bound tok/s':>11} {'of bound':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "disk_bound_tps" in r:
             tps, bound = r["decode_tps"]["median"], r["disk_bound_tps"]
-            lines.append(f"{r['config']:<28} {tps:>9.2f} {_pct(r.get('decode_hit_rate')):>7} "
+            lines.append(f"{r['config']:<{w}} {tps:>9.2f} {_pct(r.get('decode_hit_rate')):>7} "
                          f"{mib(r['must_read_bytes_per_token']):>17} {mib(r.get('decode_disk_bytes_per_token')):>12} "
                          f"{'-' if bound is None else f'{bound:.2f}':>11} {_pct(tps / bound if bound else None):>8}")
     return "\n".join(lines)
@@ -127,6 +135,9 @@ def print_report(rows: list[dict[str, Any]], meta: dict[str, Any], *, with_bound
     print(format_table(rows, with_bound=with_bound))
     if any("disk_bound_tps" in r for r in rows):
         print(format_bounds(rows))
+    if any(r.get("busy") for r in rows):
+        print(f"under load (other CPU-bound processes running; {meta.get('cores', '?')} cores):")
+        print(format_busy(rows))
     _print_notes(meta)
     for line in warnings_of(rows, meta):
         print(f"WARNING (disturbed machine?): {line}")

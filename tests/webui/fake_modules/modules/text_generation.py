@@ -3,7 +3,8 @@
 The prompt goes in as `inputs=`, stopping criteria include a stop-everything check, and streaming runs
 `model.generate` in a worker thread whose per-token stopping-criteria callback feeds a queue. Leaving the loop early
 (client disconnect, Stop button) makes the next callback raise in the worker, abandoning the generation mid-stream.
-Replies are cumulative; a first token starting with "▁" gets its leading space back.
+Replies are cumulative; a first token starting with "▁" gets its leading space back. A logits processor the state
+holds (`state["logits_processor"]`, how TextGen passes one) joins the generation's.
 """
 
 import queue
@@ -54,7 +55,7 @@ def generate_reply_HF(question, original_question, state, stopping_strings=None,
     eos = [shared.tokenizer.eos_token_id]
     params = {"inputs": input_ids, "eos_token_id": eos, "use_cache": True,
               "stopping_criteria": transformers.StoppingCriteriaList([StopEverything()]),
-              "logits_processor": transformers.LogitsProcessorList([]),
+              "logits_processor": transformers.LogitsProcessorList(state.get("logits_processor") or []),
               "max_new_tokens": state["max_new_tokens"], "do_sample": state["do_sample"]}
     for key in ("temperature", "top_k", "top_p"):
         if key in state:
