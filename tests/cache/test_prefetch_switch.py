@@ -106,3 +106,28 @@ def test_prefill_prefetches_every_expert_the_prompt_routes_next(tiny_mixtral_8e:
         assert torch.equal(plain(ids).logits, logits)
     finally:
         plain.unload()
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_prefill_reads_each_routed_expert_once_per_layer(tiny_mixtral_8e: Path, k: int) -> None:
+    """Loads counted from the disk store: a 48-token prompt routes all 8 experts in every layer, and each is read once
+    per layer for the whole prompt, also with a cache smaller than that set; the next layer's first k are read while
+    this layer computes (prefetched and then used). The same prompt again reads only what the cache does not hold."""
+    ids = torch.randint(3, 128, (1, 48), generator=torch.Generator().manual_seed(0))
+    model = load_model(tiny_mixtral_8e, OffloadConfig(device="cpu", store="disk", experts_per_layer=k,
+                                                      prefetch="gate", prefetch_auto=False))
+    try:
+        model.reset_offload_stats()
+        model(ids)
+        first = model.offload_stats()
+        for layer, s in first.layers.items():
+            assert s.hits + s.misses == 8 and s.loads == 8, (layer, s)
+            assert s.bytes_loaded == 8 * (s.bytes_loaded // 8) > 0
+            ahead = 0 if layer == 0 else k  # the first layer has nothing before it to overlap with
+            assert s.prefetch_issued == ahead and s.prefetch_hits == ahead, (layer, s)
+        model(ids)
+        again = model.offload_stats().minus(first)
+        for layer, s in again.layers.items():
+            assert s.hits == k and s.loads == s.misses + s.prefetch_hits == 8 - k, (layer, s)
+    finally:
+        model.unload()

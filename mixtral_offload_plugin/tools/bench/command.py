@@ -152,7 +152,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     log_dir = Path(tempfile.mkdtemp(prefix="mixtral-bench-"))
     meta: dict[str, Any] = {"model": str(path), "trunk_bytes": trunk, "expert_bytes_total": expert_bytes,
                             "experts": n_experts, "repeats": args.repeats, "new_tokens": args.new_tokens,
-                            "prompt_tokens": args.prompt_tokens, "threads": args.threads, "logs": str(log_dir),
+                            "prompt_tokens": args.prompt_tokens[0], "prompt_lengths": args.prompt_tokens,
+                            "threads": args.threads, "logs": str(log_dir),
                             "loadavg_before": os.getloadavg(), "busy_levels": levels,
                             "cores": available_cores()}
     if args.bandwidth:
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         else:
             limit = parse_size(args.memory_limit)
         meta["memory_limit_bytes"] = limit
-    if args.bound and any(c.offload.get("store") in ("disk", "mmap") for c in configs):
+    if args.bound and any(c.offload.get("store") in ("disk", "mmap") or c.limited for c in configs):
         meta["disk_rate"] = measure_disk_rate(path, limit)
     weight_budget = trunk + expert_bytes // 2  # accelerate's max_memory: what our k=E/2 configuration keeps in RAM
     n_ours = sum(c.engine == "ours" for c in configs)
@@ -191,7 +192,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         spec = {"model": str(path), "engine": cfg.engine, "offload": cfg.offload, "dtype": cfg.dtype,
                 "device": cfg.device,
                 "cold": cfg.cold or (limit is not None and cfg.limited and not (group and group.ok)),
-                "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "threads": args.threads,
+                "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens[0],
+                "prefill_lengths": args.prompt_tokens[1:], "threads": args.threads,
                 "weight_budget": weight_budget, "trace": _trace_path(args.record_routing, cfg, n_ours),
                 "scratch": str(log_dir / f"scratch-{i}"), "record_tokens": max(8, args.check_tokens or 0)}
         if cfg.model:
@@ -276,7 +278,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         meta["disk_rate"] = best_rate(meta["disk_rate"], measure_disk_rate(path, limit))
         compute_s = args.compute_ms / 1000 if args.compute_ms is not None else resident_compute_seconds(rows_list)
         meta["compute_s_per_token"] = compute_s
-        add_bounds(rows_list, meta["disk_rate"]["rate"], compute_s)
+        add_bounds(rows_list, meta["disk_rate"]["rate"], compute_s if args.compute_ms is not None else None)
     if all(r["error"] is None for r in rows_list):
         shutil.rmtree(log_dir, ignore_errors=True)
         meta["logs"] = None
@@ -390,7 +392,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "sequential: one configuration at a time; auto: interleaved when the machine holds every "
                         "worker at once (each memory group counted at its limit), else sequential")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per repeat (default: 64)")
-    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens (default: 16)")
+    p.add_argument("--prompt-tokens", type=prompt_lengths, default=[16], metavar="N[,M...]",
+                   help="prompt length in tokens (default: 16); more lengths (e.g. 16,512,2048) also time a "
+                        "prefill of each further length in every repeat (time to first token, disk bytes read, "
+                        "and its bound); decode is timed after the first")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
     p.add_argument("--busy", default=None, metavar="N[,M...]",
                    help="also measure every row while N other CPU-bound processes run (e.g. 0,1: quiet and one "
@@ -428,12 +433,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def prompt_lengths(text: str) -> list[int]:
+    """`--prompt-tokens`: "16" -> [16]; "16,512,2048" -> [16, 512, 2048] (the first is the decode prompt)."""
+    try:
+        lengths = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        lengths = []
+    if not lengths or len(set(lengths)) < len(lengths):
+        msg = f"--prompt-tokens {text!r}: give distinct token counts separated by commas, e.g. 16 or 16,512,2048"
+        raise argparse.ArgumentTypeError(msg)
+    return lengths
+
+
 def _validate(args: argparse.Namespace) -> None:
     """Every option error before anything is built or started."""
     from ...config import parse_size
 
-    if args.repeats < 1 or args.new_tokens < 2 or args.prompt_tokens < 1:
-        msg = "--repeats must be >= 1, --new-tokens >= 2 and --prompt-tokens >= 1"
+    if args.repeats < 1 or args.new_tokens < 2 or min(args.prompt_tokens) < 1:
+        msg = "--repeats must be >= 1, --new-tokens >= 2 and every --prompt-tokens length >= 1"
         raise ValueError(msg)
     if args.check_tokens is not None and args.check_tokens < 1:
         msg = "--check-tokens N needs N >= 1"

@@ -11,6 +11,8 @@ and kept in the JSON (`row_warnings`, `recheck_warning`):
   timings on a quiet machine vary by 15-20%);
 - a row that keeps every weight in memory (`resident`, unlimited llama.cpp) yet reads from disk while decoding
   (more than `RESIDENT_READS` per token: its pages are being evicted and read again);
+- a `-cold` row whose prefill read less than half of what it must have read from a cold page cache (its file
+  stayed cached: another worker maps the same file, e.g. a warm llama.cpp row of the same GGUF, interleaved);
 - the first row measured again after all the others (`bench --recheck`) far from its first value (`RECHECK`).
 
 Pure functions over numbers, plus one reader of /proc; no processes, no torch.
@@ -80,6 +82,25 @@ def resident_reads_warning(row: dict[str, Any], limit: int = RESIDENT_READS) -> 
             "resident speed")
 
 
+def cold_reads_warning(row: dict[str, Any]) -> str | None:
+    """A warning when a cold row's prefill of its first prompt read from disk less than half of what a cold start
+    must read: a llama.cpp row the non-expert weights of its file (every token reads them), ours the expert bytes
+    its loads needed."""
+    if not row.get("cold") or not row.get("prefill"):
+        return None
+    first = row["prefill"][min(row["prefill"], key=int)]
+    read = first.get("disk_bytes")
+    if row.get("engine") == "llamacpp":
+        expected = (row.get("weight_bytes") or {}).get("dense")
+    else:
+        expected = first.get("must_read_bytes")
+    if read is None or not expected or read >= expected / 2:
+        return None
+    return (f"{row['config']}: a cold row, yet its prefill read {read / 2**20:.1f} MiB from disk where a cold start "
+            f"reads at least {expected / 2**20:.1f} MiB: its file stayed in the page cache (another worker maps it? "
+            "run cold rows apart from warm rows of the same file); its times are not cold times")
+
+
 def recheck_warning(label: str, first: float | None, again: float | None, limit: float = RECHECK) -> str | None:
     """A warning when a row measured again at the end of the run differs from its first value by more than `limit`x."""
     if not first or not again:
@@ -92,10 +113,12 @@ def recheck_warning(label: str, first: float | None, again: float | None, limit:
 
 
 def row_warnings(row: dict[str, Any], states: list[dict[str, Any]]) -> list[str]:
-    """Every warning about one bench row: its repeats' start states, the spread of its repeats, resident reads."""
+    """Every warning about one bench row: its repeats' start states, the spread of its repeats, resident reads, cold
+    reads."""
     out = [start_warning(s, f"{row['config']} repeat {i + 1}") for i, s in enumerate(states)]
     reps = row.get("repeats") or []
     out.append(spread_warning(row["config"], [r.get("decode_tps") for r in reps], "decode tok/s"))
     out.append(spread_warning(row["config"], [r.get("ttft_s") for r in reps], "time to first token (s)"))
     out.append(resident_reads_warning(row))
+    out.append(cold_reads_warning(row))
     return [w for w in out if w]

@@ -150,7 +150,7 @@ def load(spec: dict[str, Any]) -> tuple[LlamaCppModel, list[Path], dict[str, Any
     import torch
 
     threads = int(spec.get("threads") or torch.get_num_threads())
-    n_ctx = int(spec["prompt_tokens"]) + int(spec["new_tokens"]) + 16
+    n_ctx = max(int(spec["prompt_tokens"]) + int(spec["new_tokens"]), *(spec.get("prefill_lengths") or [0])) + 16
     use_mmap = bool((spec.get("offload") or {}).get("use_mmap", True))
     model = LlamaCppModel(Path(spec["gguf"]), threads, n_ctx, use_mmap=use_mmap)
     import llama_cpp
