@@ -16,6 +16,8 @@ import time
 from types import TracebackType
 from typing import Any
 
+from .config import name_width
+
 SPIN = "while True:\n    pass\n"
 _SETTLE_S = 0.3  # the competitors are running (past interpreter start-up) before the first timed step
 
@@ -77,8 +79,6 @@ def kept_shares(rows: list[dict[str, Any]]) -> None:
 def format_busy(rows: list[dict[str, Any]]) -> str:
     """One line per configuration: quiet tok/s, then tok/s and the share kept at each busy level."""
     levels = sorted({r["busy"] for r in rows if r.get("busy") is not None})
-    from .report import name_width  # report imports this module
-
     w = name_width(r["busy_of"] for r in rows if r.get("busy") is not None)
     head = f"{'config':<{w}} " + " ".join(f"{f'busy={n} tok/s':>12} {'kept':>6}" if n else f"{'quiet tok/s':>12}"
                                          for n in levels)

@@ -203,3 +203,8 @@ def checkpoint_bytes(path: Path) -> tuple[int, int, int]:
         msg = f"{path} has no expert tensors: bench needs a mixture-of-experts checkpoint"
         raise ValueError(msg)
     return trunk, experts, len(keys)
+
+
+def name_width(names: Any) -> int:
+    """The config column's width: 28, or the longest name (row options make long names)."""
+    return max([28, *(len(n) for n in names)])

@@ -9,7 +9,7 @@ from typing import Any
 
 from .busy import format_busy
 from .compare import extra_columns
-from .config import BenchConfig
+from .config import BenchConfig, name_width
 
 
 def summarize_row(cfg: BenchConfig, load: dict[str, Any] | None, reps: list[dict[str, Any]],
@@ -67,11 +67,6 @@ def mib(n: float | None) -> str:
 
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.1%}"
-
-
-def name_width(names: Any) -> int:
-    """The config column's width: 28, or the longest name (row options make long names)."""
-    return max([28, *(len(n) for n in names)])
 
 
 def format_table(rows: list[dict[str, Any]], with_bound: bool = False) -> str:
