@@ -203,6 +203,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
             spec.update(gguf=str(made.path), gguf_vocab=made.vocab)
             if made.vocab == "as given":  # a GGUF file: the prompt ids come from --model, as every other row's
                 spec["model"] = str(path)
+        if group is not None:
+            model_dir = Path(spec["model"])
+            _drop_cached([Path(spec["gguf"])] if "gguf" in spec else
+                         sorted(model_dir.glob("experts-*.bin")) + sorted(model_dir.glob("*.safetensors")))
         bar.set_postfix_str(f"loading {cfg.label}")
         w = Worker(cfg, spec, group, log_dir)
         started[i] = (w, memory, group)
@@ -329,10 +333,38 @@ def _schedule(choice: str, configs: list[BenchConfig], limit: int | None, model_
 
     need = sum(limit if limit is not None and c.limited else _row_bytes(c, model_bytes) for c in configs)
     avail = psutil.virtual_memory().available
-    if choice == "interleaved" or (choice == "auto" and need <= 0.9 * avail):
+    shared = _sharing(configs) if limit is not None else []
+    if choice == "interleaved" or (choice == "auto" and need <= 0.9 * avail and not shared):
         return "interleaved"
     why = f"{need / 2**30:.1f} GiB for all workers at once, {avail / 2**30:.1f} GiB available"
+    if shared and need <= 0.9 * avail:
+        why = (f"{', '.join(shared)} would share its file's page cache with another row loaded at the same time, "
+               "which is charged to whichever group read a page first")
     return f"sequential ({why})" if choice == "auto" else "sequential (asked)"
+
+
+def _sharing(configs: list[BenchConfig]) -> list[str]:
+    """Limited llama.cpp rows whose GGUF file another llama.cpp row maps too (same model and type): interleaved,
+    their memory group would not limit them (the other worker's mapping holds the pages)."""
+    def key(c: BenchConfig) -> tuple[str, str]:
+        return c.model or "", c.dtype
+
+    llama = [c for c in configs if c.engine == "llamacpp"]
+    return [c.label for c in llama if c.limited and sum(key(o) == key(c) for o in llama) > 1]
+
+
+def _drop_cached(paths: list[Path]) -> None:
+    """Drop files from the page cache (pages no process maps): a limited row starts with its files out of memory
+    instead of on pages a writer (synth) or an earlier row left cached, charged to no group or to another one."""
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def _with_reference(configs: list[BenchConfig], check_tokens: int | None) -> list[BenchConfig]:
