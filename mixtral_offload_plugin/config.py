@@ -77,6 +77,10 @@ class OffloadConfig:
                             'hidden state and the routing history vote; experts with a calibrated probability >= 0.4 '
                             'are loaded), "history", "gate" (the routers\' top guesses, always), "none" or a plugin\'s',
                             textgen=True, title="Speculative prefetch", registry="prefetcher")
+    prefetch_auto: bool = _option(True, "turn prefetch off while it costs more time than the misses it avoids "
+                                  "(measured: the prefetcher's seconds per layer against the stalls its hits save; a "
+                                  "small model whose experts load in microseconds), and on again when it would pay",
+                                  audience="advanced")
     prefetch_depth: int = _option(1, "how many layers ahead the prefetcher guesses (1..4)", audience="advanced")
     prefetch_experts: int = _option(0, "experts prefetched at most per guessed layer (0 = the model's top-k)",
                                     audience="advanced")

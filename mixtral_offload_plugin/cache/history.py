@@ -71,13 +71,19 @@ class GateHistoryPrefetcher(HistoryPrefetcher):
                     proposal: list[list[int]] | None = None) -> None:
         if proposal is None and self.gate is not None and self.gate_ahead[layer]:
             proposal = self.gate.propose(layer, hidden_states).tolist()  # only when the caller did not propose
+        several = self.stats.cur.get(layer, ()) is None  # a prefill: the history predicts one token's routing only
         for target, guess in zip(self.gate_ahead[layer], proposal or (), strict=False):
             if guess is None:
                 continue
+            guess = [e for e in guess if e >= 0]
             for listener in self.listeners:
                 listener(layer, target, guess)
-            self.stats.advise(layer, target, guess)
-        super().after_route(layer, hidden_states, experts)
+            if several:  # every expert some prompt token would route there (the gate's prefill proposal)
+                self.cache.prefetch(target, guess, [(layer, e) for e in experts])
+            else:
+                self.stats.advise(layer, target, guess)
+        if not several:
+            super().after_route(layer, hidden_states, experts)
 
 
 def history_prefetcher(cache: Any, arch: Any, blocks: dict[int, Any], config: Any) -> HistoryPrefetcher:

@@ -10,7 +10,10 @@ The protocol (what `OffloadedExperts` calls, once per MoE layer call):
 
 `GatePrefetcher` applies the routers of the next `depth` MoE layers to the hidden state entering the current layer's
 experts (the residual stream changes slowly between layers, so the guess is often right) and asks the cache to load
-its top guesses. Loads never evict what the current layer uses. Guesses can be observed (traces record them).
+its top guesses; for a prefill (several tokens at once) it asks for every expert some token would route there, most
+tokens first (as many as the cache can take), so the next layer's reads run during this layer's compute and each
+expert is read once per layer for the whole prompt. Loads never evict what the current layer uses. Guesses can be
+observed (traces record them).
 The routers are applied through `arch.router_scores(block, hidden)`: this module knows nothing about modules,
 stores or kernels.
 """
@@ -57,12 +60,21 @@ class GatePrefetcher(PrefetcherDefaults):
 
     @torch.no_grad()
     def propose(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Top guesses [d, n] for the `d` layers after `layer` (device tensor; no host sync)."""
+        """Guesses for the `d` layers after `layer` (device tensor; no host sync): one token's top `experts` [d, n];
+        for several tokens (a prefill) every expert some token would route, most tokens first, -1 after the last
+        ([d, E]): the next layer will compute all of them, so all are worth loading during this layer."""
         ahead = self.ahead[layer]
         if not ahead:
             return None
-        scores = torch.stack([self.arch.router_scores(self.blocks[nxt], hidden).sum(dim=0) for nxt in ahead])  # [d, E]
-        return scores.topk(min(self.experts, scores.shape[-1]), dim=-1).indices
+        scores = torch.stack([self.arch.router_scores(self.blocks[nxt], hidden) for nxt in ahead])  # [d, T, E]
+        if hidden.shape[0] == 1:
+            return scores[:, 0].topk(min(self.experts, scores.shape[-1]), dim=-1).indices
+        chosen = scores.topk(min(self.experts, scores.shape[-1]), dim=-1).indices  # [d, T, k]
+        counts = torch.zeros(scores.shape[0], scores.shape[-1], dtype=torch.int64, device=scores.device)
+        flat = chosen.reshape(scores.shape[0], -1)
+        counts.scatter_add_(1, flat, torch.ones_like(flat))
+        ranked, order = counts.sort(dim=-1, descending=True, stable=True)
+        return torch.where(ranked > 0, order, -1)
 
     @torch.no_grad()
     def after_route(self, layer: int, hidden: torch.Tensor, experts: Sequence[int],
@@ -74,6 +86,7 @@ class GatePrefetcher(PrefetcherDefaults):
             proposal = guessed.tolist()
         protected = [(layer, e) for e in experts]
         for nxt, guess in zip(self.ahead[layer], proposal, strict=True):
+            guess = [e for e in guess if e >= 0]
             for listener in self.listeners:
                 listener(layer, nxt, guess)
             self.cache.prefetch(nxt, guess, protected)

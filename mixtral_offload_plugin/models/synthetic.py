@@ -5,7 +5,7 @@ Two ways to get one, both seeded and offline:
 - `SyntheticSpec` + `SyntheticMixtral`: a named shape (`mixtral-8x7b`, `mid`, `tiny`, ...) with `key=value`
   overrides, whose tensors are generated one at a time, each from its own seed (the seed and the tensor's checkpoint
   name), so any expert can be produced alone, in any order, in bounded memory. Writers (`tools/synth.py`) stream them
-  into a plain checkpoint folder or, quantized on the fly, into the offload format.
+  into a plain checkpoint folder or, quantized on the fly, into the offload format or a llama.cpp GGUF file.
 
 Weight scale (chosen so routing is not degenerate, measured with hidden 4096 over 8 layers): matrices are N(0, std)
 with std 0.02 (transformers' initializer_range for Mixtral), norms are ones, and three tensors differ:
@@ -92,13 +92,15 @@ PRESETS: dict[str, dict[str, Any]] = {
              "vocab": 128, "context": 256, "dtype": "float32", "std": 0.2, "router_std": 0.2, "embed_std": 0.2,
              "out_std": 0.2},
 }
-FORMATS = ("hf", "offload")
+FORMATS = ("hf", "offload", "gguf")
+_OFFLOAD_ONLY = ("fused", "expert_bits", "expert_group_size", "quant_scales", "attn_bits", "attn_group_size",
+                 "quant_method")
 
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    """A random Mixtral: its shape, seed and scale, and the folder format to write (`hf` or `offload`, with the
-    offload format's quantization settings)."""
+    """A random Mixtral: its shape, seed and scale, and the folder format to write (`hf`, `offload` with the
+    offload format's quantization settings, or `gguf`: one llama.cpp file of type `gguf_type`)."""
 
     preset: str
     hidden: int
@@ -125,6 +127,7 @@ class SyntheticSpec:
     attn_bits: int = 4
     attn_group_size: int = 64
     quant_method: str = "rtn"
+    gguf_type: str = "f16"  # format=gguf: llama.cpp's file type (f16, q8_0, q4_k_m, q3_k_s, q2_k, ...)
 
     def __post_init__(self) -> None:
         for name in _SHAPES:
@@ -168,7 +171,13 @@ class SyntheticSpec:
 
     def slug(self) -> str:
         """A folder name naming the preset and everything that decides the folder's bytes."""
-        digest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+        fields = self.to_dict()
+        if self.format != "gguf":  # folders of other formats keep the names they had before gguf_type existed
+            fields.pop("gguf_type")
+        else:  # the offload format's settings do not change a GGUF file's bytes
+            for name in _OFFLOAD_ONLY:
+                fields.pop(name)
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
         return f"{self.preset}-{self.format}-{digest}"
 
     def parameters(self) -> int:

@@ -21,6 +21,7 @@ from torch import nn
 from .. import plugins
 from ..cache.expert_cache import ExpertCache
 from ..cache.policies import LRUPolicy
+from ..cache.prefetch_switch import PrefetchSwitch
 from ..cache.transfer import make_loader
 from ..models.architectures import read_expert
 from ..quant import QuantSpec
@@ -141,7 +142,7 @@ def _build_runtime(plan: LoadPlan, ckpt: Any, blocks: dict[int, nn.Module], dtyp
 
     if memory.experts_per_layer is not None:
         pools = {layer: layer for layer in blocks}
-        capacities = {layer: memory.experts_per_layer for layer in blocks}
+        capacities = {layer: memory.layer_slots(rank) for rank, layer in enumerate(sorted(blocks))}
     else:
         pools = {layer: 0 for layer in blocks}
         capacities = {0: memory.global_slots}
@@ -178,7 +179,10 @@ def _build_runtime(plan: LoadPlan, ckpt: Any, blocks: dict[int, nn.Module], dtyp
                                                                     blocks, config)
     runtime = OffloadRuntime(config, arch, device, cache, store, prefetcher, kernels, blocks, memory, plan.path,
                              resident=resident, load_plan=plan,
-                             threads=ThreadGovernor(config.threads) if device.type == "cpu" else None)
+                             threads=ThreadGovernor(config.threads) if device.type == "cpu" else None,
+                             # on the CPU, where the waits it weighs are the host's (a CUDA wait is the stream's)
+                             prefetch_switch=PrefetchSwitch() if prefetcher is not None and config.prefetch_auto
+                             and device.type == "cpu" else None)
     for block in blocks.values():
         cast(OffloadedExperts, block.experts)._runtime = runtime  # installed by build_skeleton
     return runtime

@@ -7,11 +7,13 @@ together. Then misses start loading, the prefetcher acts on its guesses, and eac
 slot is ready (resident ones first). Outputs are summed in expert order, so results do not depend on what was cached
 or prefetched. One decoded token (T = 1) takes a path that builds no index tensors at all. A batched decode step of
 several sequences (`runtime/batching.py`) is one call with a row per sequence: the cache serves the union of their
-experts once, and each row is computed as in its own sequence's run (`kernels.rows_apart`).
+experts once, and each row is computed as in its own sequence's run (`kernels.rows_apart`). The runtime's prefetch
+switch (cache/prefetch_switch.py) is told what each call's prefetching cost and what its loads made compute wait.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -30,6 +32,7 @@ class OffloadedExperts(nn.Module):
         self.num_experts = num_experts
         self.act_fn = act_fn
         self._runtime: Any = None  # set by the loader; a plain attribute, not a submodule
+        self._stalls: list[float] = [0.0, 0.0]  # this call's waits on loads (see forward)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, num_experts={self.num_experts}, offloaded"
@@ -43,20 +46,34 @@ class OffloadedExperts(nn.Module):
 
             msg = "this model was unloaded; load it again with load_model()"
             raise ModelUnloadedError(msg)
-        single, head, experts, guesses = self._route(rt, hidden_states, top_k_index)  # the layer's one host sync
+        switch = rt.prefetch_switch
+        pf = rt.prefetcher if switch is None or switch.on else None  # off while it costs more than it saves
+        t0 = time.perf_counter()
+        # every prefetcher has `propose` (plugins.contracts supplies a default)
+        proposal = pf.propose(self.layer_idx, hidden_states) if pf is not None else None
+        cost = time.perf_counter() - t0
+        single, head, experts, guesses = self._route(hidden_states, top_k_index, proposal)  # the one host sync
+        counters = rt.cache.counters[self.layer_idx]
+        misses, prefetch_hits = counters.misses, counters.prefetch_hits
         slots = rt.cache.request(self.layer_idx, experts)
-        if rt.prefetcher is not None:  # every prefetcher has `propose` (plugins.contracts supplies a default)
-            rt.prefetcher.after_route(self.layer_idx, hidden_states, experts, proposal=guesses)
+        if pf is not None:
+            t1 = time.perf_counter()
+            pf.after_route(self.layer_idx, hidden_states, experts, proposal=guesses)
+            cost += time.perf_counter() - t1
+        self._stalls = [0.0, 0.0]  # seconds waited on demand-missed loads, on prefetched ones still loading
         if single:
-            return self._one_token(rt, hidden_states, head, top_k_weights, experts, slots)
-        return self._tokens(rt, hidden_states, top_k_index, top_k_weights, experts, head, slots)
+            out = self._one_token(rt, hidden_states, head, top_k_weights, experts, slots)
+        else:
+            out = self._tokens(rt, hidden_states, top_k_index, top_k_weights, experts, head, slots)
+        if switch is not None:
+            switch.record(cost, counters.misses - misses, counters.prefetch_hits - prefetch_hits, *self._stalls)
+        return out
 
-    def _route(self, rt: Any, hidden: torch.Tensor,
-               top_k_index: torch.Tensor) -> tuple[bool, list[int], list[int], Any]:
+    def _route(self, hidden: torch.Tensor, top_k_index: torch.Tensor,
+               proposal: torch.Tensor | None) -> tuple[bool, list[int], list[int], Any]:
         """One host transfer: the routing (one token's k experts, or per-expert counts for several tokens: fixed size)
         and the prefetcher's device-side proposal together. Returns (one token?, its routing or the counts, experts,
         the proposal as nested lists or None)."""
-        proposal = rt.prefetcher.propose(self.layer_idx, hidden) if rt.prefetcher is not None else None
         single = hidden.shape[0] == 1
         routed = top_k_index.view(-1) if single else torch.bincount(top_k_index.view(-1), minlength=self.num_experts)
         if proposal is None:
@@ -81,7 +98,24 @@ class OffloadedExperts(nn.Module):
     def _state(self, rt: Any, expert: int, slot: Any) -> Any:
         if slot is None:
             slot = rt.cache.request(self.layer_idx, [expert], record=False)[0]
-        return rt.cache.wait(slot)
+        if rt.cache.is_ready(slot):
+            return rt.cache.wait(slot)
+        t0 = time.perf_counter()  # compute stalls on this load: what prefetch is there to avoid
+        state = rt.cache.wait(slot)
+        waited = time.perf_counter() - t0
+        self._stalls[1 if slot.from_prefetch else 0] += waited
+        return state
+
+    def _load_ahead(self, rt: Any, experts: list[int], slots: list[Any], todo: list[int]) -> None:
+        """A layer routing more experts than its cache holds: start loading the next expert that did not fit into a
+        slot whose expert is already computed (every expert still to compute keeps its slot), so its read overlaps
+        the compute of the experts before it; each routed expert is still read once. Nothing when no slot is free
+        yet (`_state` then requests it when its turn comes)."""
+        nxt = next((j for j in todo if slots[j] is None), None)
+        if nxt is None:
+            return
+        keep = [experts[j] for j in todo if slots[j] is not None]
+        slots[nxt] = rt.cache.request(self.layer_idx, [experts[nxt]], record=False, keep=keep)[0]
 
     def _one_token(self, rt: Any, hidden: torch.Tensor, routed: list[int], weights: torch.Tensor,
                    experts: list[int], slots: list[Any]) -> torch.Tensor:
@@ -109,7 +143,10 @@ class OffloadedExperts(nn.Module):
             acc += n
         flat_w = top_k_weights.reshape(-1)
         outputs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(experts)
-        for i in self._order(rt, slots):
+        order_ = self._order(rt, slots)
+        for pos, i in enumerate(order_):
+            if None in slots:
+                self._load_ahead(rt, experts, slots, order_[pos:])
             e = experts[i]
             rows = order[starts[e]:starts[e] + counts[e]]  # positions in [T*k]
             token_idx = rows // k

@@ -30,7 +30,8 @@ import torch
 from ..errors import ConfigError, MemoryPlanError
 
 log = logging.getLogger(__name__)
-SAFETY = 0.85  # share of the available memory a plan may use
+SAFETY = 0.85  # share of the available memory a plan may use (CUDA; on the CPU the smaller margin of auto_budget)
+CPU_MARGIN = 256 << 20
 CGROUP_FS = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 _UNLIMITED = 1 << 60  # cgroup v1 writes ~2**63 for "no limit"
@@ -137,10 +138,22 @@ class MemoryPlan:
     global_slots: int | None
     available: int
     overhead_bytes: int = 0  # device memory besides weights (CUDA: activations, temporaries, cuBLAS workspaces)
+    extra_layers: int = 0  # per-layer pools: this many layers (spread evenly) get one slot more than the others
 
     @property
     def slots(self) -> int:
-        return self.global_slots if self.global_slots is not None else self.layers * (self.experts_per_layer or 0)
+        if self.global_slots is not None:
+            return self.global_slots
+        return self.layers * (self.experts_per_layer or 0) + self.extra_layers
+
+    def layer_slots(self, rank: int) -> int:
+        """Slots of the MoE layer at position `rank` (0-based) under per-layer pools: `experts_per_layer`, one more
+        in `extra_layers` layers spread evenly over the model."""
+        k = self.experts_per_layer or 0
+        if not self.extra_layers:
+            return k
+        chosen = {(2 * i + 1) * self.layers // (2 * self.extra_layers) for i in range(self.extra_layers)}
+        return k + (rank in chosen)
 
     @property
     def cache_bytes(self) -> int:
@@ -157,6 +170,8 @@ class MemoryPlan:
     def describe(self) -> str:
         cache = (f"{self.experts_per_layer} experts/layer" if self.experts_per_layer is not None
                  else f"{self.global_slots} slots shared by all layers")
+        if self.extra_layers:
+            cache += f", {(self.experts_per_layer or 0) + 1} in {self.extra_layers} of the {self.layers} layers"
         extra = f" + activations and temporaries {fmt(self.overhead_bytes)}" if self.overhead_bytes else ""
         if self.slots == 0:  # a mapped store: experts are computed from the page cache
             return (f"trunk {fmt(self.trunk_bytes)} + one kernel workspace {fmt(self.expert_bytes)} + KV "
@@ -169,7 +184,8 @@ class MemoryPlan:
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "expert_bytes": self.expert_bytes, "trunk_bytes": self.trunk_bytes,
                 "kv_bytes": self.kv_bytes, "store_ram_bytes": self.store_ram_bytes,
-                "experts_per_layer": self.experts_per_layer, "global_slots": self.global_slots,
+                "experts_per_layer": self.experts_per_layer, "extra_layers": self.extra_layers,
+                "global_slots": self.global_slots,
                 "cache_bytes": self.cache_bytes, "overhead_bytes": self.overhead_bytes, "needed": self.needed,
                 "available": self.available}
 
@@ -255,14 +271,25 @@ def resident_plan(make: Callable[[int], MemoryPlan], fast_bytes: int) -> MemoryP
     return plan if plan.resident else None
 
 
+def auto_budget(avail: int, working: int) -> int:
+    """What an automatic CPU plan may fill: `avail` less a margin for what grows after the plan (`working`:
+    activations of a full-context prefill; plus `CPU_MARGIN` for the allocator, the Python runtime and one expert
+    being packed), but never more than `SAFETY` of `avail` (on a small machine the share is the larger margin).
+    At 12 GiB the share alone left 2.3 GiB unused under a full-size Mixtral."""
+    return avail - min(int(avail * (1 - SAFETY)), CPU_MARGIN + working)
+
+
 def make_plan(config: Any, *, device: torch.device, layers: int, experts: int, top_k: int, expert_bytes: int,
               total_expert_bytes: int, trunk_bytes: int, kv: int, store_in_ram: bool, available: int | None = None,
-              overhead: int = 0) -> MemoryPlan:
+              overhead: int = 0, working: int = 0) -> MemoryPlan:
     """Decide the cache size from `config` (experts_per_layer, cache_bytes, or auto) and check that it fits.
 
     `available`: free memory measured before the trunk was placed (the plan counts the trunk; default: measured
     now).
     `overhead`: device bytes needed besides weights, KV cache and slots (`cuda_overhead_bytes`).
+    `working`: on the CPU, the activations an automatic plan keeps room for (`auto_budget`). An automatic CPU plan
+    that cannot cache every expert takes the largest k per layer that fits, then gives one more slot to as many
+    layers (spread evenly) as the rest of the budget holds.
     """
     if device.type == "cuda":  # a budget never exceeds what is free; every plan keeps the safety margin
         free = available if available is not None else available_bytes(device)
@@ -273,11 +300,11 @@ def make_plan(config: Any, *, device: torch.device, layers: int, experts: int, t
         hard = avail
     same_memory = store_in_ram and device.type == "cpu"
 
-    def plan(k: int | None, g: int | None) -> MemoryPlan:
+    def plan(k: int | None, g: int | None, extra: int = 0) -> MemoryPlan:
         resident = (g if g is not None else layers * (k or 0)) >= layers * experts
         store = total_expert_bytes if same_memory and not resident else 0
         return MemoryPlan(str(device), layers, experts, top_k, expert_bytes, trunk_bytes, kv, store, k, g, avail,
-                          overhead)
+                          overhead, extra)
 
     if config.experts_per_layer is not None:
         k = config.experts_per_layer
@@ -295,10 +322,15 @@ def make_plan(config: Any, *, device: torch.device, layers: int, experts: int, t
             raise MemoryPlanError(msg)
         p = plan(None, g)
     else:
+        budget = auto_budget(avail, working) if device.type == "cpu" else avail * SAFETY
         p = plan(experts, None)
-        if p.needed > avail * SAFETY:
-            fitting = [k for k in range(experts - 1, 0, -1) if plan(k, None).needed <= avail * SAFETY]
+        if p.needed > budget:
+            fitting = [k for k in range(experts - 1, 0, -1) if plan(k, None).needed <= budget]
             p = plan(fitting[0] if fitting else 1, None)
+            if fitting and device.type == "cpu":  # the rest of the budget: one more slot in as many layers as fit
+                spare = int(budget - p.needed) // expert_bytes
+                if spare:
+                    p = plan(p.experts_per_layer, None, min(spare, layers - 1))
     if p.needed > hard:
         share = f" (a plan may use {SAFETY:.0%} of it)" if hard < avail else ""
         msg = f"the configuration does not fit: {p.describe()}{share}. {_nearest(plan, p, avail, layers, experts)}"

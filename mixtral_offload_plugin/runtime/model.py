@@ -58,6 +58,7 @@ class OffloadRuntime:
     threads: ThreadGovernor | None = None  # CPU models: the thread count of each forward
     batcher: Any = None  # batching.Batcher when batch_size > 1
     mine: threading.local = field(default_factory=threading.local)  # per thread: its last GenerationStats
+    prefetch_switch: Any = None  # cache.prefetch_switch.PrefetchSwitch: prefetch on only while it pays
 
     def close(self) -> None:
         with self.lock:

@@ -28,6 +28,7 @@ from ..models.architectures import expert_shapes
 from ..quant import QuantSpec
 from .checkpoints import HF_FORMAT, checkpoint_format, open_checkpoint
 from .memory import (
+    activation_bytes,
     available_bytes,
     choose_cuda_slots,
     cuda_overhead_bytes,
@@ -103,7 +104,9 @@ class LoadPlan:
         if self.mapped:
             return "none (experts computed from the mapped files)"
         if m.experts_per_layer is not None:
-            return f"{m.experts_per_layer} of {m.experts} experts/layer" + (" (all resident)" if self.resident else "")
+            more = f" ({m.experts_per_layer + 1} in {m.extra_layers} layers)" if m.extra_layers else ""
+            return f"{m.experts_per_layer} of {m.experts} experts/layer{more}" + (" (all resident)" if self.resident
+                                                                                 else "")
         return f"{m.global_slots} global slots for {m.experts} experts/layer"
 
     def describe(self) -> dict[str, Any]:
@@ -216,6 +219,7 @@ def _plan(path: Path, fmt_name: str, read_from: Path, conversion: str | None, re
     kv = kv_bytes(model_config, config.context_length, el, max(config.batch_size, config.kept_prefixes or 1))
     overhead = cuda_overhead_bytes(model_config, config.context_length, el, config.batch_size, call_temp) \
         if device.type == "cuda" else 0
+    working = activation_bytes(model_config, config.context_length, el, config.batch_size)
     total_expert_bytes = sum(lay.nbytes for lay in layouts.values())
     mapped = plugins.store_is_mapped(config.store)
 
@@ -227,7 +231,8 @@ def _plan(path: Path, fmt_name: str, read_from: Path, conversion: str | None, re
     def plan_for(nbytes: int) -> Any:
         return make_plan(config, device=device, layers=len(blocks), experts=num_experts, top_k=top_k,
                          expert_bytes=nbytes, total_expert_bytes=total_expert_bytes, trunk_bytes=trunk, kv=kv,
-                         store_in_ram=config.store == "host", available=free_before, overhead=overhead)
+                         store_in_ram=config.store == "host", available=free_before, overhead=overhead,
+                         working=working)
 
     kernels, slot_bytes = kernels_for()
     mode = "per layout"

@@ -15,6 +15,7 @@ transformers model) gets the same session, without prefix reuse, batching, routi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -138,7 +139,11 @@ class Session:
         m = rt.plan
         cache = (f"{m.experts_per_layer} of {m.experts} experts/layer cached" if m.experts_per_layer is not None
                  else f"{m.global_slots} global slots for {m.experts} experts/layer")
+        if m.extra_layers:
+            cache += f" ({m.experts_per_layer + 1} in {m.extra_layers} of {m.layers} layers)"
         prefetch = f", {rt.config.prefetch} prefetch" if rt.prefetcher is not None else ""
+        if rt.prefetcher is not None and rt.prefetch_switch is not None and not rt.prefetch_switch.on:
+            prefetch += " (off for now: it costs more than the misses it avoids)"
         return f"{cache}{prefetch}, the rest in the {rt.config.store} store"
 
     def describe(self) -> dict[str, Any]:
@@ -152,7 +157,14 @@ class Session:
                 "resident": {layer: sorted(self.resident(layer)) for layer in self.layers},
                 "capacity": {layer: self.capacity(layer) for layer in self.layers},
                 "stats": rt.cache.stats().to_dict(), "loader_alive": self.loader_alive,
-                "fused_decode": bool(rt.fused), "batch_size": self.batch_size}
+                "fused_decode": bool(rt.fused), "batch_size": self.batch_size,
+                "prefetch_switch": dataclasses.asdict(rt.prefetch_switch.state()) if rt.prefetch_switch else None}
+
+    def prefetch_switch(self) -> Any:
+        """What the prefetch switch knows (`SwitchState`: on, decisions, measured cost, stall and gain per layer
+        call), or None when there is no switch (no prefetcher, prefetch_auto=False, or a CUDA model)."""
+        switch = self._rt().prefetch_switch if self.offloaded else None
+        return switch.state() if switch is not None else None
 
     def stats(self) -> Any:
         """`OffloadStats`: the cache counters since load (or the last reset)."""

@@ -12,8 +12,8 @@ Layout of a folder (written by `OffloadWriter`, fed by `runtime/conversion.py` f
 `open_offload_checkpoint` validates the manifest against the files (version, paths, ranges, sizes) and returns an
 `OffloadCheckpoint` with the surface `runtime/loading.py` uses. Checksums are verified on an expert's first read (or
 all at open with `OffloadConfig(verify=True)`). `OffloadWriter` writes a folder from packed bytes (alignment,
-checksums, the manifest last) and `write_atomically` builds it beside its destination and renames it into place when
-complete. This module knows nothing about caches, kernels or how the bytes were quantized.
+checksums, the manifest last) and `write_atomically` builds it beside its destination, syncs it to disk and renames it
+into place when complete. This module knows nothing about caches, kernels or how the bytes were quantized.
 """
 
 from __future__ import annotations
@@ -377,18 +377,37 @@ def check_destination(dst: Path, force: bool, src: Path | None = None) -> None:
         raise CheckpointError(msg)
 
 
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder: Path) -> None:
+    """Write every file under `folder` (and the folders themselves) to disk: a command that reports a folder done
+    leaves no dirty pages behind for the next one (a benchmark started right after would compete with writeback)."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file() or path.is_dir():
+            _fsync_path(path)
+    _fsync_path(folder)
+
+
 def write_atomically(dst: Path, write: Callable[[Path], T]) -> T:
-    """Build a folder with `write(tmp)` in a temporary folder beside `dst`, then rename it into place (replacing
-    `dst`). An interrupted or failed write leaves nothing behind."""
+    """Build a folder with `write(tmp)` in a temporary folder beside `dst`, sync it to disk, then rename it into place
+    (replacing `dst`) and sync the rename. An interrupted or failed write leaves nothing behind."""
     dst = Path(dst)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         result = write(tmp)
+        sync_tree(tmp)
         if dst.exists():
             shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
         os.replace(tmp, dst)
+        _fsync_path(dst.parent)  # the rename itself
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

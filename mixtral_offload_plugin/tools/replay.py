@@ -198,7 +198,8 @@ def replay_policy(events: Sequence[Route | Guess], policy_factory: Callable[[], 
                   occupancy: tuple[int, list[list[int]]] | None = None) -> Counts:
     """Replay `events` through the policy (and prefetcher, `PREFETCHERS`; True = "gate") at `k` slots per layer or
     `global_slots` in all; `depth`/`experts` as OffloadConfig's prefetch_depth/prefetch_experts (defaults: the
-    recorded guesses' depth, else 1; the trace's top-k). Recorded guesses are cut to `experts`, as the live gate's.
+    recorded guesses' depth, else 1; the trace's top-k). Recorded guesses are cut to `experts`, as the live gate's
+    (one token's: a prefill's are kept whole, as the live gate proposes every expert some prompt token routes).
     `occupancy` = (layer, list): after each decode call of that layer, the experts resident in it are appended."""
     layers = list(layers) if layers is not None else trace_shape(events)[0]
     top_k = trace_top_k(events)
@@ -216,7 +217,9 @@ def replay_policy(events: Sequence[Route | Guess], policy_factory: Callable[[], 
         route, left, guessed = pending
         cache.phase = route.phase
         if pf is not None:
-            proposal = [list(guessed.get(t, ()))[:experts] for t in ahead[route.layer]] if "gate" in name else None
+            one = len(route.experts) <= (top_k or experts)  # a prefill's guesses are every expert its tokens route
+            proposal = [list(guessed.get(t, ()))[:experts if one else None] for t in ahead[route.layer]] \
+                if "gate" in name else None
             pf.after_route(route.layer, None, route.experts, proposal)
         for e in left:
             cache.request(route.layer, [e], record=False)

@@ -125,3 +125,57 @@ def test_impossible_per_layer_cache_suggests_a_shared_pool_that_loads(tiny_mixtr
     assert model._offload_runtime.plan.global_slots == 2
     model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=2, do_sample=False, pad_token_id=0)
     model.unload()
+
+
+def test_auto_plan_spends_the_rest_of_the_budget_on_uneven_layers(tiny_mixtral_8e: Path) -> None:
+    """No room for 3 experts in each of the 3 layers, room for 2 each and 2 more: two layers (spread out) get 3."""
+    probe = load_model(tiny_mixtral_8e, OffloadConfig(device="cpu", transfer="sync", context_length=64))
+    p = probe._offload_runtime.plan
+    probe.unload()
+    need = p.trunk_bytes + p.kv_bytes + (3 * 2 + 2) * p.expert_bytes
+    cfg = OffloadConfig(device="cpu", transfer="sync", context_length=64, store="disk",
+                        max_memory_bytes=int(need / memory.SAFETY) + 16)
+    model = load_model(tiny_mixtral_8e, cfg)
+    try:
+        plan, session = model._offload_runtime.plan, model.session()
+        assert (plan.experts_per_layer, plan.extra_layers, plan.slots) == (2, 2, 8)
+        assert [session.capacity(layer) for layer in session.layers] == [3, 2, 3]
+        assert "3 in 2 of the 3 layers" in plan.describe() and "(3 in 2 of 3 layers)" in session.holding()
+        out = model.generate(torch.tensor([[1, 5, 9, 33]]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                             pad_token_id=0)
+        assert out.shape == (1, 10)
+    finally:
+        model.unload()
+    fixed = load_model(tiny_mixtral_8e, cfg.replace(experts_per_layer=2))  # an explicit k is taken as given
+    try:
+        assert (fixed._offload_runtime.plan.experts_per_layer, fixed._offload_runtime.plan.extra_layers) == (2, 0)
+    finally:
+        fixed.unload()
+
+
+def test_full_size_mixtral_plan_uses_the_budget() -> None:
+    """Mixtral-8x7B's shapes with the paper's 2-bit experts (64.31 MiB slots, trunk 1223 MiB, 4096 tokens of bf16 KV):
+    in a 12 GiB group (11.55 GiB free after the runtime) the 85% share kept 4 experts per layer and left 1.8 GiB
+    unused; the plan now adds a fifth slot in 15 layers (a 16th would pass the budget). With 16 GiB it takes 6 per
+    layer and more."""
+    from types import SimpleNamespace
+
+    mib, gib = 1 << 20, 1 << 30
+    mc = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                         vocab_size=32000, max_position_embeddings=32768, num_hidden_layers=32)
+    slot = int(64.31 * mib)
+
+    def plan(avail: float) -> memory.MemoryPlan:
+        return memory.make_plan(OffloadConfig(), device=torch.device("cpu"), layers=32, experts=8, top_k=2,
+                                expert_bytes=slot, total_expert_bytes=256 * slot, trunk_bytes=1223 * mib,
+                                kv=memory.kv_bytes(mc, 4096, 2), store_in_ram=False, available=int(avail * gib),
+                                working=memory.activation_bytes(mc, 4096, 2))
+
+    p12 = plan(11.55)
+    assert (p12.experts_per_layer, p12.extra_layers) == (4, 15)
+    assert p12.needed + slot > memory.auto_budget(p12.available, memory.activation_bytes(mc, 4096, 2))
+    old_unused = p12.available - (1223 * mib + p12.kv_bytes + 128 * slot)
+    assert old_unused > 1.8 * gib and p12.available - p12.needed < 0.9 * gib
+    assert p12.needed + memory.activation_bytes(mc, 4096, 2) + memory.CPU_MARGIN <= p12.available
+    p16 = plan(15.5)
+    assert p16.experts_per_layer == 6 and p16.extra_layers > 0

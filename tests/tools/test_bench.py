@@ -109,6 +109,13 @@ def test_schedule_runs_one_worker_at_a_time_when_they_do_not_fit(monkeypatch) ->
     assert _schedule("auto", limited[:1], 12 << 30, 18 << 30) == "interleaved"
     assert _schedule("auto", [parse_config("resident")] * 2, None, 1 << 30) == "interleaved"
     assert _schedule("sequential", limited[:1], None, 1 << 30) == "sequential (asked)"
+    # a llama.cpp row in the group beside an unlimited one on the same file: the other's mapping would hold the pages
+    llama = [parse_config(c) for c in ("llamacpp-q2_k:limit=1:name=in-group", "llamacpp-q2_k", "llamacpp-q3_k_s")]
+    got = _schedule("auto", llama, 1 << 30, 1 << 30)
+    assert got.startswith("sequential (in-group would share its file's page cache"), got
+    assert _schedule("auto", llama[1:], 1 << 30, 1 << 30) == "interleaved"
+    assert _schedule("auto", [llama[0], llama[2]], 1 << 30, 1 << 30) == "interleaved"  # other file
+    assert _schedule("auto", llama, None, 1 << 30) == "interleaved"  # no group: nothing to share
 
 
 def test_schedule_counts_each_rows_own_checkpoint(monkeypatch, tmp_path) -> None:

@@ -34,6 +34,7 @@ def test_streams_levels_run_and_report(tmp_path, capsys) -> None:
     (["--streams", "a"], "stream counts >= 1"),
     (["--streams", "1,2", "--configs", "transformers-bf16"], "our configurations"),
     (["--streams", "1,2", "--configs", "disk-k2-cold"], "our configurations"),
+    (["--streams", "1,2", "--prompt-tokens", "16,512"], "--streams takes one prompt length"),
 ])
 def test_bad_streams_options_fail_early(args, message, capsys) -> None:
     assert main(["bench", "--quiet", *args]) == 2

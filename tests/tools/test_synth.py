@@ -48,7 +48,7 @@ def test_spec_presets_and_overrides() -> None:
     assert parse_spec("tiny").slug() == parse_spec("tiny:seed=0").slug()
     for bad, match in (("huge", "unknown synthetic model"), ("tiny:wings=2", "known key"),
                        ("tiny:layers=two", "expected a int"), ("tiny:heads=3", "must divide"),
-                       ("tiny:format=gguf", "format"), ("tiny:layers", "not key=value")):
+                       ("tiny:format=onnx", "format"), ("tiny:layers", "not key=value")):
         with pytest.raises(ConfigError, match=match):
             parse_spec(bad)
 

@@ -57,7 +57,8 @@ from .config import (
     resolve_model,
 )
 from .disk_rate import add_bounds, best_rate, measure_disk_rate, resident_compute_seconds
-from .gguf import find_converter
+from .disturbance import machine_state, recheck_warning, row_warnings, start_warning
+from .gguf import find_converter, llamacpp_version
 from .report import format_table, mib, print_report, summarize_row
 
 __all__ = [  # the configurations' and the memory group's names stay importable from here
@@ -151,7 +152,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     log_dir = Path(tempfile.mkdtemp(prefix="mixtral-bench-"))
     meta: dict[str, Any] = {"model": str(path), "trunk_bytes": trunk, "expert_bytes_total": expert_bytes,
                             "experts": n_experts, "repeats": args.repeats, "new_tokens": args.new_tokens,
-                            "prompt_tokens": args.prompt_tokens, "threads": args.threads, "logs": str(log_dir),
+                            "prompt_tokens": args.prompt_tokens[0], "prompt_lengths": args.prompt_tokens,
+                            "threads": args.threads, "logs": str(log_dir),
                             "loadavg_before": os.getloadavg(), "busy_levels": levels,
                             "cores": available_cores()}
     if args.bandwidth:
@@ -166,7 +168,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         else:
             limit = parse_size(args.memory_limit)
         meta["memory_limit_bytes"] = limit
-    if args.bound and any(c.offload.get("store") in ("disk", "mmap") for c in configs):
+    if args.bound and any(c.offload.get("store") in ("disk", "mmap") or c.limited for c in configs):
         meta["disk_rate"] = measure_disk_rate(path, limit)
     weight_budget = trunk + expert_bytes // 2  # accelerate's max_memory: what our k=E/2 configuration keeps in RAM
     n_ours = sum(c.engine == "ours" for c in configs)
@@ -178,6 +180,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                disable=args.quiet or (not sys.stderr.isatty() and not args.progress))
 
     def start(i: int, cfg: BenchConfig) -> None:
+        # the machine as the worker starts loading, then before each repeat (per busy level)
+        states[i] = {"load": machine_state(), "reps": {n: [] for n in levels}}
         group, memory = None, "unlimited"
         if limit is not None and cfg.limited:
             group = MemoryGroup(f"mixtral-bench-{os.getpid()}-{i}", limit)
@@ -188,7 +192,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         spec = {"model": str(path), "engine": cfg.engine, "offload": cfg.offload, "dtype": cfg.dtype,
                 "device": cfg.device,
                 "cold": cfg.cold or (limit is not None and cfg.limited and not (group and group.ok)),
-                "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "threads": args.threads,
+                "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens[0],
+                "prefill_lengths": args.prompt_tokens[1:], "threads": args.threads,
                 "weight_budget": weight_budget, "trace": _trace_path(args.record_routing, cfg, n_ours),
                 "scratch": str(log_dir / f"scratch-{i}"), "record_tokens": max(8, args.check_tokens or 0)}
         if cfg.model:
@@ -196,6 +201,12 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         if cfg.engine == "llamacpp":
             made = ggufs[Path(spec["model"]), cfg.dtype]
             spec.update(gguf=str(made.path), gguf_vocab=made.vocab)
+            if made.vocab == "as given":  # a GGUF file: the prompt ids come from --model, as every other row's
+                spec["model"] = str(path)
+        if group is not None:
+            model_dir = Path(spec["model"])
+            _drop_cached([Path(spec["gguf"])] if "gguf" in spec else
+                         sorted(model_dir.glob("experts-*.bin")) + sorted(model_dir.glob("*.safetensors")))
         bar.set_postfix_str(f"loading {cfg.label}")
         w = Worker(cfg, spec, group, log_dir)
         started[i] = (w, memory, group)
@@ -205,6 +216,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     def repeat(i: int, rep: int, busy: int) -> None:
         w = started[i][0]
         bar.set_postfix_str(f"{busy_label(w.cfg.label, busy, levels)} rep {rep + 1}")
+        states[i]["reps"][busy].append(machine_state())
         res = w.ask("run")
         if res is not None:
             rows_in[i]["reps"][busy].append(res)
@@ -214,15 +226,20 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         w, memory, group = started.pop(i)
         final = w.close() if w.error is None else None
         peak = group.peak() if group is not None and group.ok else None
+        load_warning = start_warning(states[i]["load"], f"{w.cfg.label} loading")
         for n in levels:
             cfg = dataclasses.replace(w.cfg, label=busy_label(w.cfg.label, n, levels))
             row = summarize_row(cfg, rows_in.get(i, {}).get("load"), rows_in.get(i, {}).get("reps", {}).get(n, []),
                                 final, memory, peak, w.error)
+            seen = states[i]["reps"][n]
+            row["machine"] = {"load": states[i]["load"], "repeats": seen}
+            row["warnings"] = ([load_warning] if load_warning and n == levels[0] else []) + row_warnings(row, seen)
             rows[i, n] = row if levels == [0] else {**row, "busy": n, "busy_of": w.cfg.label}
         if group is not None:
             group.remove()
         shutil.rmtree(log_dir / f"scratch-{i}", ignore_errors=True)  # also when the worker was killed
 
+    states: dict[int, dict[str, Any]] = {}
     try:
         if meta["schedule"].startswith("interleaved"):
             for i, cfg in enumerate(configs):
@@ -240,11 +257,18 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                         with Competitors(n):
                             repeat(i, rep, n)
                 finish(i)
+        if args.recheck and configs:
+            meta["recheck"] = _recheck(started, rows_in, states, configs[0], start, repeat, finish)
     finally:
         for i in list(started):
             finish(i)
         bar.close()
-    rows_list = [rows[key] for key in sorted(rows)]
+    again = meta.get("recheck")
+    rows_list = [rows[key] for key in sorted(rows) if key[0] < len(configs)]
+    if again is not None:
+        warning = recheck_warning(configs[0].label, again["first"], again["again"])
+        if warning:
+            meta.setdefault("warnings", []).append(warning)
     kept_shares(rows_list)
     meta["loadavg_after"] = os.getloadavg()
     if args.bandwidth:
@@ -258,11 +282,35 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         meta["disk_rate"] = best_rate(meta["disk_rate"], measure_disk_rate(path, limit))
         compute_s = args.compute_ms / 1000 if args.compute_ms is not None else resident_compute_seconds(rows_list)
         meta["compute_s_per_token"] = compute_s
-        add_bounds(rows_list, meta["disk_rate"]["rate"], compute_s)
+        add_bounds(rows_list, meta["disk_rate"]["rate"], compute_s if args.compute_ms is not None else None)
     if all(r["error"] is None for r in rows_list):
         shutil.rmtree(log_dir, ignore_errors=True)
         meta["logs"] = None
     return rows_list, meta
+
+
+def _recheck(started: dict[int, Any], rows_in: dict[int, dict[str, Any]], states: dict[int, dict[str, Any]],
+             first: BenchConfig, start: Any, repeat: Any, finish: Any) -> dict[str, Any]:
+    """One more quiet repeat of the first row after all the others (its worker, still loaded when interleaved, else
+    loaded again), not counted in its row: far from its first value, the machine changed during the run. Returns
+    what `recheck_warning` compares, and the machine's state before that repeat."""
+    import statistics
+
+    before = [r["decode_tps"] for r in rows_in.get(0, {}).get("reps", {}).get(0, [])]
+    index = 0 if 0 in started else len(rows_in)
+    if index:
+        start(index, first)
+    n = len(rows_in[index]["reps"][0])
+    repeat(index, n, 0)
+    got = rows_in[index]["reps"][0][n:]
+    state = states[index]["reps"][0][-1]
+    if index:
+        finish(index)
+    else:  # the first row's worker: keep its row as it was
+        del rows_in[0]["reps"][0][n:]
+        states[0]["reps"][0].pop()
+    return {"config": first.label, "first": statistics.median(before) if before else None,
+            "again": got[0]["decode_tps"] if got else None, "machine": state}
 
 
 def _row_bytes(config: BenchConfig, model_bytes: int) -> int:
@@ -285,10 +333,38 @@ def _schedule(choice: str, configs: list[BenchConfig], limit: int | None, model_
 
     need = sum(limit if limit is not None and c.limited else _row_bytes(c, model_bytes) for c in configs)
     avail = psutil.virtual_memory().available
-    if choice == "interleaved" or (choice == "auto" and need <= 0.9 * avail):
+    shared = _sharing(configs) if limit is not None else []
+    if choice == "interleaved" or (choice == "auto" and need <= 0.9 * avail and not shared):
         return "interleaved"
     why = f"{need / 2**30:.1f} GiB for all workers at once, {avail / 2**30:.1f} GiB available"
+    if shared and need <= 0.9 * avail:
+        why = (f"{', '.join(shared)} would share its file's page cache with another row loaded at the same time, "
+               "which is charged to whichever group read a page first")
     return f"sequential ({why})" if choice == "auto" else "sequential (asked)"
+
+
+def _sharing(configs: list[BenchConfig]) -> list[str]:
+    """Limited llama.cpp rows whose GGUF file another llama.cpp row maps too (same model and type): interleaved,
+    their memory group would not limit them (the other worker's mapping holds the pages)."""
+    def key(c: BenchConfig) -> tuple[str, str]:
+        return c.model or "", c.dtype
+
+    llama = [c for c in configs if c.engine == "llamacpp"]
+    return [c.label for c in llama if c.limited and sum(key(o) == key(c) for o in llama) > 1]
+
+
+def _drop_cached(paths: list[Path]) -> None:
+    """Drop files from the page cache (pages no process maps): a limited row starts with its files out of memory
+    instead of on pages a writer (synth) or an earlier row left cached, charged to no group or to another one."""
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def _with_reference(configs: list[BenchConfig], check_tokens: int | None) -> list[BenchConfig]:
@@ -310,7 +386,12 @@ def _prepare_llamacpp(configs: list[BenchConfig], path: Path, args: argparse.Nam
             print(text, file=sys.stderr)
 
     cache = Path(args.cache_dir) if args.cache_dir else None
-    return prepare(wanted, cache, args.llamacpp_converter, args.threads, say)
+    synthetic = None
+    if args.synthetic:
+        from ...models.synthetic import parse_spec
+
+        synthetic = (path, parse_spec(args.synthetic))
+    return prepare(wanted, cache, args.llamacpp_converter, args.threads, say, synthetic)
 
 
 def _split_configs(text: str) -> list[str]:
@@ -328,11 +409,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help="comma-separated configurations: resident, host-kN and disk-kN[-cold] (LRU, no prefetch; "
                         "-prefetch: LRU + gate prefetch; -default: OffloadConfig's default policy and prefetch), "
-                        "transformers-bf16, transformers-fp32, accelerate-disk[-warm], llamacpp-TYPE (TYPE: f16, "
-                        "bf16, f32, q8_0, q4_0, q4_k_m, ...; needs llama-cpp-python, see "
+                        "transformers-bf16, transformers-fp32, accelerate-disk[-warm], llamacpp-TYPE[-cold] (TYPE: "
+                        "f16, bf16, f32, q8_0, q4_0, q4_k_m, q3_k_s, q2_k, ...; -cold: in the memory group, its file "
+                        "dropped from the page cache before each repeat; a --synthetic model's file is written by "
+                        "our GGUF writer, others are converted by llama.cpp's converter; needs llama-cpp-python, see "
                         "scripts/build_llama_cpp.sh); add :key=value overrides "
                         "(OffloadConfig fields, cold, limit, device; model=PATH: this row's checkpoint instead of "
-                        "--model, e.g. a folder made by convert; name=LABEL), e.g. "
+                        "--model, e.g. a folder made by convert, or a .gguf file for a llama.cpp row; mmap=off: "
+                        "llama.cpp reads its file into memory instead of mapping it; name=LABEL), e.g. "
                         "disk-k4-cold-prefetch:prefetch_depth=2 (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (default: 3)")
     p.add_argument("--schedule", default="auto", choices=("auto", "interleaved", "sequential"),
@@ -340,7 +424,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "sequential: one configuration at a time; auto: interleaved when the machine holds every "
                         "worker at once (each memory group counted at its limit), else sequential")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per repeat (default: 64)")
-    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens (default: 16)")
+    p.add_argument("--prompt-tokens", type=prompt_lengths, default=[16], metavar="N[,M...]",
+                   help="prompt length in tokens (default: 16); more lengths (e.g. 16,512,2048) also time a "
+                        "prefill of each further length in every repeat (time to first token, disk bytes read, "
+                        "and its bound); decode is timed after the first")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
     p.add_argument("--busy", default=None, metavar="N[,M...]",
                    help="also measure every row while N other CPU-bound processes run (e.g. 0,1: quiet and one "
@@ -375,16 +462,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="also write every number as JSON")
     p.add_argument("--plot", default=None, metavar="PNG", help="also draw decode tok/s per row (median, min-max) and "
                    "time to first token (needs matplotlib)")
+    p.add_argument("--recheck", action="store_true",
+                   help="measure the first configuration once more after all the others (reloading it when the "
+                        "schedule is sequential): a value far from its first says the machine changed during the run")
     p.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a tty")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def prompt_lengths(text: str) -> list[int]:
+    """`--prompt-tokens`: "16" -> [16]; "16,512,2048" -> [16, 512, 2048] (the first is the decode prompt)."""
+    try:
+        lengths = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        lengths = []
+    if not lengths or len(set(lengths)) < len(lengths):
+        msg = f"--prompt-tokens {text!r}: give distinct token counts separated by commas, e.g. 16 or 16,512,2048"
+        raise argparse.ArgumentTypeError(msg)
+    return lengths
 
 
 def _validate(args: argparse.Namespace) -> None:
     """Every option error before anything is built or started."""
     from ...config import parse_size
 
-    if args.repeats < 1 or args.new_tokens < 2 or args.prompt_tokens < 1:
-        msg = "--repeats must be >= 1, --new-tokens >= 2 and --prompt-tokens >= 1"
+    if args.repeats < 1 or args.new_tokens < 2 or min(args.prompt_tokens) < 1:
+        msg = "--repeats must be >= 1, --new-tokens >= 2 and every --prompt-tokens length >= 1"
         raise ValueError(msg)
     if args.check_tokens is not None and args.check_tokens < 1:
         msg = "--check-tokens N needs N >= 1"
@@ -398,12 +500,19 @@ def _validate(args: argparse.Namespace) -> None:
 
         _pyplot()  # matplotlib is there before minutes of benchmarking
     configs = [parse_config(s) for s in _split_configs(args.configs)]
+    from .llamacpp import given_gguf
+
     for c in configs:
-        if c.model and not (Path(c.model) / "config.json").is_file():
-            msg = f"{c.label}: model={c.model} has no config.json; give a checkpoint folder"
+        gguf_row = c.engine == "llamacpp" and c.model and given_gguf(Path(c.model)) is not None
+        if c.model and not gguf_row and not (Path(c.model) / "config.json").is_file():
+            msg = (f"{c.label}: model={c.model} has no config.json; give a checkpoint folder"
+                   + (" (or, for a llama.cpp row, a .gguf file)" if c.engine == "llamacpp" else ""))
             raise ValueError(msg)
-    if any(c.engine == "llamacpp" for c in configs):
-        find_converter(args.llamacpp_converter)  # llama-cpp-python and its converter are there
+    llama = [c for c in configs if c.engine == "llamacpp"]
+    if llama:
+        llamacpp_version()  # llama-cpp-python is there
+    if any(not (c.model and given_gguf(Path(c.model))) and not (args.synthetic and not c.model) for c in llama):
+        find_converter(args.llamacpp_converter)  # a row converts a plain checkpoint: the converter is there
 
 
 def main(args: argparse.Namespace) -> int:

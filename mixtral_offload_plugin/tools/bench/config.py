@@ -38,7 +38,7 @@ class BenchConfig:
 
     label: str
     engine: str  # ours | transformers | accelerate | llamacpp
-    offload: dict[str, Any] = field(default_factory=dict)  # OffloadConfig fields (ours)
+    offload: dict[str, Any] = field(default_factory=dict)  # OffloadConfig fields (ours); llama.cpp's use_mmap
     dtype: str = "auto"  # torch dtype name, or the GGUF type of a llamacpp row (f16, q8_0, q4_0, ...)
     cold: bool = False
     limited: bool = False  # runs inside --memory-limit (configurations meant to fit the budget)
@@ -63,8 +63,10 @@ def _coerce(value: str) -> Any:
 def parse_config(spec: str) -> BenchConfig:
     """`preset[:key=value...]`: presets resident, host-kN, disk-kN[-cold][-prefetch|-default] (disk-auto...: the
     memory plan picks the cache size), mmap[-cold] (the page-cache baseline), transformers-bf16, transformers-fp32,
-    accelerate-disk, llamacpp-TYPE; keys are OffloadConfig fields plus cold, limit, device (any
-    engine), model (this row's checkpoint folder) and name (its label in the table)."""
+    accelerate-disk, llamacpp-TYPE[-cold] (-cold: in the memory group, its file dropped from the page cache before
+    each repeat, like mmap-cold); keys are OffloadConfig fields plus cold, limit, device (any engine), model (this
+    row's checkpoint folder; for llama.cpp also a .gguf file), mmap (llama.cpp's use_mmap, default on) and name (its
+    label in the table)."""
     name, *parts = spec.split(":")
     overrides: list[str] = []
     for part in parts:  # `device=cuda:1` contains the separator
@@ -89,10 +91,13 @@ def parse_config(spec: str) -> BenchConfig:
         cfg = BenchConfig(spec, "accelerate", cold=name == "accelerate-disk", limited=True)
     elif name.startswith("llamacpp-"):
         qtype = name.removeprefix("llamacpp-").lower()
+        cold = qtype.endswith("-cold")  # in the memory group, its file dropped from the page cache before each repeat
+        qtype = qtype.removesuffix("-cold")
         if qtype not in LLAMACPP_TYPES:
-            msg = f"unknown llama.cpp type {qtype!r} in {spec!r}: use llamacpp-TYPE, TYPE one of {LLAMACPP_TYPES}"
+            msg = (f"unknown llama.cpp type {qtype!r} in {spec!r}: use llamacpp-TYPE[-cold], TYPE one of "
+                   f"{LLAMACPP_TYPES}")
             raise ValueError(msg)
-        cfg = BenchConfig(spec, "llamacpp", dtype=qtype)
+        cfg = BenchConfig(spec, "llamacpp", dtype=qtype, cold=cold, limited=cold)
     else:
         msg = (f"unknown bench configuration {name!r}: use resident, host-kN, disk-kN[-cold][-prefetch|-default], "
                "disk-auto[-cold][-prefetch|-default], mmap[-cold], transformers-bf16, transformers-fp32, "
@@ -121,6 +126,8 @@ def parse_config(spec: str) -> BenchConfig:
                 raise ValueError(msg)
         elif key == "dtype" and cfg.engine not in ("ours", "llamacpp"):
             cfg.dtype = value
+        elif key == "mmap" and cfg.engine == "llamacpp":  # llama.cpp's use_mmap (its default: on)
+            cfg.offload["use_mmap"] = bool(_coerce(value))
         elif cfg.engine == "ours":
             cfg.offload[key] = _coerce(value)
         else:
@@ -196,3 +203,8 @@ def checkpoint_bytes(path: Path) -> tuple[int, int, int]:
         msg = f"{path} has no expert tensors: bench needs a mixture-of-experts checkpoint"
         raise ValueError(msg)
     return trunk, experts, len(keys)
+
+
+def name_width(names: Any) -> int:
+    """The config column's width: 28, or the longest name (row options make long names)."""
+    return max([28, *(len(n) for n in names)])

@@ -8,8 +8,15 @@ filesystem refuses direct I/O, with buffered reads after dropping the files from
 `tokens_per_second_bound(bytes_per_token, rate, compute_s)`: a token cannot take less than reading the bytes it must
 read from disk plus computing it at the speed of the model with every expert in memory (no overlap assumed: an
 upper bound for a design that reads and computes one after the other; overlap can beat it by up to the shorter of
-the two). `measure_disk_rate` runs `read_rate` in a worker inside a memory group, `add_bounds` puts each offloaded
-bench row's bound next to it. Standard library only.
+the two). `measure_disk_rate` runs `read_rate` in a worker inside a memory group, `add_bounds` puts every bench row's
+bound next to it: decode tok/s and, per prompt length, the time to first token.
+
+What the bound measures: the bytes are ours' must-read bytes (experts missing when routed, or prefetched and then
+used) or, for rows without such counters (llama.cpp, `mmap`), the bytes the row did read (/proc/self/io); the rate
+is a cold sequential scan of the expert files; the compute is the row's reference row's (ours: `resident`; a
+llama.cpp row: the unlimited llama.cpp row of the same file type). The rate a row actually read at is reported
+next to it (`read_rate`): on a virtual machine it can exceed the cold scan (a host cache below the guest), and the
+row then beats its "bound". Standard library only.
 """
 
 from __future__ import annotations
@@ -77,13 +84,54 @@ def tokens_per_second_bound(bytes_per_token: float, rate: float, compute_s: floa
     return 1.0 / seconds if seconds > 0 else None
 
 
-def add_bounds(rows: list[dict[str, Any]], rate: float | None, compute_s: float | None) -> None:
-    """Each offloaded row's tok/s bound: the bytes it had to read per token at its miss rate, at the disk's measured
-    cold read rate, plus compute at the resident speed (see tools/disk_rate.py)."""
+def reference_row(rows: list[dict[str, Any]], row: dict[str, Any]) -> dict[str, Any] | None:
+    """The row whose compute `row`'s bound counts: for ours, `resident` (every expert in memory); for a llama.cpp
+    row, the llama.cpp row of the same file type outside the memory group, read warm. None if the run has none."""
     for r in rows:
-        must = r.get("must_read_bytes_per_token")
-        if rate and must is not None and "decode_tps" in r:
-            r["disk_bound_tps"] = tokens_per_second_bound(must, rate, compute_s)
+        if "decode_tps" not in r or r.get("busy"):
+            continue
+        if row["engine"] == "ours" and r["config"].split(":")[0] == "resident" and r.get("hit_rate") == 1.0:
+            return r
+        if (row["engine"] == "llamacpp" and r["engine"] == "llamacpp" and r["dtype"] == row["dtype"]
+                and not r.get("cold") and str(r.get("memory", "")).startswith("unlimited")):
+            return r
+    return None
+
+
+def _bytes_basis(row: dict[str, Any], must: Any, read: Any) -> tuple[Any, str]:
+    """Ours' must-read bytes where it counts them (not a mapped store: its reads are page faults), else the bytes the
+    row read."""
+    if row["engine"] == "ours" and (row.get("offload") or {}).get("store") != "mmap" and must is not None:
+        return must, "must-read"
+    return read, "read"
+
+
+def add_bounds(rows: list[dict[str, Any]], rate: float | None, compute_s: float | None = None) -> None:
+    """Every row's bounds, in place: `disk_bound_tps` (its bytes per decoded token at the disk's cold read rate plus
+    its reference row's compute per token; `compute_s`, if given, replaces ours' reference compute), and per prompt
+    length `prefill[n]["bound_s"]` (the prefill's bytes at that rate plus the reference row's time to first token).
+    `disk_bound_basis` says which bytes, `bound_reference` whose compute; `read_rate` is the rate the row read at
+    while decoding (bytes/s)."""
+    if not rate:
+        return
+    for r in rows:
+        if "decode_tps" not in r:
+            continue
+        ref = reference_row(rows, r)
+        tps = r["decode_tps"]["median"]
+        compute = compute_s if compute_s is not None and r["engine"] == "ours" else (
+            1.0 / ref["decode_tps"]["median"] if ref is not None else None)
+        per_token, basis = _bytes_basis(r, r.get("must_read_bytes_per_token"), r.get("decode_disk_bytes_per_token"))
+        r["disk_bound_basis"] = basis
+        r["bound_reference"] = ref["config"] if ref is not None else None
+        r["disk_bound_tps"] = tokens_per_second_bound(per_token or 0.0, rate, compute)
+        read = r.get("decode_disk_bytes_per_token")
+        r["read_rate"] = read * tps if read is not None else None
+        for n, p in (r.get("prefill") or {}).items():
+            nbytes, _ = _bytes_basis(r, p.get("must_read_bytes"), p.get("disk_bytes"))
+            ref_ttft = ((ref.get("prefill") or {}).get(n) or {}).get("ttft_s") if ref is not None else None
+            p["bound_s"] = (nbytes or 0) / rate + (ref_ttft or 0.0)
+            p["bound_has_compute"] = ref_ttft is not None
 
 
 def best_rate(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:

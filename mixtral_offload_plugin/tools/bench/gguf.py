@@ -130,13 +130,18 @@ def checkpoint_identity(path: Path, memo_file: Path | None = None) -> str:
 
 
 # -- conversion ------------------------------------------------------------------------------------------------------
+def minimal_vocab(vocab_size: int) -> list[str]:
+    """The pieces of the minimal tokenizer: <unk>=0, <s>=1, </s>=2, byte tokens <0x00>.., then filler pieces."""
+    tokens = (["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)])[:vocab_size]
+    return tokens + [f"\u2581t{i}" for i in range(vocab_size - len(tokens))]
+
+
 def write_minimal_tokenizer(dst: Path, vocab_size: int) -> None:
-    """A byte-fallback BPE tokenizer (the Llama/Mistral kind the converter reads) with exactly `vocab_size` tokens:
-    <unk>=0, <s>=1, </s>=2, then byte tokens <0x00>.. and filler pieces. Its text mapping is meaningless on purpose."""
+    """A byte-fallback BPE tokenizer (the Llama/Mistral kind the converter reads) with exactly `vocab_size` tokens
+    (`minimal_vocab`). Its text mapping is meaningless on purpose."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
-    tokens = (["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)])[:vocab_size]
-    tokens += [f"\u2581t{i}" for i in range(vocab_size - len(tokens))]
+    tokens = minimal_vocab(vocab_size)
     tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[], byte_fallback=True,
                               unk_token="<unk>", fuse_unk=True))
     tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])

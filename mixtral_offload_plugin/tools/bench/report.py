@@ -8,7 +8,7 @@ import statistics
 from typing import Any
 
 from .compare import extra_columns
-from .config import BenchConfig
+from .config import BenchConfig, name_width
 
 
 def summarize_row(cfg: BenchConfig, load: dict[str, Any] | None, reps: list[dict[str, Any]],
@@ -34,12 +34,28 @@ def summarize_row(cfg: BenchConfig, load: dict[str, Any] | None, reps: list[dict
             row[key] = statistics.median(vals) if vals else None
         row["new_tokens"] = reps[0]["new_tokens"]
         row["tokens"] = reps[0]["tokens"]
+        row["prefill"] = summarize_prefills(reps)
     row["peak_rss_bytes"] = ((final or {}).get("peak_rss_bytes")
                              or max((r["peak_rss_bytes"] for r in reps), default=None))
     gpu = [r["peak_gpu_bytes"] for r in reps if r.get("peak_gpu_bytes") is not None]
     row["peak_gpu_bytes"] = max(gpu) if gpu else None
     row["cgroup_peak_bytes"] = group_peak
     return row
+
+
+def summarize_prefills(reps: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per prompt length (a string key, as JSON keeps it): the medians of the repeats' prefill figures (time to first
+    token, disk bytes read, and ours' bytes it had to read, experts needed and loads)."""
+    out: dict[str, dict[str, Any]] = {}
+    lengths = sorted({p["prompt_tokens"] for r in reps for p in r.get("prefills") or []})
+    for n in lengths:
+        got = [p for r in reps for p in r.get("prefills") or [] if p["prompt_tokens"] == n]
+        fields = {}
+        for key in ("ttft_s", "disk_bytes", "must_read_bytes", "needed", "loads"):
+            vals = [p[key] for p in got if p.get(key) is not None]
+            fields[key] = statistics.median(vals) if vals else None
+        out[str(n)] = fields
+    return out
 
 
 def mib(n: float | None) -> str:
@@ -50,11 +66,6 @@ def mib(n: float | None) -> str:
 
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.1%}"
-
-
-def name_width(names: Any) -> int:
-    """The config column's width: 28, or the longest name (row options make long names)."""
-    return max([28, *(len(n) for n in names)])
 
 
 def format_busy(rows: list[dict[str, Any]]) -> str:
@@ -105,18 +116,40 @@ def format_table(rows: list[dict[str, Any]], with_bound: bool = False) -> str:
 
 
 def format_bounds(rows: list[dict[str, Any]]) -> str:
-    """The decode window only (the tokens tok/s counts): hit rate, bytes that had to be read and were read per
-    token, and the tok/s bound those bytes and the resident compute time allow."""
+    """The decode window only (the tokens tok/s counts): hit rate, bytes that had to be read (ours) or were read per
+    token, the rate the row read at, and the tok/s bound those bytes, the cold-scan rate and the reference row's
+    compute allow (disk_rate.py)."""
     w = name_width(r["config"] for r in rows)
     head = (f"{'config':<{w}} {'tok/s med':>9} {'dec hit':>7} {'must-read MiB/tok':>17} {'disk MiB/tok':>12} "
-            f"{'bound tok/s':>11} {'of bound':>8}")
+            f"{'read MiB/s':>10} {'bound tok/s':>11} {'of bound':>8}  bytes; compute of")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "disk_bound_tps" in r:
             tps, bound = r["decode_tps"]["median"], r["disk_bound_tps"]
             lines.append(f"{r['config']:<{w}} {tps:>9.2f} {_pct(r.get('decode_hit_rate')):>7} "
-                         f"{mib(r['must_read_bytes_per_token']):>17} {mib(r.get('decode_disk_bytes_per_token')):>12} "
-                         f"{'-' if bound is None else f'{bound:.2f}':>11} {_pct(tps / bound if bound else None):>8}")
+                         f"{mib(r.get('must_read_bytes_per_token')):>17} "
+                         f"{mib(r.get('decode_disk_bytes_per_token')):>12} {mib(r.get('read_rate')):>10} "
+                         f"{'-' if bound is None else f'{bound:.2f}':>11} {_pct(tps / bound if bound else None):>8}"
+                         f"  {r['disk_bound_basis']}; {r.get('bound_reference') or 'none (disk time only)'}")
+    return "\n".join(lines)
+
+
+def format_prefills(rows: list[dict[str, Any]]) -> str:
+    """Time to first token per prompt length: the prefill's disk bytes (read; ours also must-read and loads), its
+    bound (those bytes at the cold-scan rate + the reference row's time to first token) and the share reached."""
+    w = name_width(r["config"] for r in rows)
+    head = (f"{'config':<{w}} {'prompt':>6} {'TTFT s':>8} {'disk MiB':>9} {'must-read MiB':>13} {'needed':>6} "
+            f"{'loads':>6} {'bound s':>8} {'of bound':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        for n, p in sorted((r.get("prefill") or {}).items(), key=lambda kv: int(kv[0])):
+            ttft, bound = p.get("ttft_s"), p.get("bound_s")
+            share = bound / ttft if bound and ttft else None
+            cell = "-" if bound is None else f"{bound:.3f}" + ("" if p.get("bound_has_compute") else "*")
+            lines.append(f"{r['config']:<{w}} {n:>6} {'-' if ttft is None else f'{ttft:.3f}':>8} "
+                         f"{mib(p.get('disk_bytes')):>9} {mib(p.get('must_read_bytes')):>13} "
+                         f"{'-' if p.get('needed') is None else int(p['needed']):>6} "
+                         f"{'-' if p.get('loads') is None else int(p['loads']):>6} {cell:>8} {_pct(share):>8}")
     return "\n".join(lines)
 
 
@@ -129,6 +162,15 @@ def _print_notes(meta: dict[str, Any]) -> None:
         print(f"agree = how many of the first generated tokens equal {meta['reference']}'s")
     for line in meta.get("check_failures", []):
         print(f"check-tokens: {line}")
+    again = meta.get("recheck")
+    if again and again.get("first") and again.get("again"):
+        print(f"recheck: {again['config']} measured again after the other rows: {again['again']:.2f} tok/s "
+              f"(first {again['first']:.2f})")
+
+
+def warnings_of(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    """Every disturbance warning of a run (disturbance.py): the rows' own, then the run's."""
+    return [w for r in rows for w in r.get("warnings") or []] + list(meta.get("warnings") or [])
 
 
 def print_report(rows: list[dict[str, Any]], meta: dict[str, Any], *, with_bound: bool) -> None:
@@ -145,12 +187,22 @@ def print_report(rows: list[dict[str, Any]], meta: dict[str, Any], *, with_bound
         both = (f"best of {d['rate_before'] / 2**20:.0f} before and {d['rate_after'] / 2**20:.0f} after the rows, "
                 if "rate_after" in d else "")
         print(f"disk: {d['rate'] / 2**20:.0f} MiB/s cold sequential read ({both}{d['method']}, "
-              f"{d['bytes'] / 2**20:.0f} MiB, {d['memory']}); bound = must-read MiB/tok / that rate + compute "
-              + (f"{c * 1e3:.1f} ms/token (resident speed)" if c else "unknown (no resident row: disk time only)"))
+              f"{d['bytes'] / 2**20:.0f} MiB, {d['memory']}); bound = bytes per token (ours: must-read; others: "
+              "read) / that rate + the reference row's compute per token"
+              + (f" (ours: {c * 1e3:.1f} ms/token, the resident speed)" if c else ""))
     print(format_table(rows, with_bound=with_bound))
     if any("disk_bound_tps" in r for r in rows):
         print(format_bounds(rows))
+        if any((r.get("read_rate") or 0) > meta["disk_rate"]["rate"] for r in rows):
+            print("read MiB/s above the cold-scan rate: the disk served those reads faster than a first sequential "
+                  "scan (on a VM, a host cache below the guest); such a row can pass 100% of its bound")
+    if len(meta.get("prompt_lengths") or []) > 1:
+        print("prefill (time to first token per prompt length; bound = disk bytes / cold-scan rate + the reference "
+              "row's TTFT, * = no reference row: disk time only):")
+        print(format_prefills(rows))
     if any(r.get("busy") for r in rows):
         print(f"under load (other CPU-bound processes running; {meta.get('cores', '?')} cores):")
         print(format_busy(rows))
     _print_notes(meta)
+    for line in warnings_of(rows, meta):
+        print(f"WARNING (disturbed machine?): {line}")

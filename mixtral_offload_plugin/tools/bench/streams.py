@@ -123,12 +123,17 @@ def format_streams(rows: list[dict[str, Any]]) -> str:
 def main(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run the streams benchmark of the parsed `bench` arguments; (rows, meta)."""
     levels = parse_streams(args.streams)
+    lengths = list(args.prompt_tokens) if isinstance(args.prompt_tokens, (list, tuple)) else [args.prompt_tokens]
+    if len(lengths) != 1:
+        msg = f"--streams takes one prompt length (each stream's prompt), not --prompt-tokens {args.prompt_tokens}"
+        raise ValueError(msg)
+    prompt_tokens = int(lengths[0])
     configs = _configs(args)
     path = resolve_model(args)
     rows = []
     for spec in configs:
         rows += measure(str(spec.model or path), spec, levels, repeats=args.repeats, new_tokens=args.new_tokens,
-                        prompt_tokens=args.prompt_tokens, threads=args.threads)
+                        prompt_tokens=prompt_tokens, threads=args.threads)
     meta = {"model": str(path), "levels": levels, "repeats": args.repeats, "new_tokens": args.new_tokens,
-            "prompt_tokens": args.prompt_tokens, "threads": args.threads}
+            "prompt_tokens": prompt_tokens, "threads": args.threads}
     return rows, meta

@@ -4,7 +4,9 @@ The parent (`bench.Worker`) starts `python -m mixtral_offload_plugin.tools.bench
 inside a memory group, and exchanges one JSON line per command over a pipe. `worker_main` (child side) loads the model
 with its engine (ours, transformers dense, accelerate offloading, or llama.cpp through bench_llamacpp.py), warms it up,
 reports the weight bytes each decoded token reads (bandwidth.py), and for each "run" decodes the prompt greedily and
-reports time to first token, decode tokens/s, peak RSS, disk reads and, for our engine, cache and prefetch counters.
+reports time to first token, decode tokens/s, peak RSS, disk reads and, for our engine, cache and prefetch counters;
+then, for each further prompt length (`bench --prompt-tokens 16,512,2048`), a prefill alone: time to first token, disk
+bytes read (/proc/self/io, for every engine alike) and, for ours, the expert bytes it had to read and its loads.
 It knows nothing about the other configurations, the interleaving or the table (bench.py).
 Only the standard library is imported at top level; torch and transformers are imported in the child.
 """
@@ -53,7 +55,28 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _unmap_pages(paths: list[Path]) -> None:
+    """Drop this process's page-table entries for mappings of `paths` (madvise MADV_DONTNEED over the ranges in
+    /proc/self/maps): the page cache keeps pages a process maps, so a file llama.cpp maps could not be evicted
+    otherwise. The mappings stay; the next access faults the pages in again, from disk once they are evicted."""
+    import ctypes
+
+    names = {str(p.resolve()) for p in paths}
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for line in maps:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5] in names:
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            libc.madvise(lo, hi - lo, 4)  # MADV_DONTNEED
+
+
 def _evict(paths: list[Path]) -> None:
+    _unmap_pages(paths)
     for p in paths:
         try:
             fd = os.open(p, os.O_RDONLY)
@@ -63,6 +86,23 @@ def _evict(paths: list[Path]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def _needed(st: Any) -> tuple[int, int]:
+    """(experts that had to come from disk, bytes of them) in a stats window: missing when routed, or loaded early
+    and then used; bytes at the window's mean load size."""
+    loads = sum(s.loads for s in st.layers.values())
+    per_load = st.bytes_loaded / loads if loads else 0.0
+    n = st.misses + st.prefetch_hits
+    return n, int(n * per_load)
+
+
+def _prefill_fields(st: Any) -> dict[str, Any]:
+    """Our counters over one prefill: what it had to read, what it did load (`prefill_loads` equal to
+    `prefill_needed` + wasted prefetches: each needed expert read once per layer for the whole prompt)."""
+    n, nbytes = _needed(st)
+    return {"must_read_bytes": nbytes, "needed": n, "loads": sum(s.loads for s in st.layers.values()),
+            "prefetch_hits": st.prefetch_hits}
 
 
 def _prompt_ids(path: Path, n: int, vocab: int) -> list[int]:
@@ -157,6 +197,28 @@ def _weight_bytes(model: Any) -> dict[str, int] | None:
     return active_weight_bytes(tensors, arch.top_k(cfg), arch.num_experts(cfg)).to_dict()
 
 
+def _prefill(model: Any, ids: Any, spec: dict[str, Any], files: list[Path], ours: bool) -> dict[str, Any]:
+    """A prefill alone (one new token): time to first token, disk bytes read, and our counters over it."""
+    import torch
+
+    if spec["cold"]:
+        if ours:
+            model.session().drop_page_cache()
+        _evict(files)
+    before = model.offload_stats() if ours else None
+    disk0 = _proc_read_bytes()
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0, eos_token_id=None)
+    out: dict[str, Any] = {"prompt_tokens": int(ids.shape[1]), "ttft_s": time.perf_counter() - start}
+    disk1 = _proc_read_bytes()
+    if disk0 is not None and disk1 is not None:
+        out["disk_bytes"] = disk1 - disk0
+    if ours:
+        out.update(_prefill_fields(model.offload_stats().minus(before)))
+    return out
+
+
 def worker_main(spec: dict[str, Any]) -> int:
     import torch
 
@@ -178,6 +240,8 @@ def worker_main(spec: dict[str, Any]) -> int:
         ours = spec["engine"] == "ours"
         vocab = model.config.get_text_config().vocab_size
         ids = torch.tensor([_prompt_ids(Path(spec["model"]), spec["prompt_tokens"], vocab)], device=model.device)
+        longer = {n: torch.tensor([_prompt_ids(Path(spec["model"]), n, vocab)], device=model.device)
+                  for n in spec.get("prefill_lengths") or []}
         cuda = model.device.type == "cuda"
         n = spec["new_tokens"]
         gen = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "pad_token_id": 0,
@@ -229,6 +293,12 @@ def worker_main(spec: dict[str, Any]) -> int:
                 "peak_rss_bytes": _peak_rss(), "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None}
             if new > 1 and mark.get("disk") is not None and disk1 is not None:  # the decode window only
                 res["decode_disk_bytes_per_token"] = (disk1 - mark["disk"]) / (new - 1)
+            prefill: dict[str, Any] = {"prompt_tokens": int(ids.shape[1]), "ttft_s": first - start}
+            if mark.get("disk") is not None and disk0 is not None:
+                prefill["disk_bytes"] = mark["disk"] - disk0
+            if ours and mark.get("stats") is not None:
+                prefill.update(_prefill_fields(mark["stats"].minus(before)))
+            res["prefills"] = [prefill]
             if ours:
                 st = model.offload_stats().minus(before)
                 loads = sum(s.loads for s in st.layers.values())
@@ -243,6 +313,8 @@ def worker_main(spec: dict[str, Any]) -> int:
                     # what had to come from disk: experts missing when routed, or loaded early and then used
                     res.update({"decode_hit_rate": dec.hit_rate,
                                 "must_read_bytes_per_token": (dec.misses + dec.prefetch_hits) * per_load / (new - 1)})
+            for prompt in longer.values():
+                res["prefills"].append(_prefill(model, prompt, spec, files, ours))
             send(res)
         if recorder is not None:
             recorder.close()
