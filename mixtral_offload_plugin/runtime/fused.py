@@ -1,10 +1,16 @@
-"""The fused decode step: one decoded token of one sequence, every layer, in one native call (`decode.c`).
+"""The fused decode step: one decoded token of one sequence, every layer, in native calls (`decode.c`).
 
 On CPU a decoded token of a small or medium MoE model spends most of its time around the matrices, in transformers'
 per-layer Python (norms, rotary, cache update, attention, routing: dozens of torch calls per layer;
-docs/benchmarks.md). When every expert is resident and quantized, `FusedDecoder` runs the whole step in C instead,
+docs/benchmarks.md). When the experts are quantized on the native kernels, `FusedDecoder` runs the step in C instead,
 calling the same matrix and expert kernels the modules call and rounding every intermediate value to the model's dtype
 at the same points, so it differs from the module path only by the order of float32 sums (tests compare the two).
+
+Every expert resident: the whole step is one call. Experts in cache slots (a store, a cache of fewer slots, prefetch):
+the step stops after routing each layer, `_serve` asks the cache for that layer's experts exactly as the modules'
+`OffloadedExperts` does (one counted request, the prefetcher's proposal and loads for the layers ahead, ready slots
+first, misses loaded through the cache) and the native code resumes with each expert's matrices read in place from
+its slot, so hit rates, loads, prefetches and traces are those of the module path.
 
 `fused_forward` is called by the model's forward (`model.offloaded_class`) for each call; it answers None, and the
 modules run, whenever the call is anything but one new token of one unpadded sequence with a plain `DynamicCache`
@@ -281,6 +287,7 @@ class FusedDecoder:
         experts = self.routed[i].tolist()  # distinct, ascending (decode.c's route): the modules' sorted set
         guesses = None
         if prefetcher is not None:
+            hidden = hidden.clone()  # a prefetcher may keep it; the scratch changes at the next layer
             proposal = prefetcher.propose(layer, hidden)
             guesses = proposal.tolist() if proposal is not None else None
         slots = cache.request(layer, experts)
