@@ -72,9 +72,10 @@ def _watch(model: Any) -> list[tuple[Any, ...]]:
 def test_greedy_equals_modules_with_the_same_cache_traffic(qmodel: Path, store: str, k: int, prefetch: str,
                                                            tmp_path: Path) -> None:
     """k = 1 is smaller than what a token routes (top-2): the second expert is requested on its own after the first
-    is computed, and may evict it. The disk store loads on a background thread (computed while loading)."""
+    is computed, and may evict it. Loads on the calling thread: with a background loader the counters depend on
+    timing on either path (a prefetch never evicts a slot still loading), see test_background_loads_equal_modules."""
     extra = {"store_dir": str(tmp_path / "store")} if store == "disk" else {}
-    fast, slow = _pair(qmodel, **Q4, experts_per_layer=k, store=store, prefetch=prefetch, **extra)
+    fast, slow = _pair(qmodel, **Q4, experts_per_layer=k, store=store, prefetch=prefetch, transfer="sync", **extra)
     try:
         seen_fast, seen_slow = _watch(fast), _watch(slow)
         for prompt in PROMPTS:  # three generations in a row: the cache state carries over
@@ -93,9 +94,51 @@ def test_greedy_equals_modules_with_the_same_cache_traffic(qmodel: Path, store: 
         slow.unload()
 
 
+def test_one_global_pool_equals_modules(qmodel: Path, tmp_path: Path) -> None:
+    """Five slots shared by the three layers: a layer's request and the prefetch for the next may evict any layer's
+    experts."""
+    probe = _load(qmodel, **Q4, experts_per_layer=1, store="host")
+    slot = probe._offload_runtime.cache.buffers[0].shape[1]
+    probe.unload()
+    fast, slow = _pair(qmodel, **Q4, cache_bytes=5 * slot, store="disk", store_dir=str(tmp_path / "store"),
+                       prefetch="gate", transfer="sync")
+    try:
+        assert fast._offload_runtime.plan.global_slots == 5
+        seen_fast, seen_slow = _watch(fast), _watch(slow)
+        for prompt in PROMPTS:
+            seq, logits = _greedy(fast, prompt)
+            ref_seq, ref_logits = _greedy(slow, prompt)
+            assert torch.equal(seq, ref_seq) and _rel(logits, ref_logits) < 1e-4
+        assert _slots_decoder(fast).steps == 3 * 11
+        assert fast.offload_stats().to_dict() == slow.offload_stats().to_dict() and seen_fast == seen_slow
+    finally:
+        fast.unload()
+        slow.unload()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_background_loads_equal_modules(qmodel: Path, k: int, tmp_path: Path) -> None:
+    """Disk reads on the loader thread: experts whose slots are ready are computed while the others load. What is
+    loaded when depends on timing (on the module path too), so the counters are not compared here; the tokens, the
+    logits and the routing and guesses observers see are."""
+    fast, slow = _pair(qmodel, **Q4, experts_per_layer=k, store="disk", store_dir=str(tmp_path / "store"),
+                       prefetch="gate", transfer="async")
+    try:
+        assert type(fast._offload_runtime.cache.loader).__name__ == "ThreadLoader"
+        seen_fast, seen_slow = _watch(fast), _watch(slow)
+        for prompt in PROMPTS:
+            seq, logits = _greedy(fast, prompt)
+            ref_seq, ref_logits = _greedy(slow, prompt)
+            assert torch.equal(seq, ref_seq) and _rel(logits, ref_logits) < 1e-4
+        assert _slots_decoder(fast).steps == 3 * 11 and seen_fast == seen_slow
+    finally:
+        fast.unload()
+        slow.unload()
+
+
 def test_seeded_sampling_equals_modules(qmodel: Path, tmp_path: Path) -> None:
     fast, slow = _pair(qmodel, **Q4, experts_per_layer=2, store="disk", store_dir=str(tmp_path / "store"),
-                       prefetch="gate")
+                       prefetch="gate", transfer="sync")
     try:
         for seed in (7, 8):  # two in a row, the cache carried over
             outs = []
