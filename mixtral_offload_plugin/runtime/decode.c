@@ -1,12 +1,12 @@
-/* One decoded token of a Mixtral model, every layer in one call (see fused.py, which builds the descriptors).
+/* One decoded token of a Mixtral model, all its layers in native code (see fused.py, which builds the descriptors).
  *
  * Scope: batch 1, one new token, CPU, bf16 or float32 model. Experts are reached through a pointer table per layer:
  * with every expert resident the whole step is one call; with experts in cache slots the step stops after routing a
  * layer, the caller makes its experts available (and keeps the cache's counters, policy and prefetch as the modules
- * do) and calls again to resume at that layer's experts. The matrices are computed by the
- * kernels of native.c (and the expert kernels), reached through the function pointers in `mo_model`, so this file
- * holds only what transformers' modules do around them: RMSNorm, rotary embedding, the KV cache write, attention over
- * the cache, the router's softmax and top-k, the weighted sum of the experts and the residuals.
+ * do) and calls again to resume at that layer's experts. The matrices are computed by the kernels of native.c (and
+ * the expert kernels), reached through the function pointers in `mo_model`, so this file holds only what
+ * transformers' modules do around them: RMSNorm, rotary embedding, the KV cache write, attention over the cache, the
+ * router's softmax and top-k, the weighted sum of the experts and the residuals.
  *
  * Rounding follows the module path op for op: every value that torch holds in the model's dtype is rounded to it at the
  * same point (bf16: round to nearest even), so results differ from the module path only by the order of float32 sums
