@@ -131,9 +131,11 @@ class OffloadConfig:
                                '4bit-3bit release): "auto" (= "interleaved", that project\'s packing) or "planar" '
                                '(hqq 0.1.1\'s BitPack); other checkpoints ignore it', choices=HQQ_PACKINGS,
                                audience="advanced")
-    decode: str = _option("auto", '"auto": on CPU, when every expert is resident and quantized, a decoded token of one '
-                          'sequence runs all layers in one native call; "modules": always through transformers\' '
-                          'modules', choices=DECODE_PATHS, audience="advanced")
+    decode: str = _option("auto", '"auto": on CPU, when the experts are quantized on the native kernels, a decoded '
+                          'token of one sequence runs in native code: all layers in one call when every expert is '
+                          'resident, one call per layer when experts sit in cache slots (served by the cache as the '
+                          'modules are); "modules": always through transformers\' modules', choices=DECODE_PATHS,
+                          audience="advanced")
 
     def __post_init__(self) -> None:
         dev = self.device

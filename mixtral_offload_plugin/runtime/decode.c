@@ -1,9 +1,12 @@
-/* One decoded token of a Mixtral model, every layer in one call (see fused.py, which builds the descriptors).
+/* One decoded token of a Mixtral model, all its layers in native code (see fused.py, which builds the descriptors).
  *
- * Scope: batch 1, one new token, CPU, every expert resident, bf16 or float32 model. The matrices are computed by the
- * kernels of native.c (and the expert kernels), reached through the function pointers in `mo_model`, so this file
- * holds only what transformers' modules do around them: RMSNorm, rotary embedding, the KV cache write, attention over
- * the cache, the router's softmax and top-k, the weighted sum of the experts and the residuals.
+ * Scope: batch 1, one new token, CPU, bf16 or float32 model. Experts are reached through a pointer table per layer:
+ * with every expert resident the whole step is one call; with experts in cache slots the step stops after routing a
+ * layer, the caller makes its experts available (and keeps the cache's counters, policy and prefetch as the modules
+ * do) and calls again to resume at that layer's experts. The matrices are computed by the kernels of native.c (and
+ * the expert kernels), reached through the function pointers in `mo_model`, so this file holds only what
+ * transformers' modules do around them: RMSNorm, rotary embedding, the KV cache write, attention over the cache, the
+ * router's softmax and top-k, the weighted sum of the experts and the residuals.
  *
  * Rounding follows the module path op for op: every value that torch holds in the model's dtype is rounded to it at the
  * same point (bf16: round to nearest even), so results differ from the module path only by the order of float32 sums
@@ -51,7 +54,7 @@ typedef struct {
     mo_mat head;
 } mo_model;
 
-int mo_decode_abi(void) { return 1; }
+int mo_decode_abi(void) { return 2; }
 
 static inline float bf16_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -225,68 +228,103 @@ static void route(const mo_model *m, const mo_layer *L, const float *h, int32_t 
         }
 }
 
-/* One token at position `pos` (the cache holds rows 0..pos-1): logits [vocab] and the routed experts [layers][top_k]
- * (ascending per layer). Returns 0, -1 (allocation failed), -2 (unsupported matrix kind), or a kernel's error. */
-int mo_decode(const mo_model *m, int64_t token, int64_t pos, void *logits, int32_t *routed, int nthreads) {
+/* Where a decode step stands between calls, and its scratch (caller-owned, reused by every token; widest =
+ * max(H, heads * head_dim, vocab)). */
+typedef struct {
+    int64_t layer; /* the layer to run next (in and out) */
+    int32_t phase; /* 0: that layer's attention and routing next; 1: its experts next (`act` holds their input) */
+    int32_t stop;  /* 1: return after routing every layer; 0: only where a routed expert's pointers are NULL */
+    int32_t *done; /* [top_k]: that expert's output is in `eout` (set here, or by the caller, which computed it) */
+    float *wts;    /* [top_k]: the current layer's routing weights */
+    float *x;      /* [H]: the residual stream */
+    void *act;     /* [widest] model dtype: a matrix's input; between the phases, the experts' input [H] */
+    void *out;     /* [widest] model dtype: a matrix's output */
+    void *eout;    /* [top_k, H] model dtype: the experts' outputs, in routing order */
+    float *work;   /* [3 H + 2 (heads + kv_heads) head_dim + 2 head_dim + widest] float32 */
+} mo_step;
+
+/* One token at position `pos` (the cache holds rows 0..pos-1), resumable: run from `s->layer` / `s->phase` (the
+ * caller sets 0 / 0 for a new token) until the logits [vocab] are written (returns 0), or until a layer is routed
+ * and `s->stop` asks to stop or one of its routed experts has NULL pointers (returns 1, `s->layer` = that layer,
+ * `s->phase` = 1: its routed experts [top_k] are in `routed`, ascending, and the caller fills their pointers before
+ * calling again; experts already computed (`s->done`) are not read again). The routed experts of every layer go to
+ * `routed` [layers][top_k]. Returns -2 (unsupported matrix kind), -3 (more than 256 experts, or no KV row left for
+ * `pos`), -4 (a bad `s`), or a kernel's error (-1: its scratch allocation failed). Rounding and order are the same however often the step stops. */
+int mo_decode_run(const mo_model *m, mo_step *s, int64_t token, int64_t pos, void *logits, int32_t *routed,
+                  int nthreads) {
     int bf16 = m->bf16, el = bf16 ? 2 : 4;
     int64_t H = m->hidden, d = m->head_dim, qn = m->heads * d, kvn = m->kv_heads * d;
-    int64_t widest = H > qn ? H : qn;
-    if (m->head.n > widest) widest = m->head.n;
     if (m->n_experts > 256 || m->top_k > m->n_experts || pos >= m->cap) return -3;
-    size_t floats = (size_t)(4 * H + qn * 2 + 2 * kvn + 2 * d + widest);
-    /* one block: float32 vectors, then model-dtype scratch for a matrix's input and output and the experts' outputs */
-    float *buf = (float *)malloc(sizeof(float) * floats + (size_t)el * (size_t)(2 * widest + H * m->top_k) + 64);
-    if (buf == NULL) return -1;
-    float *x = buf, *h = x + H, *y = h + H, *moe = y + H, *q = moe + H, *att = q + qn, *k = att + qn, *v = k + kvn;
+    if (s->layer < 0 || s->layer > m->n_layers || (s->phase != 0 && s->phase != 1)) return -4;
+    float *x = s->x, *h = s->work, *y = h + H, *moe = y + H, *q = moe + H, *att = q + qn, *k = att + qn, *v = k + kvn;
     float *cs = v + kvn, *sn = cs + d, *wide = sn + d;
-    void *act = wide + widest, *out = (char *)act + (size_t)el * (size_t)widest;
-    void *eout = (char *)out + (size_t)el * (size_t)widest;
+    void *act = s->act, *out = s->out, *eout = s->eout;
     int rc = 0;
     for (int64_t i = 0; i < d / 2; i++) { /* transformers: cos(cat(f, f)) * scaling, then to the model dtype */
         float f = (float)pos * m->inv_freq[i];
         cs[i] = cs[i + d / 2] = rd(bf16, cosf(f) * m->rope_scaling);
         sn[i] = sn[i + d / 2] = rd(bf16, sinf(f) * m->rope_scaling);
     }
-    for (int64_t i = 0; i < H; i++) x[i] = at(m->embed, bf16, token * H + i);
-    for (int64_t l = 0; l < m->n_layers && rc == 0; l++) {
+    if (s->layer == 0 && s->phase == 0)
+        for (int64_t i = 0; i < H; i++) x[i] = at(m->embed, bf16, token * H + i);
+    for (int64_t l = s->layer; l < m->n_layers; l++) {
         const mo_layer *L = &m->layers[l];
-        rmsnorm(x, L->ln1, bf16, m->eps, H, h);
-        if ((rc = matvec(m, &L->q, h, q, act, out, nthreads)) || (rc = matvec(m, &L->k, h, k, act, out, nthreads)) ||
-            (rc = matvec(m, &L->v, h, v, act, out, nthreads)))
-            break;
-        rotary(q, m->heads, d, cs, sn, bf16);
-        rotary(k, m->kv_heads, d, cs, sn, bf16);
-        for (int64_t g = 0; g < m->kv_heads; g++)
-            for (int64_t i = 0; i < d; i++) {
-                store(L->kcache, bf16, (g * m->cap + pos) * d + i, k[g * d + i]);
-                store(L->vcache, bf16, (g * m->cap + pos) * d + i, v[g * d + i]);
-            }
-        attend(m, L, q, pos + 1, att, nthreads);
-        if ((rc = matvec(m, &L->o, att, y, act, out, nthreads))) break;
-        for (int64_t i = 0; i < H; i++) x[i] = rd(bf16, x[i] + y[i]);
-        rmsnorm(x, L->ln2, bf16, m->eps, H, h);
         int32_t *ids = routed + l * m->top_k;
-        float wts[256];
-        route(m, L, h, ids, wts);
-        to_act(h, bf16, act, H);
-        for (int64_t j = 0; j < m->top_k && rc == 0; j++) {
-            const void *const *e = L->experts + 2 * ids[j];
-            rc = m->expert(e[0], e[1], act, bf16, (char *)eout + (size_t)(j * H * el), bf16, 1, nthreads);
+        if (s->phase == 0) {
+            rmsnorm(x, L->ln1, bf16, m->eps, H, h);
+            if ((rc = matvec(m, &L->q, h, q, act, out, nthreads)) ||
+                (rc = matvec(m, &L->k, h, k, act, out, nthreads)) || (rc = matvec(m, &L->v, h, v, act, out, nthreads)))
+                return rc;
+            rotary(q, m->heads, d, cs, sn, bf16);
+            rotary(k, m->kv_heads, d, cs, sn, bf16);
+            for (int64_t g = 0; g < m->kv_heads; g++)
+                for (int64_t i = 0; i < d; i++) {
+                    store(L->kcache, bf16, (g * m->cap + pos) * d + i, k[g * d + i]);
+                    store(L->vcache, bf16, (g * m->cap + pos) * d + i, v[g * d + i]);
+                }
+            attend(m, L, q, pos + 1, att, nthreads);
+            if ((rc = matvec(m, &L->o, att, y, act, out, nthreads))) return rc;
+            for (int64_t i = 0; i < H; i++) x[i] = rd(bf16, x[i] + y[i]);
+            rmsnorm(x, L->ln2, bf16, m->eps, H, h);
+            route(m, L, h, ids, s->wts);
+            to_act(h, bf16, act, H);
+            for (int64_t j = 0; j < m->top_k; j++) s->done[j] = 0;
+            s->phase = 1;
+            if (s->stop) {
+                s->layer = l;
+                return 1;
+            }
         }
-        for (int64_t j = 0; j < m->top_k && rc == 0; j++) {
-            const void *y = (const char *)eout + (size_t)(j * H * el);
+        int pending = 0;
+        for (int64_t j = 0; j < m->top_k; j++) {
+            if (s->done[j]) continue;
+            const void *const *e = L->experts + 2 * ids[j];
+            if (e[0] == NULL || e[1] == NULL) {
+                pending = 1;
+                continue;
+            }
+            if ((rc = m->expert(e[0], e[1], act, bf16, (char *)eout + (size_t)(j * H * el), bf16, 1, nthreads)))
+                return rc;
+            s->done[j] = 1;
+        }
+        if (pending) {
+            s->layer = l;
+            return 1;
+        }
+        for (int64_t j = 0; j < m->top_k; j++) {
+            const void *ye = (const char *)eout + (size_t)(j * H * el);
             for (int64_t i = 0; i < H; i++) { /* (y_e * w) in float32, then the model dtype; summed in it */
-                float t = rd(bf16, at(y, bf16, i) * wts[j]);
+                float t = rd(bf16, at(ye, bf16, i) * s->wts[j]);
                 moe[i] = j == 0 ? t : rd(bf16, moe[i] + t);
             }
         }
         for (int64_t i = 0; i < H; i++) x[i] = rd(bf16, x[i] + moe[i]);
+        s->phase = 0;
+        s->layer = l + 1;
     }
-    if (rc == 0) {
-        rmsnorm(x, m->norm, bf16, m->eps, H, h);
-        rc = matvec(m, &m->head, h, wide, act, out, nthreads);
-        if (rc == 0) to_act(wide, bf16, logits, m->head.n);
-    }
-    free(buf);
-    return rc;
+    rmsnorm(x, m->norm, bf16, m->eps, H, h);
+    if ((rc = matvec(m, &m->head, h, wide, act, out, nthreads))) return rc;
+    to_act(wide, bf16, logits, m->head.n);
+    s->layer = m->n_layers;
+    return 0;
 }

@@ -1,10 +1,16 @@
-"""The fused decode step: one decoded token of one sequence, every layer, in one native call (`decode.c`).
+"""The fused decode step: one decoded token of one sequence, every layer, in native calls (`decode.c`).
 
 On CPU a decoded token of a small or medium MoE model spends most of its time around the matrices, in transformers'
 per-layer Python (norms, rotary, cache update, attention, routing: dozens of torch calls per layer;
-docs/benchmarks.md). When every expert is resident and quantized, `FusedDecoder` runs the whole step in C instead,
+docs/benchmarks.md). When the experts are quantized on the native kernels, `FusedDecoder` runs the step in C instead,
 calling the same matrix and expert kernels the modules call and rounding every intermediate value to the model's dtype
 at the same points, so it differs from the module path only by the order of float32 sums (tests compare the two).
+
+Every expert resident: the whole step is one call. Experts in cache slots (a store, a cache of fewer slots, prefetch):
+the step stops after routing each layer, `_serve` asks the cache for that layer's experts exactly as the modules'
+`OffloadedExperts` does (one counted request, the prefetcher's proposal and loads for the layers ahead, ready slots
+first, misses loaded through the cache) and the native code resumes with each expert's matrices read in place from
+its slot, so hit rates, loads, prefetches and traces are those of the module path.
 
 `fused_forward` is called by the model's forward (`model.offloaded_class`) for each call; it answers None, and the
 modules run, whenever the call is anything but one new token of one unpadded sequence with a plain `DynamicCache`
@@ -56,6 +62,11 @@ class Model(ctypes.Structure):
                 ("expert", P), ("layers", P), ("embed", P), ("norm", P), ("head", Mat)]
 
 
+class Step(ctypes.Structure):
+    _fields_ = [("layer", I64), ("phase", I32), ("stop", I32), ("done", P), ("wts", P), ("x", P), ("act", P),
+                ("out", P), ("eout", P), ("work", P)]
+
+
 def library() -> Any:
     """`decode.c` built and loaded, or None (no compiler, native kernels off or unavailable)."""
     if _lib:
@@ -66,10 +77,11 @@ def library() -> Any:
             if native.library() is not None:
                 try:
                     lib = native.compile_library(native.build_variant(), SOURCE)
-                    if lib.mo_decode_abi() != 1:
+                    if lib.mo_decode_abi() != 2:
                         msg = "the cached decode library has another ABI version"
                         raise RuntimeError(msg)
-                    lib.mo_decode.argtypes = [ctypes.POINTER(Model), I64, I64, P, P, ctypes.c_int]
+                    lib.mo_decode_run.argtypes = [ctypes.POINTER(Model), ctypes.POINTER(Step), I64, I64, P, P,
+                                                  ctypes.c_int]
                 except (OSError, RuntimeError) as exc:
                     log.warning("fused decode unavailable, decoding through the modules: %s", exc)
                     lib = None
@@ -165,6 +177,8 @@ class FusedDecoder:
             raise Unsupported(msg)
         self.layers = (Layer * len(layers))()
         self.experts = []
+        self.blocks: list[Any] = []
+        self.slots = not rt.resident  # experts in cache slots: their pointers are filled layer by layer (`_serve`)
         for i, layer in enumerate(layers):
             attn, block = layer.self_attn, layer.mlp
             experts = getattr(block, "experts", None)
@@ -174,17 +188,21 @@ class FusedDecoder:
             router = block.gate
             top_k = int(router.top_k)
             ptrs = (P * (2 * n_exp))()
-            for e in range(n_exp):
-                state = rt.cache.state_of(experts.layer_idx, e)
-                pair: tuple[Any, Any] = (None, None)
-                if isinstance(state, dict):
-                    pair = (state.get("gate_up"), state.get("down"))
-                if not all(type(m) is native.QuantMatrix for m in pair):
-                    msg = "experts that are not resident on the native quantized kernels"
-                    raise Unsupported(msg)
-                keep.append(pair)
-                ptrs[2 * e], ptrs[2 * e + 1] = ctypes.addressof(pair[0].mat), ctypes.addressof(pair[1].mat)
+            if self.slots:
+                _check_slot_kernels(rt, experts.layer_idx, n_exp)
+            else:
+                for e in range(n_exp):
+                    state = rt.cache.state_of(experts.layer_idx, e)
+                    pair: tuple[Any, Any] = (None, None)
+                    if isinstance(state, dict):
+                        pair = (state.get("gate_up"), state.get("down"))
+                    if not all(type(m) is native.QuantMatrix for m in pair):
+                        msg = "experts that are not resident on the native quantized kernels"
+                        raise Unsupported(msg)
+                    keep.append(pair)
+                    ptrs[2 * e], ptrs[2 * e + 1] = ctypes.addressof(pair[0].mat), ctypes.addressof(pair[1].mat)
             self.experts.append(ptrs)
+            self.blocks.append(experts)
             L = self.layers[i]
             L.q, L.k, L.v, L.o = (_mat(getattr(attn, p), dtype, keep) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
             L.ln1 = _weight(layer.input_layernorm.weight, dtype, (hidden,), keep)
@@ -206,6 +224,20 @@ class FusedDecoder:
         self.context = int(rt.config.context_length)  # KV rows the memory plan counted
         self.vocab = int(self.model.head.n)
         self.routed = torch.zeros(len(layers), top_k, dtype=torch.int32)
+        # decode.c's state between calls and its scratch, kept for every token (see mo_step)
+        widest = max(hidden, heads * d, self.vocab)
+        self.x = torch.empty(hidden, dtype=torch.float32)
+        self.act, self.out = torch.empty(widest, dtype=dtype), torch.empty(widest, dtype=dtype)
+        self.hidden = self.act[:hidden].view(1, hidden)  # a routed layer's experts' input (what the modules pass them)
+        self.eout = torch.empty(top_k, hidden, dtype=dtype)
+        self.wts = torch.empty(top_k, dtype=torch.float32)
+        self.done = torch.zeros(top_k, dtype=torch.int32)
+        self.work = torch.empty(3 * hidden + 2 * (heads + kvh) * d + 2 * d + widest, dtype=torch.float32)
+        self.state = Step(layer=0, phase=0, stop=int(self.slots), done=self.done.data_ptr(), wts=self.wts.data_ptr(),
+                          x=self.x.data_ptr(), act=self.act.data_ptr(), out=self.out.data_ptr(),
+                          eout=self.eout.data_ptr(), work=self.work.data_ptr())
+        self.state_ref = ctypes.byref(self.state)
+        self.call: tuple[int, int, int] = (0, 0, 0)  # the token, position and logits of the step under way
         self.layer_ids = [layer.mlp.experts.layer_idx for layer in layers]
         from torch.nn.modules import module as torch_module
 
@@ -244,7 +276,54 @@ class FusedDecoder:
             layer.keys is view[0] and layer.values is view[1]
             for layer, view in zip(cache.layers, kept.views, strict=True))
 
-    def step(self, cache: Any, token: int, length: int, owned: bool) -> torch.Tensor:
+    def _run(self) -> int:
+        token, length, logits = self.call
+        rc = int(self.lib.mo_decode_run(self.ref, self.state_ref, token, length, logits, self.routed.data_ptr(),
+                                        torch.get_num_threads()))
+        if rc < 0 or rc > 1 or (rc == 1 and not self.slots):
+            msg = "fused decode: scratch allocation failed" if rc == -1 else f"fused decode failed (code {rc})"
+            raise MemoryError(msg) if rc == -1 else RuntimeError(msg)
+        return rc
+
+    def _serve(self, rt: Any, i: int) -> None:
+        """Layer `i` is routed (decode.c stopped there): ask the cache for its experts exactly as `OffloadedExperts`
+        does (the prefetcher's proposal, one counted request, the prefetch of the layers ahead, ready slots first,
+        experts that did not fit requested on their own at the end) and give decode.c each one's matrices as soon as
+        its slot is loaded. Before waiting for a load, or before a request that may evict, the experts whose pointers
+        are set are computed (`_run` returns at this layer again while some are missing), so no slot is read after
+        the cache may have reused it; nothing else changes slots while the native code runs (the runtime lock; the
+        loader thread fills only slots assigned before, never one of this layer's)."""
+        layer, block, cache, prefetcher = self.layer_ids[i], self.blocks[i], rt.cache, rt.prefetcher
+        hidden, ptrs = self.hidden, self.experts[i]
+        experts = self.routed[i].tolist()  # distinct, ascending (decode.c's route): the modules' sorted set
+        guesses = None
+        if prefetcher is not None:
+            hidden = hidden.clone()  # a prefetcher may keep it; the scratch changes at the next layer
+            proposal = prefetcher.propose(layer, hidden)
+            guesses = proposal.tolist() if proposal is not None else None
+        slots = cache.request(layer, experts)
+        if prefetcher is not None:
+            prefetcher.after_route(layer, hidden, experts, proposal=guesses)
+        for e in experts:
+            ptrs[2 * e] = ptrs[2 * e + 1] = None
+        pending = False  # pointers set for experts decode.c has not computed yet
+        for j in block._order(rt, slots):
+            e, slot = experts[j], slots[j]
+            if pending and (slot is None or not cache.is_ready(slot)):
+                if self._run() != 1 or self.state.layer != i:
+                    msg = "fused decode: the step went past a layer whose experts were not all given"
+                    raise RuntimeError(msg)
+                pending = False
+            state = block._state(rt, e, slot)
+            pair = (state.get("gate_up"), state.get("down")) if isinstance(state, dict) else (None, None)
+            if type(pair[0]) is native.QuantMatrix and type(pair[1]) is native.QuantMatrix:
+                ptrs[2 * e], ptrs[2 * e + 1] = ctypes.addressof(pair[0].mat), ctypes.addressof(pair[1].mat)
+                pending = True
+            else:  # another native kernel (the axis-0 ones): computed by it, as the modules compute it
+                self.eout[j].copy_(rt.kernels[layer, e](state, hidden, block.act_fn).view(-1))
+                self.done[j] = 1
+
+    def step(self, rt: Any, cache: Any, token: int, length: int, owned: bool) -> torch.Tensor:
         layers = cache.layers
         kept = self.kept.get(cache) if owned else None
         if kept is None or kept.cap <= length:
@@ -254,18 +333,31 @@ class FusedDecoder:
                 self.layers[i].kcache, self.layers[i].vcache = kb.data_ptr(), vb.data_ptr()
             self.model.cap, self.current = kept.cap, kept
         logits = torch.empty(1, 1, self.vocab, dtype=self.dtype)
-        rc = self.lib.mo_decode(self.ref, token, length, logits.data_ptr(), self.routed.data_ptr(),
-                                torch.get_num_threads())
-        if rc:
-            msg = "fused decode: scratch allocation failed" if rc == -1 else f"fused decode failed (code {rc})"
-            raise MemoryError(msg) if rc == -1 else RuntimeError(msg)
+        self.call = (token, length, logits.data_ptr())
+        self.state.layer, self.state.phase = 0, 0
+        while self._run() == 1:  # experts in slots: stopped after routing a layer
+            self._serve(rt, int(self.state.layer))
         views = []
         for layer, (kb, vb) in zip(layers, kept.buffers, strict=True):
             layer.keys, layer.values = kb[:, :, :length + 1], vb[:, :, :length + 1]
             views.append((layer.keys, layer.values))
         kept.views = views
         self.steps += 1
+        if not self.slots:  # resident: every expert was there; count the routing as the modules would
+            for layer_idx, routed in zip(self.layer_ids, self.routed.tolist(), strict=True):
+                rt.cache.request(layer_idx, routed)  # counters, policy and listeners (routed: distinct, ascending)
         return logits
+
+
+def _check_slot_kernels(rt: Any, layer: int, n_exp: int) -> None:
+    """Experts served from cache slots must be quantized on our native kernels: their states are then the
+    QuantMatrix pairs decode.c reads in place, or another native kernel's, computed through it (16-bit experts keep
+    the modules, which equal transformers bit for bit)."""
+    for e in range(n_exp):
+        kinds = getattr(rt.kernels.get((layer, e)), "kinds", None) or {}
+        if not kinds or not all(str(k).startswith("native") for k in kinds.values()):
+            msg = "experts in cache slots that are not quantized on the native kernels"
+            raise Unsupported(msg)
 
 
 def _decoder(model: nn.Module, rt: Any) -> FusedDecoder | None:
@@ -273,7 +365,7 @@ def _decoder(model: nn.Module, rt: Any) -> FusedDecoder | None:
     if fused is None:  # first eligible call: build once (False = this model cannot take the path)
         fused = False
         lib = library() if native.library() is not None else None
-        if lib is not None and rt.resident and rt.device.type == "cpu" and rt.config.decode == "auto":
+        if lib is not None and rt.device.type == "cpu" and rt.config.decode == "auto":
             try:
                 fused = FusedDecoder(model, rt, lib)
             except Unsupported as exc:
@@ -318,8 +410,5 @@ def fused_forward(model: nn.Module, rt: Any, args: tuple[Any, ...], kwargs: dict
         if pos is not None and (pos.numel() != 1 or int(pos.view(-1)[0]) != length):
             return None
     token = int(ids.view(-1)[0])
-    logits = fused.step(cache, token, length, owned)
-    # routed: distinct and ascending (decode.c's route)
-    for layer, routed in zip(fused.layer_ids, fused.routed.tolist(), strict=True):
-        rt.cache.request(layer, routed)  # counters, policy and listeners, as the modules do
+    logits = fused.step(rt, cache, token, length, owned)
     return model_output(MoeCausalLMOutputWithPast, logits=logits, cache=cache)

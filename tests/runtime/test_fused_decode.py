@@ -1,7 +1,7 @@
 """The fused decode step (`runtime/fused.py`, `decode.c`) against the module path it replaces and against
 transformers holding the same quantized weights: same tokens and logits within float32 summation order (fp32), as
 close to the fp32 reference as the modules are (bf16); the KV cache, prefix reuse, cache counters and every case that
-must fall back to the modules."""
+must fall back to the modules. Experts in cache slots: test_fused_slots.py."""
 
 from __future__ import annotations
 
@@ -164,9 +164,9 @@ def test_falls_back_to_modules(qmodel: Path, tmp_path: Path) -> None:
         assert _steps(model) == 5
     finally:
         model.unload()
-    offloaded = _load(qmodel, **QUANT["4bit-attn4"], experts_per_layer=2, store="disk")
+    offloaded = _load(qmodel, **QUANT["4bit-attn4"], experts_per_layer=2, store="disk", decode="modules")
     try:
-        _greedy(offloaded, 3)
+        _greedy(offloaded, 3)  # experts in cache slots take the fused step too (test_fused_slots.py), unless asked
         assert not offloaded._offload_runtime.resident and offloaded._offload_runtime.fused is False
     finally:
         offloaded.unload()
