@@ -13,8 +13,9 @@ max tokens, cancel, timeout, an error) simply makes no further call, and the oth
 Every member gets exactly the tokens it would get alone: its decode rows are computed as its own forward computes
 them (`ragged.py`), and its random numbers come from its own generator (`Member.rng`): the process's default
 generator holds the member's state whenever the member is outside a forward call (where transformers samples) and
-no other member can use it then. Models whose decode step runs fused in one native call (`fused.py`) decode their
-members in turn, each step its own call: same tokens, no shared loads. Knows nothing about text, caches or kernels.
+no other member can use it then. Resident models whose decode step runs fused in one native call (`fused.py`) decode
+their members in turn, each step its own call: same tokens, no shared loads; a model with experts in cache slots
+and a batcher does not take the fused step, so its members share loads. Knows nothing about text, caches or kernels.
 """
 
 from __future__ import annotations

@@ -365,7 +365,10 @@ def _decoder(model: nn.Module, rt: Any) -> FusedDecoder | None:
     if fused is None:  # first eligible call: build once (False = this model cannot take the path)
         fused = False
         lib = library() if native.library() is not None else None
-        if lib is not None and rt.device.type == "cpu" and rt.config.decode == "auto":
+        # experts in cache slots with batch_size > 1: the batcher's shared steps (one load serves every row) are worth
+        # more than one native call per token, and solo steps must compute as batched rows do
+        batched_offload = not rt.resident and getattr(rt, "batcher", None) is not None
+        if lib is not None and rt.device.type == "cpu" and rt.config.decode == "auto" and not batched_offload:
             try:
                 fused = FusedDecoder(model, rt, lib)
             except Unsupported as exc:
