@@ -138,23 +138,20 @@ class ExpertCache:
         self.counters = {layer: LayerCounters() for layer in pools}
 
     # -- demand path -----------------------------------------------------------------------------------------
-    def request(self, layer: int, experts: Sequence[int], record: bool = True,
-                keep: Iterable[int] = ()) -> list[Slot[Key] | None]:
+    def request(self, layer: int, experts: Sequence[int], record: bool = True) -> list[Slot[Key] | None]:
         """Count hits and misses for `experts` of `layer` and start loading the misses. Does not wait.
 
         An entry is None when every slot of the pool is taken by the other experts of this request (the cache is
-        smaller than what the layer routes at once); request it again once some of the others are computed, with
-        `keep` naming the experts of `layer` still to compute (their slots are not taken).
+        smaller than what the layer routes at once); request it again on its own after computing the others.
         """
         if record:
             for listener in self.listeners:
                 listener(layer, experts)
         pid = self.pool_of[layer]
         pool, slots, c = self.pools[pid], self.slots[pid], self.counters[layer]
-        wanted = [(layer, e) for e in experts]
-        protected = [*wanted, *((layer, e) for e in keep)]
+        protected = [(layer, e) for e in experts]
         chosen: list[Slot[Key] | None] = []
-        for key in wanted:
+        for key in protected:
             idx = pool.lookup(key)
             slot: Slot[Key] | None
             if idx is not None:

@@ -106,17 +106,6 @@ class OffloadedExperts(nn.Module):
         self._stalls[1 if slot.from_prefetch else 0] += waited
         return state
 
-    def _load_ahead(self, rt: Any, experts: list[int], slots: list[Any], todo: list[int]) -> None:
-        """A layer routing more experts than its cache holds: start loading the next expert that did not fit into a
-        slot whose expert is already computed (every expert still to compute keeps its slot), so its read overlaps
-        the compute of the experts before it; each routed expert is still read once. Nothing when no slot is free
-        yet (`_state` then requests it when its turn comes)."""
-        nxt = next((j for j in todo if slots[j] is None), None)
-        if nxt is None:
-            return
-        keep = [experts[j] for j in todo if slots[j] is not None]
-        slots[nxt] = rt.cache.request(self.layer_idx, [experts[nxt]], record=False, keep=keep)[0]
-
     def _one_token(self, rt: Any, hidden: torch.Tensor, routed: list[int], weights: torch.Tensor,
                    experts: list[int], slots: list[Any]) -> torch.Tensor:
         """T = 1: each expert sees the whole (one-row) input; its weight is a view of `weights`; no index tensors."""
@@ -143,10 +132,7 @@ class OffloadedExperts(nn.Module):
             acc += n
         flat_w = top_k_weights.reshape(-1)
         outputs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(experts)
-        order_ = self._order(rt, slots)
-        for pos, i in enumerate(order_):
-            if None in slots:
-                self._load_ahead(rt, experts, slots, order_[pos:])
+        for i in self._order(rt, slots):
             e = experts[i]
             rows = order[starts[e]:starts[e] + counts[e]]  # positions in [T*k]
             token_idx = rows // k
