@@ -35,6 +35,18 @@ def cache_of(kwargs: dict[str, Any]) -> Any:
     return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
+@functools.cache
+def batched_decode_supported() -> bool:
+    """Whether this transformers release builds a causal mask from a cache object alone (`create_causal_mask(...,
+    cache=)`, no `cache_position`): the batched decode step (`ragged.py`) needs it. Older 5.x releases decode the
+    members of a batch one step at a time (the same tokens, without shared steps)."""
+    import inspect
+
+    from transformers.masking_utils import create_causal_mask
+
+    return "cache" in inspect.signature(create_causal_mask).parameters
+
+
 def model_output(cls: type, **fields: Any) -> Any:
     """An instance of the output dataclass `cls` (e.g. `MoeCausalLMOutputWithPast`) with `cache=` stored under the
     field name this transformers release gives it."""

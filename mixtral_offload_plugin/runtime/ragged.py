@@ -27,13 +27,13 @@ from typing import Any
 import torch
 
 from ..kernels import keeping_rows_apart
-from .compat import cache_kwarg, cache_of, model_output
+from .compat import batched_decode_supported, cache_kwarg, cache_of, model_output
 
 ATTENTION = "mixtral_offload_ragged"
 # what a decode step of transformers' generate() passes (and what may come along with its default value)
 DECODE_KWARGS = {"input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "use_cache",
                  "return_dict", "cache_position", "logits_to_keep", "output_attentions", "output_hidden_states",
-                 "output_router_logits"}
+                 "output_router_logits", "inputs_embeds"}  # transformers < 5.6 passes inputs_embeds=None
 _local = threading.local()
 _registered: list[bool] = []
 
@@ -99,9 +99,10 @@ class _Batch:
 
 def model_batchable(model: Any) -> bool:
     """Whether the model's decode steps can be batched here: full attention in every layer (no sliding window, no
-    hybrid layer types), an attention function transformers knows, not training."""
+    hybrid layer types), an attention function transformers knows, not training, and a transformers release whose
+    masks take a cache object (`compat.batched_decode_supported`)."""
     config = model.config
-    if getattr(config, "sliding_window", None) is not None or model.training:
+    if getattr(config, "sliding_window", None) is not None or model.training or not batched_decode_supported():
         return False
     if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
         return False
@@ -121,7 +122,8 @@ def decode_step(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> St
     ids, cache = kwargs.get("input_ids"), cache_of(kwargs)
     if not isinstance(ids, torch.Tensor) or ids.shape != (1, 1) or type(cache) is not DynamicCache:
         return None
-    if kwargs.get("use_cache") is False or kwargs.get("return_dict") is False or \
+    if kwargs.get("inputs_embeds") is not None or kwargs.get("use_cache") is False or \
+            kwargs.get("return_dict") is False or \
             any(kwargs.get(f) for f in ("output_attentions", "output_hidden_states", "output_router_logits")):
         return None
     keys = [layer.keys if type(layer) is DynamicLayer else None for layer in cache.layers]

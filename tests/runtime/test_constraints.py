@@ -268,6 +268,9 @@ def test_constrained_generations_in_a_batch_get_their_solo_tokens(demo_model_pat
             assert gen.result.constraint_complete == alone.constraint_complete
         valid_json(gens[0].result.text)
         assert re.fullmatch(REGEX, gens[1].result.text) or not gens[1].result.constraint_complete
-        assert batched._offload_runtime.batcher.batched_rows > 0  # some steps decoded several rows at once
+        from mixtral_offload_plugin.runtime.compat import batched_decode_supported
+
+        # some steps decoded several rows at once (older transformers: one at a time, the same tokens)
+        assert (batched._offload_runtime.batcher.batched_rows > 0) == batched_decode_supported()
     finally:
         batched.unload()
