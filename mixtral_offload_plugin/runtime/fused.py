@@ -33,6 +33,7 @@ from torch import nn
 
 from ..kernels import native
 from .compat import cache_of, model_output
+from .ragged import next_position_only
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("decode.c")
@@ -405,13 +406,8 @@ def fused_forward(model: nn.Module, rt: Any, args: tuple[Any, ...], kwargs: dict
     if not owned and any(type(layer) is not DynamicLayer or layer.keys is None or layer.keys.shape[-2] != length or
                          layer.keys.shape[0] != 1 for layer in cache.layers):
         return None
-    mask = kwargs.get("attention_mask")
-    if mask is not None and (mask.dim() != 2 or mask.shape[-1] != length + 1 or not bool(mask.all())):
+    if not next_position_only(kwargs, length):
         return None
-    for name in ("position_ids", "cache_position"):
-        pos = kwargs.get(name)
-        if pos is not None and (pos.numel() != 1 or int(pos.view(-1)[0]) != length):
-            return None
     token = int(ids.view(-1)[0])
     logits = fused.step(rt, cache, token, length, owned)
     return model_output(MoeCausalLMOutputWithPast, logits=logits, cache=cache)

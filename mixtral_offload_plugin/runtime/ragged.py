@@ -112,6 +112,19 @@ def model_batchable(model: Any) -> bool:
     return impl == "eager" or (impl is not None and impl in ALL_ATTENTION_FUNCTIONS)
 
 
+def next_position_only(kwargs: dict[str, Any], length: int) -> bool:
+    """Whether a one-token call after `length` cached tokens attends to all of them and sits at position `length`:
+    no padding in its mask, no other position given (the fused step and the batched step compute only that case)."""
+    mask = kwargs.get("attention_mask")
+    if mask is not None and (mask.dim() != 2 or mask.shape[-1] != length + 1 or not bool(mask.all())):
+        return False
+    for name in ("position_ids", "cache_position"):
+        pos = kwargs.get(name)
+        if pos is not None and (pos.numel() != 1 or int(pos.view(-1)[0]) != length):
+            return False
+    return True
+
+
 def decode_step(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Step | None:
     """The call as a `Step` when it is one new token of one unpadded sequence with a plain `DynamicCache` and nothing
     a batch cannot give back (hidden states, attentions, router logits), else None."""
@@ -132,13 +145,8 @@ def decode_step(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> St
     length = int(keys[0].shape[-2])  # type: ignore[union-attr]  # checked above
     if any(k.shape[-2] != length for k in keys):  # type: ignore[union-attr]
         return None
-    mask = kwargs.get("attention_mask")
-    if mask is not None and (mask.dim() != 2 or mask.shape[-1] != length + 1 or not bool(mask.all())):
+    if not next_position_only(kwargs, length):
         return None
-    for name in ("position_ids", "cache_position"):
-        pos = kwargs.get(name)
-        if pos is not None and (pos.numel() != 1 or int(pos.view(-1)[0]) != length):
-            return None
     if kwargs.get("logits_to_keep") not in (None, 0, 1):
         return None
     return Step(kwargs, cache, length)
