@@ -45,7 +45,7 @@ from ...errors import MixtralOffloadError
 from .bandwidth import measure_in_child
 from .busy import Competitors, kept_shares, parse_levels
 from .busy import label as busy_label
-from .cgroups import CGROUP_ROOT, MemoryGroup
+from .cgroups import CGROUP_ROOT, MemoryGroup, drop_cached
 from .compare import annotate, failed_checks
 from .config import (
     _BUDGETED,
@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                 spec["model"] = str(path)
         if group is not None:
             model_dir = Path(spec["model"])
-            _drop_cached([Path(spec["gguf"])] if "gguf" in spec else
+            drop_cached([Path(spec["gguf"])] if "gguf" in spec else
                          sorted(model_dir.glob("experts-*.bin")) + sorted(model_dir.glob("*.safetensors")))
         bar.set_postfix_str(f"loading {cfg.label}")
         w = Worker(cfg, spec, group, log_dir)
@@ -351,20 +351,6 @@ def _sharing(configs: list[BenchConfig]) -> list[str]:
 
     llama = [c for c in configs if c.engine == "llamacpp"]
     return [c.label for c in llama if c.limited and sum(key(o) == key(c) for o in llama) > 1]
-
-
-def _drop_cached(paths: list[Path]) -> None:
-    """Drop files from the page cache (pages no process maps): a limited row starts with its files out of memory
-    instead of on pages a writer (synth) or an earlier row left cached, charged to no group or to another one."""
-    for p in paths:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def _with_reference(configs: list[BenchConfig], check_tokens: int | None) -> list[BenchConfig]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ...models.tokenizers import has_tokenizer
+from .cgroups import drop_cached
 
 PROMPT = ("The old lighthouse keeper climbed the stairs every evening to light the lamp, and the ships "
           "that passed the rocky coast")
@@ -75,17 +76,17 @@ def _unmap_pages(paths: list[Path]) -> None:
             libc.madvise(lo, hi - lo, 4)  # MADV_DONTNEED
 
 
+def _go_cold(model: Any, spec: dict[str, Any], files: list[Path], ours: bool) -> None:
+    """A cold row's start of a timed run: our store's cached pages and the row's files out of memory."""
+    if spec["cold"]:
+        if ours:
+            model.session().drop_page_cache()
+        _evict(files)
+
+
 def _evict(paths: list[Path]) -> None:
     _unmap_pages(paths)
-    for p in paths:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    drop_cached(paths)
 
 
 def _needed(st: Any) -> tuple[int, int]:
@@ -201,10 +202,7 @@ def _prefill(model: Any, ids: Any, spec: dict[str, Any], files: list[Path], ours
     """A prefill alone (one new token): time to first token, disk bytes read, and our counters over it."""
     import torch
 
-    if spec["cold"]:
-        if ours:
-            model.session().drop_page_cache()
-        _evict(files)
+    _go_cold(model, spec, files, ours)
     before = model.offload_stats() if ours else None
     disk0 = _proc_read_bytes()
     start = time.perf_counter()
@@ -261,10 +259,7 @@ def worker_main(spec: dict[str, Any]) -> int:
         for line in sys.stdin:
             if line.strip() != "run":
                 break
-            if spec["cold"]:
-                if ours:
-                    model.session().drop_page_cache()
-                _evict(files)
+            _go_cold(model, spec, files, ours)
             before = model.offload_stats() if ours else None
             disk0 = _proc_read_bytes()
             mark: dict[str, Any] = {}
